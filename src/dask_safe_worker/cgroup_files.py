@@ -1,0 +1,134 @@
+"""File access to one memory cgroup, the same small interface for v1 and v2.
+
+v1 goes through cgroupspy's `MemoryController` on a directory we resolved ourselves;
+cgroupspy's `Tree()` walk is never used because it walks the whole hierarchy and
+creates missing directories. v2 is a few plain files, read directly.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol
+
+from . import cgroup_parse as cp
+from .proc_parse import ParseError
+
+
+class MemoryCgroupFiles(Protocol):
+    version: int
+    directory: Path
+
+    def limit(self, mem_total: int) -> int | None:
+        """The hard limit; None is the one sentinel for 'no limit'."""
+
+    def hierarchical_limit(self, mem_total: int) -> int | None:
+        """v1's effective limit over all ancestors, from memory.stat; v2 has none."""
+
+    def usage(self) -> int: ...
+
+    def inactive_file(self) -> int: ...
+
+    def procs(self) -> list[int]: ...
+
+    def write_limit(self, value: int) -> None: ...
+
+    def raw_limit(self) -> int | None:
+        """The limit file as the kernel now holds it (pages rounded); None for 'max'."""
+
+
+class _NodePath:
+    """The one attribute cgroupspy's controllers read from a node."""
+
+    def __init__(self, directory: Path) -> None:
+        self.full_path = bytes(directory)
+
+
+class V1MemoryCgroup:
+    version = 1
+
+    def __init__(self, directory: Path) -> None:
+        # Imported here: cgroupspy is needed only where a v1 hierarchy exists.
+        from cgroupspy.controllers import MemoryController
+
+        self.directory = directory
+        self._ctl = MemoryController(_NodePath(directory))
+
+    def _int(self, attribute: str, filename: str) -> int:
+        try:
+            value = getattr(self._ctl, attribute)
+        except ValueError as exc:
+            raise ParseError(f"{filename} is not an integer") from exc
+        # cgroupspy maps -1 to None; v1 uses -1 for "unlimited" in writes only.
+        return -1 if value is None else int(value)
+
+    def _stat(self) -> dict[str, int]:
+        # cgroupspy's DictFile rejects any odd line; our parser skips them instead.
+        return cp.parse_memory_stat((self.directory / "memory.stat").read_text())
+
+    def limit(self, mem_total: int) -> int | None:
+        return cp.v1_limit(self._int("limit_in_bytes", "memory.limit_in_bytes"), mem_total)
+
+    def hierarchical_limit(self, mem_total: int) -> int | None:
+        value = self._stat().get("hierarchical_memory_limit")
+        return None if value is None else cp.v1_limit(value, mem_total)
+
+    def usage(self) -> int:
+        return self._int("usage_in_bytes", "memory.usage_in_bytes")
+
+    def inactive_file(self) -> int:
+        return self._stat().get("total_inactive_file", 0)
+
+    def procs(self) -> list[int]:
+        try:
+            return [int(p) for p in self._ctl.procs]
+        except ValueError as exc:
+            raise ParseError("cgroup.procs holds a non-number") from exc
+
+    def write_limit(self, value: int) -> None:
+        self._ctl.limit_in_bytes = value
+
+    def raw_limit(self) -> int | None:
+        return self._int("limit_in_bytes", "memory.limit_in_bytes")
+
+
+class V2MemoryCgroup:
+    version = 2
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+
+    def _read(self, name: str) -> str:
+        return (self.directory / name).read_text()
+
+    def limit(self, mem_total: int) -> int | None:
+        value = cp.parse_v2_limit(self._read("memory.max"))
+        return None if value is None or value >= mem_total else value
+
+    def hierarchical_limit(self, mem_total: int) -> int | None:
+        return None
+
+    def usage(self) -> int:
+        return cp.parse_int(self._read("memory.current"), "memory.current")
+
+    def inactive_file(self) -> int:
+        return cp.parse_memory_stat(self._read("memory.stat")).get("inactive_file", 0)
+
+    def procs(self) -> list[int]:
+        return cp.parse_pids(self._read("cgroup.procs"))
+
+    def write_limit(self, value: int) -> None:
+        self.write("memory.max", str(value))
+
+    def raw_limit(self) -> int | None:
+        return cp.parse_v2_limit(self._read("memory.max"))
+
+    def write(self, name: str, text: str) -> None:
+        with open(self.directory / name, "w") as f:
+            f.write(text)
+
+    def read(self, name: str) -> str:
+        return self._read(name)
+
+
+def open_memory_cgroup(version: int, directory: Path) -> V1MemoryCgroup | V2MemoryCgroup:
+    return V1MemoryCgroup(directory) if version == 1 else V2MemoryCgroup(directory)

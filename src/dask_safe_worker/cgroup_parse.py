@@ -1,0 +1,72 @@
+"""Pure interpretation of memory-cgroup file contents, for v1 and v2."""
+
+from __future__ import annotations
+
+from .proc_parse import ParseError
+
+# v1 writes "no limit" as PAGE_COUNTER_MAX * PAGE_SIZE, which depends on the page size
+# and kernel; anything this large cannot be a real limit.
+V1_UNLIMITED_FLOOR = 2**62
+
+
+def parse_int(text: str, what: str = "value") -> int:
+    s = text.strip()
+    try:
+        return int(s)
+    except ValueError as exc:
+        raise ParseError(f"{what} is not an integer: {s[:40]!r}") from exc
+
+
+def v1_limit(value: int, mem_total: int) -> int | None:
+    """A v1 `memory.limit_in_bytes` value; None is the single 'no limit' sentinel.
+
+    A limit at or above the host's RAM can never be reached before the host itself
+    runs out, so it constrains nothing and is treated as no limit too.
+    """
+    if value < 0 or value >= V1_UNLIMITED_FLOOR or value >= mem_total:
+        return None
+    return value
+
+
+def parse_v1_limit(text: str, mem_total: int) -> int | None:
+    return v1_limit(parse_int(text, "memory.limit_in_bytes"), mem_total)
+
+
+def parse_v2_limit(text: str) -> int | None:
+    """`memory.max` / `memory.high`: "max" or a byte count; None means no limit."""
+    s = text.strip()
+    if s == "max":
+        return None
+    value = parse_int(s, "memory.max")
+    if value < 0:
+        raise ParseError(f"memory.max is negative: {value}")
+    return value
+
+
+def parse_memory_stat(text: str) -> dict[str, int]:
+    """`memory.stat`: one `name value` pair per line. Lines that don't fit are skipped."""
+    stat: dict[str, int] = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) != 2:
+            continue
+        try:
+            stat[parts[0]] = int(parts[1])
+        except ValueError:
+            continue
+    return stat
+
+
+def parse_pids(text: str) -> list[int]:
+    """`cgroup.procs`: one pid per line."""
+    return [parse_int(line, "cgroup.procs entry") for line in text.split() if line]
+
+
+def parse_controllers(text: str) -> frozenset[str]:
+    """`cgroup.controllers` / `cgroup.subtree_control`: space-separated names."""
+    return frozenset(text.split())
+
+
+def working_set(usage: int, inactive_file: int) -> int:
+    """What the kernel cannot simply drop: usage minus the inactive page cache."""
+    return max(0, usage - inactive_file)

@@ -1,0 +1,256 @@
+"""The one place that writes cgroup files: the budget as a kernel hard limit.
+
+Policy (docs/design.md explains why):
+- write into our own cgroup only when we are its sole occupant;
+- otherwise, or when the kernel refuses (EPERM at a delegated namespace root), create a
+  child below our own cgroup, move ourselves into it, and limit that;
+- never raise an existing limit, never write below current usage plus a margin, and
+  never write to a cgroup that holds processes other than ours.
+Every kernel refusal becomes a logged reason and a fallback, never a traceback.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cgroup_files import V1MemoryCgroup, V2MemoryCgroup, open_memory_cgroup
+from .cgroup_parse import parse_controllers
+from .measure import Measurement
+from .proc_parse import ParseError
+
+MiB = 2**20
+DEFAULT_MARGIN = 32 * MiB
+DEFAULT_CHILD_NAME = "dask-safe-worker"
+
+Audit = Callable[..., None]
+
+
+def _no_audit(event: str, **fields: object) -> None:
+    return None
+
+
+@dataclass
+class WriteOutcome:
+    # True when a kernel limit at or below the budget is in force on our cgroup.
+    enforced: bool
+    written: bool
+    reason: str
+    strategy: str | None = None
+    target: str | None = None
+    requested: int | None = None
+    read_back: int | None = None
+    created_child: str | None = None
+    parent_dir: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+@dataclass(frozen=True)
+class WriteOptions:
+    mode: str = "auto"  # auto | never | required
+    child_name: str = DEFAULT_CHILD_NAME
+    margin: int = DEFAULT_MARGIN
+    memory_high_fraction: float | None = None
+    swap_max: int | None = 0  # v2 memory.swap.max; None leaves it alone
+
+
+def errno_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+    if isinstance(exc, ParseError):
+        return "EINVAL"
+    return type(exc).__name__
+
+
+def _move_self(directory: Path, pid: int) -> None:
+    with open(directory / "cgroup.procs", "w") as f:
+        f.write(str(pid))
+
+
+def _pids(version: int, directory: Path) -> list[int]:
+    return open_memory_cgroup(version, directory).procs()
+
+
+class _Writer:
+    def __init__(
+        self, m: Measurement, budget: int, sys_root: Path, opts: WriteOptions, audit: Audit
+    ) -> None:
+        assert m.location is not None
+        self.m = m
+        self.version = m.location.version
+        self.budget = budget
+        self.opts = opts
+        self.audit = audit
+        self.own_dir = m.location.directory(sys_root)
+        self.own_path = m.location.cgroup_path
+
+    def _write_limit(self, directory: Path, path: str, strategy: str) -> WriteOutcome:
+        cg = open_memory_cgroup(self.version, directory)
+        current = cg.limit(self.m.host.total)
+        if current is not None and current <= self.budget:
+            self.audit(
+                "cgroup.write.skipped", target=path, reason="existing_lower", current=current
+            )
+            return WriteOutcome(True, False, "existing_lower", strategy, path, None, current)
+        usage = cg.usage()
+        if usage + self.opts.margin > self.budget:
+            self.audit("cgroup.write.skipped", target=path, reason="below_usage", usage=usage)
+            return WriteOutcome(False, False, "below_usage", strategy, path)
+        self.audit(
+            "cgroup.write.attempt",
+            target=path,
+            strategy=strategy,
+            file="memory.limit_in_bytes" if self.version == 1 else "memory.max",
+            value=self.budget,
+            previous=current,
+        )
+        cg.write_limit(self.budget)
+        read_back = _read_back(cg)
+        self.audit("cgroup.write.result", target=path, requested=self.budget, read_back=read_back)
+        if isinstance(cg, V2MemoryCgroup):
+            self._v2_extras(cg, path)
+        return WriteOutcome(True, True, "written", strategy, path, self.budget, read_back)
+
+    def _v2_extras(self, cg: V2MemoryCgroup, path: str) -> None:
+        extras: list[tuple[str, str]] = []
+        if self.opts.memory_high_fraction:
+            extras.append(("memory.high", str(int(self.budget * self.opts.memory_high_fraction))))
+        if self.opts.swap_max is not None:
+            extras.append(("memory.swap.max", str(self.opts.swap_max)))
+        for name, value in extras:
+            try:
+                cg.write(name, value)
+                self.audit(
+                    "cgroup.write.result",
+                    target=path,
+                    file=name,
+                    requested=value,
+                    read_back=cg.read(name).strip(),
+                )
+            except OSError as exc:
+                self.audit("cgroup.write.failed", target=path, file=name, reason=errno_reason(exc))
+
+    def own(self) -> WriteOutcome:
+        try:
+            return self._write_limit(self.own_dir, self.own_path, "own")
+        except (OSError, ParseError) as exc:
+            reason = errno_reason(exc)
+            self.audit("cgroup.write.failed", target=self.own_path, strategy="own", reason=reason)
+            return WriteOutcome(False, False, reason, "own", self.own_path)
+
+    def child(self) -> WriteOutcome:
+        name = self.opts.child_name
+        child_dir = self.own_dir / name
+        try:
+            if child_dir.exists() and set(_pids(self.version, child_dir)) - {self.m.pid}:
+                name = f"{name}-{self.m.pid}"
+                child_dir = self.own_dir / name
+        except (OSError, ParseError):
+            pass
+        path = self.own_path.rstrip("/") + "/" + name
+        created = False
+        moved = False
+        try:
+            if not child_dir.exists():
+                child_dir.mkdir()
+                created = True
+                self.audit("cgroup.child.created", target=path)
+            if self.version == 1:
+                outcome = self._write_limit(child_dir, path, "child")
+                _move_self(child_dir, self.m.pid)
+                moved = True
+            else:
+                # v2's no-internal-process rule: our cgroup must be empty of us before
+                # its subtree_control may enable memory for the child.
+                _move_self(child_dir, self.m.pid)
+                moved = True
+                self._enable_memory_controller()
+                outcome = self._write_limit(child_dir, path, "child")
+            self.audit("cgroup.moved", target=path, pid=self.m.pid)
+            outcome.created_child = str(child_dir) if created else None
+            outcome.parent_dir = str(self.own_dir)
+            return outcome
+        except (OSError, ParseError) as exc:
+            reason = errno_reason(exc)
+            self.audit("cgroup.write.failed", target=path, strategy="child", reason=reason)
+            self._undo(child_dir, created, moved)
+            return WriteOutcome(False, False, reason, "child", path)
+
+    def _enable_memory_controller(self) -> None:
+        control = self.own_dir / "cgroup.subtree_control"
+        if "memory" in parse_controllers(control.read_text()):
+            return
+        with open(control, "w") as f:
+            f.write("+memory")
+        self.audit("cgroup.subtree_control", target=self.own_path, enabled="memory")
+
+    def _undo(self, child_dir: Path, created: bool, moved: bool) -> None:
+        try:
+            if moved:
+                _move_self(self.own_dir, self.m.pid)
+            if created:
+                child_dir.rmdir()
+        except OSError as exc:
+            self.audit("cgroup.undo.failed", reason=errno_reason(exc))
+
+
+def _read_back(cg: V1MemoryCgroup | V2MemoryCgroup) -> int | None:
+    try:
+        return cg.raw_limit()
+    except (OSError, ParseError):
+        return None
+
+
+def apply_limit(
+    m: Measurement,
+    budget: int,
+    sys_root: Path = Path("/sys"),
+    opts: WriteOptions | None = None,
+    audit: Audit = _no_audit,
+) -> WriteOutcome:
+    """Try to put `budget` in force as a kernel limit on the cgroup we run in."""
+    opts = opts or WriteOptions()
+    if opts.mode == "never":
+        audit("cgroup.write.skipped", reason="disabled")
+        return WriteOutcome(False, False, "disabled")
+    if m.location is None:
+        audit("cgroup.write.skipped", reason="no_memory_cgroup")
+        return WriteOutcome(False, False, "no_memory_cgroup")
+    writer = _Writer(m, budget, sys_root, opts, audit)
+    attempts: list[WriteOutcome] = []
+    if m.sole_occupant:
+        outcome = writer.own()
+        if outcome.enforced or outcome.reason == "below_usage":
+            return outcome
+        attempts.append(outcome)
+    else:
+        audit(
+            "cgroup.write.skipped",
+            target=m.location.cgroup_path,
+            reason="shared_cgroup",
+            occupants=None if m.own_procs is None else len(m.own_procs),
+        )
+    outcome = writer.child()
+    outcome.notes = [f"{a.strategy}: {a.reason}" for a in attempts]
+    return outcome
+
+
+def remove_child(outcome: WriteOutcome, pid: int | None = None) -> str | None:
+    """Undo the child cgroup once the worker is gone: move back up, then rmdir.
+
+    Returns an errno name on failure, None on success or when there is nothing to do.
+    """
+    if not outcome.created_child or not outcome.parent_dir:
+        return None
+    try:
+        _move_self(Path(outcome.parent_dir), os.getpid() if pid is None else pid)
+        Path(outcome.created_child).rmdir()
+    except OSError as exc:
+        return errno_reason(exc)
+    return None

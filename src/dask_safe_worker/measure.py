@@ -1,0 +1,231 @@
+"""Measure what memory is really free for this process: host and every cgroup level.
+
+Read-only. Every path is below `proc_root` or `sys_root`, so tests point the whole
+measurement at a fixture tree.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import dask_compat
+from .cgroup_files import open_memory_cgroup
+from .cgroup_locate import CgroupLocation, cgroup2_mount, host_path, locate_memory_cgroup
+from .cgroup_parse import parse_controllers, working_set
+from .proc_parse import HostMemory, ParseError, parse_meminfo, parse_mountinfo, parse_proc_cgroup
+
+
+@dataclass(frozen=True)
+class LevelReading:
+    """One cgroup on the way from our own up to the visible root."""
+
+    path: str
+    limit: int | None
+    hierarchical_limit: int | None
+    usage: int | None
+    inactive_file: int | None
+    error: str | None = None
+
+    @property
+    def working_set(self) -> int | None:
+        if self.usage is None:
+            return None
+        return working_set(self.usage, self.inactive_file or 0)
+
+    @property
+    def effective_limit(self) -> int | None:
+        limits = [v for v in (self.limit, self.hierarchical_limit) if v is not None]
+        return min(limits) if limits else None
+
+    @property
+    def headroom(self) -> int | None:
+        """limit - working set; None when this level sets no limit."""
+        limit = self.effective_limit
+        if limit is None:
+            return None
+        return max(0, limit - (self.working_set or 0))
+
+
+@dataclass(frozen=True)
+class Measurement:
+    host: HostMemory
+    location: CgroupLocation | None
+    # Own cgroup first, the visible root last; empty without a memory cgroup.
+    levels: tuple[LevelReading, ...]
+    own_procs: tuple[int, ...] | None
+    pid: int
+    own_rss: int
+    cpu_count: int
+    dask_memory_limit: int
+    warnings: tuple[str, ...] = field(default=())
+
+    @property
+    def available(self) -> int:
+        """min(MemAvailable, each limited level's limit - working set)."""
+        values = [self.host.available]
+        values += [lvl.headroom for lvl in self.levels if lvl.headroom is not None]
+        return min(values)
+
+    @property
+    def limiting(self) -> str:
+        """What sets `available`: "host" or the cgroup path that does."""
+        best, name = self.host.available, "host"
+        for lvl in self.levels:
+            if lvl.headroom is not None and lvl.headroom < best:
+                best, name = lvl.headroom, lvl.path
+        return name
+
+    @property
+    def sole_occupant(self) -> bool:
+        return self.own_procs is not None and set(self.own_procs) == {self.pid}
+
+    @property
+    def own_working_set(self) -> int:
+        """What we already use inside our own cgroup, and so may keep using.
+
+        The cgroup's working set counts only when we are alone in it; otherwise it holds
+        other processes' memory, and only our own RSS is ours.
+        """
+        if self.sole_occupant and self.levels and self.levels[0].working_set is not None:
+            return self.levels[0].working_set
+        return self.own_rss
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "mem_total": self.host.total,
+            "mem_available": self.host.available,
+            "mem_available_estimated": self.host.available_estimated,
+            "cgroup_version": self.location.version if self.location else None,
+            "cgroup_path": self.location.cgroup_path if self.location else None,
+            "cgroup_levels": [
+                {
+                    "path": lvl.path,
+                    "limit": lvl.limit,
+                    "hierarchical_limit": lvl.hierarchical_limit,
+                    "usage": lvl.usage,
+                    "inactive_file": lvl.inactive_file,
+                    "working_set": lvl.working_set,
+                    "headroom": lvl.headroom,
+                    "error": lvl.error,
+                }
+                for lvl in self.levels
+            ],
+            "sole_occupant": self.sole_occupant,
+            "own_procs_count": None if self.own_procs is None else len(self.own_procs),
+            "own_rss": self.own_rss,
+            "own_working_set": self.own_working_set,
+            "available": self.available,
+            "limiting": self.limiting,
+            "cpu_count": self.cpu_count,
+            "dask_memory_limit": self.dask_memory_limit,
+            "warnings": list(self.warnings),
+        }
+
+
+def _read_level(
+    version: int, path: str, directory: Path, mem_total: int, is_root: bool
+) -> LevelReading:
+    cg = open_memory_cgroup(version, directory)
+    values: dict[str, int | None] = {}
+    errors: list[str] = []
+    readers = {
+        "limit": lambda: cg.limit(mem_total),
+        "hierarchical_limit": lambda: cg.hierarchical_limit(mem_total),
+        "usage": cg.usage,
+        "inactive_file": cg.inactive_file,
+    }
+    for name, read in readers.items():
+        try:
+            values[name] = read()
+        except (OSError, ParseError) as exc:
+            values[name] = None
+            # The v2 root has no memory.max or memory.current: that is not an error.
+            if not (version == 2 and is_root and isinstance(exc, FileNotFoundError)):
+                errors.append(f"{name}: {_describe(exc)}")
+    return LevelReading(
+        path=path,
+        limit=values["limit"],
+        hierarchical_limit=values["hierarchical_limit"],
+        usage=values["usage"],
+        inactive_file=values["inactive_file"],
+        error="; ".join(errors) or None,
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno is not None:
+        import errno
+
+        return f"{errno.errorcode.get(exc.errno, exc.errno)} {exc.strerror or ''}".strip()
+    return str(exc)
+
+
+def read_own_rss(proc_root: Path, pid: str) -> int:
+    try:
+        for line in (proc_root / pid / "status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def locate(proc_root: Path, sys_root: Path, pid: str = "self") -> CgroupLocation | None:
+    entries = parse_proc_cgroup((proc_root / pid / "cgroup").read_text())
+    mounts, _skipped = parse_mountinfo((proc_root / pid / "mountinfo").read_text())
+    controllers: frozenset[str] | None = None
+    v2 = cgroup2_mount(mounts)
+    if v2 is not None:
+        try:
+            controllers = parse_controllers(
+                (host_path(sys_root, v2.mount_point) / "cgroup.controllers").read_text()
+            )
+        except OSError:
+            controllers = None
+    return locate_memory_cgroup(entries, mounts, controllers)
+
+
+def measure(
+    proc_root: Path = Path("/proc"),
+    sys_root: Path = Path("/sys"),
+    *,
+    pid: str = "self",
+    affinity: int | None = None,
+    rlimit_rss: int | None = None,
+    own_pid: int | None = None,
+) -> Measurement:
+    """Everything the plan needs. Raises OSError/ParseError only for /proc/meminfo."""
+    host = parse_meminfo((proc_root / "meminfo").read_text())
+    warnings: list[str] = []
+    try:
+        location = locate(proc_root, sys_root, pid)
+    except (OSError, ParseError) as exc:
+        location = None
+        warnings.append(f"cannot locate the memory cgroup: {_describe(exc)}")
+    levels: list[LevelReading] = []
+    own_procs: tuple[int, ...] | None = None
+    if location is not None:
+        warnings.extend(location.warnings)
+        all_levels = location.levels(sys_root)
+        for i, (path, directory) in enumerate(all_levels):
+            levels.append(
+                _read_level(location.version, path, directory, host.total, i == len(all_levels) - 1)
+            )
+        try:
+            own_procs = tuple(open_memory_cgroup(location.version, all_levels[0][1]).procs())
+        except (OSError, ParseError) as exc:
+            warnings.append(f"cannot list the own cgroup's processes: {_describe(exc)}")
+    return Measurement(
+        host=host,
+        location=location,
+        levels=tuple(levels),
+        own_procs=own_procs,
+        # cgroup.procs lists pids as seen in our pid namespace, as getpid() does.
+        pid=os.getpid() if own_pid is None else own_pid,
+        own_rss=read_own_rss(proc_root, pid),
+        cpu_count=dask_compat.cpu_count(proc_root, sys_root, affinity),
+        dask_memory_limit=dask_compat.dask_system_memory_limit(host.total, sys_root, rlimit_rss),
+        warnings=tuple(warnings),
+    )

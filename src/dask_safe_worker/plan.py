@@ -1,0 +1,154 @@
+"""Turn a measurement into one memory budget and a per-worker `--memory-limit` (pure).
+
+The formulas, with a worked example, are in docs/design.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from . import dask_compat
+from .measure import Measurement
+from .sizes import Amount, parse_bytes
+from .worker_args import WorkerArgs
+
+MiB = 2**20
+
+# Defaults measured by benchmarks/pressure.py and justified in docs/design.md.
+DEFAULT_MIN_WORKER_MEMORY = 256 * MiB
+DEFAULT_NANNY_ALLOWANCE = 96 * MiB
+SUPERVISOR_ALLOWANCE = 16 * MiB
+
+# dask's own thresholds (distributed.worker.memory.*): the nanny restarts a worker at
+# this fraction of its memory limit.
+DASK_TERMINATE_FRACTION = 0.95
+
+
+class PlanError(Exception):
+    """No safe plan exists; nothing has been touched yet."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    reserve: Amount = field(default_factory=lambda: Amount(bytes=0))
+    min_worker_memory: int = DEFAULT_MIN_WORKER_MEMORY
+    nanny_allowance: int = DEFAULT_NANNY_ALLOWANCE
+    supervised: bool = False
+    clamp_memory_limit: bool = False
+
+
+@dataclass(frozen=True)
+class Plan:
+    budget: int
+    available: int
+    own_working_set: int
+    reserve: int
+    limiting: str
+    n_workers: int
+    nthreads: int
+    cpu_count: int
+    nannies: int
+    overhead: int
+    pool: int
+    per_worker: int
+    dask_memory_limit: int
+    user_memory_limit: str | None
+    user_memory_limit_bytes: int | None
+    user_fits: bool | None
+    # What goes on the command line: None keeps the user's value untouched.
+    memory_limit_arg: int | None
+    # The value dask's memory manager will end up with, per worker.
+    effective_per_worker: int | None
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
+
+
+def resolve_user_memory_limit(
+    value: str, nthreads: int, cpu_count: int, dask_memory_limit: int
+) -> int | None:
+    """distributed.worker_memory.parse_memory_limit for a value from the command line.
+
+    None means no limit at all (dask reads "0" that way). Raises ValueError for values
+    dask rejects.
+    """
+    if value == "auto":
+        resolved = int(dask_memory_limit * min(1, nthreads / cpu_count))
+    else:
+        try:
+            number = float(value)
+        except ValueError:
+            resolved = parse_bytes(value)
+        else:
+            if not math.isfinite(number):
+                raise ValueError(f"memory limit {value!r} is not finite")
+            resolved = int(number * dask_memory_limit) if number <= 1 else int(number)
+    if resolved == 0:
+        return None
+    return min(resolved, dask_memory_limit)
+
+
+def make_plan(m: Measurement, args: WorkerArgs, settings: Settings) -> Plan:
+    """budget = own working set + available - reserve; the pool = budget - overhead is
+    shared out with dask's own "auto" rule, capped so that all workers fit."""
+    n_workers, nthreads = dask_compat.resolve_nworkers_nthreads(
+        args.nworkers, args.nthreads, m.cpu_count
+    )
+    gross = m.own_working_set + m.available
+    reserve = settings.reserve.of(gross)
+    budget = gross - reserve
+    nannies = n_workers if args.nanny else 0
+    overhead = nannies * settings.nanny_allowance + (
+        SUPERVISOR_ALLOWANCE if settings.supervised else 0
+    )
+    pool = max(0, budget - overhead)
+    per_worker = min(
+        int(pool * min(1.0, nthreads / m.cpu_count)),
+        pool // n_workers,
+        m.dask_memory_limit,
+    )
+    if budget <= 0 or per_worker < settings.min_worker_memory:
+        raise PlanError(
+            f"the memory budget is too small: {budget} bytes for {n_workers} worker(s) "
+            f"gives {per_worker} bytes each after {overhead} bytes of overhead, "
+            f"below the minimum of {settings.min_worker_memory} bytes per worker "
+            f"(available {m.available}, limited by {m.limiting}, reserve {reserve})"
+        )
+
+    user_bytes: int | None = None
+    fits: bool | None = None
+    arg: int | None = per_worker
+    effective: int | None = per_worker
+    if args.memory_limit is not None:
+        try:
+            user_bytes = resolve_user_memory_limit(
+                args.memory_limit, nthreads, m.cpu_count, m.dask_memory_limit
+            )
+        except ValueError as exc:
+            raise dask_compat.WorkerArgsError(
+                f"--memory-limit {args.memory_limit!r} is not a size dask understands: {exc}"
+            ) from exc
+        fits = user_bytes is not None and n_workers * user_bytes + overhead <= budget
+        if fits or not settings.clamp_memory_limit:
+            arg, effective = None, user_bytes
+    return Plan(
+        budget=budget,
+        available=m.available,
+        own_working_set=m.own_working_set,
+        reserve=reserve,
+        limiting=m.limiting,
+        n_workers=n_workers,
+        nthreads=nthreads,
+        cpu_count=m.cpu_count,
+        nannies=nannies,
+        overhead=overhead,
+        pool=pool,
+        per_worker=per_worker,
+        dask_memory_limit=m.dask_memory_limit,
+        user_memory_limit=args.memory_limit,
+        user_memory_limit_bytes=user_bytes,
+        user_fits=fits,
+        memory_limit_arg=arg,
+        effective_per_worker=effective,
+    )

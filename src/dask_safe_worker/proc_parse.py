@@ -1,0 +1,143 @@
+"""Pure parsers for the /proc files we read: meminfo, mountinfo and <pid>/cgroup."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class HostMemory:
+    total: int
+    available: int
+    # True when the kernel gave no MemAvailable (before 3.14) and we estimated it.
+    available_estimated: bool
+
+
+class ParseError(ValueError):
+    """A /proc or cgroup file whose content we cannot interpret."""
+
+
+def parse_meminfo(text: str) -> HostMemory:
+    """MemTotal and MemAvailable in bytes (the file says kB and means KiB)."""
+    fields: dict[str, int] = {}
+    for line in text.splitlines():
+        name, sep, rest = line.partition(":")
+        if not sep:
+            continue
+        parts = rest.split()
+        if not parts:
+            continue
+        try:
+            value = int(parts[0])
+        except ValueError:
+            continue
+        unit = parts[1] if len(parts) > 1 else ""
+        fields[name.strip()] = value * 1024 if unit.lower() == "kb" else value
+    if "MemTotal" not in fields:
+        raise ParseError("meminfo has no MemTotal")
+    total = fields["MemTotal"]
+    if "MemAvailable" in fields:
+        return HostMemory(total, min(fields["MemAvailable"], total), False)
+    # Old kernels: free memory plus the page cache and slab the kernel can reclaim.
+    estimate = (
+        fields.get("MemFree", 0)
+        + fields.get("Active(file)", 0)
+        + fields.get("Inactive(file)", 0)
+        + fields.get("SReclaimable", 0)
+    )
+    return HostMemory(total, min(estimate, total), True)
+
+
+@dataclass(frozen=True)
+class Mount:
+    mount_id: int
+    parent_id: int
+    root: str
+    mount_point: str
+    fstype: str
+    source: str
+    super_options: str
+
+    def has_super_option(self, option: str) -> bool:
+        return option in self.super_options.split(",")
+
+
+_OCTAL = re.compile(r"\\([0-7]{3})")
+
+
+def unescape_octal(field: str) -> str:
+    r"""The kernel writes space, tab, newline and backslash in paths as \040 etc."""
+    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+
+
+def parse_mountinfo_line(line: str) -> Mount:
+    """One line of /proc/<pid>/mountinfo (proc(5)).
+
+    `36 35 98:0 /mnt1 /mnt2 rw,noatime master:1 - ext3 /dev/root rw,errors=continue`
+    Optional fields run until a lone "-"; super options are everything after the
+    source and, for some filesystems, contain spaces.
+    """
+    parts = line.split(" ")
+    try:
+        sep = parts.index("-", 6)
+    except ValueError as exc:
+        raise ParseError(f"mountinfo line without separator: {line!r}") from exc
+    if len(parts) < sep + 3:
+        raise ParseError(f"mountinfo line too short: {line!r}")
+    try:
+        mount_id, parent_id = int(parts[0]), int(parts[1])
+    except ValueError as exc:
+        raise ParseError(f"mountinfo ids are not numbers: {line!r}") from exc
+    return Mount(
+        mount_id=mount_id,
+        parent_id=parent_id,
+        root=unescape_octal(parts[3]),
+        mount_point=unescape_octal(parts[4]),
+        fstype=parts[sep + 1],
+        source=unescape_octal(parts[sep + 2]),
+        super_options=" ".join(parts[sep + 3 :]),
+    )
+
+
+def parse_mountinfo(text: str) -> tuple[list[Mount], list[str]]:
+    """All parseable mounts, plus a note for each line skipped."""
+    mounts: list[Mount] = []
+    skipped: list[str] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        try:
+            mounts.append(parse_mountinfo_line(line))
+        except ParseError as exc:
+            skipped.append(str(exc))
+    return mounts, skipped
+
+
+@dataclass(frozen=True)
+class CgroupEntry:
+    hierarchy_id: int
+    controllers: tuple[str, ...]
+    path: str
+
+
+def parse_proc_cgroup(text: str) -> list[CgroupEntry]:
+    """/proc/<pid>/cgroup: `hierarchy-ID:controller-list:cgroup-path` per line.
+
+    The path is everything after the second colon, since it may itself hold colons.
+    """
+    entries: list[CgroupEntry] = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        pieces = line.split(":", 2)
+        if len(pieces) != 3:
+            raise ParseError(f"/proc/self/cgroup line not in id:controllers:path form: {line!r}")
+        hid, controllers, path = pieces
+        try:
+            hierarchy_id = int(hid)
+        except ValueError as exc:
+            raise ParseError(f"/proc/self/cgroup hierarchy id is not a number: {line!r}") from exc
+        names = tuple(c for c in controllers.split(",") if c)
+        entries.append(CgroupEntry(hierarchy_id, names, path))
+    return entries

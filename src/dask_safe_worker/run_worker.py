@@ -1,0 +1,26 @@
+"""Hand the process over to `dask worker` (the exec edge)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import NoReturn
+
+from .audit import Audit
+
+EXIT_EXEC_FAILED = 127
+
+
+def exec_worker(argv: Sequence[str], env: Mapping[str, str], audit: Audit) -> NoReturn:
+    """Replace this process with the worker; exit 127 if that is impossible."""
+    audit("worker.exec", argv=list(argv))
+    # execvpe discards Python's buffers; what we printed must reach the pipe first.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execvpe(argv[0], list(argv), dict(env))
+    except OSError as exc:
+        audit("worker.exec.failed", argv0=argv[0], reason=exc.strerror or str(exc))
+        print(f"dask-safe-worker: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
+        sys.exit(EXIT_EXEC_FAILED)

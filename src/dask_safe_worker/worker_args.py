@@ -1,0 +1,136 @@
+"""Split our options from `dask worker`'s and read the few of theirs the plan needs (pure).
+
+Everything that is not ours passes through byte for byte and in order. Knowing which
+`dask worker` options take a value is what lets us tell `--name --dry-run` (a worker
+named "--dry-run") from our own `--dry-run`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .dask_compat import WORKER_VALUE_OPTIONS, WorkerArgsError
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    nworkers: str | None = None
+    nthreads: int | None = None
+    nanny: bool = True
+    memory_limit: str | None = None
+    version_only: bool = False
+
+
+def split_argv(
+    argv: Sequence[str],
+    our_value_options: frozenset[str],
+    our_flag_options: frozenset[str],
+    worker_value_options: frozenset[str] = WORKER_VALUE_OPTIONS,
+) -> tuple[list[str], list[str]]:
+    """(ours, theirs). Ours are recognised anywhere before a `--`; after it, nothing is."""
+    ours: list[str] = []
+    theirs: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            theirs.extend(argv[i:])
+            break
+        name, has_value = (
+            (token.split("=", 1)[0], "=" in token)
+            if token.startswith("--")
+            else (
+                token,
+                False,
+            )
+        )
+        if name in our_value_options:
+            take = 1 if has_value else 2
+            ours.extend(argv[i : i + take])
+            i += take
+        elif name in our_flag_options:
+            ours.append(token)
+            i += 1
+        elif name in worker_value_options and not has_value:
+            theirs.extend(argv[i : i + 2])
+            i += 2
+        else:
+            theirs.append(token)
+            i += 1
+    return ours, theirs
+
+
+def _options(args: Sequence[str]) -> list[tuple[int, str, str | None]]:
+    """(index, name, value) of each option before `--`, as click would read them."""
+    found: list[tuple[int, str, str | None]] = []
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            break
+        if token.startswith("--"):
+            name, eq, inline = token.partition("=")
+            if eq:
+                found.append((i, name, inline))
+            elif name in WORKER_VALUE_OPTIONS:
+                found.append((i, name, args[i + 1] if i + 1 < len(args) else None))
+                i += 1
+            else:
+                found.append((i, name, None))
+        i += 1
+    return found
+
+
+def parse_worker_args(args: Sequence[str]) -> WorkerArgs:
+    """The values `dask worker` will see for the options the plan depends on.
+
+    Later occurrences win, as in click. Raises WorkerArgsError for values `dask worker`
+    would reject, so that we fail before touching anything.
+    """
+    nworkers: str | None = None
+    nthreads: int | None = None
+    nanny = True
+    memory_limit: str | None = None
+    version_only = False
+    for _, name, value in _options(args):
+        if name in ("--nworkers", "--nprocs", "--nthreads", "--memory-limit") and value is None:
+            raise WorkerArgsError(f"option {name} requires a value")
+        if name in ("--nworkers", "--nprocs"):
+            nworkers = value
+        elif name == "--nthreads":
+            assert value is not None
+            try:
+                nthreads = int(value)
+            except ValueError as exc:
+                raise WorkerArgsError(f"--nthreads must be an integer, not {value!r}") from exc
+            if nthreads < 0:
+                raise WorkerArgsError(f"--nthreads must not be negative, not {nthreads}")
+        elif name == "--memory-limit":
+            memory_limit = value
+        elif name == "--nanny":
+            nanny = True
+        elif name == "--no-nanny":
+            nanny = False
+        elif name == "--version":
+            version_only = True
+    return WorkerArgs(nworkers, nthreads, nanny, memory_limit, version_only)
+
+
+def with_memory_limit(args: Sequence[str], limit: int) -> list[str]:
+    """`args` with `--memory-limit <limit>`: replacing every given value, or added before
+    any `--` (after it, tokens belong to preload scripts)."""
+    out = list(args)
+    replaced = False
+    for index, name, _value in _options(args):
+        if name != "--memory-limit":
+            continue
+        replaced = True
+        if "=" in out[index]:
+            out[index] = f"--memory-limit={limit}"
+        elif index + 1 < len(out):
+            out[index + 1] = str(limit)
+    if replaced:
+        return out
+    cut = out.index("--") if "--" in out else len(out)
+    return [*out[:cut], "--memory-limit", str(limit), *out[cut:]]
