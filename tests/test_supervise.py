@@ -1,0 +1,461 @@
+"""The supervisor against real processes and real signals.
+
+Each supervisor runs in its own subprocess: it blocks signals and becomes a subreaper,
+which must not leak into the test process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dask_safe_worker.supervise import main, supervise
+
+PY = sys.executable
+# Generous: only guards against a hang, never measures speed.
+DEADLINE_S = 60.0
+
+
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def stat_fields(pid: int) -> list[str] | None:
+    """Fields of /proc/<pid>/stat after the comm, or None once the pid is gone."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def zombies_of(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        fields = stat_fields(int(entry.name))
+        if fields is not None and fields[0] == "Z" and int(fields[1]) == parent:
+            found.append(int(entry.name))
+    return found
+
+
+class Supervisor:
+    """One supervisor subprocess; records pids to end by PID in the finalizer."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.extra_pids: list[int] = []
+        self.stdout = b""
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def finish(self) -> tuple[int, list[dict[str, Any]], str]:
+        self.stdout, err = self.proc.communicate(timeout=DEADLINE_S)
+        events, other = [], []
+        for line in err.decode().splitlines():
+            if line.startswith("{"):
+                events.append(json.loads(line))
+            else:
+                other.append(line)
+        return self.proc.returncode, events, "\n".join(other)
+
+    def cleanup(self) -> None:
+        for pid in [*self.extra_pids, self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if self.proc.poll() is None:
+            self.proc.wait()
+        for stream in (self.proc.stdout, self.proc.stderr):
+            if stream is not None:
+                stream.close()
+
+
+@pytest.fixture
+def run_supervisor() -> Iterator[Callable[..., Supervisor]]:
+    started: list[Supervisor] = []
+
+    def start(
+        child_argv: list[str], *, group: bool = False, script: str | None = None
+    ) -> Supervisor:
+        if script is None:
+            argv = [PY, "-m", "dask_safe_worker.supervise", *(["-g"] if group else []), "--"]
+            argv += child_argv
+        else:
+            argv = [PY, "-c", script, *child_argv]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        sup = Supervisor(proc)
+        started.append(sup)
+        return sup
+
+    yield start
+    for sup in started:
+        sup.cleanup()
+
+
+def py(code: str, *args: str) -> list[str]:
+    return [PY, "-c", textwrap.dedent(code), *args]
+
+
+def names(events: list[dict[str, Any]]) -> list[str]:
+    return [e["event"] for e in events]
+
+
+@pytest.mark.parametrize("code", [0, 1, 3, 42, 255])
+def test_exit_code_passes_through(run_supervisor: Callable[..., Supervisor], code: int) -> None:
+    sup = run_supervisor(["sh", "-c", f"exit {code}"])
+    rc, events, _ = sup.finish()
+    assert rc == code
+    assert names(events) == ["init.start", "init.child.exited", "init.exit"]
+    assert events[1]["code"] == code
+    assert events[2]["code"] == code
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGSEGV])
+def test_killed_child_gives_128_plus_signal(
+    run_supervisor: Callable[..., Supervisor], sig: signal.Signals
+) -> None:
+    sup = run_supervisor(["sh", "-c", f"kill -{sig.name[3:]} $$"])
+    rc, events, _ = sup.finish()
+    assert rc == 128 + sig
+    exited = next(e for e in events if e["event"] == "init.child.exited")
+    assert exited["signal"] == sig.name
+
+
+def test_exec_failure_gives_127_and_a_reason(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    missing = tmp_path / "no-such-program"
+    sup = run_supervisor([str(missing)])
+    rc, events, stderr = sup.finish()
+    assert rc == 127
+    assert str(missing) in stderr
+    assert "No such file or directory" in stderr
+    assert events[-1] == {"event": "init.exit", "logger": "dask_safe_worker.supervise", "code": 127}
+
+
+TRAP_CHILD = """
+    import os, signal, sys, time
+    out = sys.argv[1]
+    def handler(signum, frame):
+        with open(out, "a") as f:
+            f.write(signal.Signals(signum).name + "\\n")
+        if signum == signal.SIGTERM:
+            sys.exit(7)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP,
+              signal.SIGUSR1, signal.SIGUSR2, signal.SIGWINCH):
+        signal.signal(s, handler)
+    open(out + ".ready", "w").close()
+    while True:
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize(
+    "sig",
+    [
+        signal.SIGINT,
+        signal.SIGQUIT,
+        signal.SIGHUP,
+        signal.SIGUSR1,
+        signal.SIGUSR2,
+        signal.SIGWINCH,
+    ],
+)
+def test_signals_are_forwarded_to_the_child(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path, sig: signal.Signals
+) -> None:
+    out = tmp_path / "got"
+    sup = run_supervisor(py(TRAP_CHILD, str(out)))
+    wait_for(lambda: Path(f"{out}.ready").exists(), "child ready")
+    os.kill(sup.pid, sig)
+    wait_for(lambda: out.exists() and out.read_text() == f"{sig.name}\n", f"{sig.name} in child")
+    # The supervisor survived the signal and still forwards: TERM ends the child with 7.
+    os.kill(sup.pid, signal.SIGTERM)
+    rc, events, _ = sup.finish()
+    assert rc == 7
+    assert out.read_text() == f"{sig.name}\nSIGTERM\n"
+    child = next(e for e in events if e["event"] == "init.child.exited")["pid"]
+    forwarded = [e for e in events if e["event"] == "init.signal.forwarded"]
+    assert [(e["signal"], e["pid"], e["delivered"]) for e in forwarded] == [
+        (sig.name, child, True),
+        ("SIGTERM", child, True),
+    ]
+
+
+# Like distributed: the first TERM starts a graceful close and restores the default handler.
+DISTRIBUTED_LIKE_CHILD = """
+    import signal, sys, time
+    out = sys.argv[1]
+    def first(signum, frame):
+        open(out, "w").write("closing\\n")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, first)
+    open(out + ".ready", "w").close()
+    while True:
+        time.sleep(0.05)
+"""
+
+
+def test_second_sigterm_is_forwarded_and_ends_the_child(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    out = tmp_path / "got"
+    sup = run_supervisor(py(DISTRIBUTED_LIKE_CHILD, str(out)))
+    wait_for(lambda: Path(f"{out}.ready").exists(), "child ready")
+    os.kill(sup.pid, signal.SIGTERM)
+    wait_for(lambda: out.exists() and out.read_text() == "closing\n", "first TERM handled")
+    os.kill(sup.pid, signal.SIGTERM)
+    rc, events, _ = sup.finish()
+    assert rc == 128 + signal.SIGTERM
+    forwarded = [e["signal"] for e in events if e["event"] == "init.signal.forwarded"]
+    assert forwarded == ["SIGTERM", "SIGTERM"]
+
+
+# The child forks a grandchild in the same process group; both trap TERM.
+GROUP_CHILD = """
+    import os, signal, sys, time
+    base = sys.argv[1]
+    pid = os.fork()
+    role = "grandchild" if pid == 0 else "child"
+    def handler(signum, frame):
+        open(f"{base}.{role}", "w").write(signal.Signals(signum).name)
+        if role == "child":
+            os.waitpid(pid, 0)
+        os._exit(0)
+    signal.signal(signal.SIGTERM, handler)
+    open(f"{base}.{role}.ready", "w").write(str(os.getpid()))
+    while True:
+        time.sleep(0.05)
+"""
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_process_group_forwarding(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path, group: bool
+) -> None:
+    base = tmp_path / "got"
+    sup = run_supervisor(py(GROUP_CHILD, str(base)), group=group)
+    for role in ("child", "grandchild"):
+        wait_for(lambda r=role: Path(f"{base}.{r}.ready").exists(), f"{role} ready")  # type: ignore[misc]
+    child = int(Path(f"{base}.child.ready").read_text())
+    grandchild = int(Path(f"{base}.grandchild.ready").read_text())
+    sup.extra_pids += [child, grandchild]
+    child_stat, sup_stat = stat_fields(child), stat_fields(sup.pid)
+    assert child_stat is not None and sup_stat is not None
+    if group:
+        assert int(child_stat[2]) == child, "the child leads its own process group"
+    else:
+        assert int(child_stat[2]) == int(sup_stat[2]), "the child stays in our group"
+
+    os.kill(sup.pid, signal.SIGTERM)
+    if not group:
+        # Only the child hears it; it then waits for a grandchild nobody told to stop.
+        wait_for(lambda: Path(f"{base}.child").exists(), "child got TERM")
+        assert not Path(f"{base}.grandchild").exists()
+        os.kill(grandchild, signal.SIGKILL)
+    rc, events, _ = sup.finish()
+    assert rc == 0
+    assert Path(f"{base}.child").read_text() == "SIGTERM"
+    assert Path(f"{base}.grandchild").exists() == group
+    forwarded = next(e for e in events if e["event"] == "init.signal.forwarded")
+    assert forwarded == {
+        "event": "init.signal.forwarded",
+        "logger": "dask_safe_worker.supervise",
+        "signal": "SIGTERM",
+        "delivered": True,
+        **({"pgid": child} if group else {"pid": child}),
+    }
+
+
+# The worker double-forks: the middle process exits at once, so the grandchild is orphaned
+# and reparented to the supervisor (its subreaper), which must reap it when it exits.
+DOUBLE_FORK_CHILD = """
+    import os, sys, time
+    base = sys.argv[1]
+    if os.fork() == 0:
+        if os.fork() == 0:
+            open(base + ".orphan", "w").write(str(os.getpid()))
+            while not os.path.exists(base + ".go"):
+                time.sleep(0.02)
+            os._exit(5)
+        os._exit(0)
+    os.wait()
+    while not os.path.exists(base + ".stop"):
+        time.sleep(0.02)
+"""
+
+
+def test_orphans_are_reaped_while_the_worker_runs(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    base = tmp_path / "x"
+    sup = run_supervisor(py(DOUBLE_FORK_CHILD, str(base)))
+    wait_for(
+        lambda: Path(f"{base}.orphan").exists() and Path(f"{base}.orphan").stat().st_size > 0,
+        "orphan",
+    )
+    orphan = int(Path(f"{base}.orphan").read_text())
+    sup.extra_pids.append(orphan)
+
+    def orphan_parent() -> int | None:
+        fields = stat_fields(orphan)
+        return None if fields is None else int(fields[1])
+
+    wait_for(lambda: orphan_parent() == sup.pid, "orphan reparented to the supervisor")
+    Path(f"{base}.go").touch()
+    # An unreaped orphan would stay a zombie of the supervisor forever.
+    wait_for(lambda: stat_fields(orphan) is None, "orphan reaped")
+    assert zombies_of(sup.pid) == []
+    Path(f"{base}.stop").touch()
+    rc, events, _ = sup.finish()
+    assert rc == 0
+    reaped = [e for e in events if e["event"] == "init.orphan.reaped"]
+    assert [(e["pid"], e["code"]) for e in reaped] == [(orphan, 5)]
+    assert names(events)[-2:] == ["init.child.exited", "init.exit"]
+
+
+# The worker leaves an orphan behind that exits only once the worker itself is gone.
+LINGERING_ORPHAN_CHILD = """
+    import os, sys, time
+    worker = os.getpid()
+    if os.fork() == 0:
+        if os.fork() == 0:
+            open(sys.argv[1], "w").write(str(os.getpid()))
+            while os.path.exists(f"/proc/{worker}"):
+                time.sleep(0.02)
+            os._exit(9)
+        os._exit(0)
+    os.wait()
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.02)
+    sys.exit(4)
+"""
+
+SUPERVISE_SCRIPT = """
+import json, os, sys
+from dask_safe_worker.supervise import supervise
+events = []
+def audit(event, **fields):
+    events.append(event)
+    sys.stderr.write(json.dumps({"event": event, **fields}) + "\\n")
+def on_child_exit():
+    sys.stderr.write(json.dumps({"event": "test.on_child_exit", "seen": list(events)}) + "\\n")
+rc = supervise(sys.argv[1:], audit=audit, on_child_exit=on_child_exit, reap_grace=%s)
+sys.exit(rc)
+"""
+
+
+def test_lingering_orphans_are_reaped_after_the_worker_exits(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    out = tmp_path / "orphan"
+    sup = run_supervisor(py(LINGERING_ORPHAN_CHILD, str(out)), script=SUPERVISE_SCRIPT % 60)
+    rc, events, _ = sup.finish()
+    assert rc == 4
+    orphan = int(out.read_text())
+    assert names(events) == [
+        "init.start",
+        "init.child.exited",
+        "init.orphan.reaped",
+        "test.on_child_exit",
+        "init.exit",
+    ]
+    assert events[2]["pid"] == orphan and events[2]["code"] == 9
+    # Cleanup ran only after every child it could wait for was gone.
+    assert events[3]["seen"] == ["init.start", "init.child.exited", "init.orphan.reaped"]
+
+
+STAYING_ORPHAN_CHILD = """
+    import os, sys, time
+    if os.fork() == 0:
+        if os.fork() == 0:
+            # Let go of the supervisor's pipes, or the test would wait for their EOF.
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            open(sys.argv[1], "w").write(str(os.getpid()))
+            while True:
+                time.sleep(1)
+        os._exit(0)
+    os.wait()
+    while not os.path.exists(sys.argv[1]):
+        time.sleep(0.02)
+    sys.exit(6)
+"""
+
+
+def test_an_orphan_that_stays_does_not_keep_the_supervisor(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    out = tmp_path / "orphan"
+    sup = run_supervisor(py(STAYING_ORPHAN_CHILD, str(out)), script=SUPERVISE_SCRIPT % 0.2)
+    try:
+        rc, events, _ = sup.finish()
+    finally:
+        if out.exists() and out.stat().st_size:
+            sup.extra_pids.append(int(out.read_text()))
+    assert rc == 6
+    assert names(events) == ["init.start", "init.child.exited", "test.on_child_exit", "init.exit"]
+    orphan = stat_fields(sup.extra_pids[0])
+    assert orphan is not None and orphan[0] != "Z", "the orphan is left running, not killed"
+
+
+ENV_SCRIPT = """
+import sys
+from dask_safe_worker.supervise import supervise
+sys.exit(supervise(sys.argv[1:], env={"ONLY_THIS": "yes"}))
+"""
+
+
+def test_env_replaces_the_environment(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    out = tmp_path / "env"
+    code = "import os, sys, json; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
+    sup = run_supervisor([PY, "-c", code, str(out)], script=ENV_SCRIPT)
+    rc, _, _ = sup.finish()
+    assert rc == 0
+    env = json.loads(out.read_text())
+    env.pop("LC_CTYPE", None)  # Python may coerce the C locale at start-up
+    assert env == {"ONLY_THIS": "yes"}
+
+
+def test_child_gets_a_clean_signal_mask_and_default_sigpipe(
+    run_supervisor: Callable[..., Supervisor],
+) -> None:
+    # cat, not python: python ignores SIGPIPE itself at start-up, cat reports what it inherited.
+    sup = run_supervisor(["cat", "/proc/self/status"])
+    rc, _, _ = sup.finish()
+    assert rc == 0
+    status = dict(line.split(":\t", 1) for line in sup.stdout.decode().splitlines())
+    assert int(status["SigBlk"], 16) == 0
+    assert int(status["SigIgn"], 16) & (1 << (signal.SIGPIPE - 1)) == 0
+    assert int(status["SigIgn"], 16) & (1 << (signal.SIGXFSZ - 1)) == 0
+
+
+def test_empty_argv_is_rejected() -> None:
+    with pytest.raises(ValueError):
+        supervise([])
+
+
+@pytest.mark.parametrize("args", [[], ["--bogus", "true"], ["-g"]])
+def test_module_main_usage_errors(args: list[str]) -> None:
+    assert main(args) == 2
