@@ -148,7 +148,12 @@ def test_exec_failure_gives_127_and_a_reason(
     assert rc == 127
     assert str(missing) in stderr
     assert "No such file or directory" in stderr
-    assert events[-1] == {"event": "init.exit", "logger": "dask_safe_worker.supervise", "code": 127}
+    assert events[-1] == {
+        "event": "init.exit",
+        "logger": "dask_safe_worker.supervise",
+        "pid": sup.pid,
+        "code": 127,
+    }
 
 
 TRAP_CHILD = """
@@ -192,9 +197,9 @@ def test_signals_are_forwarded_to_the_child(
     rc, events, _ = sup.finish()
     assert rc == 7
     assert out.read_text() == f"{sig.name}\nSIGTERM\n"
-    child = next(e for e in events if e["event"] == "init.child.exited")["pid"]
+    child = next(e for e in events if e["event"] == "init.child.exited")["child_pid"]
     forwarded = [e for e in events if e["event"] == "init.signal.forwarded"]
-    assert [(e["signal"], e["pid"], e["delivered"]) for e in forwarded] == [
+    assert [(e["signal"], e["target_pid"], e["delivered"]) for e in forwarded] == [
         (sig.name, child, True),
         ("SIGTERM", child, True),
     ]
@@ -279,9 +284,10 @@ def test_process_group_forwarding(
     assert forwarded == {
         "event": "init.signal.forwarded",
         "logger": "dask_safe_worker.supervise",
+        "pid": sup.pid,
         "signal": "SIGTERM",
         "delivered": True,
-        **({"pgid": child} if group else {"pid": child}),
+        **({"target_pgid": child} if group else {"target_pid": child}),
     }
 
 
@@ -328,7 +334,7 @@ def test_orphans_are_reaped_while_the_worker_runs(
     rc, events, _ = sup.finish()
     assert rc == 0
     reaped = [e for e in events if e["event"] == "init.orphan.reaped"]
-    assert [(e["pid"], e["code"]) for e in reaped] == [(orphan, 5)]
+    assert [(e["child_pid"], e["code"]) for e in reaped] == [(orphan, 5)]
     assert names(events)[-2:] == ["init.child.exited", "init.exit"]
 
 
@@ -378,7 +384,7 @@ def test_lingering_orphans_are_reaped_after_the_worker_exits(
         "test.on_child_exit",
         "init.exit",
     ]
-    assert events[2]["pid"] == orphan and events[2]["code"] == 9
+    assert events[2]["child_pid"] == orphan and events[2]["code"] == 9
     # Cleanup ran only after every child it could wait for was gone.
     assert events[3]["seen"] == ["init.start", "init.child.exited", "init.orphan.reaped"]
 
@@ -459,3 +465,23 @@ def test_empty_argv_is_rejected() -> None:
 @pytest.mark.parametrize("args", [[], ["--bogus", "true"], ["-g"]])
 def test_module_main_usage_errors(args: list[str]) -> None:
     assert main(args) == 2
+
+
+PROJECT_AUDIT_SCRIPT = """
+import sys
+from dask_safe_worker.audit import make_audit
+from dask_safe_worker.supervise import supervise
+sys.exit(supervise(sys.argv[1:], audit=make_audit("json")))
+"""
+
+
+def test_fields_survive_the_project_audit_log(run_supervisor: Callable[..., Supervisor]) -> None:
+    # The project's audit log stamps its own `pid`; ours must not be overwritten by it.
+    sup = run_supervisor(["sh", "-c", "kill -USR1 $$"], script=PROJECT_AUDIT_SCRIPT)
+    rc, events, _ = sup.finish()
+    assert rc == 128 + signal.SIGUSR1
+    exited = next(e for e in events if e["event"] == "init.child.exited")
+    assert exited["pid"] == sup.pid
+    assert exited["child_pid"] != sup.pid
+    assert exited["signal"] == "SIGUSR1"
+    assert {"init.start", "init.exit"} <= set(names(events))

@@ -127,14 +127,14 @@ def _reap(main_pid: int, audit: Callable[..., None]) -> tuple[int | None, bool]:
         code, fields = _status_fields(status)
         if pid == main_pid:
             main_code = code
-            audit("init.child.exited", pid=pid, **fields)
+            audit("init.child.exited", child_pid=pid, **fields)
         else:
-            audit("init.orphan.reaped", pid=pid, **fields)
+            audit("init.orphan.reaped", child_pid=pid, **fields)
 
 
 def _forward(signum: int, child: int, process_group: bool, audit: Callable[..., None]) -> None:
     name = _signal_name(signum)
-    target: dict[str, int] = {"pgid": child} if process_group else {"pid": child}
+    target: dict[str, int] = {"target_pgid": child} if process_group else {"target_pid": child}
     try:
         if process_group:
             os.killpg(child, signum)
@@ -173,7 +173,6 @@ def supervise(
         audit(
             "init.start",
             argv=list(argv),
-            pid=os.getpid(),
             pid1=pid1,
             process_group=process_group,
             subreaper=pid1 or subreaper_error is None,
@@ -240,7 +239,8 @@ def _drain_orphans(
 def _json_audit(event: str, **fields: Any) -> None:
     import json
 
-    line = json.dumps({"event": event, "logger": "dask_safe_worker.supervise", **fields})
+    record = {"event": event, "logger": "dask_safe_worker.supervise", "pid": os.getpid()}
+    line = json.dumps({**record, **fields})
     os.write(2, (line + "\n").encode())
 
 
