@@ -1,0 +1,122 @@
+"""The measurement over one fixture tree per layout (general paths, not this host's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dask_safe_worker.measure import Measurement, measure
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MiB, GiB = 2**20, 2**30
+
+
+def at(scenario: str, own_pid: int = 4242) -> Measurement:
+    root = FIXTURES / scenario
+    return measure(root / "proc", root / "sys", affinity=4, rlimit_rss=-1, own_pid=own_pid)
+
+
+def test_hybrid_nested_takes_the_ancestor_scope_limit() -> None:
+    m = at("hybrid-nested")
+    assert m.location is not None and m.location.version == 1
+    assert [lvl.path for lvl in m.levels] == [
+        "/user.slice/user-1000.slice/session-3.scope/dask",
+        "/user.slice/user-1000.slice/session-3.scope",
+        "/user.slice/user-1000.slice",
+        "/user.slice",
+        "/",
+    ]
+    own = m.levels[0]
+    assert own.limit is None and own.hierarchical_limit == 2 * GiB
+    assert own.working_set == 200 * MiB
+    assert m.levels[1].headroom == GiB
+    assert m.available == GiB
+    assert m.limiting == "/user.slice/user-1000.slice/session-3.scope"
+    assert m.sole_occupant and m.own_working_set == 200 * MiB
+    assert m.host.total == 16 * GiB and not m.host.available_estimated
+
+
+def test_docker_v1_sees_its_limit_at_the_mount_root() -> None:
+    m = at("docker-v1", own_pid=1)
+    assert m.location is not None and m.location.version == 1
+    assert m.location.relative == ""
+    assert [lvl.path for lvl in m.levels] == ["/"]
+    assert m.available == GiB - 80 * MiB
+    assert m.limiting == "/" and m.sole_occupant
+    assert m.warnings == ()
+
+
+def test_docker_v2_private_cgroupns() -> None:
+    m = at("docker-v2-cgroupns", own_pid=1)
+    assert m.location is not None and m.location.version == 2
+    assert m.location.cgroup_path == "/"
+    assert m.levels[0].limit == GiB
+    assert m.available == GiB - 150 * MiB
+    assert m.own_working_set == 150 * MiB
+
+
+def test_systemd_v2_ancestor_lower_than_leaf() -> None:
+    m = at("systemd-v2-nest")
+    assert m.location is not None and m.location.version == 2
+    leaf, dask_slice, system_slice, root = m.levels
+    assert leaf.limit == 8 * GiB and dask_slice.limit == 3 * GiB
+    assert system_slice.limit is None and root.limit is None and root.error is None
+    assert m.limiting == "/system.slice/dask.slice"
+    assert m.available == 3 * GiB - 1000 * MiB
+    # Two processes share the scope: only our own RSS counts as ours.
+    assert not m.sole_occupant and m.own_working_set == 50 * MiB
+
+
+def test_kubernetes_v1_pod() -> None:
+    m = at("k8s-v1", own_pid=1)
+    assert m.location is not None and m.location.relative == ""
+    assert m.available == 2 * GiB - 600 * MiB
+    assert not m.sole_occupant
+
+
+def test_kubernetes_v2_pod_limit_below_container_headroom() -> None:
+    m = at("k8s-v2", own_pid=1)
+    paths = [lvl.path for lvl in m.levels]
+    assert paths[0].endswith(".scope") and len(paths) == 5
+    assert m.limiting.endswith("-pod0f6e5d4c_3b2a.slice")
+    assert m.available == 1536 * MiB - 1000 * MiB
+
+
+@pytest.mark.parametrize("scenario", ["unlimited-v1", "unlimited-v2"])
+def test_unlimited_sentinels(scenario: str) -> None:
+    m = at(scenario)
+    assert all(lvl.effective_limit is None for lvl in m.levels)
+    assert m.available == 9 * GiB and m.limiting == "host"
+
+
+def test_malformed_files_become_errors_not_exceptions() -> None:
+    m = at("malformed")
+    assert m.host.available_estimated
+    assert m.host.available == 6 * GiB + 512 * MiB
+    own = m.levels[0]
+    assert own.limit is None and own.error is not None and "limit" in own.error
+    assert own.working_set == 400 * MiB
+    assert m.available == m.host.available
+
+
+def test_missing_memory_files_in_leaf() -> None:
+    m = at("missing-files")
+    assert m.levels[0].error is not None
+    assert m.levels[0].usage is None
+    assert m.available == 2 * GiB - 1000 * MiB
+
+
+def test_path_outside_mount_root_falls_back_with_warning() -> None:
+    m = at("outside-root", own_pid=1)
+    assert m.location is not None and m.location.relative == ""
+    assert any("outside the mount root" in w for w in m.warnings)
+    assert m.available == 3 * GiB - 824 * MiB
+
+
+def test_as_dict_is_json_serialisable() -> None:
+    import json
+
+    for scenario in sorted(p.name for p in FIXTURES.iterdir()):
+        doc = at(scenario).as_dict()
+        assert json.loads(json.dumps(doc)) == doc
