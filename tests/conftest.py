@@ -4,8 +4,13 @@ import os
 from collections.abc import Iterator
 
 import pytest
+from hypothesis import settings
 
 from cgroup_util import KernelCgroup, kernel_cgroups_usable, make_test_cgroup
+
+# The machine is shared with other suites; timing deadlines would only make tests flaky.
+settings.register_profile("dsw", deadline=None)
+settings.load_profile("dsw")
 
 
 @pytest.fixture

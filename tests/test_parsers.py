@@ -1,0 +1,193 @@
+"""Property tests for the pure parsers."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dask_safe_worker.cgroup_parse import (
+    V1_UNLIMITED_FLOOR,
+    parse_memory_stat,
+    parse_v2_limit,
+    v1_limit,
+    working_set,
+)
+from dask_safe_worker.proc_parse import (
+    ParseError,
+    parse_meminfo,
+    parse_mountinfo_line,
+    parse_proc_cgroup,
+    unescape_octal,
+)
+from dask_safe_worker.sizes import parse_amount, parse_bytes
+
+kib = st.integers(min_value=1, max_value=2**40)
+
+
+@given(total=kib, avail=st.integers(min_value=0, max_value=2**40), noise=st.lists(kib, max_size=5))
+def test_meminfo_reports_bytes_not_kb(total: int, avail: int, noise: list[int]) -> None:
+    lines = [f"MemTotal:       {total} kB", f"MemAvailable:   {avail} kB"]
+    lines += [f"Other{i}:   {n} kB" for i, n in enumerate(noise)] + ["HugePages_Total:       0"]
+    host = parse_meminfo("\n".join(lines) + "\n")
+    assert host.total == total * 1024
+    assert host.available == min(avail, total) * 1024
+    assert not host.available_estimated
+
+
+@given(free=kib, active=kib, inactive=kib, slab=kib)
+def test_meminfo_estimate_without_memavailable(
+    free: int, active: int, inactive: int, slab: int
+) -> None:
+    total = free + active + inactive + slab
+    text = (
+        f"MemTotal: {total} kB\nMemFree: {free} kB\nActive(file): {active} kB\n"
+        f"Inactive(file): {inactive} kB\nSReclaimable: {slab} kB\n"
+    )
+    host = parse_meminfo(text)
+    assert host.available_estimated
+    assert host.available == total * 1024
+
+
+def test_meminfo_without_total_is_an_error() -> None:
+    with pytest.raises(ParseError):
+        parse_meminfo("MemFree: 1 kB\n")
+
+
+path_chars = st.characters(
+    codec="utf-8", exclude_categories=("Cs", "Cc"), exclude_characters="\\"
+) | st.sampled_from([" ", "\t", "\n", "\\"])
+paths = st.lists(st.text(path_chars, min_size=1, max_size=8), min_size=0, max_size=4).map(
+    lambda parts: "/" + "/".join(parts)
+)
+
+
+def escape(path: str) -> str:
+    return (
+        path.replace("\\", "\\134")
+        .replace(" ", "\\040")
+        .replace("\t", "\\011")
+        .replace("\n", "\\012")
+    )
+
+
+@given(
+    root=paths,
+    point=paths,
+    optional=st.lists(st.sampled_from(["shared:1", "master:7", "propagate_from:2", "unbindable"])),
+    fstype=st.sampled_from(["cgroup", "cgroup2", "tmpfs", "fuse.sshfs"]),
+    source=paths,
+    super_opts=st.lists(st.text("abcdef=, ", min_size=1, max_size=10), min_size=1, max_size=3),
+)
+def test_mountinfo_line_roundtrip(
+    root: str, point: str, optional: list[str], fstype: str, source: str, super_opts: list[str]
+) -> None:
+    sup = " ".join(super_opts)
+    fields = ["36", "35", "98:0", escape(root), escape(point), "rw,noatime", *optional, "-"]
+    line = " ".join([*fields, fstype, escape(source), sup])
+    mount = parse_mountinfo_line(line)
+    assert mount.root == root and mount.mount_point == point
+    assert mount.fstype == fstype and mount.source == source
+    assert mount.super_options == sup
+
+
+def test_mountinfo_line_without_separator() -> None:
+    with pytest.raises(ParseError):
+        parse_mountinfo_line("36 35 98:0 / /mnt rw shared:1 ext4 /dev/sda rw")
+
+
+@given(st.text())
+def test_unescape_is_identity_without_backslashes(text: str) -> None:
+    if "\\" not in text:
+        assert unescape_octal(text) == text
+
+
+@given(
+    entries=st.lists(
+        st.tuples(
+            st.integers(min_value=0, max_value=20),
+            st.lists(st.sampled_from(["memory", "cpu", "cpuacct", "name=systemd"]), unique=True),
+            paths.filter(lambda p: "\n" not in p),
+        ),
+        max_size=6,
+    )
+)
+def test_proc_cgroup_keeps_colons_in_paths(entries: list[tuple[int, list[str], str]]) -> None:
+    text = "".join(f"{hid}:{','.join(ctl)}:{path}:x\n" for hid, ctl, path in entries)
+    parsed = parse_proc_cgroup(text)
+    assert [(e.hierarchy_id, list(e.controllers), e.path) for e in parsed] == [
+        (hid, ctl, f"{path}:x") for hid, ctl, path in entries
+    ]
+
+
+def test_proc_cgroup_rejects_garbage() -> None:
+    with pytest.raises(ParseError):
+        parse_proc_cgroup("memory-only\n")
+
+
+@given(st.integers(min_value=0, max_value=2**64))
+def test_v1_limit_sentinels(value: int) -> None:
+    total = 16 * 2**30
+    result = v1_limit(value, total)
+    if value >= V1_UNLIMITED_FLOOR or value >= total:
+        assert result is None
+    else:
+        assert result == value
+
+
+@given(st.integers(min_value=0, max_value=2**63))
+def test_v2_limit(value: int) -> None:
+    assert parse_v2_limit(f"{value}\n") == value
+    assert parse_v2_limit("max\n") is None
+
+
+@given(st.dictionaries(st.from_regex(r"[a-z_]{1,12}", fullmatch=True), st.integers(0, 2**50)))
+def test_memory_stat_roundtrip(stat: dict[str, int]) -> None:
+    text = "\n".join(f"{k} {v}" for k, v in stat.items()) + "\nbroken line here\n"
+    assert parse_memory_stat(text) == stat
+
+
+@given(st.integers(0, 2**50), st.integers(0, 2**50))
+def test_working_set_never_negative(usage: int, inactive: int) -> None:
+    assert working_set(usage, inactive) == max(0, usage - inactive)
+
+
+sizes = st.one_of(
+    st.integers(0, 2**45).map(str),
+    st.tuples(
+        st.floats(0, 1e6, allow_nan=False).map(lambda f: f"{f:.3f}"),
+        st.sampled_from(["", " ", "B", "kB", "KB", "k", "MB", "M", "MiB", "Mi", "GiB", "g", "TB"]),
+    ).map("".join),
+    st.text("0123456789.eEkKmMgGiIbB -", max_size=8),
+)
+
+
+@given(sizes)
+def test_parse_bytes_matches_dask(text: str) -> None:
+    from dask.utils import parse_bytes as dask_parse_bytes
+
+    try:
+        expected: int | None = dask_parse_bytes(text)
+    except (ValueError, OverflowError):
+        expected = None
+    try:
+        got: int | None = parse_bytes(text)
+    except ValueError:
+        got = None
+    assert got == expected
+
+
+@given(st.floats(0, 0.999, allow_nan=False))
+def test_amount_fraction(f: float) -> None:
+    amount = parse_amount(repr(f))
+    assert amount.fraction == pytest.approx(f)
+    assert amount.of(1000) == int(1000 * amount.fraction)
+
+
+def test_amount_bytes_and_percent() -> None:
+    assert parse_amount("512MiB").bytes == 512 * 2**20
+    assert parse_amount("10%").fraction == pytest.approx(0.1)
+    assert parse_amount("4096").bytes == 4096
+    for bad in ("", "-5", "150%", "lots", "inf"):
+        with pytest.raises(ValueError):
+            parse_amount(bad)
