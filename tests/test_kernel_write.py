@@ -1,0 +1,117 @@
+"""The write policy against this host's real cgroup v1 memory controller.
+
+Each test runs the policy in a child process placed inside a cgroup the test created
+below its own, so only cgroups made by the test are ever written.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from cgroup_util import KernelCgroup
+
+MiB, GiB = 2**20, 2**30
+
+pytestmark = pytest.mark.kernel
+
+APPLY = textwrap.dedent(
+    """
+    import json, sys
+    from dask_safe_worker.cgroup_write import WriteOptions, apply_limit
+    from dask_safe_worker.measure import measure
+    budget, margin, hold = (int(a) for a in sys.argv[1:4])
+    ballast = bytearray(hold)  # touched: counted by the kernel as ours
+    events = []
+    m = measure()
+    out = apply_limit(m, budget, opts=WriteOptions(margin=margin),
+                      audit=lambda e, **f: events.append([e, f]))
+    print(json.dumps({"outcome": out.as_dict(), "events": events,
+                      "cgroup": open("/proc/self/cgroup").read()}))
+    """
+)
+
+
+def run_policy(
+    cg: KernelCgroup, budget: int, margin: int = 32 * MiB, hold: int = 0
+) -> dict[str, object]:
+    argv = cg.enter_command([sys.executable, "-c", APPLY, str(budget), str(margin), str(hold)])
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stderr
+    result: dict[str, object] = json.loads(proc.stdout)
+    return result
+
+
+def test_sole_occupant_writes_its_own_cgroup(kernel_cgroup: KernelCgroup) -> None:
+    kernel_cgroup.set_limit(GiB)
+    result = run_policy(kernel_cgroup, 512 * MiB)
+    outcome = result["outcome"]
+    assert isinstance(outcome, dict)
+    assert outcome["strategy"] == "own" and outcome["written"]
+    assert outcome["read_back"] == 512 * MiB
+    assert kernel_cgroup.limit() == 512 * MiB
+    events = [e for e, _ in result["events"]]  # type: ignore[union-attr]
+    assert events == ["cgroup.write.attempt", "cgroup.write.result"]
+
+
+def test_existing_lower_limit_is_never_raised(kernel_cgroup: KernelCgroup) -> None:
+    kernel_cgroup.set_limit(300 * MiB)
+    outcome = run_policy(kernel_cgroup, 600 * MiB)["outcome"]
+    assert isinstance(outcome, dict)
+    assert outcome["reason"] == "existing_lower" and outcome["enforced"]
+    assert not outcome["written"]
+    assert kernel_cgroup.limit() == 300 * MiB
+
+
+def test_shared_cgroup_uses_a_child(kernel_cgroup: KernelCgroup, started_pids: set[int]) -> None:
+    kernel_cgroup.set_limit(GiB)
+    other = subprocess.Popen(kernel_cgroup.enter_command(["sleep", "120"]))
+    started_pids.add(other.pid)
+    try:
+        for _ in range(50):
+            if other.pid in kernel_cgroup.pids():
+                break
+            import time
+
+            time.sleep(0.05)
+        result = run_policy(kernel_cgroup, 400 * MiB)
+        outcome = result["outcome"]
+        assert isinstance(outcome, dict)
+        assert outcome["strategy"] == "child" and outcome["written"]
+        child = kernel_cgroup.path / "dask-safe-worker"
+        assert outcome["created_child"] == str(child)
+        assert int((child / "memory.limit_in_bytes").read_text()) == 400 * MiB
+        # The shared cgroup keeps the limit the test gave it.
+        assert kernel_cgroup.limit() == GiB
+        # The process really moved itself into the child.
+        assert str(result["cgroup"]).count("/dask-safe-worker") == 1
+        assert other.pid in kernel_cgroup.pids()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_below_usage_is_refused_before_the_kernel(kernel_cgroup: KernelCgroup) -> None:
+    kernel_cgroup.set_limit(GiB)
+    outcome = run_policy(kernel_cgroup, 100 * MiB, hold=200 * MiB)["outcome"]
+    assert isinstance(outcome, dict)
+    assert outcome["reason"] == "below_usage" and not outcome["written"]
+    assert kernel_cgroup.limit() == GiB
+
+
+def test_kernel_ebusy_falls_back_to_a_child(kernel_cgroup: KernelCgroup) -> None:
+    # A negative margin lets the write reach the kernel below current usage; without
+    # swap the kernel cannot reclaim the touched memory and answers EBUSY.
+    kernel_cgroup.set_limit(GiB)
+    result = run_policy(kernel_cgroup, 150 * MiB, margin=-GiB, hold=300 * MiB)
+    outcome = result["outcome"]
+    assert isinstance(outcome, dict)
+    assert outcome["notes"] == ["own: EBUSY"]
+    assert outcome["strategy"] == "child" and outcome["written"]
+    assert kernel_cgroup.limit() == GiB
+    failed = [f for e, f in result["events"] if e == "cgroup.write.failed"]  # type: ignore[union-attr]
+    assert failed and failed[0]["reason"] == "EBUSY"
