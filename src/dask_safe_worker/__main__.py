@@ -1,0 +1,3 @@
+from dask_safe_worker.cli import main
+
+main()
