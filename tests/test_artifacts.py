@@ -766,3 +766,42 @@ def test_k8s_helm_values_make_the_cli_lower_the_charts_memory_limit() -> None:
     assert int(got[index + 1]) == plan["per_worker"] < pod_limit
     assert got.count("--memory-limit") == 1
     assert got[0] == "dask-scheduler:8786"
+
+
+# ------------------------------------------------------------------- docs and machine paths
+
+ARTIFACTS = [
+    DOCKERFILE,
+    DOCKERIGNORE,
+    COMPOSE,
+    PRESTART,
+    UNIT,
+    UNIT_ENV,
+    *sorted(K8S.glob("*.yaml")),
+    REPO_ROOT / "docs" / "containers.md",
+]
+
+
+def test_artifacts_name_no_path_of_this_machine() -> None:
+    own = [
+        line.split(":", 2)[2]
+        for line in Path("/proc/self/cgroup").read_text().splitlines()
+        if line.count(":") >= 2
+    ]
+    machine_paths = {p for p in own if p not in ("/", "")} | {str(REPO_ROOT), str(VENV_BIN)}
+    for artifact in ARTIFACTS:
+        text = artifact.read_text()
+        for path in machine_paths:
+            assert path not in text, (artifact, path)
+
+
+def test_docs_show_the_values_the_artifacts_use() -> None:
+    docs = (REPO_ROOT / "docs" / "containers.md").read_text()
+    (values,) = _yaml_documents(K8S / "helm-values.yaml")
+    assert f'dask_worker: "{values["worker"]["image"]["dask_worker"]}"' in docs
+    assert _compose()["services"]["worker-host-sized"]["mem_limit"] in docs
+    base = dockerfile_stages(DOCKERFILE)[-1].base
+    assert base in docs
+    assert "client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)" in docs
+    for block in re.findall(r"```yaml\n(.*?)```", docs, flags=re.S):
+        assert isinstance(yaml.safe_load(block), dict)
