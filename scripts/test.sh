@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs what it needs, then runs the
+# linters, the type checker, the tests (unit, real-kernel, end-to-end, runc containers,
+# the cgroup v2 VM suite) and the compatibility matrix.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n=== %s\n' "$*"; }
+
+install_system_packages() {
+    # runc for the container suite, qemu and a Debian kernel for the cgroup v2 VM suite,
+    # the shell linter (shellcheck) comes from PyPI with the dev dependencies.
+    local need=()
+    command -v runc >/dev/null || need+=(runc)
+    command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
+    compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
+    if [ "${#need[@]}" -eq 0 ]; then
+        return
+    fi
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "missing system packages: ${need[*]} (install them as root with apt-get)" >&2
+        return
+    fi
+    log "apt-get install ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+}
+
+install_uv() {
+    if ! command -v uv >/dev/null; then
+        log "pip install uv"
+        python3 -m pip install --quiet --disable-pip-version-check uv
+    fi
+}
+
+install_system_packages
+install_uv
+
+log "uv sync (locked)"
+uv sync --locked --all-groups
+
+log "ruff check, ruff format --check, mypy --strict src"
+uv run ruff check .
+uv run ruff format --check .
+uv run mypy --strict src
+
+log "pytest"
+uv run pytest -ra -p no:cacheprovider "$@"
+
+if [ -f scripts/matrix.py ] && [ -z "${DSW_SKIP_MATRIX:-}" ]; then
+    log "compatibility matrix"
+    uv run python scripts/matrix.py
+fi
