@@ -378,6 +378,21 @@ def test_compose_has_a_scheduler_and_both_kinds_of_worker() -> None:
     assert "privileged" not in self_sized
 
 
+def _check_compose_schema(path: Path) -> subprocess.CompletedProcess[str]:
+    checker = shutil.which("check-jsonschema", path=str(VENV_BIN))
+    assert checker, "check-jsonschema is a dev dependency"
+    # The compose-spec schema ships inside check-jsonschema: no network needed.
+    return _run([checker, "--builtin-schema", "vendor.compose-spec", str(path)])
+
+
+def test_compose_file_matches_the_compose_spec(tmp_path: Path) -> None:
+    result = _check_compose_schema(COMPOSE)
+    assert result.returncode == 0, result.stdout + result.stderr
+    broken = tmp_path / "compose.yaml"
+    broken.write_text(COMPOSE.read_text().replace("stop_grace_period: 30s", "stop_grace: 30s"))
+    assert _check_compose_schema(broken).returncode != 0
+
+
 def test_compose_mem_limit_is_bytes_from_the_prestart_script() -> None:
     mem_limit = _compose()["services"]["worker-host-sized"]["mem_limit"]
     result = _run(["sh", str(PRESTART)])
@@ -689,6 +704,45 @@ def _daskcluster() -> dict[str, Any]:
     (document,) = _yaml_documents(K8S / "daskcluster.yaml")
     assert (document["apiVersion"], document["kind"]) == ("kubernetes.dask.org/v1", "DaskCluster")
     return document
+
+
+def _k8s_validate(resource: Mapping[str, Any]) -> None:
+    import kubernetes_validate  # type: ignore[import-untyped,unused-ignore]
+
+    # Strict: an unknown or misspelt field is an error. The schemas ship with the package.
+    kubernetes_validate.validate(dict(resource), kubernetes_validate.latest_version(), strict=True)
+
+
+def _as_pod(name: str, pod_spec: Mapping[str, Any]) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": pod_spec}
+
+
+def test_k8s_manifests_match_the_kubernetes_schemas() -> None:
+    import kubernetes_validate  # type: ignore[import-untyped,unused-ignore]
+
+    (deployment,) = _yaml_documents(K8S / "deployment.yaml")
+    _k8s_validate(deployment)
+    # The operator's CRD embeds plain PodSpecs and a ServiceSpec; check those parts.
+    cluster = _daskcluster()["spec"]
+    _k8s_validate(_as_pod("worker", cluster["worker"]["spec"]))
+    _k8s_validate(_as_pod("scheduler", cluster["scheduler"]["spec"]))
+    service = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "s"}}
+    _k8s_validate({**service, "spec": cluster["scheduler"]["service"]})
+    # The chart copies worker.resources and worker.env into its container verbatim.
+    (values,) = _yaml_documents(K8S / "helm-values.yaml")
+    worker = values["worker"]
+    container = {
+        "name": "worker",
+        "image": f"{worker['image']['repository']}:{worker['image']['tag']}",
+        "args": _helm_worker_args(values),
+        "resources": worker["resources"],
+        "env": worker["env"],
+    }
+    _k8s_validate(_as_pod("helm-worker", {"containers": [container]}))
+    # And the check can fail.
+    deployment["spec"]["template"]["spec"]["containers"][0]["commnd"] = ["dask-safe-worker"]
+    with pytest.raises(kubernetes_validate.ValidationError):
+        _k8s_validate(deployment)
 
 
 def test_k8s_deployment_runs_the_tool_with_a_memory_limit() -> None:
