@@ -279,6 +279,58 @@ def test_the_wheel_provides_the_entrypoint_command(tmp_path: Path) -> None:
 
 
 @needs_cli
+def test_the_images_install_recipe_replayed_offline_gives_working_commands(
+    tmp_path: Path,
+) -> None:
+    """The builder's two outputs, installed the way the final stage does, into a fresh venv.
+
+    With --require-hashes every transitive dependency must be pinned and hashed in the export,
+    so a lock that misses one fails here as it would in `docker build`. (uv stands in for pip
+    and this interpreter for the image's; no network is used.)
+    """
+    uv = shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not on PATH")
+    dist, venv = tmp_path / "dist", tmp_path / "venv"
+    env = {**os.environ, "UV_OFFLINE": "1", "VIRTUAL_ENV": str(venv)}
+    env.pop("UV_PROJECT_ENVIRONMENT", None)
+    steps = [
+        [uv, "build", "--wheel", "--out-dir", str(dist), str(REPO_ROOT)],
+        [
+            uv,
+            "export",
+            "--frozen",
+            "--no-dev",
+            "--no-emit-project",
+            "--format",
+            "requirements-txt",
+            "--output-file",
+            str(dist / "requirements.txt"),
+        ],
+        [uv, "venv", "--python", sys.executable, str(venv)],
+        [uv, "pip", "install", "--require-hashes", "-r", str(dist / "requirements.txt")],
+    ]
+    for step in steps:
+        result = subprocess.run(
+            step, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
+        )
+        if result.returncode != 0 and "offline" in result.stderr.lower():
+            pytest.skip(f"not in uv's cache: {result.stderr.strip()[-300:]}")
+        assert result.returncode == 0, (step, result.stderr)
+    (wheel,) = dist.glob("dask_safe_worker-*.whl")
+    result = _run([uv, "pip", "install", "--no-deps", str(wheel)], env=env)
+    assert result.returncode == 0, result.stderr
+
+    program = venv / "bin" / dockerfile_entrypoint_argv(DOCKERFILE)[0]
+    limit = _run([str(program), "--print-limit", "--cgroup-write", "never"], env=env)
+    assert limit.returncode == 0, limit.stderr
+    assert int(limit.stdout) > 0
+    # compose and the DaskCluster start the scheduler from the same image.
+    scheduler = _run([str(venv / "bin" / "dask"), "scheduler", "--help"], env=env)
+    assert scheduler.returncode == 0 and "--dashboard-address" in scheduler.stdout
+
+
+@needs_cli
 def test_the_image_default_argv_starts_a_worker_from_the_environment() -> None:
     argv = dockerfile_entrypoint_argv(DOCKERFILE)
     document = _dry_run(argv, env={"DASK_SCHEDULER_ADDRESS": CLOSED_SCHEDULER})
