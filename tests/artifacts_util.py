@@ -62,7 +62,8 @@ def _escape_char(lines: list[str]) -> str:
 
 def parse_dockerfile_text(text: str) -> list[Instruction]:
     """Split a Dockerfile into instructions, joining continuation lines like BuildKit."""
-    lines = text.splitlines()
+    # Only "\n" ends a line for Docker (str.splitlines would also split on U+2028 and others).
+    lines = [line.removesuffix("\r") for line in text.split("\n")]
     escape = _escape_char(lines)
     instructions: list[Instruction] = []
     pending: list[str] = []
@@ -203,6 +204,33 @@ def dockerfile_entrypoint_argv(path: Path, args: list[str] | None = None) -> lis
     if cmd is None:
         raise ValueError(f"{path}: CMD comes from the base image")
     return [*entrypoint.argv, *cmd.argv]
+
+
+def dockerfile_env(path: Path) -> dict[str, str]:
+    """ENV of the final stage (and of earlier stages it is built FROM), as written.
+
+    Values set by an external base image are not known here; `$VAR` references are left as
+    they are. Both `ENV K=V K2=V2` and the legacy `ENV K V` forms are read.
+    """
+    stages = dockerfile_stages(path)
+    by_name: dict[str, dict[str, str]] = {}
+    env: dict[str, str] = {}
+    for index, stage in enumerate(stages):
+        env = dict(by_name.get(stage.base, {}))
+        for instruction in stage.instructions:
+            if instruction.keyword != "ENV":
+                continue
+            words = shlex.split(instruction.arguments)
+            if words and "=" not in words[0]:
+                env[words[0]] = " ".join(words[1:])
+                continue
+            for word in words:
+                key, _, value = word.partition("=")
+                env[key] = value
+        by_name[str(index)] = env
+        if stage.name is not None:
+            by_name[stage.name] = env
+    return env
 
 
 def dockerfile_labels(path: Path) -> dict[str, str]:

@@ -34,6 +34,7 @@ from artifacts_util import (
     compose_interpolate,
     dockerfile_entrypoint_and_cmd,
     dockerfile_entrypoint_argv,
+    dockerfile_env,
     dockerfile_labels,
     dockerfile_stages,
     exec_start_argv,
@@ -190,6 +191,13 @@ def test_dockerfile_is_multistage_on_a_fully_pinned_slim_python() -> None:
     assert from_builder, "the final stage installs what the builder stage built"
     assert any("--require-hashes" in i.arguments for i in from_builder)
     assert any("dask_safe_worker-" in i.arguments and ".whl" in i.arguments for i in from_builder)
+
+
+def test_dockerfile_env_keeps_worker_output_unbuffered() -> None:
+    env = dockerfile_env(DOCKERFILE)
+    # Audit lines and worker logs must reach `docker logs` as they happen.
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert not any(key.startswith("DASK_SAFE_WORKER_") for key in env), "options stay explicit"
 
 
 def test_dockerfile_runs_as_root_by_default() -> None:
@@ -381,15 +389,18 @@ _words = st.lists(st.text(st.characters(exclude_categories=["Cs"]), max_size=12)
 
 
 @settings(max_examples=200, deadline=None)
-@given(entrypoint=_words.filter(bool), cmd=_words, split=st.booleans())
+@given(entrypoint=_words.filter(bool), cmd=_words, split=st.booleans(), ascii=st.booleans())
 def test_parser_round_trips_exec_form(
-    workdir: Path, entrypoint: list[str], cmd: list[str], split: bool
+    workdir: Path, entrypoint: list[str], cmd: list[str], split: bool, ascii: bool
 ) -> None:
-    rendered_entrypoint = json.dumps(entrypoint)
+    def dumps(value: object) -> str:
+        return json.dumps(value, ensure_ascii=ascii)
+
+    rendered_entrypoint = dumps(entrypoint)
     if split and len(entrypoint) > 1:
         # Continuation lines between JSON items, as hand-written Dockerfiles often have.
-        rendered_entrypoint = "[" + ", \\\n    ".join(json.dumps(w) for w in entrypoint) + "]"
-    text = f"FROM scratch\nENTRYPOINT {rendered_entrypoint}\nCMD {json.dumps(cmd)}\n"
+        rendered_entrypoint = "[" + ", \\\n    ".join(dumps(w) for w in entrypoint) + "]"
+    text = f"FROM scratch\nENTRYPOINT {rendered_entrypoint}\nCMD {dumps(cmd)}\n"
     instructions = parse_dockerfile_text(text)
     assert [i.keyword for i in instructions] == ["FROM", "ENTRYPOINT", "CMD"]
     path = workdir / "Dockerfile.roundtrip"
