@@ -178,8 +178,14 @@ class _Writer:
             return outcome
         except (OSError, ParseError) as exc:
             reason = errno_reason(exc)
-            self.audit("cgroup.write.failed", target=path, strategy="child", reason=reason)
-            self._undo(child_dir, created, moved)
+            undo_error = self._undo(child_dir, created, moved)
+            self.audit(
+                "cgroup.write.failed",
+                target=path,
+                strategy="child",
+                reason=reason,
+                undo_error=undo_error,
+            )
             return WriteOutcome(False, False, reason, "child", path)
 
     def _enable_memory_controller(self) -> None:
@@ -190,14 +196,16 @@ class _Writer:
             f.write("+memory")
         self.audit("cgroup.subtree_control", target=self.own_path, enabled="memory")
 
-    def _undo(self, child_dir: Path, created: bool, moved: bool) -> None:
+    def _undo(self, child_dir: Path, created: bool, moved: bool) -> str | None:
+        """Leave things as they were; an errno name if that, too, failed."""
         try:
             if moved:
                 _move_self(self.own_dir, self.m.pid)
             if created:
                 child_dir.rmdir()
         except OSError as exc:
-            self.audit("cgroup.undo.failed", reason=errno_reason(exc))
+            return errno_reason(exc)
+        return None
 
 
 def _read_back(cg: V1MemoryCgroup | V2MemoryCgroup) -> int | None:
