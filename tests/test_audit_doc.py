@@ -8,7 +8,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # audit("name", ...) and the event argument of cli._fail(code, message, audit, "name").
-EMIT = re.compile(r'audit\(\s*"([a-z_.]+)"|audit,\s*"([a-z_.]+)",?\s*\)')
+EMIT = re.compile(r'(?<![\w])audit\(\s*"([a-z_.]+)"|audit,\s*"([a-z_.]+)",?\s*\)')
 
 
 def emitted() -> set[str]:
