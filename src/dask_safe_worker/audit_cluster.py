@@ -1,0 +1,526 @@
+"""`dask-safe-audit SCHEDULER_ADDRESS`: is every worker of a cluster safe from the kernel?
+
+A separate console script, not a `dask-safe-worker audit` mode: `dask-safe-worker`
+passes every argument it does not own to `dask worker`, and `audit` is a valid
+positional there (a scheduler address or a name), so a sub-command would change what an
+existing command line means. docs/audit-cluster.md explains the verdicts.
+
+Shape: `collect` (audit_remote.py) runs on each worker and returns plain data;
+`facts_from_report` and `judge` turn that into verdicts (pure); `main` is the shell
+(connect, run, print, exit code). distributed is imported only after the options parse.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, NoReturn
+
+import click
+
+from .plan import DEFAULT_NANNY_ALLOWANCE
+from .sizes import format_bytes
+
+AUDIT_SCHEMA = 1
+
+SAFE = "safe"
+AT_RISK = "at risk"
+UNMANAGED = "unmanaged"
+UNKNOWN = "unknown"
+FITS = "fits"
+
+EXIT_SAFE = 0
+EXIT_AT_RISK = 1
+EXIT_USAGE = 2
+EXIT_UNVERIFIED = 3
+
+DEFAULT_TERMINATE_FRACTION = 0.95
+ENV_PREFIX = "DASK_SAFE_AUDIT"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """Something that bounds the memory of every worker below it: the host, or a
+    cgroup level with a limit. `key` is the same for every worker below it."""
+
+    key: str
+    name: str
+    limit: int | None
+    headroom: int | None
+
+
+@dataclass(frozen=True)
+class WorkerFacts:
+    address: str
+    host: str
+    name: str = ""
+    dask_limit: int | None = None
+    rss: int = 0
+    # Dask's nanny restarts the worker at this fraction of its limit; None: never.
+    terminate_fraction: float | None = DEFAULT_TERMINATE_FRACTION
+    nanny_room: int = 0
+    managed: bool = False
+    available: int | None = None
+    kernel_limit: int | None = None
+    kernel_limit_path: str | None = None
+    constraints: tuple[Constraint, ...] = ()
+    error: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    address: str
+    verdict: str
+    # For unmanaged workers: the measured risk, FITS or AT_RISK.
+    risk: str | None
+    reasons: tuple[str, ...] = field(default=())
+
+    @property
+    def at_risk(self) -> bool:
+        return self.verdict == AT_RISK or self.risk == AT_RISK
+
+
+def _reach(w: WorkerFacts) -> float:
+    """The most this worker can use before Dask acts, or the kernel stops it first."""
+    if w.dask_limit is None:
+        dask_reach = math.inf
+    else:
+        fraction = w.terminate_fraction if w.terminate_fraction is not None else 1.0
+        dask_reach = math.ceil(fraction * w.dask_limit)
+    kernel = w.kernel_limit if w.kernel_limit is not None else math.inf
+    return min(dask_reach, kernel)
+
+
+def _threshold(w: WorkerFacts) -> float:
+    """Where Dask restarts this worker (its whole limit if terminate is off)."""
+    if w.dask_limit is None:
+        return math.inf
+    fraction = w.terminate_fraction if w.terminate_fraction is not None else 1.0
+    return math.ceil(fraction * w.dask_limit)
+
+
+def _size(value: float) -> str:
+    return "unbounded" if math.isinf(value) else format_bytes(int(value))
+
+
+def judge(workers: Sequence[WorkerFacts]) -> list[Verdict]:
+    """One verdict per worker, in order.
+
+    For every constraint a worker is under (the host, each cgroup level with a limit),
+    with all audited workers under the same constraint:
+    - kernel limit: the sum of Dask's restart thresholds plus nanny room must fit, or
+      the kernel kills before Dask restarts;
+    - available now: what the workers may still grow before Dask acts (each capped by
+      its own kernel limit) must fit in the level's current headroom.
+    """
+    members: dict[str, list[WorkerFacts]] = {}
+    for w in workers:
+        if w.error is None:
+            for c in w.constraints:
+                members.setdefault(c.key, []).append(w)
+
+    verdicts: list[Verdict] = []
+    for w in workers:
+        if w.error is not None:
+            verdicts.append(Verdict(w.address, UNKNOWN, None, (w.error, *w.notes)))
+            continue
+        problems: list[str] = []
+        if w.dask_limit is None:
+            problems.append("Dask has no memory limit: it never spills, pauses or restarts")
+        if w.terminate_fraction is None:
+            problems.append(
+                "distributed.worker.memory.terminate is off: Dask never restarts the worker"
+            )
+        for c in w.constraints:
+            group = members[c.key]
+            where = c.name if c.name == "host" else f"cgroup {c.name}"
+            if c.limit is not None:
+                need = sum(_threshold(g) + g.nanny_room for g in group)
+                if need > c.limit:
+                    problems.append(
+                        f"{len(group)} worker(s) at Dask's restart threshold plus nanny room "
+                        f"need {_size(need)}, above the kernel limit {_size(c.limit)} of "
+                        f"{where}: the kernel kills before Dask restarts"
+                    )
+            if c.headroom is not None:
+                growth = sum(max(0.0, _reach(g) - g.rss) for g in group)
+                if growth > c.headroom:
+                    problems.append(
+                        f"{len(group)} worker(s) may still grow by {_size(growth)} before "
+                        f"Dask acts, but only {_size(c.headroom)} is available now in {where}"
+                    )
+        reasons = tuple(problems) + w.notes
+        if w.managed:
+            verdicts.append(Verdict(w.address, AT_RISK if problems else SAFE, None, reasons))
+        else:
+            risk = AT_RISK if problems else FITS
+            why = "not started by dask-safe-worker (no plan file)"
+            verdicts.append(Verdict(w.address, UNMANAGED, risk, (why, *reasons)))
+    return verdicts
+
+
+def exit_code(verdicts: Sequence[Verdict]) -> int:
+    """0 every worker safe; 1 any at risk (unmanaged ones included); 3 none at risk but
+    some could not be verified (unmanaged that fit, unknown, or no workers at all)."""
+    if any(v.at_risk for v in verdicts):
+        return EXIT_AT_RISK
+    if verdicts and all(v.verdict == SAFE for v in verdicts):
+        return EXIT_SAFE
+    return EXIT_UNVERIFIED
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def facts_from_report(
+    address: str, info: Mapping[str, Any], report: Mapping[str, Any] | BaseException | None
+) -> WorkerFacts:
+    """Turn what `collect` returned (or the exception it raised, or nothing) into facts.
+
+    `info` is the scheduler's view of the worker (host, name, memory_limit), used when
+    the worker itself could not answer.
+    """
+    host = str(info.get("host") or address)
+    name = str(info.get("name") or "")
+    if report is None or isinstance(report, BaseException):
+        reason = (
+            "the worker did not answer"
+            if report is None
+            else f"the audit function failed: {type(report).__name__}: {report}"
+        )
+        return WorkerFacts(
+            address, host, name, dask_limit=_int(info.get("memory_limit")) or None, error=reason
+        )
+
+    plan = report.get("plan") if isinstance(report.get("plan"), dict) else None
+    managed = bool(report.get("plan_file"))
+    notes: list[str] = []
+    if report.get("plan_error"):
+        notes.append(str(report["plan_error"]))
+    dask_limit = _int(report.get("dask_memory_limit")) or None
+    terminate = report.get("terminate_fraction")
+    terminate_fraction = float(terminate) if isinstance(terminate, (int, float)) else None
+
+    nanny_room = 0
+    if plan is not None:
+        overhead, n = _int(plan.get("overhead")), _int(plan.get("n_workers"))
+        if overhead is not None and n:
+            nanny_room = math.ceil(overhead / n)
+        planned = _int(plan.get("effective_per_worker"))
+        if planned is not None and dask_limit is not None and planned != dask_limit:
+            notes.append(
+                f"Dask's limit {format_bytes(dask_limit)} differs from the planned "
+                f"{format_bytes(planned)}"
+            )
+        if plan.get("enforced") is False:
+            notes.append(f"no kernel limit was set at start ({plan.get('write_reason')})")
+    elif report.get("has_nanny"):
+        nanny_room = DEFAULT_NANNY_ALLOWANCE
+
+    if report.get("error"):
+        return WorkerFacts(
+            address,
+            host,
+            name,
+            dask_limit=dask_limit,
+            managed=managed,
+            error=str(report["error"]),
+            notes=tuple(notes),
+        )
+
+    hostname = str(report.get("hostname") or host)
+    host_key = f"host:{report.get('boot_id') or hostname}"
+    constraints = [Constraint(host_key, "host", None, _int(report.get("mem_available")))]
+    kernel_limit: int | None = None
+    kernel_path: str | None = None
+    for level in report.get("levels") or []:
+        limit = _int(level.get("limit"))
+        if limit is None:
+            continue
+        path = str(level.get("path"))
+        key = level.get("key") or f"{host_key}:cgroup:{path}"
+        constraints.append(Constraint(str(key), path, limit, _int(level.get("headroom"))))
+        if kernel_limit is None or limit < kernel_limit:
+            kernel_limit, kernel_path = limit, path
+    notes.extend(str(x) for x in report.get("warnings") or [])
+    return WorkerFacts(
+        address,
+        host,
+        name,
+        dask_limit=dask_limit,
+        rss=_int(report.get("rss")) or 0,
+        terminate_fraction=terminate_fraction,
+        nanny_room=nanny_room,
+        managed=managed,
+        available=_int(report.get("available")),
+        kernel_limit=kernel_limit,
+        kernel_limit_path=kernel_path,
+        constraints=tuple(constraints),
+        notes=tuple(notes),
+    )
+
+
+def result_rows(facts: Sequence[WorkerFacts], verdicts: Sequence[Verdict]) -> list[dict[str, Any]]:
+    rows = []
+    for f, v in zip(facts, verdicts, strict=True):
+        rows.append(
+            {
+                "worker": f.address,
+                "name": f.name,
+                "host": f.host,
+                "dask_memory_limit": f.dask_limit,
+                "kernel_limit": f.kernel_limit,
+                "kernel_limit_path": f.kernel_limit_path,
+                "available": f.available,
+                "rss": f.rss if f.error is None else None,
+                "managed": f.managed,
+                "verdict": v.verdict,
+                "risk": v.risk,
+                "reasons": list(v.reasons),
+                "constraints": [asdict(c) for c in f.constraints],
+            }
+        )
+    return rows
+
+
+def _cell(value: int | None, none: str = "-") -> str:
+    return none if value is None else format_bytes(value)
+
+
+def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    header = ("WORKER", "HOST", "DASK LIMIT", "KERNEL LIMIT", "AVAILABLE NOW", "VERDICT")
+    lines: list[tuple[str, ...]] = [header]
+    for r in rows:
+        verdict = r["verdict"] if r["risk"] is None else f"{r['verdict']} ({r['risk']})"
+        lines.append(
+            (
+                str(r["name"] or r["worker"]),
+                str(r["host"]),
+                _cell(r["dask_memory_limit"], "none"),
+                _cell(r["kernel_limit"], "none"),
+                _cell(r["available"]),
+                verdict,
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    out = [
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() for line in lines
+    ]
+    for r in rows:
+        if r["reasons"]:
+            out.append("")
+            out.append(f"{r['name'] or r['worker']} ({r['worker']}): {r['verdict']}")
+            out.extend(f"  - {reason}" for reason in r["reasons"])
+    return "\n".join(out)
+
+
+def _option(name: str, *dest: str, **kwargs: Any) -> click.Option:
+    kwargs.setdefault("show_envvar", True)
+    env = f"{ENV_PREFIX}_{name.upper().replace('-', '_')}"
+    return click.Option([f"--{name}", *dest], envvar=env, **kwargs)
+
+
+AUDIT_OPTIONS: list[click.Parameter] = [
+    _option(
+        "scheduler-file",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="Read the scheduler's address (and TLS settings) from this file instead.",
+    ),
+    _option(
+        "tls-ca-file",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="CA certificate(s) to verify the scheduler with (TLS).",
+    ),
+    _option(
+        "tls-cert",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="Client certificate (may include the key) for a TLS scheduler.",
+    ),
+    _option(
+        "tls-key",
+        type=click.Path(exists=True, dir_okay=False),
+        default=None,
+        help="Client private key, if not in --tls-cert.",
+    ),
+    _option(
+        "connect-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=10.0,
+        show_default=True,
+        help="Seconds to wait for the scheduler before giving up (exit 2).",
+    ),
+    _option(
+        "timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=60.0,
+        show_default=True,
+        help="Seconds to wait for the workers' answers (exit 2 when exceeded).",
+    ),
+    _option("json", "as_json", is_flag=True, help="Print machine-readable JSON instead."),
+]
+
+EPILOG = """\b
+Verdicts: safe, at risk, unmanaged (not started by dask-safe-worker; with its
+measured risk), unknown (could not measure; with the reason).
+
+\b
+Exit codes: 0 every worker safe, 1 any worker at risk (unmanaged included),
+2 usage or connection error, 3 nothing at risk but not every worker verified safe
+(unmanaged that fit, unknown, or no workers).
+"""
+
+
+def _die(message: str) -> NoReturn:
+    click.echo(f"dask-safe-audit: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _security(ca: str | None, cert: str | None, key: str | None) -> Any:
+    if not (ca or cert or key):
+        return None
+    from distributed.security import Security
+
+    security: Any = Security
+    return security(
+        tls_ca_file=ca, tls_client_cert=cert, tls_client_key=key, require_encryption=True
+    )
+
+
+def _quiet_distributed() -> None:
+    """The client logs every retry and disconnect; the audit reports errors itself."""
+    import logging
+
+    for name in ("distributed", "tornado", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+def audit_cluster(
+    address: str | None,
+    scheduler_file: str | None,
+    security: Any,
+    connect_timeout: float,
+    timeout: float,
+) -> tuple[str, list[dict[str, Any]], list[Verdict]]:
+    """Connect, run `collect` on every worker, judge. Raises ConnectionError with a
+    message fit for the user on any connection problem."""
+    import concurrent.futures
+
+    import cloudpickle  # type: ignore[import-untyped]
+    from distributed import Client as _Client
+
+    from . import audit_remote
+
+    _quiet_distributed()
+    client_cls: Any = _Client
+    # By value: workers without dask-safe-worker installed can still run `collect`
+    # and say so, instead of failing to unpickle it.
+    cloudpickle.register_pickle_by_value(audit_remote)
+    kwargs: dict[str, Any] = {"timeout": connect_timeout, "set_as_default": False}
+    if security is not None:
+        kwargs["security"] = security
+    where = address or f"the scheduler in {scheduler_file}"
+    client: Any
+    try:
+        client = (
+            client_cls(scheduler_file=scheduler_file, **kwargs)
+            if scheduler_file
+            else client_cls(address, **kwargs)
+        )
+    except Exception as exc:
+        raise ConnectionError(f"cannot connect to {where}: {exc}") from None
+    try:
+        info = client.scheduler_info(n_workers=-1)
+        workers: dict[str, Any] = dict(info.get("workers", {}))
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        future = pool.submit(
+            client.run, audit_remote.collect, workers=list(workers), on_error="return"
+        )
+        try:
+            answers: dict[str, Any] = future.result(timeout=timeout) if workers else {}
+        except concurrent.futures.TimeoutError:
+            raise ConnectionError(
+                f"the workers did not answer within {timeout:g} s (raise --timeout)"
+            ) from None
+        finally:
+            pool.shutdown(wait=False)
+        scheduler = str(info.get("address") or address)
+    except ConnectionError:
+        raise
+    except Exception as exc:
+        raise ConnectionError(f"lost the connection to {where}: {exc}") from None
+    finally:
+        with contextlib.suppress(Exception):
+            client.close(timeout=5)
+    addresses = sorted(workers)
+    facts = [facts_from_report(a, workers[a], answers.get(a)) for a in addresses]
+    verdicts = judge(facts)
+    return scheduler, result_rows(facts, verdicts), verdicts
+
+
+def _run(scheduler_address: str | None, **params: Any) -> None:
+    if scheduler_address and params["scheduler_file"]:
+        raise click.UsageError("give either SCHEDULER_ADDRESS or --scheduler-file, not both")
+    if not scheduler_address and not params["scheduler_file"]:
+        raise click.UsageError("give SCHEDULER_ADDRESS or --scheduler-file")
+    try:
+        security = _security(params["tls_ca_file"], params["tls_cert"], params["tls_key"])
+    except Exception as exc:
+        _die(f"invalid TLS settings: {exc}")
+    try:
+        scheduler, rows, verdicts = audit_cluster(
+            scheduler_address,
+            params["scheduler_file"],
+            security,
+            params["connect_timeout"],
+            params["timeout"],
+        )
+    except ConnectionError as exc:
+        _die(str(exc))
+    code = exit_code(verdicts)
+    if params["as_json"]:
+        counts = {k: sum(1 for v in verdicts if v.verdict == k) for k in (SAFE, AT_RISK)}
+        counts[UNMANAGED] = sum(1 for v in verdicts if v.verdict == UNMANAGED)
+        counts[UNKNOWN] = sum(1 for v in verdicts if v.verdict == UNKNOWN)
+        doc = {
+            "schema": AUDIT_SCHEMA,
+            "scheduler": scheduler,
+            "workers": rows,
+            "summary": counts,
+            "exit_code": code,
+        }
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        if rows:
+            click.echo(render_table(rows))
+        else:
+            click.echo(f"{scheduler}: no workers connected; nothing to audit.")
+    sys.exit(code)
+
+
+def _callback(**params: Any) -> None:
+    _run(**params)
+
+
+command = click.Command(
+    name="dask-safe-audit",
+    params=[click.Argument(["scheduler_address"], required=False), *AUDIT_OPTIONS],
+    callback=_callback,
+    help="Check every worker of a Dask cluster: does the memory limit Dask uses fit "
+    "within the kernel limit and what is available now, with room for the nanny?",
+    epilog=EPILOG,
+    context_settings={"max_content_width": 100},
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The `dask-safe-audit` console script."""
+    command.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="dask-safe-audit")

@@ -1,0 +1,563 @@
+"""`dask-safe-audit`: the pure verdict logic, the worker-side collector, and a real cluster
+with a safe, an unmanaged and an at-risk worker in test cgroups on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from cgroup_util import KernelCgroup
+from dask_safe_worker import audit_remote, cli
+from dask_safe_worker.audit_cluster import (
+    AT_RISK,
+    EXIT_AT_RISK,
+    EXIT_SAFE,
+    EXIT_UNVERIFIED,
+    EXIT_USAGE,
+    FITS,
+    SAFE,
+    UNKNOWN,
+    UNMANAGED,
+    Constraint,
+    Verdict,
+    WorkerFacts,
+    exit_code,
+    facts_from_report,
+    judge,
+    render_table,
+    result_rows,
+)
+from scheduler_util import free_port
+
+GiB, MiB = 2**30, 2**20
+AUDIT = str(Path(sys.executable).with_name("dask-safe-audit"))
+DSW = [sys.executable, "-m", "dask_safe_worker"]
+HOST = Constraint("host:boot", "host", None, 20 * GiB)
+
+
+def worker(
+    address: str = "tcp://w",
+    *,
+    dask_limit: int | None = 800 * MiB,
+    rss: int = 100 * MiB,
+    nanny_room: int = 96 * MiB,
+    managed: bool = True,
+    constraints: tuple[Constraint, ...] = (HOST,),
+    terminate: float | None = 0.95,
+    error: str | None = None,
+) -> WorkerFacts:
+    limits = [c.limit for c in constraints if c.limit is not None]
+    return WorkerFacts(
+        address,
+        "h",
+        dask_limit=dask_limit,
+        rss=rss,
+        terminate_fraction=terminate,
+        nanny_room=nanny_room,
+        managed=managed,
+        kernel_limit=min(limits) if limits else None,
+        constraints=constraints,
+        error=error,
+    )
+
+
+# --- the pure verdict logic -------------------------------------------------------
+
+
+def test_planned_worker_within_its_cgroup_is_safe() -> None:
+    cg = Constraint("cg:w", "/w", GiB, GiB - 200 * MiB)
+    [v] = judge([worker(constraints=(HOST, cg))])
+    assert v == Verdict("tcp://w", SAFE, None, ())
+
+
+def test_agent_growth_makes_a_managed_worker_at_risk() -> None:
+    # The kernel limit still fits, but only 100 MiB is free now where 660 MiB may come.
+    parent = Constraint("cg:m", "/m", GiB, 100 * MiB)
+    [v] = judge([worker(constraints=(HOST, parent))])
+    assert v.verdict == AT_RISK
+    assert any("available now in cgroup /m" in r for r in v.reasons)
+
+
+def test_kernel_limit_below_dask_threshold_is_at_risk() -> None:
+    # Dask's own limit of MemTotal inside a 1 GiB cgroup: the seed's failure.
+    cg = Constraint("cg:u", "/u", GiB, GiB - 100 * MiB)
+    [v] = judge([worker(dask_limit=12 * GiB, managed=False, constraints=(HOST, cg))])
+    assert (v.verdict, v.risk) == (UNMANAGED, AT_RISK)
+    assert any("kernel limit" in r and "cgroup /u" in r for r in v.reasons)
+
+
+def test_workers_sharing_a_cgroup_are_judged_together() -> None:
+    # Each alone fits in the 1 GiB cgroup; two of them at the same limit do not.
+    cg = Constraint("cg:shared", "/shared", GiB, GiB - 100 * MiB)
+    alone = judge([worker(dask_limit=600 * MiB, constraints=(HOST, cg))])
+    both = judge(
+        [
+            worker("tcp://a", dask_limit=600 * MiB, constraints=(HOST, cg)),
+            worker("tcp://b", dask_limit=600 * MiB, constraints=(HOST, cg)),
+        ]
+    )
+    assert [v.verdict for v in alone] == [SAFE]
+    assert [v.verdict for v in both] == [AT_RISK, AT_RISK]
+
+
+def test_separate_cgroups_do_not_add_up() -> None:
+    a = Constraint("cg:a", "/a", GiB, GiB - 100 * MiB)
+    b = Constraint("cg:b", "/b", GiB, GiB - 100 * MiB)
+    verdicts = judge(
+        [
+            worker("tcp://a", dask_limit=600 * MiB, constraints=(HOST, a)),
+            worker("tcp://b", dask_limit=600 * MiB, constraints=(HOST, b)),
+        ]
+    )
+    assert [v.verdict for v in verdicts] == [SAFE, SAFE]
+
+
+def test_inner_kernel_limit_caps_a_workers_demand_on_the_host() -> None:
+    # The unmanaged worker claims 12 GiB but its cgroup holds it to 1 GiB, so the
+    # safe worker beside it on a host with 2 GiB free stays safe.
+    small_host = Constraint("host:boot", "host", None, 2 * GiB)
+    u = Constraint("cg:u", "/u", GiB, GiB - 100 * MiB)
+    s = Constraint("cg:s", "/s", GiB, GiB - 100 * MiB)
+    verdicts = judge(
+        [
+            worker("tcp://u", dask_limit=12 * GiB, managed=False, constraints=(small_host, u)),
+            worker("tcp://s", dask_limit=600 * MiB, constraints=(small_host, s)),
+        ]
+    )
+    assert (verdicts[0].verdict, verdicts[0].risk) == (UNMANAGED, AT_RISK)
+    assert verdicts[1].verdict == SAFE
+
+
+def test_no_dask_limit_or_no_terminate_is_at_risk() -> None:
+    assert judge([worker(dask_limit=None)])[0].verdict == AT_RISK
+    assert judge([worker(terminate=None)])[0].verdict == AT_RISK
+
+
+def test_unmeasured_worker_is_unknown_and_does_not_count() -> None:
+    cg = Constraint("cg:shared", "/shared", GiB, GiB - 100 * MiB)
+    verdicts = judge(
+        [
+            worker("tcp://a", dask_limit=600 * MiB, constraints=(HOST, cg)),
+            worker("tcp://b", error="cannot measure memory: boom", constraints=(HOST, cg)),
+        ]
+    )
+    assert [v.verdict for v in verdicts] == [SAFE, UNKNOWN]
+    assert verdicts[1].reasons[0] == "cannot measure memory: boom"
+
+
+def test_exit_codes() -> None:
+    safe = Verdict("a", SAFE, None)
+    risky = Verdict("b", AT_RISK, None)
+    fits = Verdict("c", UNMANAGED, FITS)
+    unmanaged_risky = Verdict("d", UNMANAGED, AT_RISK)
+    unknown = Verdict("e", UNKNOWN, None)
+    assert exit_code([safe, safe]) == EXIT_SAFE == 0
+    assert exit_code([safe, risky, unknown]) == EXIT_AT_RISK == 1
+    assert exit_code([safe, unmanaged_risky]) == EXIT_AT_RISK
+    assert exit_code([safe, fits]) == EXIT_UNVERIFIED == 3
+    assert exit_code([safe, unknown]) == EXIT_UNVERIFIED
+    assert exit_code([]) == EXIT_UNVERIFIED
+
+
+sizes = st.integers(min_value=0, max_value=64 * GiB)
+constraint_lists = st.lists(
+    st.builds(
+        Constraint,
+        key=st.sampled_from(["cg:a", "cg:b", "cg:c"]),
+        name=st.just("/x"),
+        limit=st.one_of(st.none(), sizes),
+        headroom=st.one_of(st.none(), sizes),
+    ),
+    max_size=3,
+    unique_by=lambda c: c.key,
+)
+facts = st.builds(
+    worker,
+    address=st.text(min_size=1, max_size=5),
+    dask_limit=st.one_of(st.none(), st.integers(min_value=1, max_value=64 * GiB)),
+    rss=sizes,
+    nanny_room=st.integers(min_value=0, max_value=GiB),
+    managed=st.booleans(),
+    constraints=constraint_lists.map(lambda cs: (HOST, *cs)),
+    terminate=st.one_of(st.none(), st.floats(min_value=0.5, max_value=1.0)),
+)
+
+
+@given(st.lists(facts, max_size=6))
+def test_verdict_shape(ws: list[WorkerFacts]) -> None:
+    verdicts = judge(ws)
+    assert [v.address for v in verdicts] == [w.address for w in ws]
+    for w, v in zip(ws, verdicts, strict=True):
+        if w.managed:
+            assert v.verdict in (SAFE, AT_RISK) and v.risk is None
+        else:
+            assert v.verdict == UNMANAGED and v.risk in (FITS, AT_RISK)
+        # A problem is always explained.
+        assert v.at_risk == (v.verdict == AT_RISK or v.risk == AT_RISK)
+        if v.at_risk:
+            assert v.reasons
+    code = exit_code(verdicts)
+    assert (code == EXIT_AT_RISK) == any(v.at_risk for v in verdicts)
+    assert (code == EXIT_SAFE) == (bool(verdicts) and all(v.verdict == SAFE for v in verdicts))
+
+
+@given(st.lists(facts, min_size=1, max_size=5), facts)
+def test_another_worker_never_makes_one_safer(ws: list[WorkerFacts], extra: WorkerFacts) -> None:
+    before = judge(ws)
+    after = judge([*ws, extra])[: len(ws)]
+    for b, a in zip(before, after, strict=True):
+        if b.at_risk:
+            assert a.at_risk
+
+
+@given(facts, st.integers(min_value=0, max_value=8 * GiB))
+def test_less_headroom_never_makes_a_worker_safer(w: WorkerFacts, cut: int) -> None:
+    shrunk = tuple(
+        c if c.headroom is None else Constraint(c.key, c.name, c.limit, max(0, c.headroom - cut))
+        for c in w.constraints
+    )
+    before = judge([w])[0]
+    after = judge([WorkerFacts(**{**w.__dict__, "constraints": shrunk})])[0]
+    if before.at_risk:
+        assert after.at_risk
+
+
+# --- what runs on the worker, run here in-process against the real /proc and /sys ----
+
+
+def test_plan_file_env_is_the_one_the_entrypoint_exports() -> None:
+    assert audit_remote.PLAN_FILE_ENV == cli.PLAN_FILE_ENV
+
+
+def test_collect_reads_the_plan_file_and_measures(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dry = subprocess.run(
+        [*DSW, "--dry-run", "--cgroup-write", "never", "tcp://127.0.0.1:1", "--nthreads", "1"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(dry.stdout)
+    monkeypatch.setenv(audit_remote.PLAN_FILE_ENV, str(plan_file))
+    report = audit_remote.collect(None)
+    assert report["error"] is None
+    assert report["plan"]["per_worker"] == json.loads(dry.stdout)["plan"]["per_worker"]
+    assert "argv" not in report["plan"]
+    assert 0 < report["available"] <= report["mem_available"] <= report["mem_total"]
+    assert report["levels"] and all(lvl["key"] for lvl in report["levels"])
+    json.dumps(report)  # plain data only
+
+    f = facts_from_report("tcp://x", {"host": "127.0.0.1"}, report)
+    assert f.managed and f.error is None
+    assert f.constraints[0].name == "host"
+    assert f.constraints[0].headroom == report["mem_available"]
+    # No worker here: Dask's limit is unknown to `collect`, and that is a problem.
+    assert judge([f])[0].verdict == AT_RISK
+
+
+def test_collect_without_plan_file_and_unreadable_plan(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(audit_remote.PLAN_FILE_ENV, raising=False)
+    report = audit_remote.collect(None)
+    assert report["plan_file"] is None and report["plan"] is None
+    assert not facts_from_report("tcp://x", {}, report).managed
+
+    monkeypatch.setenv(audit_remote.PLAN_FILE_ENV, str(tmp_path / "gone.json"))
+    report = audit_remote.collect(None)
+    f = facts_from_report("tcp://x", {}, report)
+    assert f.managed
+    assert any("cannot read the plan file" in n for n in f.notes)
+
+
+class _OldWorker:
+    """distributed before 2021.11 kept the limit on the worker itself."""
+
+    memory_limit = 123 * MiB
+
+
+def test_memory_limit_fallback_for_old_releases() -> None:
+    assert audit_remote._dask_memory_limit(_OldWorker()) == (123 * MiB, "worker.memory_limit")
+    assert audit_remote._dask_memory_limit(None) == (None, "unavailable")
+
+
+def test_failed_worker_is_unknown_with_the_schedulers_view() -> None:
+    f = facts_from_report("tcp://x", {"host": "10.0.0.1", "memory_limit": GiB}, OSError("gone"))
+    assert f.error is not None and "OSError: gone" in f.error
+    assert f.dask_limit == GiB
+    rows = result_rows([f], judge([f]))
+    assert rows[0]["verdict"] == UNKNOWN
+    table = render_table(rows)
+    assert "unknown" in table and "OSError: gone" in table and "1.00 GiB" in table
+
+
+# --- the command line: usage and connection errors ------------------------------------
+
+
+def run_audit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([AUDIT, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_closed_port_exits_2_with_a_message() -> None:
+    # Bound but not listening: connections to it are refused, and nobody can take it.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        r = run_audit(f"tcp://127.0.0.1:{port}", "--connect-timeout", "2")
+    assert r.returncode == EXIT_USAGE
+    assert f"cannot connect to tcp://127.0.0.1:{port}" in r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((), "give SCHEDULER_ADDRESS or --scheduler-file"),
+        (("--scheduler-file", "/nonexistent/scheduler.json"), "does not exist"),
+        (("tcp://127.0.0.1:1", "--connect-timeout", "0"), "--connect-timeout"),
+    ],
+)
+def test_usage_errors_exit_2(args: tuple[str, ...], message: str) -> None:
+    r = run_audit(*args)
+    assert r.returncode == EXIT_USAGE
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_address_and_scheduler_file_together_is_a_usage_error(tmp_path: Path) -> None:
+    f = tmp_path / "scheduler.json"
+    f.write_text("{}")
+    r = run_audit("tcp://127.0.0.1:1", "--scheduler-file", str(f))
+    assert r.returncode == EXIT_USAGE
+    assert "not both" in r.stderr
+
+
+# --- a real cluster: safe, unmanaged and at-risk workers --------------------------------
+
+AGENT = """
+import sys
+held = b"\\x01" * int(sys.argv[1])  # written, so every page is charged to the cgroup
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+class Cluster:
+    """A scheduler on 127.0.0.1 and workers in test cgroups; everything ended by PID."""
+
+    def __init__(self, tmp_path: Path, started: set[int]) -> None:
+        self.tmp = tmp_path
+        self.started = started
+        self.procs: list[subprocess.Popen[str]] = []
+        self.cgroups: list[KernelCgroup] = []
+        self.scheduler_file = tmp_path / "scheduler.json"
+        port = free_port()
+        self.address = f"tcp://127.0.0.1:{port}"
+        self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+                "--scheduler-file",
+                str(self.scheduler_file),
+            ],
+            name="scheduler",
+        )
+        deadline = time.monotonic() + 90
+        while not self._listening(port):
+            assert time.monotonic() < deadline, "scheduler did not start"
+            time.sleep(0.2)
+
+    @staticmethod
+    def _listening(port: int) -> bool:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return True
+        return False
+
+    def _spawn(self, argv: list[str], name: str, stdin: int | None = None) -> subprocess.Popen[str]:
+        log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=log, text=True)
+        log.close()
+        self.started.add(proc.pid)
+        self.procs.append(proc)
+        return proc
+
+    def safe_worker(self, cg: KernelCgroup, name: str, *args: str) -> None:
+        argv = [
+            *DSW,
+            "--log-format",
+            "json",
+            "--plan-file",
+            str(self.tmp / f"{name}.plan.json"),
+            self.address,
+            "--name",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+            *args,
+        ]
+        self._spawn(cg.enter_command(argv), name)
+
+    def plain_worker(self, cg: KernelCgroup, name: str, *args: str) -> None:
+        argv = [
+            sys.executable,
+            "-m",
+            "distributed.cli.dask_worker",
+            self.address,
+            "--name",
+            name,
+            "--host",
+            "127.0.0.1",
+            "--no-dashboard",
+            *args,
+        ]
+        self._spawn(cg.enter_command(argv), name)
+
+    def agent(self, cg: KernelCgroup, nbytes: int) -> None:
+        proc = self._spawn(
+            cg.enter_command([sys.executable, "-c", AGENT, str(nbytes)]),
+            "agent",
+            stdin=subprocess.PIPE,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready", "the agent did not allocate"
+
+    def wait_for_workers(self, n: int) -> dict[str, int]:
+        from distributed import Client
+
+        with Client(self.address, timeout=30, set_as_default=False) as client:
+            client.wait_for_workers(n, timeout=180)
+            limits: dict[str, int] = client.run(
+                lambda dask_worker: dask_worker.memory_manager.memory_limit
+            )
+        return limits
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                os.kill(proc.pid, signal.SIGTERM)
+        for proc in reversed(self.procs):
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        # Whatever is still inside the test cgroups descends from what we started
+        # (a nanny's worker): the cgroup cleanup may end it.
+        for cg in self.cgroups:
+            with contextlib.suppress(OSError):
+                self.started.update(cg.pids())
+
+
+@pytest.fixture
+def cluster(
+    kernel_cgroup: KernelCgroup, tmp_path: Path, started_pids: set[int]
+) -> Iterator[Cluster]:
+    """Set up after (so ended before) the test cgroup that its workers run in."""
+    c = Cluster(tmp_path, started_pids)
+    try:
+        yield c
+    finally:
+        c.close()
+
+
+def audit_json(*args: str) -> tuple[int, dict[str, Any]]:
+    r = run_audit(*args, "--json")
+    assert r.returncode in (0, 1, 3), r.stderr
+    return r.returncode, json.loads(r.stdout)
+
+
+@pytest.mark.e2e
+@pytest.mark.kernel
+def test_real_cluster_safe_unmanaged_and_at_risk(
+    kernel_cgroup: KernelCgroup, cluster: Cluster, tmp_path: Path
+) -> None:
+    safe_cg = kernel_cgroup.child("safe")
+    plain_cg = kernel_cgroup.child("plain")
+    m = kernel_cgroup.child("m")
+    for cg in (safe_cg, plain_cg, m):
+        cg.set_limit(GiB)
+    w = m.child("w")
+    cluster.cgroups.extend([safe_cg, plain_cg, w, m])
+
+    # 1. Only the safe worker: exit 0.
+    cluster.safe_worker(safe_cg, "safe", "--nthreads", "1")
+    limits = cluster.wait_for_workers(1)
+    code, doc = audit_json(cluster.address)
+    [row] = doc["workers"]
+    assert (code, row["verdict"], row["name"]) == (0, SAFE, "safe")
+    assert row["managed"] is True
+    assert row["dask_memory_limit"] == limits[row["worker"]]
+    plan = json.loads((tmp_path / "safe.plan.json").read_text())
+    assert row["dask_memory_limit"] == plan["plan"]["effective_per_worker"]
+    assert row["kernel_limit"] == plan["cgroup_write"]["outcome"]["read_back"] <= GiB
+    assert row["kernel_limit_path"] == safe_cg.relative()
+
+    # 2. A plain `dask worker` in a 1 GiB cgroup (Dask sizes it from the host's RAM),
+    #    and a dask-safe-worker in W below M, then an agent in M eats M's headroom.
+    cluster.plain_worker(plain_cg, "plain", "--nthreads", "1", "--no-nanny")
+    cluster.safe_worker(w, "risky", "--nthreads", "2", "--no-nanny")
+    limits = cluster.wait_for_workers(3)
+    risky_plan = json.loads((tmp_path / "risky.plan.json").read_text())["plan"]
+    agent_bytes = m.limit() - m.usage() - 100 * MiB
+    assert agent_bytes > 0
+    # The agent leaves M less headroom than the worker's Dask limit.
+    assert m.limit() - m.usage() - agent_bytes < risky_plan["effective_per_worker"]
+    cluster.agent(m, agent_bytes)
+
+    code, doc = audit_json("--scheduler-file", str(cluster.scheduler_file))
+    rows = {r["name"]: r for r in doc["workers"]}
+    assert code == EXIT_AT_RISK
+    assert doc["summary"] == {SAFE: 1, AT_RISK: 1, UNMANAGED: 1, UNKNOWN: 0}
+    assert {n: r["dask_memory_limit"] for n, r in rows.items()} == {
+        n: limits[r["worker"]] for n, r in rows.items()
+    }
+
+    assert rows["safe"]["verdict"] == SAFE
+
+    plain = rows["plain"]
+    assert (plain["verdict"], plain["risk"], plain["managed"]) == (UNMANAGED, AT_RISK, False)
+    assert plain["kernel_limit"] == GiB and plain["dask_memory_limit"] > GiB
+    assert any(
+        f"kernel limit 1.00 GiB of cgroup {plain_cg.relative()}" in r for r in plain["reasons"]
+    )
+
+    risky = rows["risky"]
+    assert risky["verdict"] == AT_RISK
+    assert risky["dask_memory_limit"] == risky_plan["effective_per_worker"]
+    assert risky["available"] < risky["dask_memory_limit"]
+    assert any(f"available now in cgroup {m.relative()}" in r for r in risky["reasons"])
+
+    # The table says the same for people.
+    r = run_audit(cluster.address)
+    assert r.returncode == EXIT_AT_RISK
+    lines = r.stdout.splitlines()
+    header = ["WORKER", "HOST", "DASK", "LIMIT", "KERNEL", "LIMIT", "AVAILABLE", "NOW", "VERDICT"]
+    assert lines[0].split() == header
+    by_name = {line.split()[0]: line for line in lines[1:4]}
+    assert by_name["safe"].endswith(SAFE)
+    assert by_name["plain"].endswith("unmanaged (at risk)")
+    assert by_name["risky"].endswith(AT_RISK)
