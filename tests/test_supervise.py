@@ -55,6 +55,14 @@ def zombies_of(parent: int) -> list[int]:
     return found
 
 
+def descendants(pid: int) -> list[int]:
+    try:
+        kids = [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+    return [d for kid in kids for d in (kid, *descendants(kid))]
+
+
 class Supervisor:
     """One supervisor subprocess; records pids to end by PID in the finalizer."""
 
@@ -78,7 +86,8 @@ class Supervisor:
         return self.proc.returncode, events, "\n".join(other)
 
     def cleanup(self) -> None:
-        for pid in [*self.extra_pids, self.proc.pid]:
+        # Descendants first: once the supervisor is gone they would be orphans nobody knows.
+        for pid in [*descendants(self.proc.pid), *self.extra_pids, self.proc.pid]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if self.proc.poll() is None:
