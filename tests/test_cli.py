@@ -1,0 +1,156 @@
+"""The command line as a user meets it: help, errors, exit codes, queries, pass-through.
+
+Nothing here writes a cgroup: every run is a query (--dry-run, --print-limit) or uses
+--cgroup-write never.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scheduler_util import audit_events
+
+DSW = [sys.executable, "-m", "dask_safe_worker"]
+NEVER = ["--cgroup-write", "never"]
+MiB = 2**20
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [*DSW, *args], capture_output=True, text=True, timeout=120, env=full_env, check=False
+    )
+
+
+def test_help_explains_our_options_and_how_to_reach_the_workers() -> None:
+    proc = run("--help")
+    assert proc.returncode == 0
+    for text in (
+        "--reserve",
+        "--cgroup-write",
+        "--print-limit",
+        "DASK_SAFE_WORKER_RESERVE",
+        "--worker-help",
+        "Exit codes",
+    ):
+        assert text in proc.stdout
+
+
+def test_worker_help_shows_dask_workers_options() -> None:
+    proc = run("--worker-help", "--log-format", "none")
+    assert proc.returncode == 0
+    assert "--nworkers" in proc.stdout and "--memory-limit" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--reserve", "lots"],
+        ["--cgroup-write", "sometimes"],
+        ["--memory-high-fraction", "2"],
+        ["tcp://127.0.0.1:1", "--nthreads", "two"],
+        ["tcp://127.0.0.1:1", "--nworkers", "many"],
+        ["tcp://127.0.0.1:1", "--memory-limit", "lots"],
+        ["--reserve"],
+    ],
+)
+def test_bad_input_is_a_usage_error_without_traceback(args: list[str], tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    proc = run("--plan-file", str(plan), *NEVER, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not plan.exists()
+
+
+def test_budget_too_small_exits_3_before_anything(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    proc = run("--plan-file", str(plan), "--min-worker-memory", "1PiB", "tcp://127.0.0.1:1")
+    assert proc.returncode == 3
+    assert "too small" in proc.stderr and "Traceback" not in proc.stderr
+    assert not plan.exists()
+
+
+def test_missing_worker_command_exits_127() -> None:
+    proc = run(*NEVER, "--worker-command", "/nonexistent/worker", "tcp://127.0.0.1:1")
+    assert proc.returncode == 127
+    assert "cannot run" in proc.stderr
+
+
+def test_dry_run_prints_the_plan_and_passes_args_through() -> None:
+    proc = run("--dry-run", "tcp://127.0.0.1:1", "--name", "--dry-run", "--", "--preload-arg")
+    assert proc.returncode == 0
+    assert proc.stderr == ""
+    doc = json.loads(proc.stdout)
+    assert doc["schema"] == 1
+    limit = doc["plan"]["memory_limit_arg"]
+    assert doc["argv"][-7:] == [
+        "tcp://127.0.0.1:1",
+        "--name",
+        "--dry-run",
+        "--memory-limit",
+        str(limit),
+        "--",
+        "--preload-arg",
+    ]
+    assert doc["cgroup_write"]["outcome"] is None
+
+
+def test_print_limit_is_one_integer_of_bytes() -> None:
+    proc = run("--print-limit")
+    assert proc.returncode == 0 and proc.stderr == ""
+    budget = int(proc.stdout)
+    dry = json.loads(run("--dry-run").stdout)
+    assert abs(budget - dry["plan"]["budget"]) < 256 * MiB
+    meminfo = Path("/proc/meminfo").read_text()
+    total = next(
+        int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemTotal:")
+    )
+    assert 0 < budget <= total
+
+
+def test_environment_variables_configure_and_stay_out_of_the_log() -> None:
+    env = {"DASK_SAFE_WORKER_RESERVE": "0.5", "DASK_SAFE_WORKER_LOG_FORMAT": "json"}
+    proc = run(*NEVER, "--worker-command", "true", "tcp://127.0.0.1:1", env=env)
+    assert proc.returncode == 0, proc.stderr
+    events = audit_events(proc.stderr)
+    started = next(e for e in events if e["event"] == "cli.started")
+    assert started["options"]["reserve"] == "<from environment>"  # type: ignore[index]
+    plan = next(e for e in events if e["event"] == "plan.made")
+    assert plan["reserve"] == pytest.approx(plan["budget"], rel=0.01)  # type: ignore[arg-type]
+
+
+def test_version_goes_to_dask_worker() -> None:
+    import distributed
+
+    proc = run("--version", "--log-format", "none")
+    assert proc.returncode == 0
+    assert distributed.__version__ in proc.stdout + proc.stderr
+
+
+def test_dask_subcommand_entry_point() -> None:
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dask",
+            "safe-worker",
+            "--dry-run",
+            "tcp://127.0.0.1:1",
+            "--nworkers",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["plan"]["n_workers"] == 2
+    assert doc["argv"][-2] == "--memory-limit"
