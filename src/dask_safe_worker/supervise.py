@@ -44,6 +44,9 @@ _WAIT_TIMEOUT_S = 1.0
 
 EXEC_FAILED = 127
 
+# Matches dask_safe_worker.audit.SCHEMA_VERSION; not imported from there to stay stdlib-only.
+AUDIT_SCHEMA_VERSION = 1
+
 
 def _no_audit(event: str, **fields: Any) -> None:
     return None
@@ -237,30 +240,79 @@ def _drain_orphans(
 
 
 def _json_audit(event: str, **fields: Any) -> None:
+    """The audit log's JSON line shape (docs/audit-log.md), without importing structlog."""
     import json
+    from datetime import datetime, timezone
 
-    record = {"event": event, "logger": "dask_safe_worker.supervise", "pid": os.getpid()}
-    line = json.dumps({**record, **fields})
-    os.write(2, (line + "\n").encode())
+    failed = event.endswith((".failed", ".refused", ".error"))
+    record = {
+        **fields,
+        "event": event,
+        "schema": AUDIT_SCHEMA_VERSION,
+        "pid": os.getpid(),
+        "level": "warning" if failed else "info",
+        "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+    }
+    os.write(2, (json.dumps(record, default=str) + "\n").encode())
+
+
+def _remove_cgroup(child: str, parent: str, audit: Callable[..., None]) -> None:
+    """Leave the child cgroup made for the worker, then remove it; same event as the CLI."""
+    error = None
+    try:
+        with open(os.path.join(parent, "cgroup.procs"), "w") as procs:
+            procs.write(str(os.getpid()))
+        os.rmdir(child)
+    except OSError as exc:
+        error = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+    audit("cgroup.child.removed", target=child, error=error)
+
+
+USAGE = (
+    "usage: python -m dask_safe_worker.supervise [-g] [--log-format json|none]\n"
+    "       [--remove-cgroup CHILD_DIR --parent-cgroup PARENT_DIR] [--] CMD [ARGS...]\n"
+)
 
 
 def main(args: Sequence[str] | None = None) -> int:
-    """``python -m dask_safe_worker.supervise [-g] [--] CMD [ARGS...]``: a bare supervisor."""
+    """A bare supervisor, for a launcher that execs it to shed its own imports.
+
+    ``--remove-cgroup``/``--parent-cgroup`` hand over the cleanup that the caller's
+    ``on_child_exit`` would otherwise do: move back to the parent, then rmdir the child.
+    """
     rest = list(sys.argv[1:] if args is None else args)
     process_group = False
+    audit: Callable[..., None] = _json_audit
+    cgroup: dict[str, str] = {}
     while rest and rest[0].startswith("-"):
         opt = rest.pop(0)
         if opt == "--":
             break
         if opt in ("-g", "--process-group"):
             process_group = True
+        elif opt in ("--log-format", "--remove-cgroup", "--parent-cgroup") and rest:
+            value = rest.pop(0)
+            if opt != "--log-format":
+                cgroup[opt] = value
+            elif value in ("json", "none"):
+                audit = _json_audit if value == "json" else _no_audit
+            else:
+                rest = []
+                break
         else:
-            os.write(2, f"dask_safe_worker.supervise: unknown option {opt!r}\n".encode())
-            return 2
-    if not rest:
-        os.write(2, b"usage: python -m dask_safe_worker.supervise [-g] [--] CMD [ARGS...]\n")
+            rest = []
+            break
+    if not rest or len(cgroup) == 1:
+        os.write(2, USAGE.encode())
         return 2
-    return supervise(rest, process_group=process_group, audit=_json_audit)
+    on_child_exit = None
+    if cgroup:
+        child, parent = cgroup["--remove-cgroup"], cgroup["--parent-cgroup"]
+
+        def on_child_exit() -> None:
+            _remove_cgroup(child, parent, audit)
+
+    return supervise(rest, process_group=process_group, audit=audit, on_child_exit=on_child_exit)
 
 
 if __name__ == "__main__":
