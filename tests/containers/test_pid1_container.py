@@ -207,6 +207,47 @@ def test_runc_kill_term_closes_the_worker_gracefully(
     assert closing["reason"] == "signal-15"
 
 
+def test_a_second_term_ends_a_slow_close_at_once(
+    make_container: Callable[..., Container], scheduler_address: str, client: Any
+) -> None:
+    c = make_container(worker_argv(scheduler_address), memory_limit=GiB)
+    start_worker(c, client)
+    # A running task holds the close up: the nanny waits 8 s before killing the process.
+    busy = client.submit(time.sleep, 3600, pure=False)
+    wait_until(lambda: bool(client.processing()) and any(client.processing().values()), "task", c)
+
+    c.kill("TERM")
+    # distributed has handled the first TERM and restored the default handler.
+    wait_until(lambda: "Stopping worker at" in c.stderr(), "graceful close begun", c)
+    c.kill("TERM")
+    code = c.wait()
+
+    assert code == 128 + 15, c.stderr()
+    forwarded = [e for e in c.events() if e["event"] == "init.signal.forwarded"]
+    assert [(e["signal"], e["delivered"]) for e in forwarded] == [("SIGTERM", True)] * 2
+    exited = event(c, "init.child.exited")
+    assert exited["signal"] == "SIGTERM" and exited["code"] == 143
+    assert "killing" not in c.stderr(), "ended by our second TERM, not the nanny's timeout"
+    busy.cancel()
+
+
+def test_bare_supervisor_as_pid1_forwards_term(make_container: Callable[..., Container]) -> None:
+    # `sleep` has no TERM handler: exec'd as PID 1 it would ignore `runc kill TERM`.
+    c = make_container(
+        [sys.executable, "-m", "dask_safe_worker.supervise", "sleep", "3600"], memory_limit=None
+    )
+    c.start()
+    c.wait_running()
+    wait_until(lambda: any(e["event"] == "init.start" for e in c.events()), "supervisor up", c)
+    c.kill("TERM")
+    assert c.wait() == 128 + 15
+    assert event(c, "init.start")["pid1"] is True
+    assert (
+        event(c, "init.signal.forwarded")["target_pid"]
+        == event(c, "init.child.exited")["child_pid"]
+    )
+
+
 # 4 ----------------------------------------------------------------------------------------
 DOUBLE_FORK = """
 def double_fork(go):
