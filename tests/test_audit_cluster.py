@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -561,3 +562,93 @@ def test_real_cluster_safe_unmanaged_and_at_risk(
     assert by_name["safe"].endswith(SAFE)
     assert by_name["plain"].endswith("unmanaged (at risk)")
     assert by_name["risky"].endswith(AT_RISK)
+
+
+# --- TLS -------------------------------------------------------------------------------
+
+
+def make_tls_files(directory: Path) -> list[str]:
+    """A throwaway CA and one certificate for 127.0.0.1, as the --tls-* options."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl(
+        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+        "-days", "2", "-subj", "/CN=dask-safe-audit test CA",
+        "-addext", "basicConstraints=critical,CA:TRUE",
+        "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+    )  # fmt: skip
+    openssl(
+        "req", "-newkey", "rsa:2048", "-nodes", "-keyout", "key.pem", "-out", "req.csr",
+        "-subj", "/CN=127.0.0.1",
+    )  # fmt: skip
+    (directory / "ext.cnf").write_text(
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+        "basicConstraints=critical,CA:FALSE\n"
+        "keyUsage=critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage=serverAuth,clientAuth\n"
+        "authorityKeyIdentifier=keyid\n"
+        "subjectKeyIdentifier=hash\n"
+    )
+    openssl(
+        "x509", "-req", "-in", "req.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+        "-CAcreateserial", "-out", "cert.pem", "-days", "2", "-extfile", "ext.cnf",
+    )  # fmt: skip
+    return [
+        "--tls-ca-file",
+        str(directory / "ca.pem"),
+        "--tls-cert",
+        str(directory / "cert.pem"),
+        "--tls-key",
+        str(directory / "key.pem"),
+    ]
+
+
+@pytest.mark.e2e
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_options_are_honoured(tmp_path: Path) -> None:
+    tls = make_tls_files(tmp_path)
+    port = free_port()
+    address = f"tls://127.0.0.1:{port}"
+    procs = []
+    try:
+        for argv in (
+            [
+                "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port),
+                "--protocol", "tls", "--no-dashboard",
+            ],
+            [
+                "distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--nthreads",
+                "1", "--no-nanny", "--no-dashboard", "--name", "tls-worker",
+            ],
+        ):  # fmt: skip
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", *argv, *tls],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+        deadline = time.monotonic() + 180
+        while True:
+            code, doc = audit_json(address, *tls, "--connect-timeout", "5")
+            if doc["workers"] or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        [row] = doc["workers"]
+        assert row["name"] == "tls-worker" and row["worker"].startswith("tls://127.0.0.1:")
+        assert (code, row["verdict"]) == (EXIT_UNVERIFIED, UNMANAGED)
+
+        r = run_audit(address, "--connect-timeout", "5")
+        assert r.returncode == EXIT_USAGE
+        assert "needs --tls-ca-file, --tls-cert and --tls-key" in r.stderr
+        assert "Traceback" not in r.stderr
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -381,7 +382,12 @@ Exit codes: 0 every worker safe, 1 any worker at risk (unmanaged included),
 
 def _die(message: str) -> NoReturn:
     click.echo(f"dask-safe-audit: {message}", err=True)
-    sys.exit(EXIT_USAGE)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # A Client whose constructor failed still closes itself from __del__ at interpreter
+    # exit: seconds of waiting and an "Exception ignored" traceback. Nothing is left to
+    # clean up here, so leave at once.
+    os._exit(EXIT_USAGE)
 
 
 def _security(ca: str | None, cert: str | None, key: str | None) -> Any:
@@ -403,6 +409,10 @@ def _quiet_distributed() -> None:
         logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
+def _ignore_unraisable(_: Any) -> None:
+    return None
+
+
 def audit_cluster(
     address: str | None,
     scheduler_file: str | None,
@@ -420,6 +430,9 @@ def audit_cluster(
     from . import audit_remote
 
     _quiet_distributed()
+    # Errors in the client's finalizers (a half-built Client closing itself) are noise
+    # after we have reported the connection error ourselves.
+    sys.unraisablehook = _ignore_unraisable
     client_cls: Any = _Client
     # By value: workers without dask-safe-worker installed can still run `collect`
     # and say so, instead of failing to unpickle it.
@@ -436,7 +449,10 @@ def audit_cluster(
             else client_cls(address, **kwargs)
         )
     except Exception as exc:
-        raise ConnectionError(f"cannot connect to {where}: {exc}") from None
+        hint = ""
+        if security is None and (address or "").startswith("tls://"):
+            hint = " (a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key)"
+        raise ConnectionError(f"cannot connect to {where}: {exc}{hint}") from None
     try:
         info = client.scheduler_info(n_workers=-1)
         workers: dict[str, Any] = dict(info.get("workers", {}))
