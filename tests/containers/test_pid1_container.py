@@ -122,6 +122,7 @@ def host_limit(c: Container) -> int:
 def test_read_only_cgroupfs_plans_from_the_container_limit_and_falls_back_on_erofs(
     make_container: Callable[..., Container], scheduler_address: str, client: Any
 ) -> None:
+    # The reserve puts the budget below the container's limit, so a write is attempted.
     c = make_container(worker_argv(scheduler_address, "--reserve", "256MiB"), memory_limit=GiB)
     start_worker(c, client)
     limits = memory_limits(client)
@@ -149,6 +150,23 @@ def test_read_only_cgroupfs_plans_from_the_container_limit_and_falls_back_on_ero
     assert document["plan"]["per_worker"] == plan["per_worker"]
     assert document["cgroup_write"]["outcome"]["reason"] == "EROFS"
 
+    assert stop_gracefully(c) == 0
+
+
+def test_without_a_reserve_the_container_limit_already_is_the_budget(
+    make_container: Callable[..., Container], scheduler_address: str, client: Any
+) -> None:
+    # Test 1 needs --reserve: with none, budget = working set + (limit - working set), the
+    # container's own limit, so there is nothing to lower and no write is even attempted.
+    c = make_container(worker_argv(scheduler_address), memory_limit=GiB)
+    start_worker(c, client)
+    limits = memory_limits(client)
+    plan = event(c, "plan.made")
+    outcome = event(c, "cgroup.write.outcome")
+    assert plan["budget"] == GiB
+    assert outcome["reason"] == "existing_lower" and outcome["enforced"] is True
+    assert not [e for e in c.events() if e["event"] == "cgroup.write.failed"]
+    assert list(limits.values()) == [plan["per_worker"]]
     assert stop_gracefully(c) == 0
 
 
