@@ -121,7 +121,23 @@ def test_non_root_user_runs_the_venv(make_container: Callable[..., Container]) -
     assert cap.split()[1] == "0000000000000000"
 
 
-def test_harness_runs_the_images_entrypoint() -> None:
-    argv = worker_entrypoint_argv(["tcp://127.0.0.1:1"])
-    assert argv[-1] == "tcp://127.0.0.1:1"
-    assert Path(sys.prefix, "bin", argv[0]).exists(), "argv[0] resolves in the venv on PATH"
+def test_harness_runs_the_images_entrypoint(make_container: Callable[..., Container]) -> None:
+    """Image and harness cannot drift: the container runs the Dockerfile's ENTRYPOINT."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from artifacts_util import DOCKERFILE, dockerfile_entrypoint_argv
+
+    args = ["--dry-run", "--memory-limit", "300MiB", "tcp://127.0.0.1:1"]
+    c = make_container(worker_entrypoint_argv(args), memory_limit=512 * MiB)
+    assert c.config["process"]["args"] == dockerfile_entrypoint_argv(DOCKERFILE, args)
+    assert c.run() == 0, c.stderr()
+    plan = json.loads(c.stdout())
+    # The venv's entry point ran (found on PATH, as in the image) and planned from inside.
+    assert plan["argv"] == [
+        sys.executable,
+        "-m",
+        "distributed.cli.dask_worker",
+        "--memory-limit",
+        "300MiB",
+        "tcp://127.0.0.1:1",
+    ]
+    assert plan["measurement"]["cgroup_path"] == "/"
