@@ -504,24 +504,31 @@ def test_real_cluster_safe_unmanaged_and_at_risk(
     w = m.child("w")
     cluster.cgroups.extend([safe_cg, plain_cg, w, m])
 
-    # 1. Only the safe worker: exit 0.
-    cluster.safe_worker(safe_cg, "safe", "--nthreads", "1")
-    limits = cluster.wait_for_workers(1)
+    # 1. Only the safe workers (--nworkers 2 in one cgroup, judged together): exit 0.
+    cluster.safe_worker(safe_cg, "safe", "--nthreads", "1", "--nworkers", "2")
+    limits = cluster.wait_for_workers(2)
     code, doc = audit_json(cluster.address)
-    [row] = doc["workers"]
-    assert (code, row["verdict"], row["name"]) == (0, SAFE, "safe")
-    assert row["managed"] is True
-    assert row["dask_memory_limit"] == limits[row["worker"]]
+    assert code == EXIT_SAFE, doc
     plan = json.loads((tmp_path / "safe.plan.json").read_text())
-    assert row["dask_memory_limit"] == plan["plan"]["effective_per_worker"]
-    assert row["kernel_limit"] == plan["cgroup_write"]["outcome"]["read_back"] <= GiB
-    assert row["kernel_limit_path"] == safe_cg.relative()
+    assert sorted(r["name"] for r in doc["workers"]) == ["safe-0", "safe-1"]
+    for row in doc["workers"]:
+        assert (row["verdict"], row["managed"]) == (SAFE, True)
+        assert row["dask_memory_limit"] == limits[row["worker"]]
+        assert row["dask_memory_limit"] == plan["plan"]["effective_per_worker"]
+        assert row["kernel_limit"] == plan["cgroup_write"]["outcome"]["read_back"] <= GiB
+        assert row["kernel_limit_path"] == safe_cg.relative()
+    # Both see the same cgroup, so both are counted against its limit.
+    keys = [
+        {c["key"] for c in r["constraints"] if c["name"] == safe_cg.relative()}
+        for r in doc["workers"]
+    ]
+    assert keys[0] == keys[1] and len(keys[0]) == 1
 
     # 2. A plain `dask worker` in a 1 GiB cgroup (Dask sizes it from the host's RAM),
     #    and a dask-safe-worker in W below M, then an agent in M eats M's headroom.
     cluster.plain_worker(plain_cg, "plain", "--nthreads", "1", "--no-nanny")
     cluster.safe_worker(w, "risky", "--nthreads", "2", "--no-nanny")
-    limits = cluster.wait_for_workers(3)
+    limits = cluster.wait_for_workers(4)
     risky_plan = json.loads((tmp_path / "risky.plan.json").read_text())["plan"]
     agent_bytes = m.limit() - m.usage() - 100 * MiB
     assert agent_bytes > 0
@@ -532,12 +539,12 @@ def test_real_cluster_safe_unmanaged_and_at_risk(
     code, doc = audit_json("--scheduler-file", str(cluster.scheduler_file))
     rows = {r["name"]: r for r in doc["workers"]}
     assert code == EXIT_AT_RISK
-    assert doc["summary"] == {SAFE: 1, AT_RISK: 1, UNMANAGED: 1, UNKNOWN: 0}
+    assert doc["summary"] == {SAFE: 2, AT_RISK: 1, UNMANAGED: 1, UNKNOWN: 0}
     assert {n: r["dask_memory_limit"] for n, r in rows.items()} == {
         n: limits[r["worker"]] for n, r in rows.items()
     }
 
-    assert rows["safe"]["verdict"] == SAFE
+    assert rows["safe-0"]["verdict"] == rows["safe-1"]["verdict"] == SAFE
 
     plain = rows["plain"]
     assert (plain["verdict"], plain["risk"], plain["managed"]) == (UNMANAGED, AT_RISK, False)
@@ -558,8 +565,8 @@ def test_real_cluster_safe_unmanaged_and_at_risk(
     lines = r.stdout.splitlines()
     header = ["WORKER", "HOST", "DASK", "LIMIT", "KERNEL", "LIMIT", "AVAILABLE", "NOW", "VERDICT"]
     assert lines[0].split() == header
-    by_name = {line.split()[0]: line for line in lines[1:4]}
-    assert by_name["safe"].endswith(SAFE)
+    by_name = {line.split()[0]: line for line in lines[1:5]}
+    assert by_name["safe-0"].endswith(SAFE) and by_name["safe-1"].endswith(SAFE)
     assert by_name["plain"].endswith("unmanaged (at risk)")
     assert by_name["risky"].endswith(AT_RISK)
 
