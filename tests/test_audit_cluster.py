@@ -614,8 +614,13 @@ def make_tls_files(directory: Path) -> list[str]:
 
 @pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
-def test_tls_options_are_honoured(tmp_path: Path) -> None:
+def test_tls_cluster_with_a_worker_lacking_dask_safe_worker(tmp_path: Path) -> None:
+    """TLS options reach the client; and a worker that cannot import dask-safe-worker
+    still runs the audit function (sent by value) and says why it cannot measure."""
     tls = make_tls_files(tmp_path)
+    hide = tmp_path / "hide_dsw.py"
+    # As if not installed: any import of the package fails in that worker process.
+    hide.write_text('import sys\nsys.modules["dask_safe_worker"] = None\n')
     port = free_port()
     address = f"tls://127.0.0.1:{port}"
     procs = []
@@ -629,6 +634,11 @@ def test_tls_options_are_honoured(tmp_path: Path) -> None:
                 "distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--nthreads",
                 "1", "--no-nanny", "--no-dashboard", "--name", "tls-worker",
             ],
+            [
+                "distributed.cli.dask_worker", address, "--host", "127.0.0.1", "--nthreads",
+                "1", "--no-nanny", "--no-dashboard", "--name", "blind-worker",
+                "--preload", str(hide),
+            ],
         ):  # fmt: skip
             procs.append(
                 subprocess.Popen(
@@ -640,12 +650,21 @@ def test_tls_options_are_honoured(tmp_path: Path) -> None:
         deadline = time.monotonic() + 180
         while True:
             code, doc = audit_json(address, *tls, "--connect-timeout", "5")
-            if doc["workers"] or time.monotonic() > deadline:
+            if len(doc["workers"]) == 2 or time.monotonic() > deadline:
                 break
             time.sleep(1)
-        [row] = doc["workers"]
-        assert row["name"] == "tls-worker" and row["worker"].startswith("tls://127.0.0.1:")
-        assert (code, row["verdict"]) == (EXIT_UNVERIFIED, UNMANAGED)
+        rows = {r["name"]: r for r in doc["workers"]}
+        assert sorted(rows) == ["blind-worker", "tls-worker"]
+        assert code == EXIT_UNVERIFIED
+        row = rows["tls-worker"]
+        assert row["worker"].startswith("tls://127.0.0.1:")
+        assert (row["verdict"], row["managed"]) == (UNMANAGED, False)
+        assert row["available"] is not None and row["dask_memory_limit"] > 0
+        blind = rows["blind-worker"]
+        assert blind["verdict"] == UNKNOWN
+        assert "dask-safe-worker is not installed on this worker" in blind["reasons"][0]
+        # The worker still reported the limit Dask uses, from inside.
+        assert blind["dask_memory_limit"] == row["dask_memory_limit"]
 
         r = run_audit(address, "--connect-timeout", "5")
         assert r.returncode == EXIT_USAGE

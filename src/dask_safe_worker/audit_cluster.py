@@ -413,6 +413,21 @@ def _ignore_unraisable(_: Any) -> None:
     return None
 
 
+def _run_everywhere(client: Any, function: Any, workers: list[str]) -> dict[str, Any]:
+    """`client.run` on each worker; a worker's failure is its answer, not the audit's."""
+    try:
+        return dict(client.run(function, workers=workers, on_error="return"))
+    except TypeError:
+        pass  # a release without on_error: ask one worker at a time
+    answers: dict[str, Any] = {}
+    for address in workers:
+        try:
+            answers.update(client.run(function, workers=[address]))
+        except Exception as exc:
+            answers[address] = exc
+    return answers
+
+
 def audit_cluster(
     address: str | None,
     scheduler_file: str | None,
@@ -454,12 +469,14 @@ def audit_cluster(
             hint = " (a tls:// scheduler needs --tls-ca-file, --tls-cert and --tls-key)"
         raise ConnectionError(f"cannot connect to {where}: {exc}{hint}") from None
     try:
-        info = client.scheduler_info(n_workers=-1)
+        try:
+            # Recent releases list only the first few workers unless asked for all.
+            info = client.scheduler_info(n_workers=-1)
+        except TypeError:
+            info = client.scheduler_info()
         workers: dict[str, Any] = dict(info.get("workers", {}))
         pool = concurrent.futures.ThreadPoolExecutor(1)
-        future = pool.submit(
-            client.run, audit_remote.collect, workers=list(workers), on_error="return"
-        )
+        future = pool.submit(_run_everywhere, client, audit_remote.collect, list(workers))
         try:
             answers: dict[str, Any] = future.result(timeout=timeout) if workers else {}
         except concurrent.futures.TimeoutError:
@@ -540,3 +557,7 @@ command = click.Command(
 def main(argv: Sequence[str] | None = None) -> None:
     """The `dask-safe-audit` console script."""
     command.main(args=list(sys.argv[1:] if argv is None else argv), prog_name="dask-safe-audit")
+
+
+if __name__ == "__main__":
+    main()
