@@ -217,7 +217,7 @@ def test_nanny_and_worker_fall_back_to_cpu_count() -> None:
     "args",
     # auto overrides --nthreads; more processes than CPUs get 0 threads from dask_worker
     # and then CPU_COUNT from Nanny/Worker. The simpler rules are covered through click.
-    [["--nworkers", "auto", "--nthreads", "3"], ["--nworkers", "+3"]],
+    [["--nworkers", "auto", "--nthreads", "3"], ["--nworkers", "+{cpus_plus_one}"]],
     ids=["auto", "more-than-cpus"],
 )
 def test_real_dask_worker_processes_and_threads(args: list[str]) -> None:
@@ -227,6 +227,7 @@ def test_real_dask_worker_processes_and_threads(args: list[str]) -> None:
 
     from scheduler_util import scheduler
 
+    args = [a.format(cpus_plus_one=CPU_COUNT + 1) for a in args]
     parsed = parse_worker_args(args)
     nworkers, nthreads = parsed.nworkers, parsed.nthreads
     expected_n, expected_t = dc.resolve_nworkers_nthreads(nworkers, nthreads, CPU_COUNT)
