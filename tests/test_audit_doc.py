@@ -7,8 +7,10 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-# audit("name", ...) and the event argument of cli._fail(code, message, audit, "name").
-EMIT = re.compile(r'(?<![\w])audit\(\s*"([a-z_.]+)"|audit,\s*"([a-z_.]+)",?\s*\)')
+# audit("name", ...), cli._fail(code, message, audit, "name") and exec_worker(..., event="name").
+EMIT = re.compile(
+    r'(?<![\w])audit\(\s*"([a-z_.]+)"|audit,\s*"([a-z_.]+)",?\s*\)|event(?::\s*str)?\s*=\s*"([a-z_.]+)"'
+)
 
 
 def emitted() -> set[str]:

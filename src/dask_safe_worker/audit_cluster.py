@@ -544,7 +544,7 @@ def _callback(**params: Any) -> None:
 
 
 command = click.Command(
-    name="dask-safe-audit",
+    name="safe-audit",
     params=[click.Argument(["scheduler_address"], required=False), *AUDIT_OPTIONS],
     callback=_callback,
     help="Check every worker of a Dask cluster: does the memory limit Dask uses fit "

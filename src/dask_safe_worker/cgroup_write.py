@@ -12,7 +12,6 @@ Every kernel refusal becomes a logged reason and a fallback, never a traceback.
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -247,18 +246,3 @@ def apply_limit(
     outcome = writer.child()
     outcome.notes = [f"{a.strategy}: {a.reason}" for a in attempts]
     return outcome
-
-
-def remove_child(outcome: WriteOutcome, pid: int | None = None) -> str | None:
-    """Undo the child cgroup once the worker is gone: move back up, then rmdir.
-
-    Returns an errno name on failure, None on success or when there is nothing to do.
-    """
-    if not outcome.created_child or not outcome.parent_dir:
-        return None
-    try:
-        _move_self(Path(outcome.parent_dir), os.getpid() if pid is None else pid)
-        Path(outcome.created_child).rmdir()
-    except OSError as exc:
-        return errno_reason(exc)
-    return None

@@ -12,9 +12,11 @@ from .audit import Audit
 EXIT_EXEC_FAILED = 127
 
 
-def exec_worker(argv: Sequence[str], env: Mapping[str, str], audit: Audit) -> NoReturn:
-    """Replace this process with the worker; exit 127 if that is impossible."""
-    audit("worker.exec", argv=list(argv))
+def exec_worker(
+    argv: Sequence[str], env: Mapping[str, str], audit: Audit, event: str = "worker.exec"
+) -> NoReturn:
+    """Replace this process with the worker (or its supervisor); exit 127 if impossible."""
+    audit(event, argv=list(argv))
     # execvpe discards Python's buffers; what we printed must reach the pipe first.
     sys.stdout.flush()
     sys.stderr.flush()
