@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import Any
 
 
 def free_port() -> int:
@@ -22,34 +23,42 @@ def closed_port() -> int:
     return free_port()
 
 
+def scheduler_argv(port: int, *extra: str) -> list[str]:
+    """`dask scheduler` bound to 127.0.0.1 only, without a dashboard."""
+    return [
+        sys.executable,
+        "-m",
+        "distributed.cli.dask_scheduler",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-dashboard",
+        *extra,
+    ]
+
+
+def wait_listening(port: int, proc: subprocess.Popen[Any], timeout: float = 60) -> None:
+    """Until something accepts on 127.0.0.1:port; fails early if `proc` died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"scheduler exited with {proc.returncode}")
+        time.sleep(0.2)
+    raise TimeoutError("scheduler did not start listening")
+
+
 @contextlib.contextmanager
 def scheduler(timeout: float = 60) -> Iterator[str]:
     """Start a scheduler bound to 127.0.0.1; yields its address; ends it by PID."""
     port = free_port()
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_scheduler",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--no-dashboard",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        scheduler_argv(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-                break
-            if proc.poll() is not None:
-                raise RuntimeError(f"scheduler exited with {proc.returncode}")
-            time.sleep(0.2)
-        else:
-            raise TimeoutError("scheduler did not start listening")
+        wait_listening(port, proc, timeout)
         yield f"tcp://127.0.0.1:{port}"
     finally:
         proc.terminate()

@@ -41,7 +41,7 @@ from dask_safe_worker.audit_cluster import (
     render_table,
     result_rows,
 )
-from scheduler_util import free_port
+from scheduler_util import free_port, scheduler_argv, wait_listening
 
 GiB, MiB = 2**30, 2**20
 AUDIT = str(Path(sys.executable).with_name("dask-safe-audit"))
@@ -369,31 +369,10 @@ class Cluster:
         self.scheduler_file = tmp_path / "scheduler.json"
         port = free_port()
         self.address = f"tcp://127.0.0.1:{port}"
-        self._spawn(
-            [
-                sys.executable,
-                "-m",
-                "distributed.cli.dask_scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-dashboard",
-                "--scheduler-file",
-                str(self.scheduler_file),
-            ],
-            name="scheduler",
+        proc = self._spawn(
+            scheduler_argv(port, "--scheduler-file", str(self.scheduler_file)), name="scheduler"
         )
-        deadline = time.monotonic() + 90
-        while not self._listening(port):
-            assert time.monotonic() < deadline, "scheduler did not start"
-            time.sleep(0.2)
-
-    @staticmethod
-    def _listening(port: int) -> bool:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
-            return True
-        return False
+        wait_listening(port, proc, timeout=90)
 
     def _spawn(self, argv: list[str], name: str, stdin: int | None = None) -> subprocess.Popen[str]:
         log = open(self.tmp / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
