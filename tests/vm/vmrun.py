@@ -208,6 +208,49 @@ def guest_python() -> Path:
     return Path(sys.executable)
 
 
+# Imported on the host to fill the guest's bytecode cache; the packages are compiled whole
+# because the scheduler, nanny and worker import many of their modules lazily.
+_WARM_MODULES = (
+    "distributed",
+    "distributed.cli.dask_scheduler",
+    "distributed.cli.dask_worker",
+    "dask_safe_worker.cli",
+    "dask_safe_worker.cgroup_write",
+    "pytest",
+    "pytest_timeout",
+)
+_WARM_PACKAGES = ("distributed", "dask", "tornado", "dask_safe_worker", "_pytest")
+_WARM_CODE = f"""
+import compileall, importlib, os, sys
+for name in {_WARM_MODULES!r}:
+    importlib.import_module(name)
+for name in {_WARM_PACKAGES!r}:
+    compileall.compile_dir(os.path.dirname(sys.modules[name].__file__), quiet=2)
+"""
+
+
+def bytecode_archive(target: Path) -> Path | None:
+    """A tar of the bytecode the guest suite needs, compiled on the (fast) host.
+
+    The guest's root is read-only 9p, so without this every boot compiles distributed
+    again in the emulated CPU, once per process (~20 s each). The guest unpacks it into
+    its RAM /tmp and points PYTHONPYCACHEPREFIX there; the pyc files stay valid because
+    the guest sees the same source files, with the same mtimes, at the same paths.
+    Best effort: None if anything fails, and the guest then compiles for itself.
+    """
+    with tempfile.TemporaryDirectory(prefix="vm-bytecode-") as cache:
+        env = {**os.environ, "PYTHONPYCACHEPREFIX": cache}
+        warm = subprocess.run(
+            [str(guest_python()), "-c", _WARM_CODE], env=env, capture_output=True, check=False
+        )
+        if warm.returncode != 0:
+            return None
+        packed = subprocess.run(
+            ["tar", "-cf", str(target), "-C", cache, "."], capture_output=True, check=False
+        )
+        return target if packed.returncode == 0 else None
+
+
 @dataclass(frozen=True)
 class GuestSuiteResult:
     completed: subprocess.CompletedProcess[str]
@@ -226,6 +269,10 @@ def run_guest_suite(
     junit = results_dir / "junit.xml"
     junit.unlink(missing_ok=True)
     venv_bin = guest_python().parent
+    archive = bytecode_archive(results_dir / "bytecode.tar")
+    unpack = (
+        f"tar -xf {shlex.quote(str(archive))} -C /tmp/pycache && " if archive is not None else ""
+    )
     pytest_cmd = [
         str(guest_python()),
         "-m",
@@ -246,21 +293,24 @@ def run_guest_suite(
     ]
     env = {
         "PATH": f"{venv_bin}:/usr/sbin:/usr/bin:/sbin:/bin",
-        # The root filesystem is read-only: bytecode and dask's config go to the RAM /tmp.
-        # Sharing one bytecode cache across the guest's processes saves ~15 s per import
-        # of distributed after the first.
+        # The root filesystem is read-only: bytecode and dask's config go to the RAM /tmp,
+        # where one cache serves every process of the guest (see bytecode_archive).
         "HOME": "/tmp/home",
         "PYTHONPYCACHEPREFIX": "/tmp/pycache",
         "DSW_VM_RESULTS": str(results_dir),
         "DSW_VM_MEMORY": memory,
         "PYTHONUNBUFFERED": "1",
     }
-    completed = run_in_vm(
-        f"mkdir -p /tmp/home && {shlex.join(pytest_cmd)}",
-        memory=memory,
-        timeout=timeout,
-        rwdirs=[results_dir],
-        env=env,
-    )
+    try:
+        completed = run_in_vm(
+            f"mkdir -p /tmp/home /tmp/pycache && {unpack}{shlex.join(pytest_cmd)}",
+            memory=memory,
+            timeout=timeout,
+            rwdirs=[results_dir],
+            env=env,
+        )
+    finally:
+        if archive is not None:
+            archive.unlink(missing_ok=True)
     xml = junit.read_text() if junit.exists() else ""
     return GuestSuiteResult(completed=completed, junit_xml=xml, results_dir=results_dir)
