@@ -1,0 +1,271 @@
+"""Scenario "small VM" on cgroup v2, in the virtme-ng VM of tests/vm/vmrun.py (issue 5).
+
+A VM with 1.5 GiB of RAM; inside it an agent holding 350 MiB in its own cgroup, the
+scheduler in the root cgroup, and the worker in a cgroup W without a limit. Contenders:
+
+- plain: `python -m distributed.cli.dask_worker` in W; only the global OOM killer can
+  stop it;
+- safe: `dask-safe-worker` with the same arguments in W (it writes W's memory.max);
+- seed: the blog post's approach, reproduced exactly: W's memory.max set to MemAvailable
+  read just before the start, and the plain worker started in a private cgroup namespace
+  with cgroup2 remounted, so that dask itself reads that limit at /sys/fs/cgroup.
+
+Workload: spill (random arrays of 1.5 x MemAvailable measured before the worker starts,
+persisted, then summed). One VM boot per contender: the guest is software-emulated, so a
+run takes minutes.
+
+Host side:  uv run python benchmarks/pressure_vm.py [--contenders plain,safe,seed]
+Guest side: run by the host side through run_in_vm (`--guest CONTENDER`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MiB = 2**20
+VM_MEMORY = "1536M"
+AGENT_BYTES = 350 * MiB
+WORKLOAD_TIMEOUT = 300.0
+START_TIMEOUT = 300.0
+RESTART_MEMORY_RE = re.compile(r"exceeded \d+% memory budget\. Restarting")
+KILLED_RE = re.compile(r"Worker process \d+ was killed by signal (\d+)")
+
+
+# ----------------------------------------------------------------------------- guest
+
+
+def _meminfo() -> dict[str, int]:
+    out = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        out[key] = int(rest.split()[0]) * 1024
+    return out
+
+
+def _vmstat(key: str) -> int:
+    for line in Path("/proc/vmstat").read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == key:
+            return int(value)
+    return 0
+
+
+def guest_main(contender: str, results: Path) -> int:
+    sys.path.insert(0, str(REPO / "tests" / "vm" / "guest"))
+    from guest_cgroups import (
+        CGROUP2,
+        PYTHON,
+        SAFE_WORKER,
+        Cgroup,
+        Processes,
+        enter,
+        enter_container,
+        make_cgroup_tree,
+        memory_hog,
+    )
+
+    # The harness process is not part of the scenario: keep the global OOM killer off it,
+    # so that it can report. The agent, the scheduler and the worker keep the default.
+    Path("/proc/self/oom_score_adj").write_text("-1000")
+    root = Cgroup(CGROUP2)
+    if "memory" not in root.read("cgroup.subtree_control").split():
+        root.enable_memory()
+    out: dict[str, Any] = {"contender": contender, "series": {"t": [], "used": [], "w": []}}
+    result_file = results / f"vm-{contender}.json"
+
+    def save() -> None:
+        result_file.write_text(json.dumps(out, default=str))
+
+    procs = Processes()
+    oom_before = _vmstat("oom_kill")
+    with make_cgroup_tree(procs, "bench") as base:
+        agent_cg = base.child("agent")
+        w = base.child("w")
+        agent = memory_hog(procs, agent_cg, AGENT_BYTES)
+        from socket import socket
+
+        with socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        address = f"tcp://127.0.0.1:{port}"
+        sched_log = open(results / f"vm-{contender}-scheduler.log", "wb")  # noqa: SIM115
+        scheduler = procs.popen(
+            [
+                PYTHON,
+                "-m",
+                "distributed.cli.dask_scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+            ],
+            stdout=sched_log,
+            stderr=subprocess.STDOUT,
+        )
+        from distributed import Client
+
+        client = Client(address, timeout=START_TIMEOUT)
+        mem = _meminfo()
+        available = mem["MemAvailable"]
+        out.update(mem_total=mem["MemTotal"], mem_available_before=available)
+        local = results / f"vm-{contender}-local"
+        local.mkdir(exist_ok=True)
+        args = [address, "--nthreads", "2", "--nworkers", "1", "--host", "127.0.0.1"]
+        args += ["--no-dashboard", "--local-directory", str(local), "--death-timeout", "120"]
+        if contender == "safe":
+            argv = enter(
+                w,
+                [SAFE_WORKER, "--log-format", "json", "--plan-file",
+                 str(results / "vm-safe-plan.json"), *args],
+            )  # fmt: skip
+        elif contender == "seed":
+            w.write("memory.max", available)
+            argv = enter_container(w, [PYTHON, "-m", "distributed.cli.dask_worker", *args])
+        else:
+            argv = enter(w, [PYTHON, "-m", "distributed.cli.dask_worker", *args])
+        stop = threading.Event()
+        t0 = time.monotonic()
+
+        def sample() -> None:
+            series = out["series"]
+            while not stop.is_set():
+                with contextlib.suppress(OSError, ValueError, KeyError):
+                    m = _meminfo()
+                    series["t"].append(round(time.monotonic() - t0, 2))
+                    series["used"].append(m["MemTotal"] - m["MemAvailable"])
+                    series["w"].append(int(w.read("memory.current")))
+                stop.wait(0.1)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        worker_log = open(results / f"vm-{contender}-worker.log", "wb")  # noqa: SIM115
+        launched = time.monotonic()
+        worker = procs.popen(argv, stdout=worker_log, stderr=subprocess.STDOUT)
+        try:
+            client.wait_for_workers(1, timeout=START_TIMEOUT)
+            out["register_s"] = time.monotonic() - launched
+            limits = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
+            out["dask_memory_limit"] = next(iter(limits.values()))
+            out["w_memory_max"] = w.read("memory.max")
+            save()
+            import dask.array as da
+
+            chunk = 32 * MiB // 8
+            n = int(1.5 * available) // 8 // chunk * chunk
+            out["workload_bytes"] = n * 8
+            start = time.monotonic()
+            try:
+                x = client.persist(da.random.random(n, chunks=chunk))
+                client.compute(x.sum()).result(timeout=WORKLOAD_TIMEOUT)
+                out["outcome"] = "completed"
+                del x
+            except TimeoutError:
+                out["outcome"] = f"hung (>{WORKLOAD_TIMEOUT:.0f} s)"
+            except Exception as exc:
+                out["outcome"] = "Dask error"
+                out["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+            out["wall_s"] = time.monotonic() - start
+            out["agent_alive"] = agent.poll() is None
+            out["scheduler_alive"] = scheduler.poll() is None
+            out["nanny_alive"] = worker.poll() is None
+            out["global_oom_kills"] = _vmstat("oom_kill") - oom_before
+            out["w_events"] = w.events()
+            out["agent_events"] = agent_cg.events()
+            out["base_events"] = base.events()
+            with contextlib.suppress(Exception):
+                client.close(timeout=10)
+        finally:
+            stop.set()
+            sampler.join(5)
+            worker_log.close()
+            sched_log.close()
+            text = (results / f"vm-{contender}-worker.log").read_text(errors="replace")
+            out["memory_restarts"] = len(RESTART_MEMORY_RE.findall(text))
+            out["killed_by_signal"] = len(KILLED_RE.findall(text))
+            out["dmesg_oom"] = [
+                line
+                for line in subprocess.run(
+                    ["dmesg"], capture_output=True, text=True, check=False
+                ).stdout.splitlines()
+                if "Killed process" in line
+            ][-20:]
+            save()
+    return 0
+
+
+# ------------------------------------------------------------------------------ host
+
+
+def run_contender(contender: str, results: Path, log: Any = print) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO / "tests" / "vm"))
+    from vmrun import VMBootError, VMUnavailable, run_in_vm
+
+    results.mkdir(parents=True, exist_ok=True)
+    venv_bin = Path(sys.executable).parent
+    env = {
+        "PATH": f"{venv_bin}:/usr/sbin:/usr/bin:/sbin:/bin",
+        "HOME": "/tmp/home",
+        "PYTHONPYCACHEPREFIX": "/tmp/pycache",
+        "PYTHONUNBUFFERED": "1",
+        # Not the guest test suite: its conftest refuses to run outside it, this does not.
+        "DSW_VM_RESULTS": str(results),
+    }
+    command = (
+        f"mkdir -p /tmp/home && {shlex.quote(sys.executable)} "
+        f"{shlex.quote(str(Path(__file__).resolve()))} --guest {contender} "
+        f"--results {shlex.quote(str(results))}"
+    )
+    t = time.monotonic()
+    try:
+        completed = run_in_vm(command, memory=VM_MEMORY, timeout=1200, rwdirs=[results], env=env)
+    except (VMUnavailable, VMBootError) as exc:
+        return {"contender": contender, "outcome": "not run", "error": str(exc)[:400]}
+    doc: dict[str, Any] = {"contender": contender}
+    result_file = results / f"vm-{contender}.json"
+    if result_file.exists():
+        doc = json.loads(result_file.read_text())
+    doc["vm_wall_s"] = time.monotonic() - t
+    doc["vm_exit"] = completed.returncode
+    if completed.returncode:
+        doc["vm_stderr_tail"] = (completed.stdout + completed.stderr)[-1500:]
+    log(
+        f"vm {contender}: {doc.get('outcome')} wall={doc.get('wall_s')} "
+        f"dask_limit={doc.get('dask_memory_limit')} W.max={doc.get('w_memory_max')} "
+        f"global_oom={doc.get('global_oom_kills')} agent={doc.get('agent_alive')} "
+        f"sched={doc.get('scheduler_alive')} boot+run={doc['vm_wall_s']:.0f}s "
+        f"exit={completed.returncode}"
+    )
+    return doc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--guest", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--results", type=Path, default=REPO / ".tmp" / "pressure-vm")
+    parser.add_argument("--contenders", default="plain,safe,seed")
+    parser.add_argument("--json", type=Path, default=None)
+    ns = parser.parse_args(argv)
+    if ns.guest:
+        return guest_main(ns.guest, ns.results)
+    docs = [run_contender(c, ns.results.resolve()) for c in ns.contenders.split(",")]
+    if ns.json:
+        ns.json.write_text(json.dumps(docs, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    sys.exit(main())
