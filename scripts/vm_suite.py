@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "vm"))
 
 from vmrun import (
     DEFAULT_MEMORY,
+    VM_TIMEOUT,
     VMBootError,
     VMUnavailable,
     default_workdir,
@@ -28,7 +29,7 @@ from vmrun import (
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM (qemu -m)")
-    parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the boot")
+    parser.add_argument("--timeout", type=float, default=VM_TIMEOUT, help="seconds for the boot")
     parser.add_argument("--results", type=Path, default=None, help="keep junit and logs here")
     parser.add_argument("pytest_args", nargs="*", help="extra arguments for the guest pytest")
     args = parser.parse_args(argv)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import pytest
 from vmrun import (
     GUEST_TESTS,
+    VM_TIMEOUT,
     GuestSuiteResult,
     VMBootError,
     VMUnavailable,
@@ -22,7 +23,9 @@ from vmrun import (
     run_guest_suite,
 )
 
-pytestmark = pytest.mark.vm
+# The first test also pays for the boot and the whole guest suite (~5-6 min here), more
+# than the suite-wide per-test timeout allows for on a slower machine.
+pytestmark = [pytest.mark.vm, pytest.mark.timeout(VM_TIMEOUT + 300)]
 
 
 def _guest_tests() -> list[str]:
@@ -72,7 +75,7 @@ def guest_suite() -> GuestSuiteResult:
     # it is kept after the run for the guest's logs.
     results = default_workdir() / f"results-{os.getpid()}"
     try:
-        return run_guest_suite(results)
+        return run_guest_suite(results, timeout=VM_TIMEOUT)
     except VMUnavailable as exc:
         if _in_ci():
             pytest.fail(f"CI must run the cgroup v2 VM suite, but {exc}", pytrace=False)

@@ -41,6 +41,8 @@ INSTALL_HINT = (
 KERNEL_ENV = "DSW_VM_KERNEL"
 DEFAULT_MEMORY = "1500M"
 DEFAULT_CPUS = 2
+# Bound for one boot of the whole guest suite, which takes ~6 minutes on the CI machine.
+VM_TIMEOUT = 1200.0
 # Exit status the guest script writes when it ran; its absence means no boot.
 _STATUS_FILE = "guest-exit-status"
 
@@ -261,7 +263,7 @@ class GuestSuiteResult:
 def run_guest_suite(
     results_dir: Path,
     memory: str = DEFAULT_MEMORY,
-    timeout: float = 900.0,
+    timeout: float = VM_TIMEOUT,
     pytest_args: Sequence[str] = (),
 ) -> GuestSuiteResult:
     """One boot, the whole tests/vm/guest suite; junit XML and logs land in results_dir."""

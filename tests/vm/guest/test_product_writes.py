@@ -105,6 +105,7 @@ def test_nested_scope_takes_the_slices_headroom(
 
     dry = run_safe_worker(procs, scope, [], tmp_path, dry_run=True)
     assert dry.returncode == 0, dry.explain()
+    assert dry.document is not None
     levels = {lvl["path"]: lvl for lvl in dry.document["measurement"]["cgroup_levels"]}
     assert levels[scope.cgroup_path]["limit"] == 1024 * MiB
     assert levels[slice_.cgroup_path]["limit"] == 600 * MiB
