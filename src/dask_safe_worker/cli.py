@@ -7,11 +7,9 @@ It must not import dask or distributed: the worker does that after exec.
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -299,6 +297,11 @@ def supervisor_argv(
 
 
 def _write_plan_file(path: str | None, document: dict[str, Any], audit: Audit) -> str | None:
+    # json and tempfile are imported where used: --print-limit needs neither, and its
+    # start-up time is a goal (docs/benchmarks.md).
+    import json
+    import tempfile
+
     target = path or os.path.join(tempfile.gettempdir(), f"dask-safe-worker-{os.getpid()}.json")
     try:
         Path(target).write_text(json.dumps(document, indent=2) + "\n")
@@ -380,6 +383,8 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         click.echo(str(plan.budget))
         return
     if params["dry_run"]:
+        import json
+
         click.echo(json.dumps(plan_document(m, plan, argv, None, params), indent=2))
         return
 
