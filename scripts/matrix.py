@@ -51,23 +51,13 @@ DEFAULT_CELLS: tuple[tuple[str, str], ...] = (
 )
 # Releases below the range, expected to fail at start-up with one clear line. Empty until
 # the CLI calls dask_compat.check_supported(); then add ("3.13", "2022.9.1").
-DEFAULT_UNSUPPORTED: tuple[tuple[str, str], ...] = ()
+DEFAULT_UNSUPPORTED: tuple[tuple[str, str], ...] = (("3.13", "2022.9.1"),)
 UNIT_MARKERS = "not kernel and not e2e and not container and not vm"
 E2E_TEST = "tests/test_e2e.py::test_worker_limit_equals_plan[1]"
 # Unit tests that assume the locked environment or the newest release, not the cell's.
 # Each is deselected in every cell with its reason printed; remove an entry once its test
 # is gated on dask_compat.release_features() / the installed release.
-NOT_PORTABLE: dict[str, str] = {
-    "tests/test_artifacts.py::test_builder_exports_the_locked_runtime_dependencies_with_hashes": (
-        "compares uv.lock's distributed pin with the installed one, which the cell replaces"
-    ),
-    "tests/test_cli.py::test_dask_subcommand_entry_point": (
-        "`dask safe-worker` needs dask's CLI (`python -m dask`), which dask < 2022.10 lacks"
-    ),
-    "tests/test_plan.py::test_user_limit_parity_with_distributed": (
-        "passes logger= to parse_memory_limit, a keyword that distributed 2022.11 and older lack"
-    ),
-}
+NOT_PORTABLE: dict[str, str] = {}
 REPORTED = ("distributed", "dask", "click", "structlog", "cgroupspy", "psutil", "tornado")
 
 

@@ -45,10 +45,11 @@ uv run ruff check .
 uv run ruff format --check .
 uv run mypy --strict src
 
-log "pytest"
-uv run pytest -ra -p no:cacheprovider "$@"
-
+# The matrix runs first so that pytest's summary is the last line of the run.
 if [ -f scripts/matrix.py ] && [ -z "${DSW_SKIP_MATRIX:-}" ]; then
     log "compatibility matrix"
     uv run python scripts/matrix.py
 fi
+
+log "pytest"
+uv run pytest -ra -p no:cacheprovider "$@"

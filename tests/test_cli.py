@@ -134,6 +134,10 @@ def test_version_goes_to_dask_worker() -> None:
 
 
 def test_dask_subcommand_entry_point() -> None:
+    from dask_safe_worker.dask_compat import release_features
+
+    if not release_features().dask_cli_worker:
+        pytest.skip("dask < 2022.10 has no `dask` command line to plug into")
     proc = subprocess.run(
         [
             sys.executable,

@@ -204,11 +204,6 @@ def test_worker_args_and_resolution_match_click(args: list[str]) -> None:
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker_args.parse_worker_args reads --nprocs as --nworkers on every release; "
-    "from 2022.10 dask worker rejects it, so the plan counts workers that never start",
-)
 def test_scanner_ignores_nprocs_where_dask_worker_rejects_it() -> None:
     if "--nprocs" in dc.worker_options(INSTALLED).values:
         pytest.skip("--nprocs is an alias of --nworkers in this release")

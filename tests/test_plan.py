@@ -173,6 +173,7 @@ def test_user_limit_parity_with_distributed(
     value: str, nthreads: int, cpus: int, dask_limit: int
 ) -> None:
     import logging
+    from inspect import signature
 
     from distributed import system
     from distributed.worker_memory import parse_memory_limit
@@ -180,7 +181,13 @@ def test_user_limit_parity_with_distributed(
     saved = system.MEMORY_LIMIT
     system.MEMORY_LIMIT = dask_limit
     try:
-        expected = parse_memory_limit(value, nthreads, cpus, logger=logging.getLogger("t"))
+        # distributed 2022.11 and older take no logger keyword.
+        kwargs = (
+            {"logger": logging.getLogger("t")}
+            if "logger" in signature(parse_memory_limit).parameters
+            else {}
+        )
+        expected = parse_memory_limit(value, nthreads, cpus, **kwargs)
     finally:
         system.MEMORY_LIMIT = saved
     assert resolve_user_memory_limit(value, nthreads, cpus, dask_limit) == expected

@@ -68,12 +68,19 @@ def test_everything_after_double_dash_is_theirs() -> None:
 
 
 def test_parse_worker_args_last_wins_and_equals_form() -> None:
-    args = parse_worker_args(
-        ["s", "--nworkers", "2", "--nthreads=3", "--nprocs", "4", "--no-nanny", "--memory-limit=1G"]
-    )
-    assert args.nworkers == "4" and args.nthreads == 3
+    argv = ["s", "--nworkers", "9", "--nthreads=3", "--nworkers=2", "--no-nanny"]
+    args = parse_worker_args([*argv, "--memory-limit=1G"], ("--nworkers",))
+    assert args.nworkers == "2" and args.nthreads == 3
     assert not args.nanny and args.memory_limit == "1G"
     assert parse_worker_args(["--", "--nthreads", "x"]).nthreads is None
+
+
+def test_nprocs_counts_only_where_it_is_an_alias() -> None:
+    old = ("--nworkers", "--nprocs")
+    assert parse_worker_args(["s", "--nprocs", "4"], old).nworkers == "4"
+    assert parse_worker_args(["s", "--nprocs", "4"], ("--nworkers",)).nworkers is None
+    with pytest.raises(WorkerArgsError, match="both"):
+        parse_worker_args(["s", "--nprocs", "4", "--nworkers", "2"], old)
 
 
 @pytest.mark.parametrize(

@@ -38,6 +38,7 @@ EXIT_MEASURE_FAILED = 1
 EXIT_USAGE = 2
 EXIT_PLAN_REFUSED = 3
 EXIT_WRITE_REQUIRED = 4
+EXIT_UNSUPPORTED = 5
 
 MiB = 2**20
 
@@ -211,7 +212,8 @@ See `dask-safe-worker --worker-help` for the worker's own options.
 
 \b
 Exit codes: 0 ok (or the worker's own code), 1 measurement failed, 2 usage error,
-3 budget too small, 4 --cgroup-write required but not possible, 127 worker not found.
+3 budget too small, 4 --cgroup-write required but not possible, 5 unsupported
+distributed release, 127 worker not found.
 """
 
 
@@ -320,9 +322,8 @@ def _params_for_log(ctx: click.Context) -> dict[str, object]:
         if source is click.core.ParameterSource.ENVIRONMENT:
             shown[name] = "<from environment>"
         else:
-            shown[name] = (
-                value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
-            )
+            plain = isinstance(value, (int, float, str, bool, type(None)))
+            shown[name] = value if plain else getattr(value, "describe", value.__str__)()
     return shown
 
 
@@ -338,8 +339,20 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
 
         exec_worker([*prefix, "--help"], os.environ, audit)
 
+    release = dask_compat.installed_distributed_version()
     try:
-        wargs = parse_worker_args(worker_args)
+        dask_compat.check_supported(release)
+    except dask_compat.UnsupportedDistributedError as exc:
+        _fail(EXIT_UNSUPPORTED, str(exc), audit, "cli.unsupported_distributed")
+    features = dask_compat.release_features(release)
+    audit(
+        "dask.release",
+        tested=release is not None and dask_compat.is_tested(release),
+        **features.as_dict(),
+    )
+
+    try:
+        wargs = parse_worker_args(worker_args, dask_compat.nworkers_options(release))
     except dask_compat.WorkerArgsError as exc:
         _fail(EXIT_USAGE, f"invalid dask worker arguments: {exc}", audit, "cli.usage.error")
     if wargs.version_only:

@@ -8,10 +8,11 @@ docs/compatibility.md has the table of what differs per release and how it was v
 
 from __future__ import annotations
 
+import functools
 import math
 import os
+import sys
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -90,7 +91,24 @@ def is_tested(version: Version) -> bool:
     return version <= NEWEST_TESTED
 
 
+@functools.cache
 def _installed(distribution: str) -> Version | None:
+    """The version of the first `<name>-<version>.dist-info` on sys.path.
+
+    importlib.metadata would cost ~12 ms of imports (zipfile, email, csv) on every start,
+    and --print-limit's start-up time is a goal; the directory name says the same thing.
+    """
+    prefix = distribution.lower().replace("-", "_") + "-"
+    for entry in sys.path:
+        try:
+            names = os.listdir(entry or ".")
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".dist-info") and name.lower().startswith(prefix):
+                return Version.parse(name[len(prefix) : -len(".dist-info")])
+    from importlib import metadata  # eggs, zip imports: the slow, general way
+
     try:
         return Version.parse(metadata.version(distribution))
     except metadata.PackageNotFoundError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from . import dask_compat
 from .dask_compat import WORKER_VALUE_OPTIONS, WorkerArgsError
 
 
@@ -82,12 +83,20 @@ def _options(args: Sequence[str]) -> list[tuple[int, str, str | None]]:
     return found
 
 
-def parse_worker_args(args: Sequence[str]) -> WorkerArgs:
+def parse_worker_args(
+    args: Sequence[str], nworkers_options: Sequence[str] | None = None
+) -> WorkerArgs:
     """The values `dask worker` will see for the options the plan depends on.
 
     Later occurrences win, as in click. Raises WorkerArgsError for values `dask worker`
-    would reject, so that we fail before touching anything.
+    would reject, so that we fail before touching anything. `nworkers_options` are the
+    names that set the worker count in the installed release: `--nprocs` only before
+    2022.10, after which `dask worker` rejects it, so it must not count.
     """
+    counting = (
+        dask_compat.nworkers_options() if nworkers_options is None else tuple(nworkers_options)
+    )
+    given: dict[str, str] = {}
     nworkers: str | None = None
     nthreads: int | None = None
     nanny = True
@@ -97,7 +106,10 @@ def parse_worker_args(args: Sequence[str]) -> WorkerArgs:
         if name in ("--nworkers", "--nprocs", "--nthreads", "--memory-limit") and value is None:
             raise WorkerArgsError(f"option {name} requires a value")
         if name in ("--nworkers", "--nprocs"):
-            nworkers = value
+            if name in counting:
+                assert value is not None
+                given[name] = value
+                nworkers = value
         elif name == "--nthreads":
             assert value is not None
             try:
@@ -114,6 +126,8 @@ def parse_worker_args(args: Sequence[str]) -> WorkerArgs:
             nanny = False
         elif name == "--version":
             version_only = True
+    if len(given) > 1:
+        raise WorkerArgsError("both --nprocs and --nworkers were given; use --nworkers only")
     return WorkerArgs(nworkers, nthreads, nanny, memory_limit, version_only)
 
 
