@@ -132,18 +132,19 @@ class Processes:
                 proc.wait(timeout=30)
 
 
-def _remove_tree(path: Path, started: set[int]) -> None:
+def remove_tree(path: Path) -> None:
+    """Remove a test's cgroup and everything below it, killing what still runs there."""
     if not path.is_dir():
         return
     for sub in sorted((p for p in path.iterdir() if p.is_dir()), reverse=True):
-        _remove_tree(sub, started)
+        remove_tree(sub)
     for _ in range(100):
         pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
         if not pids:
             break
         for pid in pids:
-            # Children of the processes we started (a nanny's worker) die with them; a
-            # pid left here is one of ours or its descendant, in a VM we own.
+            # Only test cgroups are removed here, so a pid left inside is one the test
+            # started or its descendant (a nanny's worker), in a VM we own.
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         time.sleep(0.1)
@@ -164,7 +165,7 @@ def make_cgroup_tree(started: Processes, label: str) -> Iterator[Cgroup]:
         yield base
     finally:
         started.end_all()
-        _remove_tree(base.path, started.pids())
+        remove_tree(base.path)
 
 
 def memory_hog(procs: Processes, cg: Cgroup, size: int) -> subprocess.Popen[str]:

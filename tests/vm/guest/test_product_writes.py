@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 from guest_cgroups import (
+    CGROUP2,
     Cgroup,
     MiB,
     Processes,
     memory_hog,
     page_floor,
+    remove_tree,
     run_safe_worker,
 )
 
@@ -150,6 +152,30 @@ def test_container_root_gets_the_limit_on_a_child(
     assert run.worker_cgroup == "/dask-safe-worker"
     assert container.limit() == str(700 * MiB)
     assert "memory" in container.read("cgroup.subtree_control").split()
+
+
+# 3b. A plain VM without systemd: everything in the root cgroup
+
+
+def test_root_cgroup_gets_the_limit_on_a_child(
+    cgroup2_root: Cgroup, procs: Processes, tmp_path: Path
+) -> None:
+    # The root has no memory.max and holds every process, but it is exempt from the
+    # no-internal-process rule: +memory is allowed there, so the child strategy works.
+    child = Cgroup(CGROUP2 / "dask-safe-worker")
+    assert not child.path.exists()
+    try:
+        run = run_safe_worker(procs, cgroup2_root, [], tmp_path)
+        assert run.returncode == 0, run.explain()
+        assert run.plan["limiting"] == "host"
+        outcome = run.outcome
+        assert (outcome["strategy"], outcome["written"]) == ("child", True)
+        assert outcome["target"] == "/dask-safe-worker"
+        assert int(child.limit()) == page_floor(run.plan["budget"])
+        assert run.worker_cgroup == "/dask-safe-worker"
+    finally:
+        procs.end_all()
+        remove_tree(child.path)
 
 
 # 4. A cgroup shared with another process
