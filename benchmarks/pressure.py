@@ -815,6 +815,7 @@ def write_report(
     quick: bool,
     started_at: str,
     vm_note: str,
+    vm_docs: list[dict[str, Any]] | None = None,
 ) -> None:
     lines = [
         "# Benchmarks: plain `dask worker` against dask-safe-worker under memory pressure",
@@ -969,7 +970,11 @@ def write_report(
             ]
         else:
             lines += supervisor_table(startup.supervisor_rss)
-    lines += ['## Scenario "small VM" (cgroup v2)', "", vm_note, ""]
+    lines += ['## Scenario "small VM" (cgroup v2)', ""]
+    if vm_docs:
+        lines += vm_section(vm_docs, img_dir / "pressure-small-vm.png", path)
+    else:
+        lines += [vm_note, ""]
     if DEFAULTS_FILE.exists():
         lines += ["", DEFAULTS_FILE.read_text().rstrip(), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1062,6 +1067,136 @@ GOAL_NOTES = [
 ]
 
 
+def vm_section(docs: list[dict[str, Any]], img: Path, report: Path) -> list[str]:
+    """The v2 "small VM" runs (benchmarks/pressure_vm.py) as a table and a plot."""
+    by = {d["contender"]: d for d in docs}
+    cs = [c for c in CONTENDERS if c in by]
+    first = by[cs[0]]
+    lines = [
+        "Run with `uv run python benchmarks/pressure_vm.py` (one virtme-ng boot per "
+        "contender, software-emulated, `--disable-kvm`). The VM has "
+        f"{fmt_bytes(first.get('mem_total'))} of MemTotal and no swap. An agent holds "
+        "350 MiB in its own cgroup, the scheduler and the benchmark driver sit in the root "
+        "cgroup. The driver and its ancestors (the guest's script and init) get "
+        "`oom_score_adj` -1000 once every process of the scenario has started, so that it "
+        "can report; the agent, the scheduler and the worker keep 0. The "
+        "worker runs in a cgroup W without a limit. Workload: spill, 1.5 × MemAvailable "
+        "measured before the worker starts, in 32 MiB chunks. Seed = W's `memory.max` set "
+        "to that MemAvailable, with the plain worker started under `unshare --cgroup` and "
+        "cgroup2 remounted, so that dask itself reads the limit (the blog post's "
+        "container, reproduced exactly). One run per contender.",
+        "",
+        "| | " + " | ".join(f"{LABELS[c].split(' ', 1)[0]} {c}" for c in cs) + " |",
+        "|---" * (len(cs) + 1) + "|",
+    ]
+
+    def row(name: str, cell: Callable[[dict[str, Any]], object]) -> None:
+        lines.append(f"| {name} | " + " | ".join(str(cell(by[c])) for c in cs) + " |")
+
+    def secs(v: object) -> str:
+        return f"{v:.1f} s" if isinstance(v, (int, float)) else "–"
+
+    def w_max(d: dict[str, Any]) -> str:
+        value = d.get("w_memory_max")
+        if value is None:
+            return "–"
+        return str(value) if value == "max" else fmt_bytes(int(value))
+
+    row("outcome", lambda d: d.get("outcome", "?"))
+    row("wall time", lambda d: secs(d.get("wall_s")))
+    row("MemAvailable before start", lambda d: fmt_bytes(d.get("mem_available_before")))
+    row("workload", lambda d: fmt_bytes(d.get("workload_bytes")))
+    row("Dask memory limit", lambda d: fmt_bytes(d.get("dask_memory_limit")))
+    row("W `memory.max`", w_max)
+    row("global OOM kills (`/proc/vmstat`)", lambda d: d.get("global_oom_kills", "–"))
+    row("OOM kills in W (`memory.events`)", lambda d: d.get("w_events", {}).get("oom_kill", "–"))
+    row("OOM kills of the agent", lambda d: d.get("agent_events", {}).get("oom_kill", "–"))
+    row("nanny memory restarts", lambda d: d.get("memory_restarts", "–"))
+    row("worker deaths by signal (nanny log)", lambda d: d.get("killed_by_signal", "–"))
+    row("agent survived", lambda d: d.get("agent_alive", "–"))
+    row("scheduler survived", lambda d: d.get("scheduler_alive", "–"))
+    row("nanny survived", lambda d: d.get("nanny_alive", "–"))
+    row("launch → registered", lambda d: secs(d.get("register_s")))
+    row("whole VM boot and run", lambda d: secs(d.get("vm_wall_s")))
+    lines.append("")
+    errors = [f"{c}: {by[c].get('error')}" for c in cs if by[c].get("error")]
+    if errors:
+        lines += ["Errors seen:", ""] + [f"- `{e[:300]}`" for e in errors] + [""]
+    kills = [f"- {c}: `{line.strip()[:200]}`" for c in cs for line in by[c].get("dmesg_oom", [])]
+    if kills:
+        lines += ["Kernel log, `Killed process` lines:", "", *kills[:20], ""]
+    if plot_vm(docs, img):
+        rel = os.path.relpath(img, report.parent)
+        lines += [f"![memory against time, small VM]({rel})", ""]
+    return lines
+
+
+VM_LABELS = {
+    "plain": "(a) plain dask worker",
+    "safe": "(b) dask-safe-worker",
+    "seed": "(c) seed: W memory.max = MemAvailable, dask reads it in a private cgroupns",
+}
+
+
+def plot_vm(docs: list[dict[str, Any]], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    docs = [d for d in docs if d.get("series", {}).get("t")]
+    if not docs:
+        return False
+    fig, axes = plt.subplots(len(docs), 1, figsize=(12.5, 3.1 * len(docs)), squeeze=False)
+    for ax, d in zip(axes[:, 0], docs, strict=True):
+        s = d["series"]
+        total = d.get("mem_total") or 0
+        colour = COLOURS.get(d["contender"], "tab:blue")
+        ax.plot(s["t"], [v / GiB for v in s["used"]], color="black",
+                label="VM used (MemTotal − MemAvailable)")  # fmt: skip
+        ax.plot(s["t"], [v / GiB for v in s["w"]], color=colour,
+                label="W memory.current (worker + nanny)")  # fmt: skip
+        if total:
+            ax.axhline(total / GiB, color="red", lw=1.2, label="MemTotal")
+        if d.get("w_memory_max") not in (None, "max"):
+            ax.axhline(int(d["w_memory_max"]) / GiB, color="orange", ls="--",
+                       label="W memory.max")  # fmt: skip
+        if d.get("dask_memory_limit"):
+            dl = d["dask_memory_limit"] / GiB
+            ax.axhline(dl, color="purple", ls="-.", lw=1, label="Dask memory limit")
+            ax.axhline(0.95 * dl, color="purple", ls=":", lw=0.8, label="Dask terminate (95%)")
+        ax.set_ylim(0, (total / GiB if total else 2) * 1.12)
+        ax.set_title(
+            f"{VM_LABELS.get(d['contender'], d['contender'])} — {d.get('outcome')}, "
+            f"global OOM kills {d.get('global_oom_kills')}, wall {d.get('wall_s') or 0:.0f} s",
+            fontsize=9,
+        )
+        ax.set_ylabel("GiB")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    axes[-1, 0].set_xlabel("seconds since the worker was launched (in the VM)")
+    fig.suptitle("'small VM' on cgroup v2 (virtme-ng, software-emulated) — spill", fontsize=11)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return True
+
+
+def vm_tools_ok() -> bool:
+    vmrun = REPO / "tests" / "vm" / "vmrun.py"
+    if not vmrun.exists():
+        return False
+    sys.path.insert(0, str(vmrun.parent))
+    try:
+        from vmrun import VMUnavailable, find_tools
+
+        find_tools()
+    except (ImportError, VMUnavailable):
+        return False
+    return True
+
+
 def vm_scenario_note() -> str:
     vmrun = REPO / "tests" / "vm" / "vmrun.py"
     if not vmrun.exists():
@@ -1070,9 +1205,9 @@ def vm_scenario_note() -> str:
             "when this report was generated."
         )
     return (
-        "Not run by this benchmark yet: `tests/vm/vmrun.py` exists, but the v2 scenario is "
-        "not wired into `benchmarks/pressure.py`. Issue 5's calibration (virtme-ng, 1.5 "
-        "GiB, 300 MiB agent, 1.2 GB persist-and-sum, 2 threads) is the only v2 evidence: "
+        "Not run in this report (quick mode, `--no-vm`, or the VM could not boot here: "
+        "`benchmarks/pressure_vm.py` runs it through `tests/vm/vmrun.py`). Issue 5's "
+        "calibration (virtme-ng, 1.5 GiB, 300 MiB agent, 1.2 GB persist-and-sum, 2 threads): "
         "plain failed with KilledWorker after 4 global OOM kills (148.6 s); the seed's "
         "approach completed in 24.5 s with 0 kills."
     )
@@ -1118,12 +1253,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--from-json", type=Path, default=None, help="re-render the report from a raw dump"
     )
+    parser.add_argument(
+        "--vm-json", type=Path, default=None, help="v2 results of benchmarks/pressure_vm.py"
+    )
+    parser.add_argument(
+        "--no-vm",
+        action="store_true",
+        help="skip the v2 'small VM' scenario (full mode runs it when the VM harness works)",
+    )
     ns = parser.parse_args(argv)
     command = "uv run python benchmarks/pressure.py" + (" --quick" if ns.quick else "")
+    if ns.from_json and ns.vm_json:
+        command = (
+            "uv run python benchmarks/pressure.py --no-vm --json raw.json  # v1 and start-up\n"
+            "uv run python benchmarks/pressure_vm.py --json vm.json     # v2 small VM\n"
+            "uv run python benchmarks/pressure.py --from-json raw.json --vm-json vm.json\n"
+            "# `uv run python benchmarks/pressure.py` alone runs all three steps in one go"
+        )
     if ns.from_json:
         runs, startup, meta = load_raw(ns.from_json)
         started_at = meta.get("started_at", "?")
-        command = meta.get("command", command)
+        if not ns.vm_json:
+            command = meta.get("command", command)
         quick = bool(meta.get("quick", ns.quick))
     else:
         reason = kernel_cgroups_usable()
@@ -1150,11 +1301,24 @@ def main(argv: list[str] | None = None) -> int:
         if ns.json:
             ns.json.parent.mkdir(parents=True, exist_ok=True)
             ns.json.write_text(json.dumps(raw, default=str))
+    vm_docs: list[dict[str, Any]] | None = None
+    if ns.vm_json:
+        vm_docs = json.loads(ns.vm_json.read_text())
+    elif not (ns.no_vm or ns.quick or ns.from_json) and vm_tools_ok():
+        import pressure_vm
+
+        vm_docs = [
+            pressure_vm.run_contender(c, REPO / ".tmp" / "pressure-vm", log) for c in CONTENDERS
+        ]
+        if ns.json:
+            ns.json.with_suffix(".vm.json").write_text(json.dumps(vm_docs, default=str))
     for workload in WORKLOADS:
         mine = [r for r in runs if r.workload == workload]
         if mine:
             plot_workload(workload, mine, ns.img_dir / f"pressure-{workload}.png")
-    write_report(ns.out, ns.img_dir, runs, startup, command, quick, started_at, vm_scenario_note())
+    write_report(
+        ns.out, ns.img_dir, runs, startup, command, quick, started_at, vm_scenario_note(), vm_docs
+    )
     log(f"wrote {ns.out} and plots in {ns.img_dir}")
     return 0
 

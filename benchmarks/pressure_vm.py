@@ -62,6 +62,20 @@ def _vmstat(key: str) -> int:
     return 0
 
 
+def protect_harness() -> None:
+    """oom_score_adj -1000 for this process and its ancestors (the guest's script and init),
+    which are the benchmark's machinery, not part of the scenario."""
+    pid = os.getpid()
+    while pid > 1:
+        with contextlib.suppress(OSError):
+            Path(f"/proc/{pid}/oom_score_adj").write_text("-1000")
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return
+        pid = int(stat.rsplit(")", 1)[1].split()[1])
+
+
 def guest_main(contender: str, results: Path) -> int:
     sys.path.insert(0, str(REPO / "tests" / "vm" / "guest"))
     from guest_cgroups import (
@@ -76,9 +90,6 @@ def guest_main(contender: str, results: Path) -> int:
         memory_hog,
     )
 
-    # The harness process is not part of the scenario: keep the global OOM killer off it,
-    # so that it can report. The agent, the scheduler and the worker keep the default.
-    Path("/proc/self/oom_score_adj").write_text("-1000")
     root = Cgroup(CGROUP2)
     if "memory" not in root.read("cgroup.subtree_control").split():
         root.enable_memory()
@@ -154,6 +165,9 @@ def guest_main(contender: str, results: Path) -> int:
         worker_log = open(results / f"vm-{contender}-worker.log", "wb")  # noqa: SIM115
         launched = time.monotonic()
         worker = procs.popen(argv, stdout=worker_log, stderr=subprocess.STDOUT)
+        # Only now, with every process of the scenario started (they would inherit it),
+        # keep the global OOM killer off the harness so that it can report.
+        protect_harness()
         try:
             client.wait_for_workers(1, timeout=START_TIMEOUT)
             out["register_s"] = time.monotonic() - launched
@@ -209,7 +223,11 @@ def guest_main(contender: str, results: Path) -> int:
 # ------------------------------------------------------------------------------ host
 
 
-def run_contender(contender: str, results: Path, log: Any = print) -> dict[str, Any]:
+def _print(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def run_contender(contender: str, results: Path, log: Any = _print) -> dict[str, Any]:
     sys.path.insert(0, str(REPO / "tests" / "vm"))
     from vmrun import VMBootError, VMUnavailable, run_in_vm
 
@@ -231,12 +249,16 @@ def run_contender(contender: str, results: Path, log: Any = print) -> dict[str, 
     t = time.monotonic()
     try:
         completed = run_in_vm(command, memory=VM_MEMORY, timeout=1200, rwdirs=[results], env=env)
-    except (VMUnavailable, VMBootError) as exc:
+    except VMUnavailable as exc:
         return {"contender": contender, "outcome": "not run", "error": str(exc)[:400]}
+    except VMBootError as exc:
+        # The guest may have died under memory pressure: keep what it saved so far.
+        completed = subprocess.CompletedProcess([], -1, "", str(exc)[-1500:])
     doc: dict[str, Any] = {"contender": contender}
     result_file = results / f"vm-{contender}.json"
     if result_file.exists():
         doc = json.loads(result_file.read_text())
+    doc.setdefault("outcome", "VM ended before the run finished")
     doc["vm_wall_s"] = time.monotonic() - t
     doc["vm_exit"] = completed.returncode
     if completed.returncode:
