@@ -999,7 +999,7 @@ def supervisor_table(raw: str) -> list[str]:
         "python": "bare interpreter sleeping (the floor)",
         "supervise": "`supervise()` from `python -c` (stdlib only)",
         "supervise-module": "`python -m dask_safe_worker.supervise`",
-        "cli": "`dask-safe-worker --init`: the CLI process itself supervises",
+        "cli": "`dask-safe-worker --init`, the whole path: what stays alive as PID 1",
     }
     lines = [
         f"From `benchmarks/supervisor_rss.py` (a colleague's; median of {doc.get('repeat')} "
