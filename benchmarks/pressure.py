@@ -728,7 +728,7 @@ def machine_description() -> list[str]:
 
     return [
         f"- CPU: {cpu}, {os.cpu_count()} logical CPUs; RAM: {int(meminfo) // 1024} MiB, no swap"
-        if "SwapTotal:       0 kB" in Path("/proc/meminfo").read_text()
+        if re.search(r"^SwapTotal:\s+0 kB", Path("/proc/meminfo").read_text(), re.M)
         else f"- CPU: {cpu}, {os.cpu_count()} logical CPUs; RAM: {int(meminfo) // 1024} MiB",
         f"- Kernel {platform.release()}, memory controller on cgroup v1 (hybrid host)",
         f"- Python {platform.python_version()}, dask {dask.__version__}, "
@@ -867,7 +867,8 @@ def write_report(
         f"  - **spill**: `da.random.random` in {CHUNK_BYTES // MiB} MiB chunks, 1.5 × H in "
         f"total, persisted, then `.sum()`; bound {TIMEOUTS['spill']:.0f} s.",
         f"  - **burst**: one task `np.ones(1.2 × H, uint8)` (touches every page within "
-        f"about a second); bound {TIMEOUTS['burst']:.0f} s.",
+        f"about a second on an idle machine; several seconds here, see the note); bound "
+        f"{TIMEOUTS['burst']:.0f} s.",
         f"  - **steady**: like spill with 0.3 × H (fits); bound {TIMEOUTS['steady']:.0f} s.",
         "- Per run: outcome (completed / Dask error / hung past the bound), wall time from "
         "submit to result, `oom_kill` of `memory.oom_control` in W and M, `memory.failcnt` "
