@@ -866,8 +866,9 @@ def write_report(
         "about 2.4 GiB):",
         f"  - **spill**: `da.random.random` in {CHUNK_BYTES // MiB} MiB chunks, 1.5 × H in "
         f"total, persisted, then `.sum()`; bound {TIMEOUTS['spill']:.0f} s.",
-        f"  - **burst**: one task `np.ones(1.2 × H, uint8)` (touches every page within "
-        f"about a second on an idle machine; several seconds here, see the note); bound "
+        f"  - **burst**: one task `np.ones(1.2 × H, uint8)` (meant to touch every page "
+        f"within about a second; it took several seconds on this loaded machine, see the "
+        f"note); bound "
         f"{TIMEOUTS['burst']:.0f} s.",
         f"  - **steady**: like spill with 0.3 × H (fits); bound {TIMEOUTS['steady']:.0f} s.",
         "- Per run: outcome (completed / Dask error / hung past the bound), wall time from "
@@ -1122,7 +1123,7 @@ def vm_section(docs: list[dict[str, Any]], img: Path, report: Path) -> list[str]
     lines = [
         "Run with `uv run python benchmarks/pressure_vm.py` (one virtme-ng boot per "
         "contender, software-emulated, `--disable-kvm`). The VM has "
-        f"{fmt_bytes(first.get('mem_total'))} of MemTotal and no swap. An agent holds "
+        f"{fmt_bytes(first.get('mem_total'))} of MemTotal. An agent holds "
         "350 MiB in its own cgroup, the scheduler and the benchmark driver sit in the root "
         "cgroup. The driver and its ancestors (the guest's script and init) get "
         "`oom_score_adj` -1000 once every process of the scenario has started, so that it "
