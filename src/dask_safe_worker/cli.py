@@ -8,7 +8,6 @@ It must not import dask or distributed: the worker does that after exec.
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -234,6 +233,8 @@ def _fail(code: int, message: str, audit: Audit, event: str) -> NoReturn:
 
 def _worker_prefix(worker_command: str | None) -> list[str]:
     if worker_command:
+        import shlex  # only here: every import counts against --print-limit's start-up
+
         return shlex.split(worker_command)
     return dask_compat.worker_command(sys.executable)
 
