@@ -8,12 +8,15 @@ cd "$(dirname "$0")/.."
 log() { printf '\n=== %s\n' "$*"; }
 
 install_system_packages() {
-    # runc for the container suite, qemu and a Debian kernel for the cgroup v2 VM suite,
-    # the shell linter (shellcheck) comes from PyPI with the dev dependencies.
+    # runc for the container suite; qemu, a Debian kernel, busybox-static and file for the
+    # cgroup v2 VM suite. Linters (shellcheck, hadolint) come from PyPI with the dev group.
     local need=()
     command -v runc >/dev/null || need+=(runc)
     command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
     compgen -G '/boot/vmlinuz-*' >/dev/null || need+=(linux-image-amd64)
+    # virtme-ng boots the guest with a static busybox, and checks it with file(1).
+    dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
+    command -v file >/dev/null || need+=(file)
     if [ "${#need[@]}" -eq 0 ]; then
         return
     fi
@@ -24,7 +27,7 @@ install_system_packages() {
     log "apt-get install ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+    apt-get install -y -qq "${need[@]}" >/dev/null
 }
 
 install_uv() {
