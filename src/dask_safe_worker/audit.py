@@ -18,7 +18,8 @@ LOG_FORMATS = ("auto", "json", "console", "none")
 Audit = Callable[..., None]
 
 
-def _no_audit(event: str, **fields: object) -> None:
+def no_audit(event: str, **fields: object) -> None:
+    """The audit callable that records nothing (--log-format none, library use)."""
     return None
 
 
@@ -26,7 +27,7 @@ def make_audit(fmt: str = "auto", stream: TextIO | None = None) -> Audit:
     """An `audit(event, **fields)` callable writing to `stream` (stderr)."""
     out = stream if stream is not None else sys.stderr
     if fmt == "none":
-        return _no_audit
+        return no_audit
     if fmt == "auto":
         fmt = "console" if out.isatty() else "json"
     # Imported only when something is logged: structlog costs ~70 ms at start-up.

@@ -12,10 +12,10 @@ Every kernel refusal becomes a logged reason and a fallback, never a traceback.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .audit import Audit, no_audit
 from .cgroup_files import V1MemoryCgroup, V2MemoryCgroup, open_memory_cgroup
 from .cgroup_parse import parse_controllers
 from .measure import Measurement
@@ -24,12 +24,6 @@ from .proc_parse import ParseError
 MiB = 2**20
 DEFAULT_MARGIN = 32 * MiB
 DEFAULT_CHILD_NAME = "dask-safe-worker"
-
-Audit = Callable[..., None]
-
-
-def _no_audit(event: str, **fields: object) -> None:
-    return None
 
 
 @dataclass
@@ -214,12 +208,19 @@ def _read_back(cg: V1MemoryCgroup | V2MemoryCgroup) -> int | None:
         return None
 
 
+def intended_strategy(m: Measurement, mode: str) -> str | None:
+    """The first target `apply_limit` tries: our own cgroup only when we are alone in it."""
+    if mode == "never" or m.location is None:
+        return None
+    return "own" if m.sole_occupant else "child"
+
+
 def apply_limit(
     m: Measurement,
     budget: int,
     sys_root: Path = Path("/sys"),
     opts: WriteOptions | None = None,
-    audit: Audit = _no_audit,
+    audit: Audit = no_audit,
 ) -> WriteOutcome:
     """Try to put `budget` in force as a kernel limit on the cgroup we run in."""
     opts = opts or WriteOptions()
@@ -231,7 +232,7 @@ def apply_limit(
         return WriteOutcome(False, False, "no_memory_cgroup")
     writer = _Writer(m, budget, sys_root, opts, audit)
     attempts: list[WriteOutcome] = []
-    if m.sole_occupant:
+    if intended_strategy(m, opts.mode) == "own":
         outcome = writer.own()
         if outcome.enforced or outcome.reason == "below_usage":
             return outcome

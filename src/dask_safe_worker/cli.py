@@ -17,7 +17,13 @@ import click
 
 from . import __version__, dask_compat
 from .audit import LOG_FORMATS, SCHEMA_VERSION, Audit, make_audit
-from .cgroup_write import DEFAULT_CHILD_NAME, WriteOptions, WriteOutcome, apply_limit
+from .cgroup_write import (
+    DEFAULT_CHILD_NAME,
+    WriteOptions,
+    WriteOutcome,
+    apply_limit,
+    intended_strategy,
+)
 from .measure import Measurement, measure
 from .plan import (
     DEFAULT_MIN_WORKER_MEMORY,
@@ -256,13 +262,6 @@ def _write_options(params: dict[str, Any]) -> WriteOptions:
         memory_high_fraction=params["memory_high_fraction"] or None,
         swap_max=params["swap_max"],
     )
-
-
-def intended_strategy(m: Measurement, mode: str) -> str | None:
-    """What `apply_limit` would try first, for --dry-run (which writes nothing)."""
-    if mode == "never" or m.location is None:
-        return None
-    return "own" if m.sole_occupant else "child"
 
 
 def plan_document(

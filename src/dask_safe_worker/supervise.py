@@ -22,6 +22,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .audit import no_audit
+
 __all__ = ["FORWARDED_SIGNALS", "is_pid1", "main", "supervise"]
 
 FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
@@ -46,10 +48,6 @@ EXEC_FAILED = 127
 
 # Matches dask_safe_worker.audit.SCHEMA_VERSION; not imported from there to stay stdlib-only.
 AUDIT_SCHEMA_VERSION = 1
-
-
-def _no_audit(event: str, **fields: Any) -> None:
-    return None
 
 
 def is_pid1() -> bool:
@@ -155,7 +153,7 @@ def supervise(
     *,
     env: Mapping[str, str] | None = None,
     process_group: bool = False,
-    audit: Callable[..., None] = _no_audit,
+    audit: Callable[..., None] = no_audit,
     on_child_exit: Callable[[], None] | None = None,
     reap_grace: float = 1.0,
 ) -> int:
@@ -295,7 +293,7 @@ def main(args: Sequence[str] | None = None) -> int:
             if opt != "--log-format":
                 cgroup[opt] = value
             elif value in ("json", "none"):
-                audit = _json_audit if value == "json" else _no_audit
+                audit = _json_audit if value == "json" else no_audit
             else:
                 rest = []
                 break
