@@ -48,11 +48,14 @@ uv run ruff check .
 uv run ruff format --check .
 uv run mypy --strict src
 
-# The matrix runs first so that pytest's summary is the last line of the run.
+# The matrix runs first so that pytest's summary is the last line of the run; a failing
+# matrix still lets pytest run, and either failure fails the whole command.
+status=0
 if [ -f scripts/matrix.py ] && [ -z "${DSW_SKIP_MATRIX:-}" ]; then
     log "compatibility matrix"
-    uv run python scripts/matrix.py
+    uv run python scripts/matrix.py || status=$?
 fi
 
 log "pytest"
-uv run pytest -ra -p no:cacheprovider "$@"
+uv run pytest -ra -p no:cacheprovider "$@" || status=$?
+exit "$status"

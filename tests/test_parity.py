@@ -166,10 +166,13 @@ def test_worker_args_and_resolution_match_click(args: list[str]) -> None:
     params = click_params(args)
     if params is None:
         return
-    ours = parse_worker_args(args)
     nprocs = params.get("nprocs")
     if nprocs is not None and params["n_workers"] is not None:
-        return  # dask itself exits: "Both --nprocs and --nworkers were specified"
+        # dask itself exits: "Both --nprocs and --nworkers were specified"; so do we.
+        with pytest.raises(dc.WorkerArgsError, match="both"):
+            parse_worker_args(args)
+        return
+    ours = parse_worker_args(args)
     theirs_nworkers = nprocs if nprocs is not None else params["n_workers"]
     assert ours.nworkers == theirs_nworkers
     assert (ours.nthreads or 0) == params["nthreads"]
