@@ -256,7 +256,25 @@ def build_config(
             "options": ["rbind", "rw"],
         }
     )
+    # A checkout below /tmp (CI clones wherever it likes) would vanish behind the scratch
+    # mount: bind the project and its venv back over it, read-only, at their own paths.
+    for keep in sorted(project_paths()):
+        if keep.is_relative_to(SHARED_IN_CONTAINER):
+            mounts.append(
+                {
+                    "destination": str(keep),
+                    "type": "bind",
+                    "source": str(keep),
+                    "options": ["rbind", "ro"],
+                }
+            )
     return config
+
+
+def project_paths() -> set[Path]:
+    """The checkout and the running venv, without one nested in the other."""
+    paths = {Path(__file__).resolve().parents[2], Path(sys.prefix).resolve()}
+    return {p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths)}
 
 
 class Container:
