@@ -285,7 +285,7 @@ def test_the_wheel_provides_the_entrypoint_command(tmp_path: Path) -> None:
         entry_points = archive.read(name).decode()
     program = dockerfile_entrypoint_argv(DOCKERFILE)[0]
     assert re.search(
-        rf"^{re.escape(program)}\s*=\s*dask_safe_worker\.cli:main$", entry_points, re.M
+        rf"^{re.escape(program)}\s*=\s*dask_safe_worker\.entry:main$", entry_points, re.M
     )
 
 

@@ -158,3 +158,47 @@ def test_dask_subcommand_entry_point() -> None:
     doc = json.loads(proc.stdout)
     assert doc["plan"]["n_workers"] == 2
     assert doc["argv"][-2] == "--memory-limit"
+
+
+def test_fast_path_knows_every_option() -> None:
+    from dask_safe_worker import cli, entry
+
+    assert entry.OUR_VALUE_NAMES == cli.OUR_VALUE_OPTIONS
+    assert entry.OUR_FLAG_NAMES == cli.OUR_FLAG_OPTIONS
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--print-limit"],
+        ["tcp://127.0.0.1:1", "--nworkers", "2", "--print-limit"],
+        ["--print-limit", "--", "--preload-arg"],
+    ],
+)
+def test_fast_print_limit_agrees_with_the_full_command(args: list[str]) -> None:
+    from dask_safe_worker.entry import fast_print_limit
+
+    fast = fast_print_limit(args, {})
+    assert fast is not None
+    dry = json.loads(run("--dry-run", *[a for a in args if a != "--print-limit"]).stdout)
+    # Two measurements a moment apart: memory moves a little between them.
+    assert abs(fast - dry["plan"]["budget"]) < 256 * MiB
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--print-limit", "--reserve", "1GiB"], {}),
+        (["--print-limit"], {"DASK_SAFE_WORKER_RESERVE": "1GiB"}),
+        (["--name", "--print-limit"], {}),
+        (["--print-limit", "--nthreads", "two"], {}),
+        (["--print-limit", "--min-worker-memory", "1PiB"], {}),
+        (["--print-limit", "--version"], {}),
+    ],
+)
+def test_anything_but_a_plain_print_limit_takes_the_full_command(
+    args: list[str], env: dict[str, str]
+) -> None:
+    from dask_safe_worker.entry import fast_print_limit
+
+    assert fast_print_limit(args, env) is None

@@ -1,3 +1,3 @@
-from dask_safe_worker.cli import main
+from dask_safe_worker.entry import main
 
 main()

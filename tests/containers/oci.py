@@ -228,9 +228,9 @@ def build_config(
             mount["options"] = [*options, "rw" if want.cgroupfs_rw else "ro"]
     for ancestor, (shadow, needed_paths) in sorted(shadows.items()):
         # The rootfs is the host's /, where the interpreter may sit below a directory only
-        # root can enter (a pyenv in root's home, say). Cover that directory with an empty, traversable
-        # one and bind back just what the worker needs, read-only. (Not a tmpfs: runc
-        # gives a tmpfs the mode of the directory it covers.)
+        # root can enter (a pyenv in root's home, say). Cover that directory with an empty,
+        # traversable one and bind back just what the worker needs, read-only. (Not a
+        # tmpfs: runc gives a tmpfs the mode of the directory it covers.)
         mounts.append(
             {
                 "destination": str(ancestor),
