@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
+from .env_options import env_option
 from .plan import DEFAULT_NANNY_ALLOWANCE
 from .sizes import format_bytes
 
@@ -322,9 +323,7 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
 
 
 def _option(name: str, *dest: str, **kwargs: Any) -> click.Option:
-    kwargs.setdefault("show_envvar", True)
-    env = f"{ENV_PREFIX}_{name.upper().replace('-', '_')}"
-    return click.Option([f"--{name}", *dest], envvar=env, **kwargs)
+    return env_option(ENV_PREFIX, name, *dest, **kwargs)
 
 
 AUDIT_OPTIONS: list[click.Parameter] = [

@@ -24,6 +24,7 @@ from .cgroup_write import (
     apply_limit,
     intended_strategy,
 )
+from .env_options import env_option, env_var
 from .measure import Measurement, measure
 from .plan import (
     DEFAULT_MIN_WORKER_MEMORY,
@@ -86,13 +87,8 @@ class _SwapType(click.ParamType):  # type: ignore[type-arg]
         return _SizeType().convert(value, param, ctx)
 
 
-def _env(name: str) -> str:
-    return f"{ENV_PREFIX}_{name.upper().replace('-', '_')}"
-
-
 def _option(name: str, **kwargs: Any) -> click.Option:
-    kwargs.setdefault("show_envvar", True)
-    return click.Option([f"--{name}"], envvar=_env(name), **kwargs)
+    return env_option(ENV_PREFIX, name, **kwargs)
 
 
 OUR_OPTIONS: list[click.Parameter] = [
@@ -174,7 +170,7 @@ OUR_OPTIONS: list[click.Parameter] = [
     ),
     click.Option(
         ["--init/--no-init"],
-        envvar=_env("init"),
+        envvar=env_var(ENV_PREFIX, "init"),
         show_envvar=True,
         default=None,
         help="Supervise the worker like tini (forward signals, reap zombies) instead of "
