@@ -139,17 +139,24 @@ def pytest_summary(log: Path) -> str:
     return lines[-1] if lines else ""
 
 
+def cell_paths_and_env(
+    name: str, workdir: Path, env0: dict[str, str]
+) -> tuple[Path, Path, dict[str, str]]:
+    """A cell's venv path, its fresh log, and an environment that uses that venv only
+    and never lets uv download an interpreter (only PyPI is reachable)."""
+    log = workdir / f"{name}.log"
+    log.write_text("")
+    env = {k: v for k, v in env0.items() if k != "VIRTUAL_ENV"}
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    return workdir / name, log, env
+
+
 def run_cell(
     python_version: str, dist: str, workdir: Path, quick: bool, env0: dict[str, str]
 ) -> Result:
     res = Result(python_version, dist)
     name = f"py{python_version}-distributed{dist}"
-    venv = workdir / name
-    log = workdir / f"{name}.log"
-    log.write_text("")
-    env = dict(env0)
-    env.pop("VIRTUAL_ENV", None)
-    env["UV_PYTHON_DOWNLOADS"] = "never"
+    venv, log, env = cell_paths_and_env(name, workdir, env0)
     start = time.monotonic()
     interpreter = find_python(python_version)
     if interpreter is None:
@@ -239,10 +246,7 @@ def run_unsupported_cell(
     naming the range (dask_compat.check_supported), not a traceback."""
     res = Result(python_version, f"{dist} (unsupported)")
     name = f"py{python_version}-distributed{dist}-unsupported"
-    venv, log = workdir / name, workdir / f"{name}.log"
-    log.write_text("")
-    env = {k: v for k, v in env0.items() if k != "VIRTUAL_ENV"}
-    env["UV_PYTHON_DOWNLOADS"] = "never"
+    venv, log, env = cell_paths_and_env(name, workdir, env0)
     start = time.monotonic()
     interpreter = find_python(python_version)
     if interpreter is None:
