@@ -3,8 +3,8 @@
 # worker's memory limit printed against what was measured.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v uv >/dev/null; then
-    python3 -m pip install --quiet --disable-pip-version-check uv
-fi
+# shellcheck source=scripts/ensure-uv.sh
+. scripts/ensure-uv.sh
+ensure_uv
 uv sync --locked --quiet
 exec uv run python scripts/demo.py "$@"

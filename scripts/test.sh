@@ -17,6 +17,20 @@ install_system_packages() {
     # virtme-ng boots the guest with a static busybox, and checks it with file(1).
     dpkg -s busybox-static >/dev/null 2>&1 || need+=(busybox-static)
     command -v file >/dev/null || need+=(file)
+    # The image suite (tests/image): podman builds docker/Dockerfile on a base made by
+    # mmdebstrap; netavark, aardvark-dns and iptables give compose its bridge network (in
+    # a network namespace of the test's own); podman-compose runs docker/compose.yaml.
+    command -v podman >/dev/null || need+=(podman)
+    command -v mmdebstrap >/dev/null || need+=(mmdebstrap)
+    command -v podman-compose >/dev/null || need+=(podman-compose)
+    dpkg -s netavark >/dev/null 2>&1 || need+=(netavark)
+    dpkg -s aardvark-dns >/dev/null 2>&1 || need+=(aardvark-dns)
+    command -v iptables >/dev/null || need+=(iptables)
+    # uv's own venv (scripts/ensure-uv.sh): Debian's python3 has neither pip nor ensurepip.
+    if ! command -v uv >/dev/null; then
+        command -v python3 >/dev/null || need+=(python3)
+        python3 -m ensurepip --version >/dev/null 2>&1 || need+=(python3-venv)
+    fi
     if [ "${#need[@]}" -eq 0 ]; then
         return
     fi
@@ -30,15 +44,11 @@ install_system_packages() {
     apt-get install -y -qq "${need[@]}" >/dev/null
 }
 
-install_uv() {
-    if ! command -v uv >/dev/null; then
-        log "pip install uv"
-        python3 -m pip install --quiet --disable-pip-version-check uv
-    fi
-}
+# shellcheck source=scripts/ensure-uv.sh
+. scripts/ensure-uv.sh
 
 install_system_packages
-install_uv
+ensure_uv
 
 log "uv sync (locked)"
 uv sync --locked --all-groups
