@@ -271,7 +271,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("DSW_IMAGE_CACHE", f"{root}/dask-safe-worker-tests"))
 
 
-def mmdebstrap_argv(target: Path, packages: Sequence[str] = BASE_PACKAGES) -> list[str]:
+def mmdebstrap_argv(
+    target: Path, packages: Sequence[str] = BASE_PACKAGES, *, venv: bool = True
+) -> list[str]:
+    hooks = [f'--customize-hook=chroot "$1" python3 -m venv {BASE_VENV}'] if venv else []
     return [
         "mmdebstrap",
         "--quiet",
@@ -281,23 +284,24 @@ def mmdebstrap_argv(target: Path, packages: Sequence[str] = BASE_PACKAGES) -> li
         "--dpkgopt=path-exclude=/usr/share/doc/*",
         "--dpkgopt=path-exclude=/usr/share/man/*",
         "--dpkgopt=path-exclude=/usr/share/locale/*",
-        f'--customize-hook=chroot "$1" python3 -m venv {BASE_VENV}',
+        *hooks,
         "bookworm",
         str(target),
         os.environ.get("DSW_DEBIAN_MIRROR", DEBIAN_MIRROR),
     ]
 
 
-def base_tarball(packages: Sequence[str] = BASE_PACKAGES) -> Path:
+def base_tarball(packages: Sequence[str] = BASE_PACKAGES, *, venv: bool = True) -> Path:
     """A bookworm root from Debian's packages, cached by what it is made of."""
-    key = hashlib.sha256(json.dumps(mmdebstrap_argv(Path("-"), packages)).encode()).hexdigest()
+    argv = mmdebstrap_argv(Path("-"), packages, venv=venv)
+    key = hashlib.sha256(json.dumps(argv).encode()).hexdigest()
     tarball = cache_dir() / f"bookworm-{key[:16]}.tar"
     if tarball.exists():
         return tarball
     tarball.parent.mkdir(parents=True, exist_ok=True)
     partial = tarball.with_suffix(f".{os.getpid()}.partial.tar")
     subprocess.run(
-        mmdebstrap_argv(partial, packages),
+        mmdebstrap_argv(partial, packages, venv=venv),
         check=True,
         stdin=subprocess.DEVNULL,
         capture_output=True,
