@@ -272,9 +272,9 @@ def cache_dir() -> Path:
 
 
 def mmdebstrap_argv(
-    target: Path, packages: Sequence[str] = BASE_PACKAGES, *, venv: bool = True
+    target: Path, packages: Sequence[str] = BASE_PACKAGES, *, venv: str | None = BASE_VENV
 ) -> list[str]:
-    hooks = [f'--customize-hook=chroot "$1" python3 -m venv {BASE_VENV}'] if venv else []
+    hooks = [f'--customize-hook=chroot "$1" python3 -m venv {venv}'] if venv else []
     return [
         "mmdebstrap",
         "--quiet",
@@ -291,7 +291,7 @@ def mmdebstrap_argv(
     ]
 
 
-def base_tarball(packages: Sequence[str] = BASE_PACKAGES, *, venv: bool = True) -> Path:
+def base_tarball(packages: Sequence[str] = BASE_PACKAGES, *, venv: str | None = BASE_VENV) -> Path:
     """A bookworm root from Debian's packages, cached by what it is made of."""
     argv = mmdebstrap_argv(Path("-"), packages, venv=venv)
     key = hashlib.sha256(json.dumps(argv).encode()).hexdigest()
@@ -311,11 +311,11 @@ def base_tarball(packages: Sequence[str] = BASE_PACKAGES, *, venv: bool = True) 
     return tarball
 
 
-def import_base(e: Engine, tarball: Path, tag: str = BASE_IMAGE) -> None:
+def import_base(e: Engine, tarball: Path, tag: str = BASE_IMAGE, path: str = BASE_PATH) -> None:
     e.podman(
         "import",
         "--change",
-        f"ENV PATH={BASE_PATH}",
+        f"ENV PATH={path}",
         # uv's own TLS stack reads SSL_CERT_FILE; pip is pointed at it by the build's pip.conf.
         "--change",
         f"ENV SSL_CERT_FILE={CA_BUNDLE_IN_IMAGE}",
@@ -381,22 +381,27 @@ class Built:
     size_bytes: int
 
 
-def build_image(e: Engine, tag: str = IMAGE) -> Built:
-    """The unmodified docker/Dockerfile on the local base."""
+def build_image(
+    e: Engine,
+    tag: str = IMAGE,
+    dockerfile: Path = REPO / "docker" / "Dockerfile",
+    build_args: Sequence[str] = (f"PYTHON_IMAGE={BASE_IMAGE}",),
+    context: Path = REPO,
+) -> Built:
+    """A Dockerfile of ours, unmodified, on a local base given as a build argument."""
+    ignorefile = dockerfile.with_name(dockerfile.name + ".dockerignore")
     started = time.monotonic()
     e.podman(
         "build",
         *e.build_options(),
         *build_mounts(e.scratch),
-        "--build-arg",
-        f"PYTHON_IMAGE={BASE_IMAGE}",
-        "--ignorefile",
-        str(REPO / "docker" / "Dockerfile.dockerignore"),
+        *(f"--build-arg={a}" for a in build_args),
+        *(["--ignorefile", str(ignorefile)] if ignorefile.exists() else []),
         "-f",
-        str(REPO / "docker" / "Dockerfile"),
+        str(dockerfile),
         "-t",
         tag,
-        str(REPO),
+        str(context),
         timeout=900,
     )
     seconds = time.monotonic() - started

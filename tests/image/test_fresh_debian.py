@@ -37,7 +37,7 @@ LAST_LINE = "every worker's limit equals the plan"
 
 @pytest.fixture(scope="module")
 def fresh_image(podman: Engine) -> str:
-    import_base(podman, base_tarball(FRESH_PACKAGES, venv=False), FRESH_IMAGE)
+    import_base(podman, base_tarball(FRESH_PACKAGES, venv=None), FRESH_IMAGE)
     return FRESH_IMAGE
 
 
