@@ -1,20 +1,23 @@
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-from podman_engine import Built, Engine, base_tarball, build_image, engine, import_base
-from podman_engine import require_podman as _require_podman
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from podman_engine import (
+    Built,
+    Engine,
+    base_tarball,
+    build_image,
+    engine,
+    import_base,
+    require_podman,
+)
 
 
 @pytest.fixture(scope="session")
 def podman() -> Iterator[Engine]:
     """One private podman (storage, config, cgroup parents) for the whole session."""
-    _require_podman()
+    require_podman()
     with engine() as e:
         yield e
 
