@@ -35,9 +35,7 @@ def fmt_bytes(n: float | None) -> str:
     return f"{n / MiB:.0f} MiB"
 
 
-def fmt_med_range(
-    measured: Sequence[float | None], fmt: Callable[[float], str]
-) -> str:
+def fmt_med_range(measured: Sequence[float | None], fmt: Callable[[float], str]) -> str:
     values = [v for v in measured if v is not None]
     if not values:
         return "–"

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import threading
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from cgroup_util import KernelCgroup, make_test_cgroup
+from scheduler_util import free_port
 
 from .common import (
     AGENT_BYTES,
@@ -36,24 +36,6 @@ from .workloads import AGENT_CODE, pickle_by_value, run_workload, worker_stats
 
 RESTART_MEMORY_RE = re.compile(r"exceeded \d+% memory budget\. Restarting")
 KILLED_RE = re.compile(r"Worker process \d+ was killed by signal (\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def read_stat(cg: KernelCgroup, key: str) -> int:
-    for line in (cg.path / "memory.stat").read_text().splitlines():
-        name, _, value = line.partition(" ")
-        if name == key:
-            return int(value)
-    return 0
-
-
-def working_set(cg: KernelCgroup) -> int:
-    return max(0, cg.usage() - read_stat(cg, "total_inactive_file"))
 
 
 def read_int(path: Path) -> int | None:
@@ -149,7 +131,7 @@ class Sampler(threading.Thread):
                 w_limit = self.w.limit()
                 s.t.append(now)
                 s.m_usage.append(m_usage)
-                s.m_working_set.append(max(0, m_usage - read_stat(self.m, "total_inactive_file")))
+                s.m_working_set.append(max(0, m_usage - self.m.stat("total_inactive_file")))
                 s.w_usage.append(w_usage)
                 s.w_limit.append(w_limit if w_limit < 2**62 else None)
                 s.nanny_rss.append(proc_rss(self.nanny_pid) if self.nanny_pid else None)
@@ -286,7 +268,7 @@ def run_once(
                 raise RuntimeError("agent did not start")
             (m.path / "memory.max_usage_in_bytes").write_text("0")
             # The MemAvailable-equivalent of the "VM": its limit minus its working set.
-            headroom = M_LIMIT - working_set(m)
+            headroom = M_LIMIT - m.working_set()
             res.headroom_before = headroom
             res.workload_bytes = int(
                 {"spill": 1.5, "burst": 1.2, "steady": 0.3}[workload] * headroom
