@@ -608,17 +608,70 @@ def test_prestart_uses_the_tool_when_present() -> None:
     assert value <= _mem_available_bytes() + TOLERANCE
 
 
+# A typo in a size, and a minimum no machine here meets: the tool refuses both.
+REFUSALS = [
+    pytest.param({"DASK_SAFE_WORKER_RESERVE": "1GiBx"}, 2, "Could not interpret", id="bad-reserve"),
+    pytest.param(
+        {"DASK_SAFE_WORKER_MIN_WORKER_MEMORY": "100TiB"}, 3, "below the minimum", id="min-unmet"
+    ),
+]
+
+
 @needs_cli
-def test_prestart_falls_back_when_the_tool_fails() -> None:
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(("broken", "code", "reason"), REFUSALS)
+def test_prestart_fails_with_the_tools_error_when_the_tool_refuses(
+    shell: str, broken: dict[str, str], code: int, reason: str
+) -> None:
     assert TOOL is not None
-    broken = {"DASK_SAFE_WORKER_RESERVE": "not-a-size"}
-    failed = _run([TOOL, "--print-limit", "--cgroup-write", "never"], env={**os.environ, **broken})
-    assert failed.returncode != 0, "precondition: the real tool refuses this setting"
+    direct = _run([TOOL, "--print-limit", "--cgroup-write", "never"], env={**os.environ, **broken})
+    assert direct.returncode == code, "precondition: the real tool refuses this setting"
     path = os.pathsep.join([str(VENV_BIN), _path_without_tool()])
+    result = _prestart(shell, path, broken)
+    # No number at all, so `prestart > .env && compose up` never starts on a wrong limit.
+    assert (result.returncode, result.stdout) == (code, "")
+    assert reason in result.stderr
+    assert f"failed (exit {code}); DASK_WORKER_MEM_LIMIT not set" in result.stderr
+    assert "MemAvailable" not in result.stderr
+
+
+@needs_cli
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(("broken", "code", "reason"), REFUSALS)
+def test_prestart_sourced_returns_the_tools_code_and_exports_nothing(
+    shell: str, broken: dict[str, str], code: int, reason: str
+) -> None:
+    path = os.pathsep.join([str(VENV_BIN), _path_without_tool()])
+    script = (
+        f"set -- a b; . {shlex.quote(str(PRESTART))}; "
+        'echo "rc=$? args=$* limit=${DASK_WORKER_MEM_LIMIT-unset} leak=${_dsw_status-none}"'
+    )
+    result = _run([shell, "-c", script], env={"PATH": path, **broken})
+    assert result.stdout == f"rc={code} args=a b limit=unset leak=none\n", result.stderr
+    assert reason in result.stderr
+
+
+@pytest.mark.parametrize(
+    "broken", [{}, {"DASK_SAFE_WORKER_RESERVE": "1GiBx"}], ids=["plain", "tool-setting-ignored"]
+)
+def test_prestart_falls_back_to_memavailable_only_when_the_tool_is_absent(
+    broken: dict[str, str],
+) -> None:
+    path = _path_without_tool()
     before = _mem_available_bytes()
     result = _prestart("sh", path, broken)
-    assert "from MemAvailable in /proc/meminfo" in result.stderr
     assert abs(_value(result) - before) <= TOLERANCE
+    assert "from MemAvailable in /proc/meminfo" in result.stderr
+
+
+def test_prestart_refuses_a_tool_that_prints_no_byte_count(tmp_path: Path) -> None:
+    # An old or wrapped command that exits 0 without a number is a failure, not a fallback.
+    fake = tmp_path / "dask-safe-worker"
+    fake.write_text("#!/bin/sh\necho 'about 4 GiB'\n")
+    fake.chmod(0o755)
+    result = _prestart("sh", os.pathsep.join([str(tmp_path), _path_without_tool()]))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert "printed no byte count; DASK_WORKER_MEM_LIMIT not set" in result.stderr
 
 
 # ---------------------------------------------------------------------------------- systemd
