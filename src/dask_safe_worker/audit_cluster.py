@@ -499,14 +499,14 @@ AUDIT_OPTIONS: list[click.Parameter] = [
         type=Seconds(),
         default=10.0,
         show_default=True,
-        help="Seconds to wait for the scheduler before giving up (exit 2).",
+        help="Seconds (finite, above 0) to wait for the scheduler before giving up (exit 2).",
     ),
     _option(
         "timeout",
         type=Seconds(),
         default=60.0,
         show_default=True,
-        help="Seconds to wait for the workers' answers (exit 2 when exceeded).",
+        help="Seconds (finite, above 0) to wait for the workers' answers (exit 2 when exceeded).",
     ),
     _option("json", "as_json", is_flag=True, help="Print machine-readable JSON instead."),
 ]
