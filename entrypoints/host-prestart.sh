@@ -5,9 +5,14 @@
 #     grep -i memavailable /proc/meminfo | sed 's/[a-zA-Z]+:\s+//'
 # printed "MemAvailable:  N kB" (basic sed has no `+`), so compose got a string it cannot
 # use, and even the bare number would have been kB where compose's mem_limit wants bytes.
-# This script yields BYTES, from the first source that works:
+# This script yields BYTES:
 #   1. `dask-safe-worker --print-limit --cgroup-write never`: the same plan the worker
-#      makes (MemAvailable, every cgroup limit that applies, a reserve for the OS/agents);
+#      makes (MemAvailable, every cgroup limit that applies, a reserve for the OS/agents).
+#      When the tool is installed but refuses (a bad DASK_SAFE_WORKER_* value: exit 2; a
+#      minimum that cannot be met: exit 3; ...), its error stays on stderr and the script
+#      fails with the tool's exit code and sets nothing: a larger fallback number would
+#      hand the container more memory than the operator asked for.
+#   Only when the tool is not installed at all:
 #   2. MemAvailable from /proc/meminfo, converted kB -> bytes;
 #   3. 0, which compose reads as "no limit": an unknown size never blocks a start.
 #
@@ -34,17 +39,25 @@ _dsw_is_bytes() {
 
 _dsw_limit=
 _dsw_source=default
+_dsw_status=0
 
 if command -v dask-safe-worker >/dev/null 2>&1; then
     # --cgroup-write never: on a host this only measures; it must not limit the caller's cgroup.
-    if _dsw_out=$(dask-safe-worker --print-limit --cgroup-write never 2>/dev/null) \
-        && _dsw_is_bytes "$_dsw_out"; then
+    # Its stderr is left alone: when it refuses, the reason is the operator's to read.
+    _dsw_out=$(dask-safe-worker --print-limit --cgroup-write never) || _dsw_status=$?
+    if [ "$_dsw_status" -ne 0 ]; then
+        echo "host-prestart: dask-safe-worker --print-limit failed (exit $_dsw_status);" \
+            "DASK_WORKER_MEM_LIMIT not set" >&2
+    elif _dsw_is_bytes "$_dsw_out"; then
         _dsw_limit=$_dsw_out
         _dsw_source="dask-safe-worker --print-limit"
+    else
+        echo "host-prestart: dask-safe-worker --print-limit printed no byte count;" \
+            "DASK_WORKER_MEM_LIMIT not set" >&2
+        _dsw_status=1
     fi
-fi
-
-if [ -z "$_dsw_limit" ]; then
+else
+    # Not installed: the host's MemAvailable is the best estimate left.
     _dsw_meminfo=${DASK_PRESTART_MEMINFO:-/proc/meminfo}
     if [ -r "$_dsw_meminfo" ]; then
         while read -r _dsw_key _dsw_value _dsw_unit; do
@@ -60,17 +73,22 @@ if [ -z "$_dsw_limit" ]; then
     fi
 fi
 
-DASK_WORKER_MEM_LIMIT=${_dsw_limit:-0}
-export DASK_WORKER_MEM_LIMIT
-
-case ${0##*/} in
-    host-prestart.sh)
-        echo "host-prestart: DASK_WORKER_MEM_LIMIT from $_dsw_source" >&2
-        echo "DASK_WORKER_MEM_LIMIT=$DASK_WORKER_MEM_LIMIT"
-        ;;
-esac
+if [ "$_dsw_status" -eq 0 ]; then
+    DASK_WORKER_MEM_LIMIT=${_dsw_limit:-0}
+    export DASK_WORKER_MEM_LIMIT
+    case ${0##*/} in
+        host-prestart.sh)
+            echo "host-prestart: DASK_WORKER_MEM_LIMIT from $_dsw_source" >&2
+            echo "DASK_WORKER_MEM_LIMIT=$DASK_WORKER_MEM_LIMIT"
+            ;;
+    esac
+fi
 
 unset _dsw_limit _dsw_source _dsw_out _dsw_meminfo _dsw_key _dsw_value _dsw_unit
 unset -f _dsw_is_bytes
 eval "$_dsw_saved_options"
 unset _dsw_saved_options
+# Executed, this is the script's exit status; sourced, the status of the `.` command, so
+# `. host-prestart.sh && docker compose up` does not start on a refused plan.
+# The status is expanded into the string before eval, so the variable can go first.
+eval "unset _dsw_status; return $_dsw_status 2>/dev/null || exit $_dsw_status"

@@ -59,6 +59,18 @@ class KernelCgroup:
     def usage(self) -> int:
         return int((self.path / "memory.usage_in_bytes").read_text())
 
+    def stat(self, key: str) -> int:
+        """One counter of memory.stat (0 when absent)."""
+        for line in (self.path / "memory.stat").read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+        return 0
+
+    def working_set(self) -> int:
+        """Usage minus the page cache the kernel can simply drop, as the product counts it."""
+        return max(0, self.usage() - self.stat("total_inactive_file"))
+
     def pids(self) -> list[int]:
         return [int(p) for p in (self.path / "cgroup.procs").read_text().split()]
 

@@ -48,6 +48,8 @@ DOCKERIGNORE = REPO_ROOT / "docker" / "Dockerfile.dockerignore"
 PRESTART = REPO_ROOT / "entrypoints" / "host-prestart.sh"
 UNIT = REPO_ROOT / "entrypoints" / "systemd" / "dask-safe-worker.service"
 UNIT_ENV = REPO_ROOT / "entrypoints" / "systemd" / "worker.env"
+# Where the unit's install lines put the command (a virtualenv made from a clone).
+UNIT_COMMAND = "/opt/dask-safe-worker/bin/dask-safe-worker"
 K8S = REPO_ROOT / "entrypoints" / "kubernetes"
 
 VENV_BIN = Path(sys.executable).parent
@@ -608,17 +610,70 @@ def test_prestart_uses_the_tool_when_present() -> None:
     assert value <= _mem_available_bytes() + TOLERANCE
 
 
+# A typo in a size, and a minimum no machine here meets: the tool refuses both.
+REFUSALS = [
+    pytest.param({"DASK_SAFE_WORKER_RESERVE": "1GiBx"}, 2, "Could not interpret", id="bad-reserve"),
+    pytest.param(
+        {"DASK_SAFE_WORKER_MIN_WORKER_MEMORY": "100TiB"}, 3, "below the minimum", id="min-unmet"
+    ),
+]
+
+
 @needs_cli
-def test_prestart_falls_back_when_the_tool_fails() -> None:
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(("broken", "code", "reason"), REFUSALS)
+def test_prestart_fails_with_the_tools_error_when_the_tool_refuses(
+    shell: str, broken: dict[str, str], code: int, reason: str
+) -> None:
     assert TOOL is not None
-    broken = {"DASK_SAFE_WORKER_RESERVE": "not-a-size"}
-    failed = _run([TOOL, "--print-limit", "--cgroup-write", "never"], env={**os.environ, **broken})
-    assert failed.returncode != 0, "precondition: the real tool refuses this setting"
+    direct = _run([TOOL, "--print-limit", "--cgroup-write", "never"], env={**os.environ, **broken})
+    assert direct.returncode == code, "precondition: the real tool refuses this setting"
     path = os.pathsep.join([str(VENV_BIN), _path_without_tool()])
+    result = _prestart(shell, path, broken)
+    # No number at all, so `prestart > .env && compose up` never starts on a wrong limit.
+    assert (result.returncode, result.stdout) == (code, "")
+    assert reason in result.stderr
+    assert f"failed (exit {code}); DASK_WORKER_MEM_LIMIT not set" in result.stderr
+    assert "MemAvailable" not in result.stderr
+
+
+@needs_cli
+@pytest.mark.parametrize("shell", SHELLS)
+@pytest.mark.parametrize(("broken", "code", "reason"), REFUSALS)
+def test_prestart_sourced_returns_the_tools_code_and_exports_nothing(
+    shell: str, broken: dict[str, str], code: int, reason: str
+) -> None:
+    path = os.pathsep.join([str(VENV_BIN), _path_without_tool()])
+    script = (
+        f"set -- a b; . {shlex.quote(str(PRESTART))}; "
+        'echo "rc=$? args=$* limit=${DASK_WORKER_MEM_LIMIT-unset} leak=${_dsw_status-none}"'
+    )
+    result = _run([shell, "-c", script], env={"PATH": path, **broken})
+    assert result.stdout == f"rc={code} args=a b limit=unset leak=none\n", result.stderr
+    assert reason in result.stderr
+
+
+@pytest.mark.parametrize(
+    "broken", [{}, {"DASK_SAFE_WORKER_RESERVE": "1GiBx"}], ids=["plain", "tool-setting-ignored"]
+)
+def test_prestart_falls_back_to_memavailable_only_when_the_tool_is_absent(
+    broken: dict[str, str],
+) -> None:
+    path = _path_without_tool()
     before = _mem_available_bytes()
     result = _prestart("sh", path, broken)
-    assert "from MemAvailable in /proc/meminfo" in result.stderr
     assert abs(_value(result) - before) <= TOLERANCE
+    assert "from MemAvailable in /proc/meminfo" in result.stderr
+
+
+def test_prestart_refuses_a_tool_that_prints_no_byte_count(tmp_path: Path) -> None:
+    # An old or wrapped command that exits 0 without a number is a failure, not a fallback.
+    fake = tmp_path / "dask-safe-worker"
+    fake.write_text("#!/bin/sh\necho 'about 4 GiB'\n")
+    fake.chmod(0o755)
+    result = _prestart("sh", os.pathsep.join([str(tmp_path), _path_without_tool()]))
+    assert (result.returncode, result.stdout) == (1, "")
+    assert "printed no byte count; DASK_WORKER_MEM_LIMIT not set" in result.stderr
 
 
 # ---------------------------------------------------------------------------------- systemd
@@ -638,7 +693,7 @@ def test_unit_memory_and_stop_settings() -> None:
     unit = _unit()
     assert set(unit) == {"Unit", "Service", "Install"}
     assert _one("Unit", "Description")
-    assert exec_start_argv(_one("Service", "ExecStart"))[0] == "dask-safe-worker"
+    assert exec_start_argv(_one("Service", "ExecStart"))[0] == UNIT_COMMAND
     assert _one("Service", "Type") == "exec"
     assert _one("Service", "EnvironmentFile") == "/etc/dask-safe-worker/worker.env"
     assert "memory" in _one("Service", "Delegate").split()
@@ -649,6 +704,42 @@ def test_unit_memory_and_stop_settings() -> None:
     assert _one("Service", "KillMode") == "mixed"
     assert _one("Service", "TimeoutStopSec") == "30"
     assert _one("Install", "WantedBy") == "multi-user.target"
+
+
+def test_unit_does_not_restart_on_the_tools_own_refusals() -> None:
+    from dask_safe_worker import cli  # type: ignore[import-untyped,unused-ignore]
+
+    refusals = {
+        cli.EXIT_USAGE,
+        cli.EXIT_PLAN_REFUSED,
+        cli.EXIT_WRITE_REQUIRED,
+        cli.EXIT_UNSUPPORTED,
+    }
+    assert refusals == {2, 3, 4, 5}
+    prevented = {int(word) for word in _one("Service", "RestartPreventExitStatus").split()}
+    assert prevented == refusals
+    # A crash (exit 1, a signal) still restarts.
+    assert _one("Service", "Restart") == "on-failure"
+    assert cli.EXIT_MEASURE_FAILED not in prevented
+
+
+def test_unit_install_story_matches_the_readme() -> None:
+    """One story: from a clone, into a virtualenv, and ExecStart names that venv's command."""
+    header = UNIT.read_text().split("[Unit]")[0]
+    install = [
+        line.lstrip("# ").split("#")[0].strip() for line in header.splitlines() if "   " in line
+    ]
+    venv = str(Path(UNIT_COMMAND).parent.parent)
+    assert f"python3 -m venv {venv}" in install
+    assert f"{venv}/bin/pip install ./dask-safe-worker" in install
+    assert not any(re.search(r"pip install dask-safe-worker\b", line) for line in install)
+    readme = (REPO_ROOT / "README.md").read_text()
+    assert "from a clone of this repository" in readme
+    assert "pip install dask-safe-worker" not in readme
+    # The files the install lines copy exist where the lines say, relative to the clone.
+    for line in install:
+        if line.startswith("install "):
+            assert (REPO_ROOT / line.split()[-2]).is_file(), line
 
 
 def _env_file(path: Path) -> dict[str, str]:
@@ -690,6 +781,8 @@ def test_unit_env_file_options_are_real_cli_options_and_execstart_is_accepted() 
     ours = {key for key in env if key.startswith("DASK_SAFE_WORKER_")}
     assert ours and ours <= _our_envvars()
     argv = _systemd_expand(exec_start_argv(_one("Service", "ExecStart")), env)
+    assert argv[0] == UNIT_COMMAND
+    argv[0] = "dask-safe-worker"
     argv[1] = CLOSED_SCHEDULER
     document = _dry_run(argv, env=env)
     _assert_passes_through(argv, document)
@@ -701,8 +794,8 @@ def _verify(unit_text: str, tmp_path: Path) -> list[str]:
         pytest.skip("systemd-analyze is not installed (the key checks above still ran)")
     if TOOL is None:
         pytest.skip("no dask-safe-worker executable to point ExecStart at")
-    # systemd resolves a bare command only in /usr/{local/,}{s,}bin; point it at the real one.
-    text = re.sub(r"^ExecStart=dask-safe-worker", f"ExecStart={TOOL}", unit_text, flags=re.M)
+    # verify checks that the command exists; point it at the real one of this environment.
+    text = re.sub(f"^ExecStart={UNIT_COMMAND}", f"ExecStart={TOOL}", unit_text, flags=re.M)
     assert TOOL in text
     path = tmp_path / "dask-safe-worker.service"
     path.write_text(text)
@@ -805,6 +898,8 @@ def test_k8s_manifests_match_the_kubernetes_schemas() -> None:
         "env": worker["env"],
     }
     _k8s_validate(_as_pod("helm-worker", {"containers": [container]}))
+    for resource in _yaml_documents(K8S / "scheduler.yaml"):
+        _k8s_validate(resource)
     # And the check can fail.
     deployment["spec"]["template"]["spec"]["containers"][0]["commnd"] = ["dask-safe-worker"]
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -836,7 +931,8 @@ def test_k8s_daskcluster_worker_uses_the_image_entrypoint() -> None:
 def _helm_worker_args(values: Mapping[str, Any]) -> list[str]:
     """The worker args the dask/dask chart's template renders from these values."""
     worker = values["worker"]
-    args = [worker["image"]["dask_worker"], "dask-scheduler:8786"]
+    address = worker.get("custom_scheduler_url") or "dask-scheduler:8786"
+    args = [worker["image"]["dask_worker"], address]
     limits = worker.get("resources", {}).get("limits")
     if limits:
         threads = worker.get("threads_per_worker") or limits.get("cpu")
@@ -885,7 +981,100 @@ def test_k8s_helm_values_make_the_cli_lower_the_charts_memory_limit() -> None:
     index = got.index("--memory-limit")
     assert int(got[index + 1]) == plan["per_worker"] < pod_limit
     assert got.count("--memory-limit") == 1
-    assert got[0] == "dask-scheduler:8786"
+    assert got[0] == values["worker"]["custom_scheduler_url"]
+
+
+def _scheduler_manifest() -> tuple[dict[str, Any], dict[str, Any]]:
+    deployment, service = _yaml_documents(K8S / "scheduler.yaml")
+    assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
+    return deployment, service
+
+
+def test_k8s_helm_values_replace_the_charts_scheduler_with_scheduler_yaml() -> None:
+    (values,) = _yaml_documents(K8S / "helm-values.yaml")
+    # The chart's template runs `dask-scheduler`, which this distributed does not install.
+    assert shutil.which("dask-scheduler", path=str(VENV_BIN)) is None
+    assert values["scheduler"]["enabled"] is False
+    assert values["jupyter"]["enabled"] is False, "the notebook points at the chart's scheduler"
+    deployment, service = _scheduler_manifest()
+    url = values["worker"]["custom_scheduler_url"]
+    comm = next(p for p in service["spec"]["ports"] if p["name"] == "tcp-comm")
+    assert url == f"tcp://{service['metadata']['name']}:{comm['port']}"
+    # deployment.yaml's workers find the same Service.
+    assert url in _deployment_container()["args"]
+    template = deployment["spec"]["template"]
+    assert service["spec"]["selector"].items() <= template["metadata"]["labels"].items()
+    (scheduler,) = template["spec"]["containers"]
+    assert {p["targetPort"] for p in service["spec"]["ports"]} <= {
+        p["name"] for p in scheduler["ports"]
+    }
+    # The same image as the workers: the same distributed on both sides.
+    worker_image = values["worker"]["image"]
+    assert scheduler["image"] == f"{worker_image['repository']}:{worker_image['tag']}"
+
+
+def _manifest_commands() -> dict[str, list[str]]:
+    """Every command line a launch artifact starts, as argv."""
+    cluster = _daskcluster()["spec"]
+    (cluster_scheduler,) = cluster["scheduler"]["spec"]["containers"]
+    deployment, _ = _scheduler_manifest()
+    (scheduler,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {
+        # The operator's and the chart's workers run the image's ENTRYPOINT.
+        "Dockerfile ENTRYPOINT": dockerfile_entrypoint_argv(DOCKERFILE, []),
+        "deployment.yaml worker": _deployment_container()["command"],
+        "daskcluster.yaml scheduler": [*cluster_scheduler["command"], *cluster_scheduler["args"]],
+        "scheduler.yaml": [*scheduler["command"], *scheduler["args"]],
+        "systemd ExecStart": [Path(exec_start_argv(_one("Service", "ExecStart"))[0]).name],
+    }
+
+
+def _scheduler_starts(argv: list[str]) -> tuple[bool, str]:
+    """Run a manifest's scheduler argv for real, moved to free ports on 127.0.0.1."""
+    from scheduler_util import free_port, wait_listening
+
+    port = free_port()
+    # Later values win in click: the manifest's own options are still parsed and checked.
+    local = ["--host", "127.0.0.1", "--port", str(port), "--dashboard-address", "127.0.0.1:0"]
+    process = subprocess.Popen(
+        [*argv, *local], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_listening(port, process, timeout=60)
+        return True, ""
+    except (RuntimeError, TimeoutError):
+        return False, process.stderr.read() if process.stderr else ""
+    finally:
+        if process.poll() is None:
+            process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stderr:
+            process.stderr.close()
+
+
+@needs_cli
+def test_every_command_a_manifest_names_exists_in_the_installed_environment() -> None:
+    """The venv holds what the image installs (the same lock): each command must be there."""
+    for artifact, argv in _manifest_commands().items():
+        program = shutil.which(argv[0], path=str(VENV_BIN))
+        assert program is not None, f"{artifact}: {argv[0]} is not installed"
+        if argv[:2] == ["dask", "scheduler"]:
+            started, stderr = _scheduler_starts([program, *argv[1:]])
+            assert started, (artifact, stderr)
+        else:
+            result = _run([program, *argv[1:], "--help"])
+            assert (result.returncode, "Usage:" in result.stdout) == (0, True), artifact
+    # The checks can fail: the chart's own scheduler command is not installed, and an option
+    # the scheduler does not know stops it.
+    assert shutil.which("dask-scheduler", path=str(VENV_BIN)) is None
+    dask = shutil.which("dask", path=str(VENV_BIN))
+    assert dask is not None
+    started, stderr = _scheduler_starts([dask, "scheduler", "--bokeh-port", "8787"])
+    assert not started and "No such option" in stderr
 
 
 # ------------------------------------------------------------------- docs and machine paths

@@ -40,7 +40,9 @@ from dask_safe_worker.audit_cluster import (
     judge,
     render_table,
     result_rows,
+    scheduler_file_address,
 )
+from dask_safe_worker.sizes import format_bytes
 from scheduler_util import free_port, scheduler_argv, wait_listening
 
 GiB, MiB = 2**30, 2**20
@@ -236,6 +238,140 @@ def test_less_headroom_never_makes_a_worker_safer(w: WorkerFacts, cut: int) -> N
         assert after.at_risk
 
 
+def test_a_safe_worker_at_risk_names_its_unmanaged_neighbour_and_what_to_do() -> None:
+    parent = Constraint("cg:p", "/p", 4 * GiB, 3 * GiB)
+    plain = WorkerFacts(
+        "tcp://u", "h", "plain", dask_limit=23 * GiB, rss=100 * MiB, managed=False,
+        kernel_limit=4 * GiB, constraints=(HOST, parent),
+    )  # fmt: skip
+    safe = WorkerFacts(
+        "tcp://s", "h", "safe", dask_limit=3 * GiB, rss=100 * MiB, nanny_room=96 * MiB,
+        managed=True, kernel_limit=4 * GiB, constraints=(HOST, parent),
+    )  # fmt: skip
+    u, v = judge([plain, safe])
+    assert v.verdict == AT_RISK
+    assert any("sharing it: plain (unmanaged, Dask limit 23.00 GiB)" in r for r in v.reasons)
+    assert v.action is not None
+    assert v.action.startswith("fix the unmanaged worker(s) beside it (plain)")
+    assert "restart this worker to re-plan" in v.action
+    assert (u.verdict, u.risk) == (UNMANAGED, AT_RISK)
+    assert u.action is not None and "start this worker with dask-safe-worker" in u.action
+    assert any("sharing it: safe (Dask limit 3.00 GiB)" in r for r in u.reasons)
+
+
+def test_actions_follow_the_cause() -> None:
+    shrunk = Constraint("cg:m", "/m", GiB, 100 * MiB)
+    [grown] = judge([worker(constraints=(HOST, shrunk))])
+    assert grown.action is not None
+    assert "plan is made once at start" in grown.action and "--reserve" in grown.action
+    cg = Constraint("cg:shared", "/shared", GiB, GiB - 100 * MiB)
+    pair = judge(
+        [
+            worker("tcp://a", dask_limit=600 * MiB, constraints=(HOST, cg)),
+            worker("tcp://b", dask_limit=600 * MiB, constraints=(HOST, cg)),
+        ]
+    )
+    assert all(v.action and "planned separately" in v.action for v in pair)
+    [off] = judge([worker(terminate=None)])
+    assert off.action is not None and "memory.terminate back to 0.95" in off.action
+    [fine] = judge([worker()])
+    assert fine.action is None
+    [blind] = judge([worker(error="dask-safe-worker is not installed on this worker (x)")])
+    assert blind.action is not None and "install dask-safe-worker" in blind.action
+
+
+def _level(path: str, own: int | None, hierarchical: int | None, ws: int) -> dict[str, Any]:
+    limits = [v for v in (own, hierarchical) if v is not None]
+    effective = min(limits) if limits else None
+    return {
+        "path": path,
+        "key": f"k:{path}",
+        "limit": effective,
+        "own_limit": own,
+        "hierarchical_limit": hierarchical,
+        "working_set": ws,
+        "headroom": None if effective is None else effective - ws,
+    }
+
+
+def _report(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"hostname": "h", "boot_id": "b", "mem_available": 20 * GiB, "levels": levels}
+
+
+def test_v1_inherited_limit_is_the_parents() -> None:
+    # An unlimited child of a 4 GiB cgroup: v1 shows 4 GiB as the child's hierarchical
+    # limit, but the parent sets it.
+    report = _report(
+        [
+            _level("/p/child", None, 4 * GiB, 200 * MiB),
+            _level("/p", 4 * GiB, 4 * GiB, GiB),
+            _level("/", None, None, 5 * GiB),
+        ]
+    )
+    f = facts_from_report("tcp://x", {}, report)
+    assert (f.kernel_limit, f.kernel_limit_path) == (4 * GiB, "/p")
+    assert [c.name for c in f.constraints] == ["host", "/p"]
+    assert f.constraints[1].headroom == 3 * GiB
+    # A limit of the child's own that is lower is the child's.
+    report["levels"][0] = _level("/p/child", GiB, GiB, 200 * MiB)
+    f = facts_from_report("tcp://x", {}, report)
+    assert (f.kernel_limit, f.kernel_limit_path) == (GiB, "/p/child")
+    assert [c.name for c in f.constraints] == ["host", "/p/child", "/p"]
+
+
+def test_v1_limit_above_the_visible_root_is_kept() -> None:
+    # In a container, the limit may sit on a host-side parent we cannot see.
+    report = _report([_level("/", None, 2 * GiB, 500 * MiB)])
+    f = facts_from_report("tcp://x", {}, report)
+    assert f.kernel_limit == 2 * GiB
+    assert f.kernel_limit_path == "above / (not visible here)"
+    assert f.constraints[-1].headroom == 2 * GiB - 500 * MiB
+
+
+@given(
+    own=st.lists(st.one_of(st.none(), st.integers(1, 64 * GiB)), min_size=1, max_size=5),
+    above=st.one_of(st.none(), st.integers(1, 64 * GiB)),
+)
+def test_kernel_limit_is_the_smallest_limit_any_level_sets(
+    own: list[int | None], above: int | None
+) -> None:
+    # v1's hierarchical limit at each level: the smallest own limit there or above.
+    levels = []
+    for i, value in enumerate(own):
+        candidates = [v for v in (*own[i:], above) if v is not None]
+        levels.append(_level(f"/l{i}", value, min(candidates) if candidates else None, 0))
+    f = facts_from_report("tcp://x", {}, _report(levels))
+    every = [v for v in (*own, above) if v is not None]
+    assert f.kernel_limit == (min(every) if every else None)
+    if f.kernel_limit is not None:
+        setter = next((i for i, v in enumerate(own) if v == f.kernel_limit), None)
+        expected = (
+            f"/l{setter}" if setter is not None else f"above /l{len(own) - 1} (not visible here)"
+        )
+        assert f.kernel_limit_path == expected
+    # No cgroup is listed with a limit it only inherits.
+    names = {c.name: c.limit for c in f.constraints if c.name != "host"}
+    for i, value in enumerate(own):
+        assert names.get(f"/l{i}") == value
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "is empty"),
+        ("  \n", "is empty"),
+        ('{"address": "tcp://', "is not valid JSON"),
+        ("[1, 2]", "holds JSON list, not an object"),
+        ('{"id": "Scheduler-1"}', 'has no "address"'),
+        ('{"address": 8786}', 'has no "address"'),
+    ],
+)
+def test_scheduler_file_address_says_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        scheduler_file_address(text)
+    assert scheduler_file_address('{"address": "tcp://127.0.0.1:1"}') == "tcp://127.0.0.1:1"
+
+
 # --- what runs on the worker, run here in-process against the real /proc and /sys ----
 
 
@@ -310,8 +446,13 @@ def test_failed_worker_is_unknown_with_the_schedulers_view() -> None:
 # --- the command line: usage and connection errors ------------------------------------
 
 
-def run_audit(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([AUDIT, *args], capture_output=True, text=True, timeout=timeout)
+def run_audit(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if k != "DASK_SCHEDULER_ADDRESS"}
+    return subprocess.run(
+        [AUDIT, *args], capture_output=True, text=True, timeout=timeout, env={**base, **(env or {})}
+    )
 
 
 def test_closed_port_exits_2_with_a_message() -> None:
@@ -328,9 +469,15 @@ def test_closed_port_exits_2_with_a_message() -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        ((), "give SCHEDULER_ADDRESS or --scheduler-file"),
+        ((), "give SCHEDULER_ADDRESS or --scheduler-file, or set DASK_SCHEDULER_ADDRESS"),
         (("--scheduler-file", "/nonexistent/scheduler.json"), "does not exist"),
         (("tcp://127.0.0.1:1", "--connect-timeout", "0"), "--connect-timeout"),
+        *[
+            (("tcp://127.0.0.1:1", option, value), f"'{value}' is not a finite number")
+            for option in ("--timeout", "--connect-timeout")
+            for value in ("nan", "inf", "-inf", "NaN")
+        ],
+        (("tcp://127.0.0.1:1", "--timeout", "soon"), "'soon' is not a number of seconds"),
     ],
 )
 def test_usage_errors_exit_2(args: tuple[str, ...], message: str) -> None:
@@ -338,6 +485,45 @@ def test_usage_errors_exit_2(args: tuple[str, ...], message: str) -> None:
     assert r.returncode == EXIT_USAGE
     assert message in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("variable", ["DASK_SAFE_AUDIT_TIMEOUT", "DASK_SAFE_AUDIT_CONNECT_TIMEOUT"])
+def test_nan_timeout_from_the_environment_exits_2(variable: str) -> None:
+    r = run_audit("tcp://127.0.0.1:1", env={variable: "nan"})
+    assert r.returncode == EXIT_USAGE
+    assert "'nan' is not a finite number of seconds above 0" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "is empty"),
+        (b'{"address": "tcp://127.0', "is not valid JSON (Unterminated string"),
+        (b"\xff\xfe{", "is not valid JSON"),
+        (b'"tcp://127.0.0.1:1"', "holds JSON str, not an object with an address"),
+        (b"{}", 'has no "address"'),
+    ],
+    ids=["empty", "truncated", "binary", "string", "no-address"],
+)
+def test_bad_scheduler_file_exits_2_with_one_line(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    f = tmp_path / "scheduler.json"
+    f.write_bytes(content)
+    r = run_audit("--scheduler-file", str(f), "--connect-timeout", "2")
+    assert r.returncode == EXIT_USAGE
+    assert r.stderr.startswith(f"dask-safe-audit: --scheduler-file {f} {message}"), r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stdout == ""
+
+
+def test_dask_scheduler_address_is_read_without_an_address() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        address = f"tcp://127.0.0.1:{port}"
+        r = run_audit("--connect-timeout", "2", env={"DASK_SCHEDULER_ADDRESS": address})
+    assert r.returncode == EXIT_USAGE
+    assert f"cannot connect to {address} (from DASK_SCHEDULER_ADDRESS)" in r.stderr
 
 
 def test_address_and_scheduler_file_together_is_a_usage_error(tmp_path: Path) -> None:
@@ -548,6 +734,66 @@ def test_real_cluster_safe_unmanaged_and_at_risk(
     assert by_name["safe-0"].endswith(SAFE) and by_name["safe-1"].endswith(SAFE)
     assert by_name["plain"].endswith("unmanaged (at risk)")
     assert by_name["risky"].endswith(AT_RISK)
+
+
+@pytest.mark.e2e
+@pytest.mark.kernel
+def test_real_cluster_v1_inherited_limit_names_the_parent_the_neighbour_and_a_fix(
+    kernel_cgroup: KernelCgroup, cluster: Cluster, tmp_path: Path
+) -> None:
+    """Issue 15.5 as reported: a plain worker in an unlimited child of a 4 GiB cgroup, and a
+    dask-safe-worker beside it under the same parent."""
+    parent = kernel_cgroup.child("p")
+    parent.set_limit(4 * GiB)
+    plain_cg = parent.child("plain")
+    safe_cg = parent.child("safe")
+    cluster.cgroups.extend([plain_cg, safe_cg, parent])
+    assert plain_cg.limit() > 4 * GiB, "precondition: the child sets no limit of its own"
+
+    cluster.plain_worker(plain_cg, "plain", "--nthreads", "1", "--no-nanny")
+    cluster.safe_worker(safe_cg, "safe", "--nthreads", "1", "--no-nanny")
+    cluster.wait_for_workers(2)
+    plan = json.loads((tmp_path / "safe.plan.json").read_text())
+
+    # Without an address, DASK_SCHEDULER_ADDRESS, as `dask worker` reads it.
+    r = run_audit("--json", env={"DASK_SCHEDULER_ADDRESS": cluster.address})
+    assert r.returncode == EXIT_AT_RISK, r.stderr
+    doc = json.loads(r.stdout)
+    (tmp_path / "audit.json").write_text(r.stdout)
+    assert doc["schema"] == 2
+    rows = {row["name"]: row for row in doc["workers"]}
+
+    plain = rows["plain"]
+    assert (plain["verdict"], plain["risk"]) == (UNMANAGED, AT_RISK)
+    # The 4 GiB is the parent's: the child only inherits it.
+    assert (plain["kernel_limit"], plain["kernel_limit_path"]) == (4 * GiB, parent.relative())
+    names = [c["name"] for c in plain["constraints"]]
+    assert parent.relative() in names and plain_cg.relative() not in names
+    assert any(
+        f"kernel limit 4.00 GiB of cgroup {parent.relative()}:" in x for x in plain["reasons"]
+    )
+    assert not any(plain_cg.relative() in x for x in plain["reasons"])
+    assert "start this worker with dask-safe-worker" in plain["action"]
+
+    safe = rows["safe"]
+    assert safe["managed"] and safe["verdict"] == AT_RISK
+    # Its own cgroup holds the limit it wrote, below the parent's.
+    read_back = plan["cgroup_write"]["outcome"]["read_back"]
+    assert (safe["kernel_limit"], safe["kernel_limit_path"]) == (read_back, safe_cg.relative())
+    assert read_back < 4 * GiB
+    neighbour = (
+        f"sharing it: plain (unmanaged, Dask limit {format_bytes(plain['dask_memory_limit'])})"
+    )
+    assert any(neighbour in x and parent.relative() in x for x in safe["reasons"])
+    assert safe["action"].startswith("fix the unmanaged worker(s) beside it (plain)")
+
+    # The table says the same for people.
+    r = run_audit(env={"DASK_SCHEDULER_ADDRESS": cluster.address})
+    assert r.returncode == EXIT_AT_RISK
+    assert "  what to do: fix the unmanaged worker(s) beside it (plain)" in r.stdout
+    table = {line.split()[0]: line for line in r.stdout.splitlines()[1:3]}
+    assert "4.00 GiB" in table["plain"]
+    (tmp_path / "audit-table.txt").write_text(r.stdout)
 
 
 # --- TLS -------------------------------------------------------------------------------

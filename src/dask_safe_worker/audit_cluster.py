@@ -27,7 +27,8 @@ from .env_options import env_option
 from .plan import DEFAULT_NANNY_ALLOWANCE
 from .sizes import format_bytes
 
-AUDIT_SCHEMA = 1
+# 2: `action` per worker; a cgroup that only inherits a limit (v1) is no constraint.
+AUDIT_SCHEMA = 2
 
 SAFE = "safe"
 AT_RISK = "at risk"
@@ -81,6 +82,8 @@ class Verdict:
     # For unmanaged workers: the measured risk, FITS or AT_RISK.
     risk: str | None
     reasons: tuple[str, ...] = field(default=())
+    # One line: what the operator can do about it (None when nothing needs doing).
+    action: str | None = None
 
     @property
     def at_risk(self) -> bool:
@@ -110,6 +113,70 @@ def _size(value: float) -> str:
     return "unbounded" if math.isinf(value) else format_bytes(int(value))
 
 
+_SHOWN_NEIGHBOURS = 4
+
+
+def _label(w: WorkerFacts) -> str:
+    return w.name or w.address
+
+
+def _neighbours(w: WorkerFacts, group: Sequence[WorkerFacts]) -> str:
+    """The other workers under one constraint, for a reason line."""
+    others = [g for g in group if g is not w]
+    shown = []
+    for g in others[:_SHOWN_NEIGHBOURS]:
+        limit = "no Dask limit" if g.dask_limit is None else f"Dask limit {_size(g.dask_limit)}"
+        shown.append(f"{_label(g)} ({'' if g.managed else 'unmanaged, '}{limit})")
+    if len(others) > _SHOWN_NEIGHBOURS:
+        shown.append(f"{len(others) - _SHOWN_NEIGHBOURS} more")
+    return ", ".join(shown)
+
+
+def _names(workers: Sequence[WorkerFacts]) -> str:
+    labels = [_label(w) for w in workers]
+    if len(labels) > _SHOWN_NEIGHBOURS:
+        return (
+            ", ".join(labels[:_SHOWN_NEIGHBOURS]) + f" and {len(labels) - _SHOWN_NEIGHBOURS} more"
+        )
+    return ", ".join(labels)
+
+
+def _action(
+    w: WorkerFacts, kinds: set[str], unmanaged_neighbours: Sequence[WorkerFacts]
+) -> str | None:
+    """The one thing to do first, for the problems found (kinds), in order of cause."""
+    if not kinds:
+        return None
+    if "no_terminate" in kinds:
+        return (
+            "set distributed.worker.memory.terminate back to 0.95 (for example "
+            "DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE=0.95) and restart the worker"
+        )
+    if not w.managed:
+        return (
+            "start this worker with dask-safe-worker instead of `dask worker`, so that it "
+            "gets a --memory-limit that fits what is free, or give it such a --memory-limit"
+        )
+    if "no_limit" in kinds:
+        return "restart it without --memory-limit 0, so that dask-safe-worker sets one"
+    if unmanaged_neighbours:
+        return (
+            f"fix the unmanaged worker(s) beside it ({_names(unmanaged_neighbours)}): start "
+            "them with dask-safe-worker, or give them a --memory-limit that fits; then "
+            "restart this worker to re-plan"
+        )
+    if "kernel" in kinds:
+        return (
+            "the workers under that limit were planned separately: restart them one after "
+            "another to re-plan, or give each less with --reserve"
+        )
+    return (
+        "the plan is made once at start and other processes have grown since: restart the "
+        "worker to re-plan from what is free now, and keep room for them with --reserve "
+        "(e.g. --reserve 10%)"
+    )
+
+
 def judge(workers: Sequence[WorkerFacts]) -> list[Verdict]:
     """One verdict per worker, in order.
 
@@ -119,6 +186,7 @@ def judge(workers: Sequence[WorkerFacts]) -> list[Verdict]:
       the kernel kills before Dask restarts;
     - available now: what the workers may still grow before Dask acts (each capped by
       its own kernel limit) must fit in the level's current headroom.
+    A reason names the other workers under the same constraint; `action` says what to do.
     """
     members: dict[str, list[WorkerFacts]] = {}
     for w in workers:
@@ -129,40 +197,63 @@ def judge(workers: Sequence[WorkerFacts]) -> list[Verdict]:
     verdicts: list[Verdict] = []
     for w in workers:
         if w.error is not None:
-            verdicts.append(Verdict(w.address, UNKNOWN, None, (w.error, *w.notes)))
+            action = (
+                "install dask-safe-worker in that worker's environment to audit it"
+                if "is not installed" in w.error
+                else None
+            )
+            verdicts.append(Verdict(w.address, UNKNOWN, None, (w.error, *w.notes), action))
             continue
         problems: list[str] = []
+        kinds: set[str] = set()
+        # Unmanaged workers that share a constraint this worker has a problem with.
+        unmanaged: list[WorkerFacts] = []
         if w.dask_limit is None:
             problems.append("Dask has no memory limit: it never spills, pauses or restarts")
+            kinds.add("no_limit")
         if w.terminate_fraction is None:
             problems.append(
                 "distributed.worker.memory.terminate is off: Dask never restarts the worker"
             )
+            kinds.add("no_terminate")
         for c in w.constraints:
             group = members[c.key]
             where = c.name if c.name == "host" else f"cgroup {c.name}"
+            beside = _neighbours(w, group)
+            sharing = f"; sharing it: {beside}" if beside else ""
+            found = False
             if c.limit is not None:
                 need = sum(_threshold(g) + g.nanny_room for g in group)
                 if need > c.limit:
+                    found = True
+                    kinds.add("kernel")
                     problems.append(
                         f"{len(group)} worker(s) at Dask's restart threshold plus nanny room "
                         f"need {_size(need)}, above the kernel limit {_size(c.limit)} of "
-                        f"{where}: the kernel kills before Dask restarts"
+                        f"{where}: the kernel kills before Dask restarts{sharing}"
                     )
             if c.headroom is not None:
                 growth = sum(max(0.0, _reach(g) - g.rss) for g in group)
                 if growth > c.headroom:
+                    found = True
+                    kinds.add("headroom")
                     problems.append(
                         f"{len(group)} worker(s) may still grow by {_size(growth)} before "
-                        f"Dask acts, but only {_size(c.headroom)} is available now in {where}"
+                        f"Dask acts, but only {_size(c.headroom)} is available now in "
+                        f"{where}{sharing}"
                     )
+            if found:
+                unmanaged += [g for g in group if not g.managed and g is not w]
+        unique = list({id(g): g for g in unmanaged}.values())
         reasons = tuple(problems) + w.notes
+        action = _action(w, kinds, unique)
         if w.managed:
-            verdicts.append(Verdict(w.address, AT_RISK if problems else SAFE, None, reasons))
+            verdict = AT_RISK if problems else SAFE
+            verdicts.append(Verdict(w.address, verdict, None, reasons, action))
         else:
             risk = AT_RISK if problems else FITS
             why = "not started by dask-safe-worker (no plan file)"
-            verdicts.append(Verdict(w.address, UNMANAGED, risk, (why, *reasons)))
+            verdicts.append(Verdict(w.address, UNMANAGED, risk, (why, *reasons), action))
     return verdicts
 
 
@@ -178,6 +269,43 @@ def exit_code(verdicts: Sequence[Verdict]) -> int:
 
 def _int(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _cgroup_constraints(host_key: str, raw_levels: Any) -> list[Constraint]:
+    """One constraint per cgroup that sets a limit itself, own cgroup first.
+
+    On v1 an unlimited cgroup below a limited one reports the ancestor's limit as its
+    `hierarchical_memory_limit`; that limit belongs to the ancestor, which is listed with
+    it, so the child adds nothing. A limit above the topmost visible cgroup (a container's
+    parent on the host) is kept, named as such.
+    """
+    levels = [lvl for lvl in raw_levels or [] if isinstance(lvl, dict)]
+    constraints: list[Constraint] = []
+    for level in levels:
+        # Reports without `own_limit` came from a collector that knew only the effective one.
+        own = _int(level.get("own_limit") if "own_limit" in level else level.get("limit"))
+        if own is None:
+            continue
+        path = str(level.get("path"))
+        key = level.get("key") or f"{host_key}:cgroup:{path}"
+        constraints.append(Constraint(str(key), path, own, _headroom(own, level)))
+    if levels:
+        top = levels[-1]
+        inherited = _int(top.get("hierarchical_limit"))
+        own_limits = [c.limit for c in constraints if c.limit is not None]
+        if inherited is not None and (not own_limits or inherited < min(own_limits)):
+            path = str(top.get("path"))
+            key = f"{top.get('key') or f'{host_key}:cgroup:{path}'}:above"
+            name = f"above {path} (not visible here)"
+            constraints.append(Constraint(key, name, inherited, _headroom(inherited, top)))
+    return constraints
+
+
+def _headroom(limit: int, level: Mapping[str, Any]) -> int | None:
+    working_set = _int(level.get("working_set"))
+    if working_set is None:
+        return _int(level.get("headroom"))
+    return max(0, limit - working_set)
 
 
 def facts_from_report(
@@ -239,17 +367,12 @@ def facts_from_report(
     hostname = str(report.get("hostname") or host)
     host_key = f"host:{report.get('boot_id') or hostname}"
     constraints = [Constraint(host_key, "host", None, _int(report.get("mem_available")))]
-    kernel_limit: int | None = None
-    kernel_path: str | None = None
-    for level in report.get("levels") or []:
-        limit = _int(level.get("limit"))
-        if limit is None:
-            continue
-        path = str(level.get("path"))
-        key = level.get("key") or f"{host_key}:cgroup:{path}"
-        constraints.append(Constraint(str(key), path, limit, _int(level.get("headroom"))))
-        if kernel_limit is None or limit < kernel_limit:
-            kernel_limit, kernel_path = limit, path
+    constraints += _cgroup_constraints(host_key, report.get("levels"))
+    # The smallest limit, and the cgroup that sets it (the innermost one on a tie).
+    limited = [c for c in constraints if c.limit is not None]
+    smallest = min(limited, key=lambda c: c.limit or 0, default=None)
+    kernel_limit = smallest.limit if smallest is not None else None
+    kernel_path = smallest.name if smallest is not None else None
     notes.extend(str(x) for x in report.get("warnings") or [])
     return WorkerFacts(
         address,
@@ -285,6 +408,7 @@ def result_rows(facts: Sequence[WorkerFacts], verdicts: Sequence[Verdict]) -> li
                 "verdict": v.verdict,
                 "risk": v.risk,
                 "reasons": list(v.reasons),
+                "action": v.action,
                 "constraints": [asdict(c) for c in f.constraints],
             }
         )
@@ -319,11 +443,30 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
             out.append("")
             out.append(f"{r['name'] or r['worker']} ({r['worker']}): {r['verdict']}")
             out.extend(f"  - {reason}" for reason in r["reasons"])
+            if r.get("action"):
+                out.append(f"  what to do: {r['action']}")
     return "\n".join(out)
 
 
 def _option(name: str, *dest: str, **kwargs: Any) -> click.Option:
     return env_option(ENV_PREFIX, name, *dest, **kwargs)
+
+
+class Seconds(click.ParamType):  # type: ignore[type-arg]
+    """A finite number of seconds above zero: nan and inf are no timeout one can wait for."""
+
+    name = "SECONDS"
+
+    def convert(
+        self, value: Any, param: click.Parameter | None, ctx: click.Context | None
+    ) -> float:
+        try:
+            seconds = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} is not a finite number of seconds above 0", param, ctx)
+        return seconds
 
 
 AUDIT_OPTIONS: list[click.Parameter] = [
@@ -353,17 +496,17 @@ AUDIT_OPTIONS: list[click.Parameter] = [
     ),
     _option(
         "connect-timeout",
-        type=click.FloatRange(min=0, min_open=True),
+        type=Seconds(),
         default=10.0,
         show_default=True,
-        help="Seconds to wait for the scheduler before giving up (exit 2).",
+        help="Seconds (finite, above 0) to wait for the scheduler before giving up (exit 2).",
     ),
     _option(
         "timeout",
-        type=click.FloatRange(min=0, min_open=True),
+        type=Seconds(),
         default=60.0,
         show_default=True,
-        help="Seconds to wait for the workers' answers (exit 2 when exceeded).",
+        help="Seconds (finite, above 0) to wait for the workers' answers (exit 2 when exceeded).",
     ),
     _option("json", "as_json", is_flag=True, help="Print machine-readable JSON instead."),
 ]
@@ -433,6 +576,7 @@ def audit_cluster(
     security: Any,
     connect_timeout: float,
     timeout: float,
+    where: str | None = None,
 ) -> tuple[str, list[dict[str, Any]], list[Verdict]]:
     """Connect, run `collect` on every worker, judge. Raises ConnectionError with a
     message fit for the user on any connection problem."""
@@ -454,7 +598,7 @@ def audit_cluster(
     kwargs: dict[str, Any] = {"timeout": connect_timeout, "set_as_default": False}
     if security is not None:
         kwargs["security"] = security
-    where = address or f"the scheduler in {scheduler_file}"
+    where = where or address or f"the scheduler in {scheduler_file}"
     client: Any
     try:
         client = (
@@ -498,11 +642,55 @@ def audit_cluster(
     return scheduler, result_rows(facts, verdicts), verdicts
 
 
+def scheduler_file_address(text: str) -> str:
+    """The address in a scheduler file's JSON; ValueError with what is wrong with it."""
+    if not text.strip():
+        raise ValueError("is empty")
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"holds JSON {type(doc).__name__}, not an object with an address")
+    address = doc.get("address")
+    if not isinstance(address, str) or not address.strip():
+        raise ValueError('has no "address" (a string such as "tcp://10.0.0.5:8786")')
+    return address
+
+
+def _configured_address() -> str | None:
+    """What `dask worker` uses without an address: dask's `scheduler-address` config,
+    which DASK_SCHEDULER_ADDRESS sets."""
+    import dask.config
+
+    value = dask.config.get("scheduler-address", None)
+    return str(value) if value else None
+
+
 def _run(scheduler_address: str | None, **params: Any) -> None:
-    if scheduler_address and params["scheduler_file"]:
+    scheduler_file = params["scheduler_file"]
+    if scheduler_address and scheduler_file:
         raise click.UsageError("give either SCHEDULER_ADDRESS or --scheduler-file, not both")
-    if not scheduler_address and not params["scheduler_file"]:
-        raise click.UsageError("give SCHEDULER_ADDRESS or --scheduler-file")
+    where: str | None = None
+    if scheduler_file:
+        try:
+            with open(scheduler_file, encoding="utf-8", errors="replace") as f:
+                scheduler_address = scheduler_file_address(f.read())
+        except (OSError, ValueError) as exc:
+            _die(f"--scheduler-file {scheduler_file} {exc}")
+        where = f"{scheduler_address} (from {scheduler_file})"
+    elif not scheduler_address:
+        scheduler_address = _configured_address()
+        if scheduler_address is None:
+            raise click.UsageError(
+                "give SCHEDULER_ADDRESS or --scheduler-file, or set DASK_SCHEDULER_ADDRESS"
+            )
+        source = (
+            "DASK_SCHEDULER_ADDRESS"
+            if os.environ.get("DASK_SCHEDULER_ADDRESS")
+            else "dask config scheduler-address"
+        )
+        where = f"{scheduler_address} (from {source})"
     try:
         security = _security(params["tls_ca_file"], params["tls_cert"], params["tls_key"])
     except Exception as exc:
@@ -510,10 +698,11 @@ def _run(scheduler_address: str | None, **params: Any) -> None:
     try:
         scheduler, rows, verdicts = audit_cluster(
             scheduler_address,
-            params["scheduler_file"],
+            None,
             security,
             params["connect_timeout"],
             params["timeout"],
+            where=where,
         )
     except ConnectionError as exc:
         _die(str(exc))

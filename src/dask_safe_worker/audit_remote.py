@@ -139,6 +139,10 @@ def collect(dask_worker: Any = None) -> dict[str, Any]:
                 "path": lvl.path,
                 "key": key,
                 "limit": lvl.effective_limit,
+                # The level's own limit file: on v1 an unlimited child reports its parent's
+                # limit as `hierarchical_memory_limit`, but the parent is what sets it.
+                "own_limit": lvl.limit,
+                "hierarchical_limit": lvl.hierarchical_limit,
                 "working_set": lvl.working_set,
                 "headroom": lvl.headroom,
                 "error": lvl.error,

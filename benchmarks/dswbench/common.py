@@ -1,0 +1,45 @@
+# ruff: noqa: RUF001
+"""Constants and formatting shared by the benchmark's harness, report and plots."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent.parent
+
+KiB = 2**10
+MiB = 2**20
+GiB = 2**30
+
+M_LIMIT = 3 * GiB
+AGENT_BYTES = 600 * MiB
+NTHREADS = 2
+CHUNK_BYTES = 64 * MiB
+
+PY = sys.executable
+SAFE = str(Path(PY).parent / "dask-safe-worker")
+CONTENDERS = ("plain", "safe", "seed")
+WORKLOADS = ("spill", "burst", "steady")
+# Per-workload bound after which a run counts as hung.
+TIMEOUTS = {"spill": 180.0, "burst": 120.0, "steady": 90.0}
+
+
+def fmt_bytes(n: float | None) -> str:
+    if n is None:
+        return "–"
+    if abs(n) >= GiB:
+        return f"{n / GiB:.2f} GiB"
+    return f"{n / MiB:.0f} MiB"
+
+
+def fmt_med_range(measured: Sequence[float | None], fmt: Callable[[float], str]) -> str:
+    values = [v for v in measured if v is not None]
+    if not values:
+        return "–"
+    med = statistics.median(values)
+    if len(values) == 1 or min(values) == max(values):
+        return fmt(med)
+    return f"{fmt(med)} ({fmt(min(values))}–{fmt(max(values))})"

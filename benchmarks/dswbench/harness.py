@@ -1,0 +1,385 @@
+"""One run of the "VM with agents" scenario on this host's cgroup v1 hierarchy."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import signal
+import statistics
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cgroup_util import KernelCgroup, make_test_cgroup
+from scheduler_util import free_port
+
+from .common import (
+    AGENT_BYTES,
+    CONTENDERS,
+    M_LIMIT,
+    NTHREADS,
+    PY,
+    SAFE,
+    TIMEOUTS,
+    WORKLOADS,
+    KiB,
+    fmt_bytes,
+)
+from .workloads import AGENT_CODE, pickle_by_value, run_workload, worker_stats
+
+RESTART_MEMORY_RE = re.compile(r"exceeded \d+% memory budget\. Restarting")
+KILLED_RE = re.compile(r"Worker process \d+ was killed by signal (\d+)")
+
+
+def read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def proc_rss(pid: int) -> int | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * KiB
+    except OSError:
+        return None
+    return None
+
+
+def proc_cmd(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return " ".join(part.decode(errors="replace") for part in raw.split(b"\0") if part)[:120]
+
+
+def proc_ppid(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def tree_pids(cg: KernelCgroup) -> list[int]:
+    pids: list[int] = []
+    for procs in cg.path.rglob("cgroup.procs"):
+        with contextlib.suppress(OSError, ValueError):
+            pids += [int(p) for p in procs.read_text().split()]
+    return pids
+
+
+def end_process(proc: subprocess.Popen[Any], grace: float) -> None:
+    """SIGTERM, then SIGKILL after `grace` seconds: only ever a process we started."""
+    if proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        proc.wait(10)
+
+
+# ----------------------------------------------------------------------- sampling
+
+
+@dataclass
+class Series:
+    t: list[float] = field(default_factory=list)
+    m_usage: list[int] = field(default_factory=list)
+    m_working_set: list[int] = field(default_factory=list)
+    w_usage: list[int] = field(default_factory=list)
+    w_limit: list[int | None] = field(default_factory=list)
+    nanny_rss: list[int | None] = field(default_factory=list)
+    oom_kill_times: list[float] = field(default_factory=list)
+
+
+class Sampler(threading.Thread):
+    """Every 100 ms: M's and W's usage, W's limit, the nanny's RSS, M's oom_kill count.
+
+    It also records every pid seen in M: they can only have entered M through a process
+    this benchmark started there, so they are ours to end.
+    """
+
+    def __init__(self, m: KernelCgroup, w: KernelCgroup, seen: set[int], t0: float) -> None:
+        super().__init__(daemon=True)
+        self.m, self.w, self.seen, self.t0 = m, w, seen, t0
+        self.series = Series()
+        self.nanny_pid: int | None = None
+        self.stop_event = threading.Event()
+        self._last_kills = 0
+
+    def run(self) -> None:
+        while not self.stop_event.is_set():
+            now = time.monotonic() - self.t0
+            with contextlib.suppress(OSError, ValueError):
+                s = self.series
+                m_usage, w_usage = self.m.usage(), self.w.usage()
+                w_limit = self.w.limit()
+                s.t.append(now)
+                s.m_usage.append(m_usage)
+                s.m_working_set.append(max(0, m_usage - self.m.stat("total_inactive_file")))
+                s.w_usage.append(w_usage)
+                s.w_limit.append(w_limit if w_limit < 2**62 else None)
+                s.nanny_rss.append(proc_rss(self.nanny_pid) if self.nanny_pid else None)
+                # v1 counts a kill only in the victim's own cgroup: W for the worker and
+                # nanny, M itself for the agent.
+                kills = self.m.oom_kills() + self.w.oom_kills()
+                if kills > self._last_kills:
+                    s.oom_kill_times += [now] * (kills - self._last_kills)
+                    self._last_kills = kills
+                self.seen.update(tree_pids(self.m))
+            self.stop_event.wait(0.1)
+
+
+# ----------------------------------------------------------------------- scheduler
+
+
+@contextlib.contextmanager
+def scheduler(log_path: Path, started: set[int]) -> Iterator[tuple[str, subprocess.Popen[Any]]]:
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            [PY, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+             "--port", str(port), "--no-dashboard"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    started.add(proc.pid)
+    try:
+        yield address, proc
+    finally:
+        end_process(proc, 10)
+
+
+def worker_args(address: str, local_dir: str) -> list[str]:
+    return [
+        address,
+        "--nthreads", str(NTHREADS),
+        "--nworkers", "1",
+        "--host", "127.0.0.1",
+        "--no-dashboard",
+        "--local-directory", local_dir,
+        "--death-timeout", "60",
+    ]  # fmt: skip
+
+
+def contender_argv(contender: str, args: list[str], plan_file: Path) -> list[str]:
+    if contender == "safe":
+        return [SAFE, "--log-format", "json", "--plan-file", str(plan_file), *args]
+    return [PY, "-m", "distributed.cli.dask_worker", *args]
+
+
+def wait_registered(client: Any, since: float, timeout: float) -> float | None:
+    """Seconds from `since` (time.time()) to the scheduler's add-worker event."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for stamp, msg in client.get_events("all"):
+            if isinstance(msg, dict) and msg.get("action") == "add-worker" and stamp >= since:
+                return float(stamp) - since
+        time.sleep(0.05)
+    return None
+
+
+def call_with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        return pool.submit(fn).result(timeout)
+    except Exception as exc:
+        return exc
+    finally:
+        pool.shutdown(wait=False)
+
+
+# --------------------------------------------------------------------------- a run
+
+
+@dataclass
+class RunResult:
+    contender: str
+    workload: str
+    repeat: int
+    outcome: str = "?"
+    error: str | None = None
+    wall_s: float | None = None
+    register_s: float | None = None
+    headroom_before: int = 0
+    workload_bytes: int = 0
+    dask_memory_limit: int | None = None
+    w_kernel_limit: int | None = None
+    oom_kills_w: int = 0
+    oom_kills_m: int = 0
+    failcnt_w: int = 0
+    failcnt_m: int = 0
+    memory_restarts: int = 0
+    killed_by_signal: int = 0
+    disk_write_bytes: int | None = None
+    agent_alive: bool = False
+    # The process we launched (after the execs: the nanny) still running at the end.
+    nanny_alive: bool = False
+    scheduler_alive: bool = False
+    peak_m: int = 0
+    peak_m_working_set: int = 0
+    stats_error: str | None = None
+    nanny_rss_median: int | None = None
+    nanny_rss_max: int | None = None
+    processes_in_w: list[tuple[int, int | None, int | None, str]] = field(default_factory=list)
+    series: Series = field(default_factory=Series)
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("series")
+        return d
+
+
+def run_once(
+    contender: str, workload: str, repeat: int, work: Path, log: Callable[[str], None]
+) -> RunResult:
+    from distributed import Client
+
+    res = RunResult(contender, workload, repeat)
+    run_dir = work / f"{workload}-{contender}-{repeat}"
+    run_dir.mkdir(parents=True)
+    started: set[int] = set()
+    with make_test_cgroup(started, prefix="dsw-bench") as m:
+        m.set_limit(M_LIMIT)
+        w = m.child("w")
+        agent = subprocess.Popen(
+            m.enter_command([PY, "-c", AGENT_CODE, str(AGENT_BYTES)]),
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        started.add(agent.pid)
+        try:
+            assert agent.stdout is not None
+            if agent.stdout.readline().strip() != b"ready":
+                raise RuntimeError("agent did not start")
+            (m.path / "memory.max_usage_in_bytes").write_text("0")
+            # The MemAvailable-equivalent of the "VM": its limit minus its working set.
+            headroom = M_LIMIT - m.working_set()
+            res.headroom_before = headroom
+            res.workload_bytes = int(
+                {"spill": 1.5, "burst": 1.2, "steady": 0.3}[workload] * headroom
+            )
+            args = worker_args("", str(run_dir / "local"))
+            if contender == "seed":
+                w.set_limit(headroom)
+                args += ["--memory-limit", str(headroom)]
+            with scheduler(run_dir / "scheduler.log", started) as (address, sched):
+                args[0] = address
+                argv = contender_argv(contender, args, run_dir / "plan.json")
+                client = Client(address, timeout=30)
+                t0 = time.monotonic()
+                sampler = Sampler(m, w, started, t0)
+                sampler.start()
+                worker_log = open(run_dir / "worker.log", "wb")  # noqa: SIM115
+                since = time.time()
+                worker = subprocess.Popen(
+                    w.enter_command(argv), stdout=worker_log, stderr=subprocess.STDOUT
+                )
+                started.add(worker.pid)
+                sampler.nanny_pid = worker.pid
+                try:
+                    res.register_s = wait_registered(client, since, 90)
+                    if res.register_s is None:
+                        raise RuntimeError("worker did not register within 90 s")
+                    client.wait_for_workers(1, timeout=30)
+                    limits = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
+                    res.dask_memory_limit = next(iter(limits.values()))
+                    time.sleep(1.0)  # a baseline on the plot, before the work starts
+                    t_start = time.monotonic()
+                    try:
+                        run_workload(client, workload, headroom, TIMEOUTS[workload])
+                        res.outcome = "completed"
+                    except TimeoutError:
+                        res.outcome = f"hung (>{TIMEOUTS[workload]:.0f} s)"
+                    except Exception as exc:
+                        res.outcome = "Dask error"
+                        res.error = f"{type(exc).__name__}: {str(exc)[:160]}"
+                    res.wall_s = time.monotonic() - t_start
+                    snap = []
+                    for pid in tree_pids(w):
+                        snap.append((pid, proc_ppid(pid), proc_rss(pid), proc_cmd(pid)))
+                    res.processes_in_w = snap
+                    stats = call_with_timeout(
+                        lambda: client.run(worker_stats, on_error="return"), 20
+                    )
+                    if isinstance(stats, dict):
+                        values = [v for v in stats.values() if isinstance(v, dict)]
+                        if values:
+                            res.disk_write_bytes = sum(v["disk_write_bytes"] for v in values)
+                        else:
+                            res.stats_error = f"no worker answered: {stats!r}"[:200]
+                    else:
+                        res.stats_error = f"{type(stats).__name__}: {stats}"[:200]
+                    time.sleep(0.5)
+                    events = call_with_timeout(lambda: client.get_events(), 10)
+                    if isinstance(events, dict):
+                        (run_dir / "events.json").write_text(json.dumps(events, default=str))
+                    res.agent_alive = agent.poll() is None
+                    res.nanny_alive = worker.poll() is None
+                    res.scheduler_alive = sched.poll() is None
+                finally:
+                    with contextlib.suppress(Exception):
+                        call_with_timeout(lambda: client.close(timeout=5), 10)
+                    end_process(worker, 20)
+                    worker_log.close()
+                    sampler.stop_event.set()
+                    sampler.join(5)
+                    for pid in tree_pids(w):
+                        if pid in started:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGKILL)
+            res.series = sampler.series
+            res.oom_kills_m, res.oom_kills_w = m.oom_kills(), w.oom_kills()
+            res.failcnt_m = read_int(m.path / "memory.failcnt") or 0
+            res.failcnt_w = read_int(w.path / "memory.failcnt") or 0
+            res.peak_m = read_int(m.path / "memory.max_usage_in_bytes") or 0
+            res.peak_m_working_set = max(res.series.m_working_set, default=0)
+            limits_seen = [v for v in res.series.w_limit if v is not None]
+            res.w_kernel_limit = min(limits_seen) if limits_seen else None
+            text = (run_dir / "worker.log").read_text(errors="replace")
+            res.memory_restarts = len(RESTART_MEMORY_RE.findall(text))
+            res.killed_by_signal = len(KILLED_RE.findall(text))
+            rss = [v for v in res.series.nanny_rss if v is not None]
+            if rss:
+                res.nanny_rss_median = int(statistics.median(rss))
+                res.nanny_rss_max = max(rss)
+        finally:
+            end_process(agent, 5)
+    log(
+        f"{workload:6} {contender:5} #{repeat}: {res.outcome:18} wall={res.wall_s or 0:6.1f}s "
+        f"dask_limit={fmt_bytes(res.dask_memory_limit)} W_limit={fmt_bytes(res.w_kernel_limit)} "
+        f"oom W/M={res.oom_kills_w}/{res.oom_kills_m} failcnt W/M={res.failcnt_w}/{res.failcnt_m} "
+        f"restarts={res.memory_restarts} killed={res.killed_by_signal} "
+        f"spilled={fmt_bytes(res.disk_write_bytes)} peakM={fmt_bytes(res.peak_m)} "
+        f"peakM_ws={fmt_bytes(res.peak_m_working_set)} reg={res.register_s or 0:.2f}s "
+        f"agent={res.agent_alive} sched={res.scheduler_alive} {res.error or ''}"
+    )
+    return res
+
+
+def run_pressure(
+    quick: bool, repeats: int, work: Path, log: Callable[[str], None]
+) -> list[RunResult]:
+    pickle_by_value()
+    runs: list[RunResult] = []
+    workloads = ("spill",) if quick else WORKLOADS
+    contenders = ("plain", "safe") if quick else CONTENDERS
+    for repeat in range(1 if quick else repeats):
+        for workload in workloads:
+            for contender in contenders:
+                runs.append(run_once(contender, workload, repeat, work, log))
+    return runs
