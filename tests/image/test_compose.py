@@ -45,7 +45,10 @@ with Client("tcp://127.0.0.1:8786", timeout=30) as c:
 def netns() -> Iterator[int]:
     """A network namespace of our own, held open by a process we started; its pid."""
     if shutil.which("iptables") is None:
-        pytest.fail("netavark needs iptables for compose's bridge network (scripts/test.sh)")
+        reason = "netavark needs iptables for compose's bridge network (scripts/test.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
     holder = subprocess.Popen(["unshare", "--net", "--", "sleep", "3600"])
     try:
         deadline = time.monotonic() + 10
