@@ -263,3 +263,27 @@ def test_read_only_root_with_a_tmpfs_at_tmp_starts(
     plan = c.event("plan.made")
     assert list(limits.values()) == [plan["per_worker"]]
     assert "Traceback" not in c.logs()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ["--security-opt", "unmask=/sys/fs/cgroup"],
+        ["--cap-add", "SYS_ADMIN"],
+        ["--cgroupns", "private"],
+    ],
+    ids=["unmask", "sys-admin", "cgroupns-private"],
+)
+def test_podman_has_no_writable_cgroupfs_short_of_privileged_on_v1(
+    podman: Engine, built: Built, closed_port: int, options: list[str]
+) -> None:
+    """What docs/containers.md says of podman 4.3 on cgroup v1: these options leave the
+    container's cgroupfs read-only, so `--cgroup-write required` refuses with EROFS."""
+    result = run(
+        podman,
+        ["--memory", "1g", *options],
+        ["--reserve", RESERVE, "--cgroup-write", "required", f"tcp://127.0.0.1:{closed_port}"],
+        built.image,
+    )
+    assert result.returncode == 4, result.stderr
+    assert "(EROFS)" in result.stderr.splitlines()[-1], result.stderr
