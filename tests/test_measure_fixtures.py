@@ -208,3 +208,14 @@ def test_a_real_mount_point_with_a_non_utf8_byte_does_not_stop_measuring(tmp_pat
     assert int(count) == 1, "the odd mount point is in the mount table"
     assert int(budget) > 0
     assert b"Traceback" not in proc.stderr
+
+
+def test_routine_levels_carry_no_failure_words() -> None:
+    # Launchers fail a worker on "error" in its output (dask-jobqueue), and so do alerting
+    # rules: a level without an error has no `error` field; a real one keeps it.
+    import json
+
+    clean = at("systemd-v2-nest").as_dict()
+    assert "error" not in json.dumps(clean).lower()
+    levels = at("malformed").as_dict()["cgroup_levels"]
+    assert isinstance(levels, list) and "error" in levels[0]

@@ -47,6 +47,26 @@ class LevelReading:
             return None
         return max(0, limit - (self.working_set or 0))
 
+    def as_dict(self) -> dict[str, object]:
+        """The reading; `error` only when there is one.
+
+        Launchers and log alerting scan output for failure words: dask-jobqueue's local
+        runner fails a worker on any line with "error" before it registers. A routine
+        line must not carry one, even as `"error": null`.
+        """
+        out: dict[str, object] = {
+            "path": self.path,
+            "limit": self.limit,
+            "hierarchical_limit": self.hierarchical_limit,
+            "usage": self.usage,
+            "inactive_file": self.inactive_file,
+            "working_set": self.working_set,
+            "headroom": self.headroom,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
+
 
 @dataclass(frozen=True)
 class Measurement:
@@ -99,19 +119,7 @@ class Measurement:
             "mem_available_estimated": self.host.available_estimated,
             "cgroup_version": self.location.version if self.location else None,
             "cgroup_path": self.location.cgroup_path if self.location else None,
-            "cgroup_levels": [
-                {
-                    "path": lvl.path,
-                    "limit": lvl.limit,
-                    "hierarchical_limit": lvl.hierarchical_limit,
-                    "usage": lvl.usage,
-                    "inactive_file": lvl.inactive_file,
-                    "working_set": lvl.working_set,
-                    "headroom": lvl.headroom,
-                    "error": lvl.error,
-                }
-                for lvl in self.levels
-            ],
+            "cgroup_levels": [lvl.as_dict() for lvl in self.levels],
             "sole_occupant": self.sole_occupant,
             "own_procs_count": None if self.own_procs is None else len(self.own_procs),
             "own_rss": self.own_rss,

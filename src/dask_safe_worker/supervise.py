@@ -263,7 +263,7 @@ def _remove_cgroup(child: str, parent: str, audit: Callable[..., None]) -> None:
         os.rmdir(child)
     except OSError as exc:
         error = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    audit("cgroup.child.removed", target=child, error=error)
+    audit("cgroup.child.removed", target=child, **({"error": error} if error else {}))
 
 
 USAGE = (
