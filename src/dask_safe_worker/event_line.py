@@ -7,11 +7,9 @@ small, so it cannot import structlog). Keep it stdlib-only and cheap to import.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
 
 # Version 2 added `host`, `start_id` and `worker_name`, and dropped empty `error` fields.
 SCHEMA_VERSION = 2
@@ -58,13 +56,19 @@ def worker_name(args: Sequence[str], value_options: Iterable[str] = ()) -> str |
     return name or None
 
 
-@dataclass(frozen=True)
 class Stamp:
-    """What identifies the lines of one start: where, which start, which worker."""
+    """What identifies the lines of one start: where, which start, which worker.
 
-    start_id: str
-    host: str
-    worker_name: str | None = None
+    A plain class, not a dataclass: `dataclasses` imports `inspect` and `ast`, about
+    1.5 MiB of RSS that the supervisor would carry for the container's lifetime.
+    """
+
+    __slots__ = ("host", "start_id", "worker_name")
+
+    def __init__(self, start_id: str, host: str, worker_name: str | None = None) -> None:
+        self.start_id = start_id
+        self.host = host
+        self.worker_name = worker_name
 
     @classmethod
     def here(cls, start_id: str | None = None, worker_name: str | None = None) -> Stamp:
@@ -94,6 +98,10 @@ def record(event: str, fields: Mapping[str, object], stamp: Stamp) -> dict[str, 
 
 
 def json_line(rec: Mapping[str, object]) -> str:
+    # Imported on first use: json pulls in `re`, which a supervisor logging nothing
+    # (--log-format none, or supervise() as a library) need not carry.
+    import json
+
     return json.dumps(rec, default=str)
 
 
