@@ -278,7 +278,14 @@ def test_process_group_forwarding(
     base = tmp_path / "got"
     sup = run_supervisor(py(GROUP_CHILD, str(base)), group=group)
     for role in ("child", "grandchild"):
-        wait_for(lambda r=role: Path(f"{base}.{r}.ready").exists(), f"{role} ready")  # type: ignore[misc]
+        # Written with a plain open: the file exists a moment before its pid is in it.
+        wait_for(
+            lambda r=role: (
+                Path(f"{base}.{r}.ready").exists()  # type: ignore[misc]
+                and Path(f"{base}.{r}.ready").read_text() != ""
+            ),
+            f"{role} ready",
+        )
     child = int(Path(f"{base}.child.ready").read_text())
     grandchild = int(Path(f"{base}.grandchild.ready").read_text())
     sup.extra_pids += [child, grandchild]
