@@ -219,3 +219,46 @@ def test_routine_levels_carry_no_failure_words() -> None:
     assert "error" not in json.dumps(clean).lower()
     levels = at("malformed").as_dict()["cgroup_levels"]
     assert isinstance(levels, list) and "error" in levels[0]
+
+
+def _fixture_files(scenario: str) -> list[str]:
+    root = FIXTURES / scenario
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("scenario", ["hybrid-nested", "systemd-v2-nest"])
+def test_any_bytes_in_any_kernel_file_never_escape_measure(scenario: str) -> None:
+    # Issue 13 row 2b: whatever bytes a file holds, measure() raises only for
+    # /proc/meminfo (its docstring) and only OSError/ParseError; everything else becomes a
+    # level error or a warning.
+    import shutil
+    import tempfile
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from dask_safe_worker.proc_parse import ParseError
+
+    files = _fixture_files(scenario)
+    odd = st.sampled_from([b"\xff", b"\xc3\x28", b"\x00", b"\n", b" ", b"-", b"max", b"\\"])
+    content = st.one_of(st.binary(max_size=64), st.lists(odd | st.binary(max_size=4)).map(b"".join))
+
+    @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+    @given(changes=st.dictionaries(st.sampled_from(files), content, min_size=1, max_size=3))
+    def check(changes: dict[str, bytes]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "tree"
+            shutil.copytree(FIXTURES / scenario, root)
+            for rel, data in changes.items():
+                (root / rel).write_bytes(data)
+            try:
+                m = measure(root / "proc", root / "sys", affinity=4, rlimit_rss=-1, own_pid=4242)
+            except (OSError, ParseError):
+                assert "proc/meminfo" in changes
+                return
+            import json
+
+            json.dumps(m.as_dict())
+            assert m.available >= 0
+
+    check()
