@@ -736,3 +736,42 @@ def test_ctrl_c_at_the_terminal_stops_an_init_worker_with_exit_0(
     assert [e["signal"] for e in shared] == ["SIGINT"]
     assert not [e for e in events if e["event"] == "init.signal.forwarded"]
     assert next(e for e in events if e["event"] == "init.exit")["code"] == 0
+
+
+PENDING_SCRIPT = """
+import json, os, signal, sys
+from dask_safe_worker.supervise import defer_signals, supervise
+def audit(event, **fields):
+    sys.stderr.write(json.dumps({"event": event, **fields}) + "\\n")
+def on_child_exit():
+    audit("test.on_child_exit")
+defer_signals()
+os.kill(os.getpid(), signal.SIG%s)
+sys.exit(supervise(sys.argv[1:], audit=audit, on_child_exit=on_child_exit))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_pending_before_the_start_cancels_it(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path, sig: signal.Signals
+) -> None:
+    marker = tmp_path / "started"
+    sup = run_supervisor(["touch", str(marker)], script=PENDING_SCRIPT % sig.name[3:])
+    rc, events, _ = sup.finish()
+    assert rc == 128 + sig
+    assert not marker.exists(), "the worker was not started"
+    assert names(events) == ["init.start.cancelled", "test.on_child_exit", "init.exit"]
+    assert events[0]["signal"] == sig.name and events[-1]["code"] == 128 + sig
+
+
+def test_a_pending_usr1_does_not_cancel_the_start(
+    run_supervisor: Callable[..., Supervisor],
+) -> None:
+    # Only the stopping signals cancel; USR1 waits and is forwarded to the worker (which,
+    # this early, has no handler yet: it ends from it, as it would under tini).
+    sup = run_supervisor(["sleep", "5"], script=PENDING_SCRIPT % "USR1")
+    rc, events, _ = sup.finish()
+    assert "init.start" in names(events) and "init.start.cancelled" not in names(events)
+    forwarded = [e for e in events if e["event"] == "init.signal.forwarded"]
+    assert [e["signal"] for e in forwarded] == ["SIGUSR1"]
+    assert rc == 128 + signal.SIGUSR1

@@ -251,21 +251,25 @@ def _start_and_wait(
     subreaper_error: str | None,
 ) -> int:
     stop = _pending_stop()
+    if stop is None:
+        audit(
+            "init.start",
+            argv=list(argv),
+            pid1=pid1,
+            process_group=process_group,
+            subreaper=pid1 or subreaper_error is None,
+            **({"subreaper_error": subreaper_error} if subreaper_error else {}),
+        )
+        # Buffered output would otherwise be written twice or out of order around the fork.
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:
+                stream.flush()
+        # Once more, as close to the fork as possible: a child does not inherit pending
+        # signals, so a Ctrl-C from just before the fork would reach nobody.
+        stop = _pending_stop()
     if stop is not None:
         audit("init.start.cancelled", signal=_signal_name(stop), code=128 + stop)
         return 128 + stop
-    audit(
-        "init.start",
-        argv=list(argv),
-        pid1=pid1,
-        process_group=process_group,
-        subreaper=pid1 or subreaper_error is None,
-        **({"subreaper_error": subreaper_error} if subreaper_error else {}),
-    )
-    # Buffered output would otherwise be written twice or out of order around the fork.
-    for stream in (sys.stdout, sys.stderr):
-        if stream is not None:
-            stream.flush()
     child_env = os.environ if env is None else env
     child = os.fork()
     if child == 0:
