@@ -6,6 +6,8 @@ import json
 import re
 from pathlib import Path
 
+from dask_safe_worker.event_line import SCHEMA_VERSION, STAMP_FIELDS
+
 ROOT = Path(__file__).resolve().parent.parent
 # audit("name", ...), cli._fail(code, message, audit, "name") and exec_worker(..., event="name").
 EMIT = re.compile(
@@ -42,5 +44,23 @@ def test_examples_are_json_with_the_common_fields() -> None:
     assert len(blocks) >= 20
     for block in blocks:
         event = json.loads(block)
-        assert event["schema"] == 1 and event["event"] in documented()
-        assert {"pid", "level", "timestamp"} <= event.keys()
+        assert event["schema"] == SCHEMA_VERSION and event["event"] in documented()
+        assert {"pid", "host", "start_id", "level", "timestamp"} <= event.keys()
+        # The stamps close every line, in the order event_line writes them.
+        stamps = [k for k in event if k in STAMP_FIELDS]
+        assert stamps == [k for k in STAMP_FIELDS if k in event]
+        assert list(event)[-len(stamps) :] == stamps
+
+
+def test_routine_examples_carry_no_failure_words() -> None:
+    # Launchers such as dask-jobqueue's local runner fail a worker on "error" in its output.
+    text = (ROOT / "docs/audit-log.md").read_text()
+    for block in re.findall(r"```json\n(.*?)\n```", text, flags=re.S):
+        event = json.loads(block)
+        if event["level"] == "info":
+            assert "error" not in block.lower(), block
+
+
+def test_schema_history_names_the_current_version() -> None:
+    text = (ROOT / "docs/audit-log.md").read_text()
+    assert f"now `{SCHEMA_VERSION}`" in text and f"`{SCHEMA_VERSION}`: " in text

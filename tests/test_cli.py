@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from dask_safe_worker.audit import SCHEMA_VERSION
 from scheduler_util import audit_events
 
 DSW = [sys.executable, "-m", "dask_safe_worker"]
@@ -87,7 +88,7 @@ def test_dry_run_prints_the_plan_and_passes_args_through() -> None:
     assert proc.returncode == 0
     assert proc.stderr == ""
     doc = json.loads(proc.stdout)
-    assert doc["schema"] == 1
+    assert doc["schema"] == SCHEMA_VERSION
     limit = doc["plan"]["memory_limit_arg"]
     assert doc["argv"][-7:] == [
         "tcp://127.0.0.1:1",

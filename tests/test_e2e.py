@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from cgroup_util import KernelCgroup
+from dask_safe_worker.audit import SCHEMA_VERSION
 from scheduler_util import audit_events, scheduler, wait_for_workers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
@@ -100,7 +101,7 @@ def test_worker_limit_equals_plan(
         "worker.exec",
     ):
         assert required in names, required
-    assert all(e["schema"] == 1 for e in events)
+    assert all(e["schema"] == SCHEMA_VERSION for e in events)
     argv = next(e for e in events if e["event"] == "worker.argv")["argv"]
     assert argv[-2:] == ["--memory-limit", str(plan["memory_limit_arg"])]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,144 @@ def test_as_dict_is_json_serialisable() -> None:
     for scenario in sorted(p.name for p in FIXTURES.iterdir()):
         doc = at(scenario).as_dict()
         assert json.loads(json.dumps(doc)) == doc
+
+
+def test_odd_bytes_v2_become_level_errors_and_warnings() -> None:
+    # Non-UTF-8 bytes in mountinfo (a parseable mount point and an unparseable line),
+    # memory.max, memory.current, memory.stat and cgroup.procs (issue 13, rows 2 and 2b).
+    m = at("odd-bytes-v2")
+    assert m.location is not None and m.location.version == 2
+    leaf, dask_slice, system_slice, root = m.levels
+    assert leaf.limit is None and leaf.error is not None
+    assert "memory.max is not an integer" in leaf.error
+    # The odd memory.stat lines are skipped; the good inactive_file line still counts.
+    assert leaf.inactive_file == 100 * MiB and leaf.working_set == 400 * MiB
+    assert dask_slice.limit == 3 * GiB and dask_slice.error is None
+    assert system_slice.usage is None and system_slice.error is not None
+    assert "memory.current is not an integer" in system_slice.error
+    assert root.error is None
+    assert m.available == 3 * GiB - 1000 * MiB
+    assert m.own_procs is None
+    assert any(w.startswith("cannot list the own cgroup's processes") for w in m.warnings)
+    skipped = [w for w in m.warnings if w.startswith("skipped a line of mountinfo")]
+    assert len(skipped) == 1 and "not a mount line" in skipped[0]
+
+
+def test_odd_bytes_v1_become_level_errors_and_warnings() -> None:
+    m = at("odd-bytes-v1")
+    # cgroup2's controllers are garbage, so memory is not on v2: the v1 hierarchy is used.
+    assert m.location is not None and m.location.version == 1
+    own, scope, user, user_slice, root = m.levels
+    assert own.limit is None and own.error is not None and "limit_in_bytes" in own.error
+    assert own.hierarchical_limit == 2 * GiB and own.working_set == 200 * MiB
+    assert user_slice.usage is None and user_slice.error is not None
+    assert scope.headroom == GiB and m.available == GiB
+    assert root.error is None and user.error is None
+
+
+def test_a_cgroup_path_with_a_non_utf8_byte_is_measured(tmp_path: Path) -> None:
+    # A cgroup whose name is not UTF-8 (mkdir takes any byte): its files are still found.
+    import shutil
+
+    root = tmp_path / "tree"
+    shutil.copytree(FIXTURES / "systemd-v2-nest", root)
+    slice_dir = root / "sys/fs/cgroup/system.slice/dask.slice"
+    odd = os.fsdecode(b"worker\xff\xc3.scope")
+    (slice_dir / "worker.scope").rename(slice_dir / odd)
+    (root / "proc/self/cgroup").write_bytes(b"0::/system.slice/dask.slice/worker\xff\xc3.scope\n")
+    m = measure(root / "proc", root / "sys", affinity=4, rlimit_rss=-1, own_pid=4242)
+    assert m.location is not None
+    leaf = m.levels[0]
+    assert os.fsencode(leaf.path) == b"/system.slice/dask.slice/worker\xff\xc3.scope"
+    assert leaf.limit == 8 * GiB and leaf.error is None
+    assert m.limiting == "/system.slice/dask.slice"
+    assert m.own_procs == (4242, 4243)
+    # The audit log and plan file stay JSON: the odd bytes are escaped, not lost.
+    import json
+
+    assert json.loads(json.dumps(m.as_dict()))["cgroup_levels"][0]["path"] == leaf.path
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounting needs root")
+def test_a_real_mount_point_with_a_non_utf8_byte_does_not_stop_measuring(tmp_path: Path) -> None:
+    # Issue 13 row 2: a tmpfs mounted on a non-UTF-8 directory name in a mount namespace
+    # of the test's own (unshare -m: private propagation, gone with its last process).
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare(1)")
+    odd = os.fsencode(tmp_path) + b"/caf\xe9 \xff"
+    os.mkdir(odd)
+    # The kernel escapes the space as \040 and writes the other bytes as they are.
+    as_listed = b"caf\xe9\\040\xff"
+    script = (
+        b'mount -t tmpfs none "$1" && grep -c -F "$2" /proc/self/mountinfo && shift 2 && exec "$@"'
+    )
+    cli = [sys.executable, "-m", "dask_safe_worker", "--print-limit", "--cgroup-write", "never"]
+    proc = subprocess.run(
+        [b"unshare", b"-m", b"sh", b"-c", script, b"sh", odd, as_listed, *map(os.fsencode, cli)],
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    count, budget = proc.stdout.decode().split()
+    assert int(count) == 1, "the odd mount point is in the mount table"
+    assert int(budget) > 0
+    assert b"Traceback" not in proc.stderr
+
+
+def test_routine_levels_carry_no_failure_words() -> None:
+    # Launchers fail a worker on "error" in its output (dask-jobqueue), and so do alerting
+    # rules: a level without an error has no `error` field; a real one keeps it.
+    import json
+
+    clean = at("systemd-v2-nest").as_dict()
+    assert "error" not in json.dumps(clean).lower()
+    levels = at("malformed").as_dict()["cgroup_levels"]
+    assert isinstance(levels, list) and "error" in levels[0]
+
+
+def _fixture_files(scenario: str) -> list[str]:
+    root = FIXTURES / scenario
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("scenario", ["hybrid-nested", "systemd-v2-nest"])
+def test_any_bytes_in_any_kernel_file_never_escape_measure(scenario: str) -> None:
+    # Issue 13 row 2b: whatever bytes a file holds, measure() raises only for
+    # /proc/meminfo (its docstring) and only OSError/ParseError; everything else becomes a
+    # level error or a warning.
+    import shutil
+    import tempfile
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from dask_safe_worker.proc_parse import ParseError
+
+    files = _fixture_files(scenario)
+    odd = st.sampled_from([b"\xff", b"\xc3\x28", b"\x00", b"\n", b" ", b"-", b"max", b"\\"])
+    content = st.one_of(st.binary(max_size=64), st.lists(odd | st.binary(max_size=4)).map(b"".join))
+
+    @settings(max_examples=60, suppress_health_check=[HealthCheck.too_slow])
+    @given(changes=st.dictionaries(st.sampled_from(files), content, min_size=1, max_size=3))
+    def check(changes: dict[str, bytes]) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "tree"
+            shutil.copytree(FIXTURES / scenario, root)
+            for rel, data in changes.items():
+                (root / rel).write_bytes(data)
+            try:
+                m = measure(root / "proc", root / "sys", affinity=4, rlimit_rss=-1, own_pid=4242)
+            except (OSError, ParseError):
+                assert "proc/meminfo" in changes
+                return
+            import json
+
+            json.dumps(m.as_dict())
+            assert m.available >= 0
+
+    check()

@@ -8,7 +8,10 @@ from hypothesis import strategies as st
 
 from dask_safe_worker.cgroup_parse import (
     V1_UNLIMITED_FLOOR,
+    parse_controllers,
+    parse_int,
     parse_memory_stat,
+    parse_pids,
     parse_v2_limit,
     v1_limit,
     working_set,
@@ -16,6 +19,7 @@ from dask_safe_worker.cgroup_parse import (
 from dask_safe_worker.proc_parse import (
     ParseError,
     parse_meminfo,
+    parse_mountinfo,
     parse_mountinfo_line,
     parse_proc_cgroup,
     unescape_octal,
@@ -191,3 +195,109 @@ def test_amount_bytes_and_percent() -> None:
     for bad in ("", "-5", "150%", "lots", "inf"):
         with pytest.raises(ValueError):
             parse_amount(bad)
+
+
+# Kernel files hold bytes, not UTF-8: read_kernel_text decodes them with surrogateescape.
+def kernel(raw: bytes) -> str:
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def unkernel(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+# Any byte a path component may hold (not NUL, not "/"), weighted towards the awkward ones:
+# invalid UTF-8, what str.splitlines() takes for a line break, and what the kernel escapes.
+path_byte = st.one_of(
+    st.integers(1, 255).filter(lambda b: b != ord("/")),
+    st.sampled_from([0x80, 0xC3, 0xFF, 0xFE, 0x85, 0x0B, 0x0C, 0x1C, 0x1E, 0x20, 0x09, 0x0A, 0x5C]),
+).map(lambda b: bytes([b]))
+byte_paths = st.lists(st.lists(path_byte, min_size=1, max_size=6).map(b"".join), max_size=4).map(
+    lambda parts: b"/" + b"/".join(parts)
+)
+
+
+def escape_bytes(path: bytes) -> bytes:
+    """As the kernel's mangle_path/seq_path: only space, tab, newline and backslash."""
+    out = path.replace(b"\\", b"\\134")
+    return out.replace(b" ", b"\\040").replace(b"\t", b"\\011").replace(b"\n", b"\\012")
+
+
+@given(root=byte_paths, point=byte_paths, source=byte_paths)
+def test_mountinfo_line_keeps_every_byte_of_a_path(
+    root: bytes, point: bytes, source: bytes
+) -> None:
+    head = [b"36", b"35", b"98:0", escape_bytes(root), escape_bytes(point), b"rw", b"shared:1"]
+    line = b" ".join([*head, b"-", b"cgroup2", escape_bytes(source), b"rw"])
+    mount = parse_mountinfo_line(kernel(line))
+    assert unkernel(mount.root) == root and unkernel(mount.mount_point) == point
+    assert unkernel(mount.source) == source and mount.fstype == "cgroup2"
+
+
+@given(
+    points=st.lists(byte_paths, min_size=1, max_size=5),
+    garbage=st.lists(st.binary(max_size=30).filter(lambda b: b"\n" not in b), max_size=3),
+)
+def test_mountinfo_skips_what_it_cannot_read_and_keeps_the_rest(
+    points: list[bytes], garbage: list[bytes]
+) -> None:
+    good = [
+        b"%d 1 0:1 / %s rw - tmpfs none rw" % (i + 2, escape_bytes(p)) for i, p in enumerate(points)
+    ]
+    text = kernel(b"\n".join([*good, *garbage]) + b"\n")
+    mounts, skipped = parse_mountinfo(text)
+    got = [unkernel(m.mount_point) for m in mounts]
+    # A garbage line may by chance be a valid mount line; the good ones are all there.
+    assert got[: len(points)] == points
+    assert len(mounts) + len(skipped) == len(good) + len([g for g in garbage if g])
+
+
+@given(st.binary(max_size=40))
+def test_integer_files_give_a_number_or_a_parse_error(raw: bytes) -> None:
+    text = kernel(raw)
+    stripped = raw.strip(b" \t\n")
+    digits = stripped[1:] if stripped.startswith(b"-") else stripped
+    try:
+        value = parse_int(text, "memory.current")
+    except ParseError:
+        assert not (digits and digits.isdigit())
+    else:
+        assert digits.isdigit() and value == int(stripped)
+    try:
+        limit = parse_v2_limit(text)
+    except ParseError:
+        pass
+    else:
+        assert limit is None or limit >= 0
+
+
+@given(st.lists(st.binary(max_size=30).filter(lambda b: b"\n" not in b), max_size=8))
+def test_memory_stat_with_any_bytes_keeps_only_clean_pairs(raw_lines: list[bytes]) -> None:
+    stat = parse_memory_stat(kernel(b"\n".join([b"inactive_file 42", *raw_lines])))
+    assert all(isinstance(v, int) for v in stat.values())
+    if not any([p for p in line.split(b" ") if p][:1] == [b"inactive_file"] for line in raw_lines):
+        assert stat["inactive_file"] == 42
+
+
+@given(st.binary(max_size=40))
+def test_pids_and_controllers_with_any_bytes(raw: bytes) -> None:
+    text = kernel(raw)
+    try:
+        pids = parse_pids(text)
+    except ParseError:
+        pass
+    else:
+        assert pids == [int(line) for line in raw.split(b"\n") if line.strip(b" \t")]
+    names = parse_controllers(text)
+    assert all(unkernel(n) in raw for n in names)
+
+
+@given(
+    entries=st.lists(
+        st.tuples(st.integers(0, 20), byte_paths.filter(lambda p: b"\n" not in p)), max_size=6
+    )
+)
+def test_proc_cgroup_keeps_every_byte_of_a_path(entries: list[tuple[int, bytes]]) -> None:
+    raw = b"".join(b"%d:memory:%s\n" % (hid, path) for hid, path in entries)
+    parsed = parse_proc_cgroup(kernel(raw))
+    assert [(e.hierarchy_id, unkernel(e.path)) for e in parsed] == entries

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -124,12 +125,17 @@ def py(code: str, *args: str) -> list[str]:
     return [PY, "-c", textwrap.dedent(code), *args]
 
 
+STAMPS = ("schema", "host", "start_id", "level", "timestamp")
+
+
 def without_stamps(event: dict[str, Any]) -> dict[str, Any]:
-    """An audit line without what every line carries (schema, level, timestamp)."""
+    """An audit line without what every line carries (schema, host, start id, level, time)."""
     assert event["schema"] == SCHEMA_VERSION
+    assert event["host"] == os.uname().nodename
+    assert re.fullmatch(r"[0-9a-f]{16}", event["start_id"])
     assert event["level"] in ("info", "warning")
     assert event["timestamp"].endswith("Z")
-    return {k: v for k, v in event.items() if k not in ("schema", "level", "timestamp")}
+    return {k: v for k, v in event.items() if k not in STAMPS}
 
 
 def names(events: list[dict[str, Any]]) -> list[str]:
@@ -272,7 +278,14 @@ def test_process_group_forwarding(
     base = tmp_path / "got"
     sup = run_supervisor(py(GROUP_CHILD, str(base)), group=group)
     for role in ("child", "grandchild"):
-        wait_for(lambda r=role: Path(f"{base}.{r}.ready").exists(), f"{role} ready")  # type: ignore[misc]
+        # Written with a plain open: the file exists a moment before its pid is in it.
+        wait_for(
+            lambda r=role: (
+                Path(f"{base}.{r}.ready").exists()  # type: ignore[misc]
+                and Path(f"{base}.{r}.ready").read_text() != ""
+            ),
+            f"{role} ready",
+        )
     child = int(Path(f"{base}.child.ready").read_text())
     grandchild = int(Path(f"{base}.grandchild.ready").read_text())
     sup.extra_pids += [child, grandchild]
@@ -480,7 +493,7 @@ def test_empty_argv_is_rejected() -> None:
         [],
         ["--bogus", "true"],
         ["-g"],
-        ["--log-format", "console", "true"],
+        ["--log-format", "xml", "true"],
         ["--remove-cgroup", "/nonexistent", "true"],
         ["--parent-cgroup", "/nonexistent", "--", "true"],
     ],
@@ -539,7 +552,7 @@ def test_module_main_removes_the_child_cgroup_after_the_worker(
     assert not child.path.exists()
     events = [json.loads(line) for line in err.decode().splitlines()]
     removed = next(e for e in events if e["event"] == "cgroup.child.removed")
-    assert removed["target"] == str(child.path) and removed["error"] is None
+    assert removed["target"] == child.relative() and "error" not in removed
     assert names(events)[-2:] == ["cgroup.child.removed", "init.exit"]
 
 
@@ -570,3 +583,195 @@ def test_module_main_reports_a_cgroup_it_cannot_remove(
     removed = next(e for e in events if e["event"] == "cgroup.child.removed")
     assert removed["error"] == "EBUSY"
     assert child.path.exists()
+
+
+# A worker that closes on TERM at once and leaves nothing behind in its cgroup.
+QUICK_WORKER = "trap 'exit 0' TERM; while :; do sleep 0.05; done"
+
+
+def _subdirs(path: Path) -> list[str]:
+    return sorted(p.name for p in path.iterdir() if p.is_dir())
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return b""
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    "when", ["child-created", "supervisor-exec", 0.1, 0.2, 0.3, 0.4, 0.5, "worker-running"]
+)
+def test_sigterm_early_in_init_leaves_no_child_cgroup(
+    kernel_cgroup: Any, started_pids: set[int], tmp_path: Path, when: str | float
+) -> None:
+    # Issue 13 row 4: `--init` in a shared cgroup creates a child for the worker; a SIGTERM
+    # at any moment of the start, even between the mkdir and the supervisor's exec, must
+    # end with that child removed.
+    import shlex
+
+    kernel_cgroup.set_limit(2**30)
+    neighbour = subprocess.Popen(kernel_cgroup.enter_command(["sleep", "600"]))
+    started_pids.add(neighbour.pid)
+    wait_for(lambda: neighbour.pid in kernel_cgroup.pids(), "neighbour in the cgroup")
+    argv = [
+        PY,
+        "-m",
+        "dask_safe_worker",
+        "--init",
+        "--log-format",
+        "json",
+        "--plan-file",
+        str(tmp_path / "plan.json"),
+        "--worker-command",
+        f"sh -c {shlex.quote(QUICK_WORKER)} sh",
+        "tcp://127.0.0.1:1",
+    ]
+    proc = subprocess.Popen(
+        kernel_cgroup.enter_command(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    started_pids.add(proc.pid)
+    if when == "child-created":
+        wait_for(lambda: _subdirs(kernel_cgroup.path) != [], "the child cgroup")
+    elif when == "supervisor-exec":
+        wait_for(lambda: b"dask_safe_worker.supervise" in _cmdline(proc.pid), "the exec")
+    elif when == "worker-running":
+        wait_for(lambda: descendants(proc.pid) != [], "the worker")
+    else:
+        assert isinstance(when, float)
+        time.sleep(when)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=DEADLINE_S)
+    stderr = err.decode()
+    assert "Traceback" not in stderr
+    assert _subdirs(kernel_cgroup.path) == [], stderr
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    if when == "child-created":
+        # The worker was never started: the supervisor found the signal waiting for it.
+        assert proc.returncode == 128 + signal.SIGTERM
+        assert "init.start.cancelled" in names(events) and "init.start" not in names(events)
+    elif when == "worker-running":
+        assert proc.returncode == 0
+    elif proc.returncode == -signal.SIGTERM:
+        # Killed while still planning, before anything was created (signals are deferred
+        # only from the write on).
+        assert "cgroup.child.created" not in names(events)
+    else:
+        assert proc.returncode in (0, 128 + signal.SIGTERM)
+    if "cgroup.child.created" in names(events):
+        created = next(e for e in events if e["event"] == "cgroup.child.created")
+        removed = next(e for e in events if e["event"] == "cgroup.child.removed")
+        # One path style for both (issue 15 item 6), no error, and one start id throughout.
+        assert removed["target"] == created["target"] and "error" not in removed
+        assert len({e["start_id"] for e in events}) == 1
+        assert {e["host"] for e in events} == {os.uname().nodename}
+
+
+@pytest.mark.kernel
+def test_module_main_usage_error_still_removes_the_child_cgroup(
+    kernel_cgroup: Any, started_pids: set[int]
+) -> None:
+    child = kernel_cgroup.child("worker")
+    argv = [PY, "-m", "dask_safe_worker.supervise", "--remove-cgroup", str(child.path)]
+    argv += ["--parent-cgroup", str(kernel_cgroup.path), "--bogus", "--", "true"]
+    proc = subprocess.Popen(child.enter_command(argv), stderr=subprocess.PIPE)
+    started_pids.add(proc.pid)
+    _, err = proc.communicate(timeout=DEADLINE_S)
+    assert proc.returncode == 2
+    assert b"usage:" in err
+    assert not child.path.exists()
+
+
+@pytest.mark.e2e
+def test_ctrl_c_at_the_terminal_stops_an_init_worker_with_exit_0(
+    started_pids: set[int], tmp_path: Path
+) -> None:
+    # Issue 13 row 11: Ctrl-C reaches the terminal's whole foreground group, the worker
+    # included. The supervisor must not forward a second SIGINT (distributed takes the
+    # second as "stop now" and exits 1). A real terminal: a pty whose line discipline turns
+    # ^C into SIGINT for the foreground group, as a shell's job control sets it up.
+    import fcntl
+    import termios
+
+    from scheduler_util import scheduler, wait_for_workers
+
+    def controlling_terminal() -> None:
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+    master, slave = os.openpty()
+    try:
+        with scheduler() as address:
+            argv = [PY, "-m", "dask_safe_worker", "--init", "--cgroup-write", "never"]
+            argv += ["--log-format", "json", "--plan-file", str(tmp_path / "plan.json")]
+            argv += [address, "--no-dashboard", "--nthreads", "1"]
+            proc = subprocess.Popen(
+                argv,
+                stdin=slave,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                preexec_fn=controlling_terminal,
+            )
+            started_pids.add(proc.pid)
+            try:
+                wait_for_workers(address, 1)
+                assert os.tcgetpgrp(master) == proc.pid, "the worker's group is in front"
+                os.write(master, b"\x03")
+                _, err = proc.communicate(timeout=DEADLINE_S)
+            finally:
+                if proc.poll() is None:
+                    for pid in [*descendants(proc.pid), proc.pid]:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    proc.wait()
+    finally:
+        os.close(master)
+        os.close(slave)
+    stderr = err.decode()
+    assert proc.returncode == 0, stderr[-3000:]
+    events = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    shared = [e for e in events if e["event"] == "init.signal.shared"]
+    assert [e["signal"] for e in shared] == ["SIGINT"]
+    assert not [e for e in events if e["event"] == "init.signal.forwarded"]
+    assert next(e for e in events if e["event"] == "init.exit")["code"] == 0
+
+
+PENDING_SCRIPT = """
+import json, os, signal, sys
+from dask_safe_worker.supervise import defer_signals, supervise
+def audit(event, **fields):
+    sys.stderr.write(json.dumps({"event": event, **fields}) + "\\n")
+def on_child_exit():
+    audit("test.on_child_exit")
+defer_signals()
+os.kill(os.getpid(), signal.SIG%s)
+sys.exit(supervise(sys.argv[1:], audit=audit, on_child_exit=on_child_exit))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP])
+def test_a_stop_signal_pending_before_the_start_cancels_it(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path, sig: signal.Signals
+) -> None:
+    marker = tmp_path / "started"
+    sup = run_supervisor(["touch", str(marker)], script=PENDING_SCRIPT % sig.name[3:])
+    rc, events, _ = sup.finish()
+    assert rc == 128 + sig
+    assert not marker.exists(), "the worker was not started"
+    assert names(events) == ["init.start.cancelled", "test.on_child_exit", "init.exit"]
+    assert events[0]["signal"] == sig.name and events[-1]["code"] == 128 + sig
+
+
+def test_a_pending_usr1_does_not_cancel_the_start(
+    run_supervisor: Callable[..., Supervisor],
+) -> None:
+    # Only the stopping signals cancel; USR1 waits and is forwarded to the worker (which,
+    # this early, has no handler yet: it ends from it, as it would under tini).
+    sup = run_supervisor(["sleep", "5"], script=PENDING_SCRIPT % "USR1")
+    rc, events, _ = sup.finish()
+    assert "init.start" in names(events) and "init.start.cancelled" not in names(events)
+    forwarded = [e for e in events if e["event"] == "init.signal.forwarded"]
+    assert [e["signal"] for e in forwarded] == ["SIGUSR1"]
+    assert rc == 128 + signal.SIGUSR1

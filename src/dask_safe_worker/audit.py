@@ -1,21 +1,35 @@
 """The audit log: one structured line per decision, JSON on stderr by default.
 
 Event names are stable and dotted (docs/audit-log.md lists them all); every line carries
-`schema`, so consumers can detect a change of shape. Values of environment variables
-never go into an event.
+`schema`, so consumers can detect a change of shape, and `host`, `start_id` and (when the
+worker has a `--name`) `worker_name`, so a fleet's lines can be grouped. The line itself is
+built by `event_line`, which the stdlib-only supervisor shares. Values of environment
+variables never go into an event.
 """
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable, MutableMapping
 from typing import Any, TextIO
 
-SCHEMA_VERSION = 1
+from .event_line import SCHEMA_VERSION, Stamp, console_line, json_line, new_start_id, record
+
+__all__ = ["LOG_FORMATS", "SCHEMA_VERSION", "Audit", "make_audit", "no_audit", "start_id"]
+
 LOG_FORMATS = ("auto", "json", "console", "none")
 
 Audit = Callable[..., None]
+
+_start_id: str | None = None
+
+
+def start_id() -> str:
+    """This process's start id; the supervisor it execs is given the same one."""
+    global _start_id
+    if _start_id is None:
+        _start_id = new_start_id()
+    return _start_id
 
 
 def no_audit(event: str, **fields: object) -> None:
@@ -23,7 +37,9 @@ def no_audit(event: str, **fields: object) -> None:
     return None
 
 
-def make_audit(fmt: str = "auto", stream: TextIO | None = None) -> Audit:
+def make_audit(
+    fmt: str = "auto", stream: TextIO | None = None, *, worker_name: str | None = None
+) -> Audit:
     """An `audit(event, **fields)` callable writing to `stream` (stderr)."""
     out = stream if stream is not None else sys.stderr
     if fmt == "none":
@@ -33,28 +49,17 @@ def make_audit(fmt: str = "auto", stream: TextIO | None = None) -> Audit:
     # Imported only when something is logged: structlog costs ~70 ms at start-up.
     import structlog
 
-    def add_schema(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> Any:
-        event_dict["schema"] = SCHEMA_VERSION
-        event_dict["pid"] = os.getpid()
-        return event_dict
+    stamp = Stamp.here(start_id(), worker_name)
+    colors = fmt == "console" and out.isatty()
 
-    renderer: Any = (
-        structlog.processors.JSONRenderer()
-        if fmt == "json"
-        else structlog.dev.ConsoleRenderer(colors=out.isatty())
-    )
-    logger = structlog.wrap_logger(
-        structlog.PrintLogger(file=out),
-        processors=[
-            add_schema,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            renderer,
-        ],
-    )
+    def render(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> str:
+        rec = record(str(event_dict.pop("event")), event_dict, stamp)
+        return json_line(rec) if fmt == "json" else console_line(rec, colors)
+
+    logger = structlog.wrap_logger(structlog.PrintLogger(file=out), processors=[render])
 
     def audit(event: str, **fields: object) -> None:
-        level = "warning" if event.endswith((".failed", ".refused", ".error")) else "info"
-        getattr(logger, level)(event, **fields)
+        # The level is part of the line (event_line.level_of); structlog only writes it.
+        logger.info(event, **fields)
 
     return audit

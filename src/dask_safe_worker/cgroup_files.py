@@ -14,6 +14,17 @@ from . import cgroup_parse as cp
 from .proc_parse import ParseError
 
 
+def read_kernel_text(path: Path) -> str:
+    """A kernel file as text, whatever its bytes.
+
+    Paths and names in kernel files are bytes, not UTF-8 (any program may create a mount
+    point or cgroup with an odd byte). `surrogateescape` keeps every byte: a path decoded
+    this way encodes back to the same bytes when Python opens it, and a garbled number
+    fails our parsers with a ParseError instead of a UnicodeDecodeError.
+    """
+    return path.read_bytes().decode("utf-8", "surrogateescape")
+
+
 class MemoryCgroupFiles(Protocol):
     version: int
     directory: Path
@@ -56,14 +67,14 @@ class V1MemoryCgroup:
     def _int(self, attribute: str, filename: str) -> int:
         try:
             value = getattr(self._ctl, attribute)
-        except ValueError as exc:
+        except ValueError as exc:  # UnicodeDecodeError included: cgroupspy reads text
             raise ParseError(f"{filename} is not an integer") from exc
         # cgroupspy maps -1 to None; v1 uses -1 for "unlimited" in writes only.
         return -1 if value is None else int(value)
 
     def _stat(self) -> dict[str, int]:
         # cgroupspy's DictFile rejects any odd line; our parser skips them instead.
-        return cp.parse_memory_stat((self.directory / "memory.stat").read_text())
+        return cp.parse_memory_stat(read_kernel_text(self.directory / "memory.stat"))
 
     def limit(self, mem_total: int) -> int | None:
         return cp.v1_limit(self._int("limit_in_bytes", "memory.limit_in_bytes"), mem_total)
@@ -98,7 +109,7 @@ class V2MemoryCgroup:
         self.directory = directory
 
     def _read(self, name: str) -> str:
-        return (self.directory / name).read_text()
+        return read_kernel_text(self.directory / name)
 
     def limit(self, mem_total: int) -> int | None:
         value = cp.parse_v2_limit(self._read("memory.max"))

@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from .proc_parse import ParseError
+import re
+
+from .proc_parse import ParseError, lines
+
+# What the kernel writes for a number. int() alone would also take "1_000", " ١٢ " or "+5".
+_INTEGER = re.compile(r"-?[0-9]+")
+# str.strip() would also take Unicode spaces and the \x1c-\x1f separators for blanks.
+_BLANK = " \t\n"
 
 # v1 writes "no limit" as PAGE_COUNTER_MAX * PAGE_SIZE, which depends on the page size
 # and kernel; anything this large cannot be a real limit.
@@ -10,11 +17,10 @@ V1_UNLIMITED_FLOOR = 2**62
 
 
 def parse_int(text: str, what: str = "value") -> int:
-    s = text.strip()
-    try:
-        return int(s)
-    except ValueError as exc:
-        raise ParseError(f"{what} is not an integer: {s[:40]!r}") from exc
+    s = text.strip(_BLANK)
+    if not _INTEGER.fullmatch(s):
+        raise ParseError(f"{what} is not an integer: {s[:40]!r}")
+    return int(s)
 
 
 def v1_limit(value: int, mem_total: int) -> int | None:
@@ -34,7 +40,7 @@ def parse_v1_limit(text: str, mem_total: int) -> int | None:
 
 def parse_v2_limit(text: str) -> int | None:
     """`memory.max` / `memory.high`: "max" or a byte count; None means no limit."""
-    s = text.strip()
+    s = text.strip(_BLANK)
     if s == "max":
         return None
     value = parse_int(s, "memory.max")
@@ -46,20 +52,16 @@ def parse_v2_limit(text: str) -> int | None:
 def parse_memory_stat(text: str) -> dict[str, int]:
     """`memory.stat`: one `name value` pair per line. Lines that don't fit are skipped."""
     stat: dict[str, int] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) != 2:
-            continue
-        try:
+    for line in lines(text):
+        parts = [p for p in line.split(" ") if p]
+        if len(parts) == 2 and _INTEGER.fullmatch(parts[1]):
             stat[parts[0]] = int(parts[1])
-        except ValueError:
-            continue
     return stat
 
 
 def parse_pids(text: str) -> list[int]:
     """`cgroup.procs`: one pid per line."""
-    return [parse_int(line, "cgroup.procs entry") for line in text.split() if line]
+    return [parse_int(line, "cgroup.procs entry") for line in lines(text) if line.strip(_BLANK)]
 
 
 def parse_controllers(text: str) -> frozenset[str]:

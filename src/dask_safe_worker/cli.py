@@ -25,6 +25,7 @@ from .cgroup_write import (
     intended_strategy,
 )
 from .env_options import env_option, env_var
+from .event_line import worker_name
 from .measure import Measurement, measure
 from .plan import (
     DEFAULT_MIN_WORKER_MEMORY,
@@ -285,8 +286,14 @@ def supervisor_argv(
     argv: Sequence[str], outcome: WriteOutcome, params: dict[str, Any]
 ) -> list[str]:
     """`python -m dask_safe_worker.supervise ... -- <worker argv>`."""
+    from .audit import start_id
+
     cmd = [sys.executable, "-m", "dask_safe_worker.supervise"]
-    cmd += ["--log-format", "none" if params["log_format"] == "none" else "json"]
+    # Same format and start id as our lines, so that one start reads as one log.
+    cmd += ["--log-format", params["log_format"], "--start-id", start_id()]
+    name = worker_name(argv, dask_compat.WORKER_VALUE_OPTIONS)
+    if name is not None:
+        cmd += ["--worker-name", name]
     if params["init_process_group"]:
         cmd.append("-g")
     if outcome.created_child and outcome.parent_dir:
@@ -327,7 +334,10 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
     worker_args: list[str] = ctx.meta.get("dask_safe_worker.worker_args", [])
     prefix = _worker_prefix(params["worker_command"])
     query = params["print_limit"] or params["dry_run"]
-    audit = make_audit("none" if query and params["log_format"] == "auto" else params["log_format"])
+    audit = make_audit(
+        "none" if query and params["log_format"] == "auto" else params["log_format"],
+        worker_name=worker_name(worker_args, dask_compat.WORKER_VALUE_OPTIONS),
+    )
     audit("cli.started", version=__version__, options=_params_for_log(ctx), argv=worker_args)
 
     if params["worker_help"]:
@@ -397,6 +407,12 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         click.echo(json.dumps(plan_document(m, plan, argv, None, params), indent=2))
         return
 
+    if supervised:
+        # From here a signal waits for the supervisor, which removes a child cgroup made
+        # below; without this, SIGTERM before the exec would leave the child behind.
+        from .supervise import defer_signals
+
+        defer_signals()
     outcome = apply_limit(m, plan.budget, opts=_write_options(params), audit=audit)
     audit("cgroup.write.outcome", **outcome.as_dict())
     if params["cgroup_write"] == "required" and not outcome.enforced:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dask_compat
-from .cgroup_files import open_memory_cgroup
+from .cgroup_files import open_memory_cgroup, read_kernel_text
 from .cgroup_locate import CgroupLocation, cgroup2_mount, host_path, locate_memory_cgroup
 from .cgroup_parse import parse_controllers, working_set
 from .proc_parse import HostMemory, ParseError, parse_meminfo, parse_mountinfo, parse_proc_cgroup
@@ -46,6 +46,26 @@ class LevelReading:
         if limit is None:
             return None
         return max(0, limit - (self.working_set or 0))
+
+    def as_dict(self) -> dict[str, object]:
+        """The reading; `error` only when there is one.
+
+        Launchers and log alerting scan output for failure words: dask-jobqueue's local
+        runner fails a worker on any line with "error" before it registers. A routine
+        line must not carry one, even as `"error": null`.
+        """
+        out: dict[str, object] = {
+            "path": self.path,
+            "limit": self.limit,
+            "hierarchical_limit": self.hierarchical_limit,
+            "usage": self.usage,
+            "inactive_file": self.inactive_file,
+            "working_set": self.working_set,
+            "headroom": self.headroom,
+        }
+        if self.error is not None:
+            out["error"] = self.error
+        return out
 
 
 @dataclass(frozen=True)
@@ -99,19 +119,7 @@ class Measurement:
             "mem_available_estimated": self.host.available_estimated,
             "cgroup_version": self.location.version if self.location else None,
             "cgroup_path": self.location.cgroup_path if self.location else None,
-            "cgroup_levels": [
-                {
-                    "path": lvl.path,
-                    "limit": lvl.limit,
-                    "hierarchical_limit": lvl.hierarchical_limit,
-                    "usage": lvl.usage,
-                    "inactive_file": lvl.inactive_file,
-                    "working_set": lvl.working_set,
-                    "headroom": lvl.headroom,
-                    "error": lvl.error,
-                }
-                for lvl in self.levels
-            ],
+            "cgroup_levels": [lvl.as_dict() for lvl in self.levels],
             "sole_occupant": self.sole_occupant,
             "own_procs_count": None if self.own_procs is None else len(self.own_procs),
             "own_rss": self.own_rss,
@@ -164,7 +172,7 @@ def _describe(exc: BaseException) -> str:
 
 def read_own_rss(proc_root: Path, pid: str) -> int:
     try:
-        for line in (proc_root / pid / "status").read_text().splitlines():
+        for line in read_kernel_text(proc_root / pid / "status").split("\n"):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
@@ -173,18 +181,25 @@ def read_own_rss(proc_root: Path, pid: str) -> int:
 
 
 def locate(proc_root: Path, sys_root: Path, pid: str = "self") -> CgroupLocation | None:
-    entries = parse_proc_cgroup((proc_root / pid / "cgroup").read_text())
-    mounts, _skipped = parse_mountinfo((proc_root / pid / "mountinfo").read_text())
+    return _locate(proc_root, sys_root, pid)[0]
+
+
+def _locate(proc_root: Path, sys_root: Path, pid: str) -> tuple[CgroupLocation | None, list[str]]:
+    """The memory cgroup, and a warning for each mountinfo line that had to be skipped."""
+    entries = parse_proc_cgroup(read_kernel_text(proc_root / pid / "cgroup"))
+    mounts, skipped = parse_mountinfo(read_kernel_text(proc_root / pid / "mountinfo"))
+    warnings = [f"skipped a line of mountinfo: {note}" for note in skipped]
     controllers: frozenset[str] | None = None
     v2 = cgroup2_mount(mounts)
     if v2 is not None:
         try:
             controllers = parse_controllers(
-                (host_path(sys_root, v2.mount_point) / "cgroup.controllers").read_text()
+                read_kernel_text(host_path(sys_root, v2.mount_point) / "cgroup.controllers")
             )
-        except OSError:
+        except OSError as exc:
+            warnings.append(f"cannot read cgroup.controllers of cgroup2: {_describe(exc)}")
             controllers = None
-    return locate_memory_cgroup(entries, mounts, controllers)
+    return locate_memory_cgroup(entries, mounts, controllers), warnings
 
 
 def measure(
@@ -197,10 +212,11 @@ def measure(
     own_pid: int | None = None,
 ) -> Measurement:
     """Everything the plan needs. Raises OSError/ParseError only for /proc/meminfo."""
-    host = parse_meminfo((proc_root / "meminfo").read_text())
+    host = parse_meminfo(read_kernel_text(proc_root / "meminfo"))
     warnings: list[str] = []
     try:
-        location = locate(proc_root, sys_root, pid)
+        location, locate_warnings = _locate(proc_root, sys_root, pid)
+        warnings.extend(locate_warnings)
     except (OSError, ParseError) as exc:
         location = None
         warnings.append(f"cannot locate the memory cgroup: {_describe(exc)}")

@@ -1,4 +1,10 @@
-"""Pure parsers for the /proc files we read: meminfo, mountinfo and <pid>/cgroup."""
+"""Pure parsers for the /proc files we read: meminfo, mountinfo and <pid>/cgroup.
+
+They take text decoded with `surrogateescape` (cgroup_files.read_kernel_text), so a path
+holds exactly the kernel's bytes, and split lines on "\n" only: the kernel escapes
+nothing but space, tab, newline and backslash, so a path may contain any other byte,
+including those `str.splitlines` would take for a line break.
+"""
 
 from __future__ import annotations
 
@@ -18,10 +24,15 @@ class ParseError(ValueError):
     """A /proc or cgroup file whose content we cannot interpret."""
 
 
+def lines(text: str) -> list[str]:
+    """The file's lines, split where the kernel ends one."""
+    return text.split("\n")
+
+
 def parse_meminfo(text: str) -> HostMemory:
     """MemTotal and MemAvailable in bytes (the file says kB and means KiB)."""
     fields: dict[str, int] = {}
-    for line in text.splitlines():
+    for line in lines(text):
         name, sep, rest = line.partition(":")
         if not sep:
             continue
@@ -63,12 +74,18 @@ class Mount:
         return option in self.super_options.split(",")
 
 
-_OCTAL = re.compile(r"\\([0-7]{3})")
+# Three octal digits up to \377: one byte.
+_OCTAL = re.compile(r"\\([0-3][0-7]{2})")
 
 
 def unescape_octal(field: str) -> str:
-    r"""The kernel writes space, tab, newline and backslash in paths as \040 etc."""
-    return _OCTAL.sub(lambda m: chr(int(m.group(1), 8)), field)
+    r"""The kernel writes space, tab, newline and backslash in paths as \040 etc.
+
+    An escape stands for one byte, decoded as `read_kernel_text` decodes the rest.
+    """
+    return _OCTAL.sub(
+        lambda m: bytes([int(m.group(1), 8)]).decode("utf-8", "surrogateescape"), field
+    )
 
 
 def parse_mountinfo_line(line: str) -> Mount:
@@ -104,8 +121,8 @@ def parse_mountinfo(text: str) -> tuple[list[Mount], list[str]]:
     """All parseable mounts, plus a note for each line skipped."""
     mounts: list[Mount] = []
     skipped: list[str] = []
-    for line in text.splitlines():
-        if not line.strip():
+    for line in lines(text):
+        if not line:
             continue
         try:
             mounts.append(parse_mountinfo_line(line))
@@ -127,7 +144,7 @@ def parse_proc_cgroup(text: str) -> list[CgroupEntry]:
     The path is everything after the second colon, since it may itself hold colons.
     """
     entries: list[CgroupEntry] = []
-    for line in text.splitlines():
+    for line in lines(text):
         if not line.strip():
             continue
         pieces = line.split(":", 2)

@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .audit import no_audit
+from .event_line import Stamp, console_line, json_line, record
 
-__all__ = ["FORWARDED_SIGNALS", "is_pid1", "main", "supervise"]
+__all__ = ["FORWARDED_SIGNALS", "defer_signals", "is_pid1", "main", "supervise"]
 
 FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGTERM,
@@ -36,6 +36,19 @@ FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGWINCH,
 )
 
+# A signal pending before the worker starts means "do not start it" for these.
+STOPPING_SIGNALS: frozenset[int] = frozenset(
+    {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGHUP}
+)
+
+# The terminal sends these to its whole foreground process group (si_code SI_KERNEL): a
+# worker in our group has had its own copy. HUP is not here: on hangup the kernel may
+# signal only the session leader.
+_TERMINAL_GROUP_SIGNALS: frozenset[int] = frozenset(
+    {signal.SIGINT, signal.SIGQUIT, signal.SIGWINCH}
+)
+_SI_KERNEL = 0x80  # Linux's si_code for a signal the kernel itself sent (not in `signal`)
+
 # Python ignores these at start-up; exec keeps SIG_IGN, so the worker would inherit them.
 _PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
 
@@ -46,13 +59,26 @@ _WAIT_TIMEOUT_S = 1.0
 
 EXEC_FAILED = 127
 
-# Matches dask_safe_worker.audit.SCHEMA_VERSION; not imported from there to stay stdlib-only.
-AUDIT_SCHEMA_VERSION = 1
+
+def no_audit(event: str, **fields: object) -> None:
+    """Records nothing: the default for library use, and `--log-format none`."""
+    return None
 
 
 def is_pid1() -> bool:
     """Whether this process is the init of its PID namespace."""
     return os.getpid() == 1
+
+
+def defer_signals() -> None:
+    """Block the forwarded signals from now on, so that none is lost or acted on too early.
+
+    The planning process calls this before it creates a child cgroup and execs the
+    supervisor: the mask and the pending signals survive exec, so a SIGTERM that arrives
+    in between waits for the supervisor, which then removes the child instead of dying
+    with it in place (issue 13, row 4).
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
 
 
 def _set_child_subreaper() -> str | None:
@@ -82,7 +108,10 @@ def _exec_child(argv: Sequence[str], env: Mapping[str, str], process_group: bool
                 with contextlib.suppress(OSError):
                     os.tcsetpgrp(0, os.getpgrp())
                 signal.signal(signal.SIGTTOU, previous)
-        for signum in _PYTHON_IGNORED:
+        # Default actions before unblocking: a signal still pending for the child (or
+        # Python's SIGINT handler) must act as it will on the exec'd worker, not raise
+        # KeyboardInterrupt here.
+        for signum in (*_PYTHON_IGNORED, *FORWARDED_SIGNALS):
             signal.signal(signum, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         os.execvpe(argv[0], list(argv), dict(env))
@@ -133,6 +162,24 @@ def _reap(main_pid: int, audit: Callable[..., None]) -> tuple[int | None, bool]:
             audit("init.orphan.reaped", child_pid=pid, **fields)
 
 
+def _worker_has_it(info: signal.struct_siginfo, child: int, process_group: bool) -> bool:
+    """Whether the terminal sent this signal to a process group the worker is in.
+
+    Ctrl-C reaches the terminal's whole foreground group. Without `-g` the worker shares
+    our group, so it got its own SIGINT already; forwarding a second would turn one
+    intent into two (distributed treats the second as "stop now", exit 1). tini puts
+    its child in a group of its own for the same reason.
+    """
+    if process_group or info.si_signo not in _TERMINAL_GROUP_SIGNALS:
+        return False
+    if info.si_code != _SI_KERNEL:
+        return False
+    try:
+        return os.getpgid(child) == os.getpgrp()
+    except OSError:
+        return False
+
+
 def _forward(signum: int, child: int, process_group: bool, audit: Callable[..., None]) -> None:
     name = _signal_name(signum)
     target: dict[str, int] = {"target_pgid": child} if process_group else {"target_pid": child}
@@ -156,13 +203,19 @@ def supervise(
     audit: Callable[..., None] = no_audit,
     on_child_exit: Callable[[], None] | None = None,
     reap_grace: float = 1.0,
+    restore_signal_mask: bool = True,
 ) -> int:
     """Run ``argv`` as a supervised child and return its exit code (128+N if killed by N).
 
     Forwards TERM, INT, QUIT, HUP, USR1, USR2 and WINCH to the child (to its process group
-    if ``process_group``), reaps every zombie (as a subreaper when not PID 1), and after
-    the child is gone reaps lingering orphans for up to ``reap_grace`` seconds before
-    calling ``on_child_exit``. A failed exec gives 127.
+    if ``process_group``), except a terminal's INT, QUIT or WINCH that the child already
+    received with our process group; reaps every zombie (as a subreaper when not PID 1),
+    and after the child is gone reaps lingering orphans for up to ``reap_grace`` seconds.
+    ``on_child_exit`` runs on every way out, signals and errors included, while signals
+    are still blocked. A TERM, INT, QUIT or HUP already pending when this is called (see
+    :func:`defer_signals`) means the worker is not started: the result is 128+N. A failed
+    exec gives 127. ``restore_signal_mask=False`` is for a process that exits right
+    after: a late signal then cannot change its exit code.
     """
     if not argv:
         raise ValueError("supervise() needs a command to run")
@@ -171,6 +224,34 @@ def supervise(
     wait_set = {*FORWARDED_SIGNALS, signal.SIGCHLD}
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, wait_set)
     try:
+        try:
+            code = _start_and_wait(
+                argv, env, process_group, audit, reap_grace, pid1, subreaper_error
+            )
+        finally:
+            if on_child_exit is not None:
+                try:
+                    on_child_exit()
+                except Exception as exc:  # the worker's exit code matters more than cleanup
+                    audit("init.cleanup.failed", error=repr(exc))
+        audit("init.exit", code=code)
+    finally:
+        if restore_signal_mask:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
+    return code
+
+
+def _start_and_wait(
+    argv: Sequence[str],
+    env: Mapping[str, str] | None,
+    process_group: bool,
+    audit: Callable[..., None],
+    reap_grace: float,
+    pid1: bool,
+    subreaper_error: str | None,
+) -> int:
+    stop = _pending_stop()
+    if stop is None:
         audit(
             "init.start",
             argv=list(argv),
@@ -183,26 +264,33 @@ def supervise(
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
                 stream.flush()
-        child_env = os.environ if env is None else env
-        child = os.fork()
-        if child == 0:
-            _exec_child(argv, child_env, process_group)
-        if process_group:
-            # Both sides call setpgid so that no signal can arrive before the group exists.
-            # EACCES (already exec'd) or ESRCH (already gone) means the child's own call won.
-            with contextlib.suppress(OSError):
-                os.setpgid(child, child)
-        code = _wait_for_main(child, process_group, audit)
-        _drain_orphans(child, process_group, audit, reap_grace)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
-    if on_child_exit is not None:
-        try:
-            on_child_exit()
-        except Exception as exc:  # the worker's exit code matters more than cleanup
-            audit("init.cleanup.failed", error=repr(exc))
-    audit("init.exit", code=code)
+        # Once more, as close to the fork as possible: a child does not inherit pending
+        # signals, so a Ctrl-C from just before the fork would reach nobody.
+        stop = _pending_stop()
+    if stop is not None:
+        audit("init.start.cancelled", signal=_signal_name(stop), code=128 + stop)
+        return 128 + stop
+    child_env = os.environ if env is None else env
+    child = os.fork()
+    if child == 0:
+        _exec_child(argv, child_env, process_group)
+    if process_group:
+        # Both sides call setpgid so that no signal can arrive before the group exists.
+        # EACCES (already exec'd) or ESRCH (already gone) means the child's own call won.
+        with contextlib.suppress(OSError):
+            os.setpgid(child, child)
+    code = _wait_for_main(child, process_group, audit)
+    _drain_orphans(child, process_group, audit, reap_grace)
     return code
+
+
+def _pending_stop() -> int | None:
+    """A stopping signal that arrived before the worker was started (consumed), or None."""
+    pending = signal.sigpending() & STOPPING_SIGNALS
+    if not pending:
+        return None
+    info = signal.sigtimedwait(pending, 0)
+    return None if info is None else info.si_signo
 
 
 def _wait_for_main(child: int, process_group: bool, audit: Callable[..., None]) -> int:
@@ -210,7 +298,14 @@ def _wait_for_main(child: int, process_group: bool, audit: Callable[..., None]) 
     while True:
         info = signal.sigtimedwait(wait_set, _WAIT_TIMEOUT_S)
         if info is not None and info.si_signo != signal.SIGCHLD:
-            _forward(info.si_signo, child, process_group, audit)
+            if _worker_has_it(info, child, process_group):
+                audit(
+                    "init.signal.shared",
+                    signal=_signal_name(info.si_signo),
+                    target_pgid=os.getpgrp(),
+                )
+            else:
+                _forward(info.si_signo, child, process_group, audit)
         main_code, _ = _reap(child, audit)
         if main_code is not None:
             return main_code
@@ -237,38 +332,73 @@ def _drain_orphans(
         _forward(info.si_signo, child, process_group, audit)
 
 
-def _json_audit(event: str, **fields: Any) -> None:
-    """The audit log's JSON line shape (docs/audit-log.md), without importing structlog."""
-    import json
-    from datetime import datetime, timezone
+def stderr_audit(fmt: str, stamp: Stamp) -> Callable[..., None]:
+    """Audit lines on fd 2 in the log's shape (event_line), JSON or console, no structlog.
 
-    failed = event.endswith((".failed", ".refused", ".error"))
-    record = {
-        **fields,
-        "event": event,
-        "schema": AUDIT_SCHEMA_VERSION,
-        "pid": os.getpid(),
-        "level": "warning" if failed else "info",
-        "timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
-    }
-    os.write(2, (json.dumps(record, default=str) + "\n").encode())
+    os.write, not sys.stderr: one write per line, nothing buffered across the fork.
+    """
+    if fmt == "none":
+        return no_audit
+    if fmt == "auto":
+        fmt = "console" if os.isatty(2) else "json"
+    colors = fmt == "console" and os.isatty(2)
+
+    def audit(event: str, **fields: Any) -> None:
+        rec = record(event, fields, stamp)
+        line = json_line(rec) if fmt == "json" else console_line(rec, colors)
+        os.write(2, (line + "\n").encode("utf-8", "backslashreplace"))
+
+    return audit
+
+
+def _own_cgroup_path(directory: str) -> str:
+    """The cgroup path of `directory` as /proc/self/cgroup names it (the style of every
+    other cgroup event), while we are still in it; the directory itself otherwise."""
+    name = os.path.basename(directory.rstrip("/"))
+    try:
+        with open("/proc/self/cgroup", "rb") as f:
+            text = f.read().decode("utf-8", "surrogateescape")
+    except OSError:
+        return directory
+    paths = {}
+    for line in text.split("\n"):
+        parts = line.split(":", 2)
+        if len(parts) == 3:
+            controllers = parts[1].split(",")
+            if "memory" in controllers or parts[:2] == ["0", ""]:
+                paths["memory" if "memory" in controllers else "v2"] = parts[2]
+    for key in ("memory", "v2"):
+        path = paths.get(key)
+        if path is not None and os.path.basename(path.rstrip("/")) == name:
+            return path
+    return directory
 
 
 def _remove_cgroup(child: str, parent: str, audit: Callable[..., None]) -> None:
     """Leave the child cgroup made for the worker, then remove it; same event as the CLI."""
     error = None
+    target = _own_cgroup_path(child)
     try:
         with open(os.path.join(parent, "cgroup.procs"), "w") as procs:
             procs.write(str(os.getpid()))
         os.rmdir(child)
     except OSError as exc:
         error = errno.errorcode.get(exc.errno or 0, str(exc.errno))
-    audit("cgroup.child.removed", target=child, error=error)
+    audit("cgroup.child.removed", target=target, **({"error": error} if error else {}))
 
 
 USAGE = (
-    "usage: python -m dask_safe_worker.supervise [-g] [--log-format json|none]\n"
+    "usage: python -m dask_safe_worker.supervise [-g] [--log-format json|console|auto|none]\n"
+    "       [--start-id ID] [--worker-name NAME]\n"
     "       [--remove-cgroup CHILD_DIR --parent-cgroup PARENT_DIR] [--] CMD [ARGS...]\n"
+)
+
+_VALUE_OPTIONS = (
+    "--log-format",
+    "--start-id",
+    "--worker-name",
+    "--remove-cgroup",
+    "--parent-cgroup",
 )
 
 
@@ -277,40 +407,48 @@ def main(args: Sequence[str] | None = None) -> int:
 
     ``--remove-cgroup``/``--parent-cgroup`` hand over the cleanup that the caller's
     ``on_child_exit`` would otherwise do: move back to the parent, then rmdir the child.
+    ``--start-id`` and ``--worker-name`` stamp its audit lines like the caller's.
     """
     rest = list(sys.argv[1:] if args is None else args)
     process_group = False
-    audit: Callable[..., None] = _json_audit
-    cgroup: dict[str, str] = {}
+    values: dict[str, str] = {}
     while rest and rest[0].startswith("-"):
         opt = rest.pop(0)
         if opt == "--":
             break
         if opt in ("-g", "--process-group"):
             process_group = True
-        elif opt in ("--log-format", "--remove-cgroup", "--parent-cgroup") and rest:
-            value = rest.pop(0)
-            if opt != "--log-format":
-                cgroup[opt] = value
-            elif value in ("json", "none"):
-                audit = _json_audit if value == "json" else no_audit
-            else:
-                rest = []
-                break
+        elif opt in _VALUE_OPTIONS and rest:
+            values[opt] = rest.pop(0)
         else:
             rest = []
             break
-    if not rest or len(cgroup) == 1:
-        os.write(2, USAGE.encode())
-        return 2
+    fmt = values.get("--log-format", "json")
+    if fmt not in ("json", "console", "auto", "none"):
+        rest = []
+    stamp = Stamp.here(values.get("--start-id"), values.get("--worker-name"))
+    audit = stderr_audit(fmt if rest else "json", stamp)
+    cgroup = {k: v for k, v in values.items() if k in ("--remove-cgroup", "--parent-cgroup")}
     on_child_exit = None
-    if cgroup:
+    if len(cgroup) == 2:
         child, parent = cgroup["--remove-cgroup"], cgroup["--parent-cgroup"]
 
         def on_child_exit() -> None:
             _remove_cgroup(child, parent, audit)
 
-    return supervise(rest, process_group=process_group, audit=audit, on_child_exit=on_child_exit)
+    if not rest or len(cgroup) == 1:
+        os.write(2, USAGE.encode())
+        # The child cgroup was made for us: a usage error must not leave it behind either.
+        if on_child_exit is not None:
+            on_child_exit()
+        return 2
+    return supervise(
+        rest,
+        process_group=process_group,
+        audit=audit,
+        on_child_exit=on_child_exit,
+        restore_signal_mask=False,
+    )
 
 
 if __name__ == "__main__":
