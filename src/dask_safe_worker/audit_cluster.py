@@ -582,7 +582,7 @@ def audit_cluster(
     message fit for the user on any connection problem."""
     import concurrent.futures
 
-    import cloudpickle  # type: ignore[import-untyped]
+    import cloudpickle
     from distributed import Client as _Client
 
     from . import audit_remote
