@@ -12,6 +12,7 @@ Every kernel refusal becomes a logged reason and a fallback, never a traceback.
 from __future__ import annotations
 
 import errno
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from .measure import Measurement
 from .proc_parse import ParseError
 
 MiB = 2**20
+# The largest value the kernel keeps in a memory limit file (PAGE_COUNTER_MAX pages is
+# lower still; anything above is "unlimited" to it).
+MAX_LIMIT = 2**63 - 1
 DEFAULT_MARGIN = 32 * MiB
 DEFAULT_CHILD_NAME = "dask-safe-worker"
 
@@ -44,13 +48,60 @@ class WriteOutcome:
         return dict(self.__dict__)
 
 
+# NAME_MAX of every Linux filesystem, cgroupfs included.
+_NAME_MAX = 255
+
+
+def child_name_problem(name: str) -> str | None:
+    """Why `name` cannot be the child cgroup's name, or None when it is one plain path
+    component: anything else (`..`, `/x`, `a/b`) would name a cgroup that is not our
+    own child, and a limit written there could cap processes that are not ours."""
+    if not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return f"{name!r} is not a new directory"
+    if "/" in name:
+        return f"{name!r} contains '/'"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return f"{name!r} contains a control character"
+    if len(name.encode("utf-8", "surrogateescape")) > _NAME_MAX - 24:
+        # Room for the "-<pid>-<random>" suffix a name collision adds.
+        return f"it is longer than {_NAME_MAX - 24} bytes"
+    return None
+
+
 @dataclass(frozen=True)
 class WriteOptions:
+    """Every value `apply_limit` may write, checked when built: nothing is written
+    unless all of them are valid (no limit half applied)."""
+
     mode: str = "auto"  # auto | never | required
     child_name: str = DEFAULT_CHILD_NAME
     margin: int = DEFAULT_MARGIN
     memory_high_fraction: float | None = None
     swap_max: int | None = 0  # v2 memory.swap.max; None leaves it alone
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "never", "required"):
+            raise ValueError(f"cgroup write mode {self.mode!r} is not auto, never or required")
+        problem = child_name_problem(self.child_name)
+        if problem is not None:
+            raise ValueError(f"the child cgroup name must be one plain path component: {problem}")
+        fraction = self.memory_high_fraction
+        if fraction is not None and not (math.isfinite(fraction) and 0 <= fraction < 1):
+            raise ValueError(f"memory.high fraction {fraction!r} is not in [0, 1)")
+        if self.swap_max is not None and not (0 <= self.swap_max <= MAX_LIMIT):
+            raise ValueError(f"memory.swap.max {self.swap_max!r} is out of range")
+
+    def extra_values(self, budget: int) -> list[tuple[str, str]]:
+        """The v2 files written after the hard limit, with their values, all computed
+        before the first write."""
+        extras: list[tuple[str, str]] = []
+        if self.memory_high_fraction:
+            extras.append(("memory.high", str(int(budget * self.memory_high_fraction))))
+        if self.swap_max is not None:
+            extras.append(("memory.swap.max", str(self.swap_max)))
+        return extras
 
 
 def errno_reason(exc: BaseException) -> str:
@@ -82,6 +133,8 @@ class _Writer:
         self.audit = audit
         self.own_dir = m.location.directory(sys_root)
         self.own_path = m.location.cgroup_path
+        # Computed now, so that no value can fail between two writes.
+        self.extras = opts.extra_values(budget)
 
     def _write_limit(self, directory: Path, path: str, strategy: str) -> WriteOutcome:
         cg = open_memory_cgroup(self.version, directory)
@@ -111,12 +164,7 @@ class _Writer:
         return WriteOutcome(True, True, "written", strategy, path, self.budget, read_back)
 
     def _v2_extras(self, cg: V2MemoryCgroup, path: str) -> None:
-        extras: list[tuple[str, str]] = []
-        if self.opts.memory_high_fraction:
-            extras.append(("memory.high", str(int(self.budget * self.opts.memory_high_fraction))))
-        if self.opts.swap_max is not None:
-            extras.append(("memory.swap.max", str(self.opts.swap_max)))
-        for name, value in extras:
+        for name, value in self.extras:
             try:
                 cg.write(name, value)
                 self.audit(
@@ -224,6 +272,8 @@ def apply_limit(
 ) -> WriteOutcome:
     """Try to put `budget` in force as a kernel limit on the cgroup we run in."""
     opts = opts or WriteOptions()
+    if not 0 < budget <= MAX_LIMIT:
+        raise ValueError(f"budget {budget} is not a kernel memory limit")
     if opts.mode == "never":
         audit("cgroup.write.skipped", reason="disabled")
         return WriteOutcome(False, False, "disabled")

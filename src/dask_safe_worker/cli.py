@@ -7,6 +7,7 @@ It must not import dask or distributed: the worker does that after exec.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -19,9 +20,11 @@ from . import __version__, dask_compat
 from .audit import LOG_FORMATS, SCHEMA_VERSION, Audit, make_audit
 from .cgroup_write import (
     DEFAULT_CHILD_NAME,
+    MAX_LIMIT,
     WriteOptions,
     WriteOutcome,
     apply_limit,
+    child_name_problem,
     intended_strategy,
 )
 from .env_options import env_option, env_var
@@ -67,13 +70,44 @@ class _SizeType(click.ParamType):  # type: ignore[type-arg]
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, int):
             return value
+        if not str(value).strip():
+            # dask's parse_bytes reads "" as 1 byte; here that is always a mistake.
+            self.fail("empty size", param, ctx)
         try:
             size = parse_bytes(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
         if size < 0:
             self.fail(f"{value!r} is negative", param, ctx)
+        if size > MAX_LIMIT:
+            self.fail(f"{value!r} is larger than any kernel limit", param, ctx)
         return size
+
+
+class _FractionType(click.ParamType):  # type: ignore[type-arg]
+    """A float in [0, 1): unlike click.FloatRange, NaN is refused (every comparison with
+    NaN is false, so a range check alone lets it through)."""
+
+    name = "FRACTION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (math.isfinite(number) and 0 <= number < 1):
+            self.fail(f"{value!r} is not at least 0 and below 1", param, ctx)
+        return number
+
+
+class _ChildNameType(click.ParamType):  # type: ignore[type-arg]
+    name = "NAME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        problem = child_name_problem(str(value))
+        if problem is not None:
+            self.fail(f"must be one plain path component: {problem}", param, ctx)
+        return str(value)
 
 
 class _SwapType(click.ParamType):  # type: ignore[type-arg]
@@ -124,13 +158,15 @@ OUR_OPTIONS: list[click.Parameter] = [
     ),
     _option(
         "cgroup-child",
+        type=_ChildNameType(),
         default=DEFAULT_CHILD_NAME,
         show_default=True,
-        help="Name of the child cgroup created when our own cgroup cannot be limited.",
+        help="Name of the child cgroup created when our own cgroup cannot be limited: one "
+        "plain path component (no '/', not '.' or '..'); taken names get a unique suffix.",
     ),
     _option(
         "memory-high-fraction",
-        type=click.FloatRange(0, 1, max_open=True),
+        type=_FractionType(),
         default=0.0,
         show_default=True,
         help="cgroup v2: also set memory.high to this fraction of the budget, a "
@@ -234,11 +270,18 @@ def _fail(code: int, message: str, audit: Audit, event: str) -> NoReturn:
 
 
 def _worker_prefix(worker_command: str | None) -> list[str]:
-    if worker_command:
-        import shlex  # only here: every import counts against --print-limit's start-up
+    """The worker command as an argv prefix; ValueError for one that is not a command."""
+    if worker_command is None:
+        return dask_compat.worker_command(sys.executable)
+    import shlex  # only here: every import counts against --print-limit's start-up
 
-        return shlex.split(worker_command)
-    return dask_compat.worker_command(sys.executable)
+    try:
+        prefix = shlex.split(worker_command)
+    except ValueError as exc:
+        raise ValueError(f"--worker-command {worker_command!r}: {exc}") from None
+    if not prefix:
+        raise ValueError("--worker-command is empty")
+    return prefix
 
 
 def _settings(params: dict[str, Any], supervised: bool) -> Settings:
@@ -325,10 +368,15 @@ def _params_for_log(ctx: click.Context) -> dict[str, object]:
 
 def run(ctx: click.Context, params: dict[str, Any]) -> None:
     worker_args: list[str] = ctx.meta.get("dask_safe_worker.worker_args", [])
-    prefix = _worker_prefix(params["worker_command"])
     query = params["print_limit"] or params["dry_run"]
     audit = make_audit("none" if query and params["log_format"] == "auto" else params["log_format"])
     audit("cli.started", version=__version__, options=_params_for_log(ctx), argv=worker_args)
+    # Validate everything, then act: every value below is checked before the first write.
+    try:
+        prefix = _worker_prefix(params["worker_command"])
+        write_options = _write_options(params)
+    except ValueError as exc:
+        _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
 
     if params["worker_help"]:
         from .run_worker import exec_worker
@@ -397,7 +445,7 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         click.echo(json.dumps(plan_document(m, plan, argv, None, params), indent=2))
         return
 
-    outcome = apply_limit(m, plan.budget, opts=_write_options(params), audit=audit)
+    outcome = apply_limit(m, plan.budget, opts=write_options, audit=audit)
     audit("cgroup.write.outcome", **outcome.as_dict())
     if params["cgroup_write"] == "required" and not outcome.enforced:
         _fail(

@@ -73,6 +73,9 @@ def resolve_user_memory_limit(
     None means no limit at all (dask reads "0" that way). Raises ValueError for values
     dask rejects.
     """
+    if not value.strip():
+        # dask's parse_bytes would read "" as 1 byte: never what was meant.
+        raise ValueError("the value is empty")
     if value == "auto":
         resolved = int(dask_memory_limit * min(1, nthreads / cpu_count))
     else:
@@ -84,6 +87,9 @@ def resolve_user_memory_limit(
             if not math.isfinite(number):
                 raise ValueError(f"memory limit {value!r} is not finite")
             resolved = int(number * dask_memory_limit) if number <= 1 else int(number)
+    if resolved < 0:
+        # dask computes a negative limit here and the worker then fails to start.
+        raise ValueError(f"memory limit {value!r} is negative")
     if resolved == 0:
         return None
     return min(resolved, dask_memory_limit)
@@ -95,7 +101,13 @@ def make_plan(m: Measurement, args: WorkerArgs, settings: Settings) -> Plan:
     n_workers, nthreads = dask_compat.resolve_nworkers_nthreads(
         args.nworkers, args.nthreads, m.cpu_count
     )
+    # own working set + headroom can exceed a limit: a cgroup's usage may be above its
+    # limit (a limit lowered under usage), and VmRSS counts shared pages the cgroup
+    # does not charge to us. No budget is ever above a limit that applies.
     gross = m.own_working_set + m.available
+    limits = [lvl.effective_limit for lvl in m.levels if lvl.effective_limit is not None]
+    if limits:
+        gross = min(gross, *limits)
     reserve = settings.reserve.of(gross)
     budget = gross - reserve
     nannies = n_workers if args.nanny else 0
