@@ -222,7 +222,7 @@ OUR_OPTIONS: list[click.Parameter] = [
         type=click.Path(dir_okay=False, writable=True),
         default=None,
         help="Where to record the plan as JSON for `dask-safe-audit`; its path is exported "
-        f"to the worker as {PLAN_FILE_ENV} [default: a file in the temp directory].",
+        f"to the worker as {PLAN_FILE_ENV} [default: a file in a private runtime directory].",
     ),
     _option(
         "worker-help",
@@ -338,19 +338,28 @@ def supervisor_argv(
 
 
 def _write_plan_file(path: str | None, document: dict[str, Any], audit: Audit) -> str | None:
-    # json and tempfile are imported where used: --print-limit needs neither, and its
-    # start-up time is a goal (docs/benchmarks.md).
+    """The plan as JSON at `path` (default: a private runtime directory), or None after a
+    logged failure: the worker starts either way, without a plan file to point to."""
+    # json and the plan_file module are imported where used: --print-limit needs neither,
+    # and its start-up time is a goal (docs/benchmarks.md).
     import json
-    import tempfile
 
-    target = path or os.path.join(tempfile.gettempdir(), f"dask-safe-worker-{os.getpid()}.json")
+    from .plan_file import default_path, write_atomic
+
+    target: Path | None = None
     try:
-        Path(target).write_text(json.dumps(document, indent=2) + "\n")
+        if path:
+            target = Path(path)
+            stale = 0
+        else:
+            target, stale = default_path(os.environ, os.getpid())
+        write_atomic(target, json.dumps(document, indent=2) + "\n")
     except OSError as exc:
-        audit("plan.file.failed", path=target, reason=exc.strerror or str(exc))
+        reason = str(exc) if exc.strerror is None else exc.strerror
+        audit("plan.file.failed", path=None if target is None else str(target), reason=reason)
         return None
-    audit("plan.file.written", path=target)
-    return target
+    audit("plan.file.written", path=str(target), stale_removed=stale)
+    return str(target)
 
 
 def _params_for_log(ctx: click.Context) -> dict[str, object]:
@@ -459,6 +468,9 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
     plan_file = _write_plan_file(
         params["plan_file"], plan_document(m, plan, argv, outcome, params), audit
     )
+    # Set from --plan-file or from the environment alike: the worker names a plan file
+    # only when one was written (dask-safe-audit reads it through this variable).
+    env.pop(PLAN_FILE_ENV, None)
     if plan_file:
         env[PLAN_FILE_ENV] = plan_file
     audit("worker.argv", argv=argv, supervised=supervised)
