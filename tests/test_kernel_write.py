@@ -30,7 +30,8 @@ APPLY = textwrap.dedent(
     m = measure()
     out = apply_limit(m, budget, opts=WriteOptions(margin=margin),
                       audit=lambda e, **f: events.append([e, f]))
-    print(json.dumps({"outcome": out.as_dict(), "events": events,
+    import os
+    print(json.dumps({"outcome": out.as_dict(), "events": events, "pid": os.getpid(),
                       "cgroup": open("/proc/self/cgroup").read()}))
     """
 )
@@ -82,13 +83,13 @@ def test_shared_cgroup_uses_a_child(kernel_cgroup: KernelCgroup, started_pids: s
         outcome = result["outcome"]
         assert isinstance(outcome, dict)
         assert outcome["strategy"] == "child" and outcome["written"]
-        child = kernel_cgroup.path / "dask-safe-worker"
+        child = kernel_cgroup.path / f"dask-safe-worker-{result['pid']}"
         assert outcome["created_child"] == str(child)
         assert int((child / "memory.limit_in_bytes").read_text()) == 400 * MiB
         # The shared cgroup keeps the limit the test gave it.
         assert kernel_cgroup.limit() == GiB
         # The process really moved itself into the child.
-        assert str(result["cgroup"]).count("/dask-safe-worker") == 1
+        assert str(result["cgroup"]).count(f"/dask-safe-worker-{result['pid']}") == 1
         assert other.pid in kernel_cgroup.pids()
     finally:
         other.kill()

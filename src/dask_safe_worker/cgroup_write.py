@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -117,10 +118,6 @@ def _move_self(directory: Path, pid: int) -> None:
         f.write(str(pid))
 
 
-def _pids(version: int, directory: Path) -> list[int]:
-    return open_memory_cgroup(version, directory).procs()
-
-
 class _Writer:
     def __init__(
         self, m: Measurement, budget: int, sys_root: Path, opts: WriteOptions, audit: Audit
@@ -185,23 +182,52 @@ class _Writer:
             self.audit("cgroup.write.failed", target=self.own_path, strategy="own", reason=reason)
             return WriteOutcome(False, False, reason, "own", self.own_path)
 
-    def child(self) -> WriteOutcome:
-        name = self.opts.child_name
-        child_dir = self.own_dir / name
+    def _remove_stale_children(self) -> None:
+        """Remove instance children whose pid has exited and that hold no process (an
+        exec'd worker cannot remove its child when it ends). rmdir fails on a cgroup
+        with processes, and a live instance's pid still runs: neither is touched."""
+        base = self.opts.child_name
         try:
-            if child_dir.exists() and set(_pids(self.version, child_dir)) - {self.m.pid}:
-                name = f"{name}-{self.m.pid}"
-                child_dir = self.own_dir / name
-        except (OSError, ParseError):
-            pass
-        path = self.own_path.rstrip("/") + "/" + name
-        created = False
+            names = os.listdir(self.own_dir)
+        except OSError:
+            return
+        for name in names:
+            pid = name[len(base) + 1 :].split("-", 1)[0]
+            if not (name.startswith(base + "-") and pid.isdigit()):
+                continue
+            if int(pid) == self.m.pid or os.path.exists(f"/proc/{pid}"):
+                continue
+            try:
+                os.rmdir(self.own_dir / name)
+            except OSError:
+                continue
+            self.audit("cgroup.child.removed", target=str(self.own_dir / name), error=None)
+
+    def _make_child(self) -> str:
+        """Create a child no other instance uses, atomically: mkdir fails when the name
+        exists (another instance, or a leftover with processes), then another name."""
+        import secrets
+
+        base = f"{self.opts.child_name}-{self.m.pid}"
+        candidates = [base, *(f"{base}-{secrets.token_hex(4)}" for _ in range(8))]
+        for name in candidates:
+            try:
+                (self.own_dir / name).mkdir()
+            except FileExistsError:
+                continue
+            return name
+        raise FileExistsError(errno.EEXIST, "every child cgroup name tried exists")
+
+    def child(self) -> WriteOutcome:
+        self._remove_stale_children()
+        path = self.own_path.rstrip("/") + "/" + self.opts.child_name
+        child_dir: Path | None = None
         moved = False
         try:
-            if not child_dir.exists():
-                child_dir.mkdir()
-                created = True
-                self.audit("cgroup.child.created", target=path)
+            name = self._make_child()
+            child_dir = self.own_dir / name
+            path = self.own_path.rstrip("/") + "/" + name
+            self.audit("cgroup.child.created", target=path)
             if self.version == 1:
                 outcome = self._write_limit(child_dir, path, "child")
                 _move_self(child_dir, self.m.pid)
@@ -214,12 +240,12 @@ class _Writer:
                 self._enable_memory_controller()
                 outcome = self._write_limit(child_dir, path, "child")
             self.audit("cgroup.moved", target=path, pid=self.m.pid)
-            outcome.created_child = str(child_dir) if created else None
+            outcome.created_child = str(child_dir)
             outcome.parent_dir = str(self.own_dir)
             return outcome
         except (OSError, ParseError) as exc:
             reason = errno_reason(exc)
-            undo_error = self._undo(child_dir, created, moved)
+            undo_error = None if child_dir is None else self._undo(child_dir, True, moved)
             self.audit(
                 "cgroup.write.failed",
                 target=path,

@@ -37,6 +37,7 @@ from .plan import (
     Settings,
     make_plan,
 )
+from .siblings import read_siblings, with_siblings
 from .sizes import Amount, parse_amount, parse_bytes
 from .worker_args import parse_worker_args, split_argv, with_memory_limit
 
@@ -421,9 +422,11 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
             EXIT_MEASURE_FAILED, f"cannot read memory information: {exc}", audit, "measure.failed"
         )
     audit("measure.done", **m.as_dict())
+    siblings = read_siblings(m, params["cgroup_child"])
+    m = with_siblings(m, siblings)
 
     try:
-        plan = make_plan(m, wargs, _settings(params, supervised))
+        plan = make_plan(m, wargs, _settings(params, supervised), siblings)
     except dask_compat.WorkerArgsError as exc:
         _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
     except PlanError as exc:

@@ -49,8 +49,10 @@ def fast_print_limit(argv: Sequence[str], environ: dict[str, str]) -> int | None
     if any(name.startswith(ENV_PREFIX) for name in environ):
         return None
     from . import dask_compat
+    from .cgroup_write import DEFAULT_CHILD_NAME
     from .measure import measure
     from .plan import PlanError, Settings, make_plan
+    from .siblings import read_siblings, with_siblings
     from .worker_args import parse_worker_args, split_argv
 
     # The same split the full command makes, so `--name --print-limit` stays a worker name.
@@ -64,7 +66,10 @@ def fast_print_limit(argv: Sequence[str], environ: dict[str, str]) -> int | None
         if wargs.version_only:
             return None
         m = measure()
-        plan = make_plan(m, wargs, Settings(supervised=os.getpid() == 1))
+        siblings = read_siblings(m, DEFAULT_CHILD_NAME)
+        plan = make_plan(
+            with_siblings(m, siblings), wargs, Settings(supervised=os.getpid() == 1), siblings
+        )
     except (dask_compat.UnsupportedDistributedError, PlanError, OSError, ValueError):
         # WorkerArgsError is a ValueError. The full command reports each of these.
         return None
