@@ -54,19 +54,41 @@ REFUSED = [
 ]
 
 
-@pytest.mark.parametrize(("args", "env"), REFUSED)
+# Row 3: arguments `dask worker` refuses, judged by its own click command. They are
+# checked for distributed's worker only, so these run with the default worker command.
+WORKER_REFUSED = [
+    pytest.param(["--dryrun"], {}, id="worker-dryrun"),
+    pytest.param(["tcp://127.0.0.1:1", "--bogus-opt", "x"], {}, id="worker-bogus-opt"),
+    pytest.param(["tcp://127.0.0.1:1", "--nprocs", "2"], {}, id="worker-nprocs"),
+    pytest.param(["tcp://127.0.0.1:1", "--", "--dry-run"], {}, id="worker-after-separator"),
+    pytest.param(["tcp://127.0.0.1:1", "--nthreads"], {}, id="worker-missing-value"),
+    pytest.param(["tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], {}, id="worker-two-schedulers"),
+]
+
+
+@pytest.mark.parametrize(("args", "env"), [*REFUSED, *WORKER_REFUSED])
 def test_refused_before_any_write(
+    request: pytest.FixtureRequest,
     args: list[str],
     env: dict[str, str],
     kernel_cgroup: KernelCgroup,
     started_pids: set[int],
 ) -> None:
+    worker_case = request.node.callspec.id.startswith("worker-")
+    noop = (
+        []
+        if worker_case or "--worker-command" in " ".join(args)
+        else [
+            "--worker-command",
+            NOOP_WORKER,
+        ]
+    )
     kernel_cgroup.set_limit(2 * GiB)
     with other_process(kernel_cgroup, started_pids):
         before = cgroup_state(kernel_cgroup.path)
         proc = run_in(
             kernel_cgroup,
-            ["--log-format", "json", "--worker-command", NOOP_WORKER, *args],
+            ["--log-format", "json", *noop, *args],
             env,
         )
         after = cgroup_state(kernel_cgroup.path)

@@ -230,6 +230,14 @@ OUR_OPTIONS: list[click.Parameter] = [
         is_flag=True,
         help="Show `dask worker --help`: every option not listed here goes to the worker.",
     ),
+    click.Option(
+        ["--version"],
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=lambda ctx, _param, value: _print_version(ctx) if value else None,
+        help="Show this tool's version and the installed distributed's, then exit.",
+    ),
 ]
 
 OUR_VALUE_OPTIONS = frozenset(
@@ -240,7 +248,7 @@ OUR_FLAG_OPTIONS = frozenset(
     for p in OUR_OPTIONS
     if isinstance(p, click.Option) and p.is_flag
     for o in (*p.opts, *p.secondary_opts)
-) | {"--help"}
+) | {"--help", "-h"}
 
 EPILOG = """\b
 Every other argument goes to `dask worker` unchanged and in order, e.g.
@@ -264,6 +272,13 @@ class SafeWorkerCommand(click.Command):
         return super().parse_args(ctx, ours)
 
 
+def _print_version(ctx: click.Context) -> None:
+    release = dask_compat.installed_distributed_version()
+    click.echo(f"dask-safe-worker {__version__}")
+    click.echo(f"distributed {release if release is not None else 'not installed'}")
+    ctx.exit(0)
+
+
 def _fail(code: int, message: str, audit: Audit, event: str) -> NoReturn:
     audit(event, message=message, exit_code=code)
     click.echo(f"dask-safe-worker: {message}", err=True)
@@ -283,6 +298,35 @@ def _worker_prefix(worker_command: str | None) -> list[str]:
     if not prefix:
         raise ValueError("--worker-command is empty")
     return prefix
+
+
+def _runs_dask_worker(worker_command: str | None, prefix: Sequence[str]) -> bool:
+    """Whether the worker is distributed's own `dask worker` (whose options we know)."""
+    if worker_command is None:
+        return True
+    tail = [os.path.basename(prefix[0]), *prefix[1:]]
+    return tail in (["dask", "worker"], ["dask-worker"]) or (
+        len(tail) >= 3 and tail[-2:] == ["-m", "distributed.cli.dask_worker"]
+    )
+
+
+def _check_worker_args(
+    args: Sequence[str], worker_command: str | None, prefix: Sequence[str], audit: Audit
+) -> None:
+    """Refuse what `dask worker` would refuse, from the installed release's own click
+    command (worker_cli explains how it is read without importing distributed)."""
+    if not _runs_dask_worker(worker_command, prefix):
+        audit("worker.args.checked", checked=False, reason="custom worker command")
+        return
+    from . import worker_cli
+
+    try:
+        table = worker_cli.option_table()
+    except Exception as exc:  # a broken install: dask worker itself will say more
+        audit("worker.args.checked", checked=False, reason=f"{type(exc).__name__}: {exc}")
+        return
+    worker_cli.check_argv(args, table)
+    audit("worker.args.checked", checked=True, source=table.source)
 
 
 def _settings(params: dict[str, Any], supervised: bool) -> Settings:
@@ -406,9 +450,15 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
     )
 
     try:
+        _check_worker_args(worker_args, params["worker_command"], prefix, audit)
         wargs = parse_worker_args(worker_args, dask_compat.nworkers_options(release))
     except dask_compat.WorkerArgsError as exc:
-        _fail(EXIT_USAGE, f"invalid dask worker arguments: {exc}", audit, "cli.usage.error")
+        _fail(
+            EXIT_USAGE,
+            f"invalid dask worker arguments: {exc} (see `dask-safe-worker --worker-help`)",
+            audit,
+            "cli.usage.error",
+        )
     if wargs.version_only:
         from .run_worker import exec_worker
 
@@ -500,7 +550,7 @@ command = SafeWorkerCommand(
     "cgroups really have free, enforced as a kernel limit where permitted.",
     epilog=EPILOG,
     options_metavar="[OPTIONS] [DASK WORKER ARGS]...",
-    context_settings={"max_content_width": 100},
+    context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
 )
 
 

@@ -38,10 +38,32 @@ OUR_FLAG_NAMES: frozenset[str] = frozenset(
         "--no-init",
         "--init-process-group",
         "--worker-help",
+        "--version",
         "--help",
+        "-h",
     }
 )
 ENV_PREFIX = "DASK_SAFE_WORKER_"
+
+
+def _plainly_valid(args: Sequence[str], values: frozenset[str], flags: frozenset[str]) -> bool:
+    """Known options and at most one positional (the scheduler): what `dask worker`
+    surely accepts. Anything else goes to the full command, which checks it against the
+    release's click command and explains a refusal."""
+    positionals, i = 0, 0
+    while i < len(args):
+        name, eq, _ = args[i].partition("=")
+        if name in values:
+            i += 1 if eq else 2
+            continue
+        if args[i] in flags:
+            i += 1
+            continue
+        if args[i].startswith("-"):
+            return False
+        positionals += 1
+        i += 1
+    return positionals <= 1 and i == len(args)
 
 
 def fast_print_limit(argv: Sequence[str], environ: dict[str, str]) -> int | None:
@@ -62,6 +84,9 @@ def fast_print_limit(argv: Sequence[str], environ: dict[str, str]) -> int | None
     release = dask_compat.installed_distributed_version()
     try:
         dask_compat.check_supported(release)
+        options = dask_compat.worker_options(release)
+        if not _plainly_valid(theirs, options.values, options.flags - {"--help", "--version"}):
+            return None
         wargs = parse_worker_args(theirs, dask_compat.nworkers_options(release))
         if wargs.version_only:
             return None
