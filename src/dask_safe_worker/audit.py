@@ -54,7 +54,8 @@ def make_audit(fmt: str = "auto", stream: TextIO | None = None) -> Audit:
     )
 
     def audit(event: str, **fields: object) -> None:
-        level = "warning" if event.endswith((".failed", ".refused", ".error")) else "info"
+        warn = event.endswith((".failed", ".refused", ".error", ".warning"))
+        level = "warning" if warn else "info"
         getattr(logger, level)(event, **fields)
 
     return audit

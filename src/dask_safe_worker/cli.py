@@ -272,6 +272,29 @@ class SafeWorkerCommand(click.Command):
         return super().parse_args(ctx, ours)
 
 
+def _warn_memory_limit(plan: Plan, audit: Audit) -> None:
+    """A --memory-limit above the budget passes through (dask keeps it), so the kernel
+    limit, not Dask's spilling, may be what stops the worker: say so, and the way out."""
+    from .sizes import format_bytes
+
+    audit(
+        "plan.user_memory_limit.warning",
+        value=plan.user_memory_limit,
+        resolved=plan.user_memory_limit_bytes,
+        n_workers=plan.n_workers,
+        budget=plan.budget,
+        planned=plan.per_worker,
+    )
+    given = plan.user_memory_limit_bytes or 0
+    click.echo(
+        f"dask-safe-worker: warning: --memory-limit {plan.user_memory_limit} "
+        f"({format_bytes(given)} per worker, {plan.n_workers} worker(s)) does not fit the "
+        f"budget of {format_bytes(plan.budget)}; Dask may not spill before the kernel "
+        f"limit; add --clamp-memory-limit to use {format_bytes(plan.per_worker)} instead",
+        err=True,
+    )
+
+
 def _print_version(ctx: click.Context) -> None:
     release = dask_compat.installed_distributed_version()
     click.echo(f"dask-safe-worker {__version__}")
@@ -298,6 +321,27 @@ def _worker_prefix(worker_command: str | None) -> list[str]:
     if not prefix:
         raise ValueError("--worker-command is empty")
     return prefix
+
+
+# Worker commands that charts, operator specs and compose files put first in the
+# container's arguments (the official images run `tini -g -- prepare.sh "$@"`). With
+# `ENTRYPOINT ["dask-safe-worker"]` they arrive here; distributed's own worker is run as
+# this Python's `-m distributed.cli.dask_worker` (the `dask-worker` script is gone since
+# 2026.6), dask-cuda's as given.
+LEADING_WORKER_COMMANDS: dict[tuple[str, ...], str | None] = {
+    ("dask", "worker"): None,
+    ("dask-worker",): None,
+    ("dask", "cuda", "worker"): "dask cuda worker",
+    ("dask-cuda-worker",): "dask-cuda-worker",
+}
+
+
+def split_leading_command(args: Sequence[str]) -> tuple[tuple[str, ...] | None, list[str]]:
+    """(the leading worker command, the worker arguments after it)."""
+    for leading in sorted(LEADING_WORKER_COMMANDS, key=len, reverse=True):
+        if tuple(args[: len(leading)]) == leading:
+            return leading, list(args[len(leading) :])
+    return None, list(args)
 
 
 def _runs_dask_worker(worker_command: str | None, prefix: Sequence[str]) -> bool:
@@ -426,6 +470,22 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
     audit = make_audit("none" if query and params["log_format"] == "auto" else params["log_format"])
     audit("cli.started", version=__version__, options=_params_for_log(ctx), argv=worker_args)
     # Validate everything, then act: every value below is checked before the first write.
+    leading, worker_args = split_leading_command(worker_args)
+    if leading is not None:
+        if params["worker_command"] is not None:
+            _fail(
+                EXIT_USAGE,
+                f"both --worker-command and a leading {' '.join(leading)!r} name the worker "
+                "command; give one",
+                audit,
+                "cli.usage.error",
+            )
+        params = {**params, "worker_command": LEADING_WORKER_COMMANDS[leading]}
+        audit(
+            "worker.command.leading",
+            given=list(leading),
+            worker_command=params["worker_command"] or "default",
+        )
     try:
         prefix = _worker_prefix(params["worker_command"])
         write_options = _write_options(params)
@@ -490,6 +550,8 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
             fits=plan.user_fits,
             clamped=plan.memory_limit_arg is not None,
         )
+        if plan.user_fits is False and plan.memory_limit_arg is None:
+            _warn_memory_limit(plan, audit)
 
     final_args = (
         worker_args

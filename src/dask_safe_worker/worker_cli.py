@@ -317,7 +317,23 @@ def _fill_arguments(
             token, looked = rest.pop(0)
             if looked:
                 raise WorkerArgsError(f"no such option: {token.split('=')[0]}")
+            if param.name == "scheduler" and not looks_like_address(token):
+                raise WorkerArgsError(
+                    f"{token!r} is not a scheduler address (HOST:PORT or "
+                    "PROTOCOL://HOST:PORT); a worker command given first must be one of "
+                    "`dask worker`, `dask-worker`, `dask cuda worker`, `dask-cuda-worker`"
+                )
     return rest
+
+
+def looks_like_address(text: str) -> bool:
+    """`tcp://host:port`, `ucx://host:port`, `host:port`, `[::1]:port`: dask needs the
+    port (without one it stops with "missing port number in address")."""
+    scheme, sep, rest = text.partition("://")
+    if sep:
+        return bool(scheme) and bool(rest)
+    host, colon, port = text.rpartition(":")
+    return bool(colon and host and port.isdigit())
 
 
 def _check_value(name: str, value: str, param: Param) -> None:
