@@ -34,10 +34,11 @@ def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
 
 
 SHAPES = [
-    # dask/helm-chart, templates/dask-worker-deployment.yaml
+    # dask/helm-chart, dask/templates/dask-worker-deployment.yaml with its values.yaml
+    # defaults (worker.image.dask_worker "dask-worker", default_resources, portDashboard)
     pytest.param(
-        ["dask-worker", "my-dask-scheduler:8786", "--nthreads", "1", "--memory-limit", "4GB",
-         "--no-dashboard", "--dashboard-address", ":8790"],
+        ["dask-worker", "dask-scheduler:8786", "--nthreads", "1", "--memory-limit", "4GiB",
+         "--no-dashboard", "--dashboard-address", "8790"],
         id="helm-chart",
     ),
     # dask-kubernetes operator, the worker spec of a DaskCluster (address from the env)
@@ -49,7 +50,7 @@ SHAPES = [
         ["dask", "worker", "--name", "worker-0", "--dashboard", "--dashboard-address", "8788"],
         id="operator-dask-worker-subcommand",
     ),
-    # dask/dask-docker, docker-compose.yml
+    # dask/dask-docker, docker-compose.yml: command: ["dask-worker", "tcp://scheduler:8786"]
     pytest.param(["dask-worker", "tcp://scheduler:8786"], id="compose-dask-worker"),
     pytest.param(["dask", "worker", "scheduler:8786"], id="compose-dask-worker-subcommand"),
 ]  # fmt: skip
