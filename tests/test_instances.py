@@ -7,6 +7,7 @@ child cgroup it made until the test ends it.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -163,3 +164,36 @@ def test_a_leftover_child_of_an_exited_instance_is_removed(
             assert live.path.exists()
         finally:
             stop([proc])
+
+
+def test_the_supervisor_removes_the_child_it_was_named(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # The child's name is unique per instance, so the planning process must hand that
+    # name to the supervisor (cli.supervisor_argv): with --init, the child is gone once
+    # the worker has exited, and nothing else was removed.
+    kernel_cgroup.set_limit(GiB)
+    kept = kernel_cgroup.child("dask-safe-worker-keep")
+    with other_process(kernel_cgroup, started_pids):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
+        proc = subprocess.run(
+            kernel_cgroup.enter_command(
+                [*DSW, "--init", "--log-format", "json", "--min-worker-memory", "1MiB",
+                 "--worker-command", f"{sys.executable} -c pass"]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=base,
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        created = [line for line in proc.stderr.splitlines() if "cgroup.child.created" in line]
+        removed = [line for line in proc.stderr.splitlines() if "cgroup.child.removed" in line]
+        assert created and removed, proc.stderr
+        name = json.loads(created[0])["target"].rsplit("/", 1)[1]
+        assert name.startswith("dask-safe-worker-") and name != "dask-safe-worker-keep"
+        assert json.loads(removed[0])["target"].endswith("/" + name)
+        assert json.loads(removed[0])["error"] is None
+        assert not (kernel_cgroup.path / name).exists()
+        assert kept.path.exists()
