@@ -208,3 +208,17 @@ def test_read_only_root_filesystem_gives_no_traceback(tmp_path: Path) -> None:
     assert failed, proc.stderr
     assert proc.stdout.strip() == "-"
     assert any(e["event"] == "worker.exec" for e in events)
+
+
+def test_a_runtime_directory_of_another_user_is_not_used(tmp_path: Path) -> None:
+    # `sudo` may keep the invoking user's XDG_RUNTIME_DIR; its owner could swap our
+    # subdirectory for a link, so it is skipped.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory owned by another user")
+    runtime = tmp_path / "run-of-nobody"
+    runtime.mkdir(mode=0o700)
+    os.chown(runtime, 65534, 65534)
+    proc = start([], {"XDG_RUNTIME_DIR": str(runtime)})
+    assert proc.returncode == 0, proc.stderr
+    assert not proc.stdout.strip().startswith(str(runtime))
+    assert os.listdir(runtime) == []

@@ -437,12 +437,14 @@ def _write_plan_file(path: str | None, document: dict[str, Any], audit: Audit) -
 
     target: Path | None = None
     try:
+        private: int | None = None
         if path:
             target = Path(path)
             stale = 0
         else:
             target, stale = default_path(os.environ, os.getpid())
-        write_atomic(target, json.dumps(document, indent=2) + "\n")
+            private = os.geteuid()
+        write_atomic(target, json.dumps(document, indent=2) + "\n", private)
     except OSError as exc:
         reason = str(exc) if exc.strerror is None else exc.strerror
         audit("plan.file.failed", path=None if target is None else str(target), reason=reason)

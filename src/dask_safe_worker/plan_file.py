@@ -40,8 +40,11 @@ def candidate_dirs(environ: Mapping[str, str], euid: int, tmpdir: str) -> list[P
     """Where the default plan file may go, best first."""
     dirs: list[Path] = []
     runtime = environ.get("XDG_RUNTIME_DIR", "")
-    if runtime.startswith("/"):
-        dirs.append(Path(runtime) / DIR_NAME)
+    # Only a runtime directory of our own: `sudo` may keep another user's, whose owner
+    # could swap our subdirectory for a link.
+    with contextlib.suppress(OSError):
+        if runtime.startswith("/") and os.stat(runtime).st_uid == euid:
+            dirs.append(Path(runtime) / DIR_NAME)
     if euid == 0:
         dirs.append(Path("/run") / DIR_NAME)
     dirs.append(Path(tmpdir) / f"{DIR_NAME}-{euid}")
@@ -53,7 +56,11 @@ def private_dir(path: Path, euid: int) -> Path:
     when it is a symlink, not ours, or open to others."""
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=0o700)
-    info = os.lstat(path)
+    _check_private(os.lstat(path), path, euid)
+    return path
+
+
+def _check_private(info: os.stat_result, path: Path, euid: int) -> None:
     if stat.S_ISLNK(info.st_mode):
         raise PlanFileError(f"{path} is a symlink")
     if not stat.S_ISDIR(info.st_mode):
@@ -62,24 +69,37 @@ def private_dir(path: Path, euid: int) -> Path:
         raise PlanFileError(f"{path} is owned by uid {info.st_uid}, not {euid}")
     if info.st_mode & 0o077:
         raise PlanFileError(f"{path} is open to others (mode {stat.S_IMODE(info.st_mode):o})")
-    return path
 
 
-def write_atomic(target: Path, text: str) -> None:
-    """`text` at `target`, mode 0600, appearing whole or not at all."""
+def write_atomic(target: Path, text: str, private_euid: int | None = None) -> None:
+    """`text` at `target`, mode 0600, appearing whole or not at all.
+
+    Create and rename go through a descriptor of the directory, so the directory that
+    was checked is the one written to. With `private_euid`, that directory must be a
+    private one of that user (opened without following a link, checked on the open
+    descriptor)."""
     import secrets
 
-    tmp = target.parent / f".{target.name}.{secrets.token_hex(6)}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-    fd = os.open(tmp, flags, 0o600)
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if private_euid is not None:
+        dir_flags |= os.O_NOFOLLOW
+    dfd = os.open(target.parent, dir_flags)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.rename(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        if private_euid is not None:
+            _check_private(os.fstat(dfd), target.parent, private_euid)
+        tmp = f".{target.name}.{secrets.token_hex(6)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.rename(tmp, target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+    finally:
+        os.close(dfd)
 
 
 def remove_stale(directory: Path, proc_root: Path = Path("/proc")) -> int:
