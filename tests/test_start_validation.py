@@ -152,3 +152,18 @@ def test_plain_child_names_are_accepted(name: str) -> None:
 def test_write_options_refuse_values_that_cannot_be_written(fraction: float, swap: int) -> None:
     with pytest.raises(ValueError):
         WriteOptions(memory_high_fraction=fraction, swap_max=swap)
+
+
+@pytest.mark.parametrize("command", ["/nonexistent/worker", "no-such-worker-program-here"])
+def test_a_worker_command_that_is_not_found_writes_nothing(
+    command: str, kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # Found before the write rather than at exec: no child cgroup is left behind.
+    kernel_cgroup.set_limit(2 * GiB)
+    with other_process(kernel_cgroup, started_pids):
+        before = cgroup_state(kernel_cgroup.path)
+        proc = run_in(kernel_cgroup, ["--worker-command", command, "tcp://127.0.0.1:1"])
+        after = cgroup_state(kernel_cgroup.path)
+    assert proc.returncode == 127, proc.stderr
+    assert "cannot run" in proc.stderr and "Traceback" not in proc.stderr
+    assert after == before

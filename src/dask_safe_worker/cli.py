@@ -344,6 +344,17 @@ def split_leading_command(args: Sequence[str]) -> tuple[tuple[str, ...] | None, 
     return None, list(args)
 
 
+def _program_exists(program: str) -> bool:
+    """Whether execvp would find `program` as an executable file (its PATH search)."""
+    if "/" in program:
+        return os.path.isfile(program) and os.access(program, os.X_OK)
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return True
+    return False
+
+
 def _runs_dask_worker(worker_command: str | None, prefix: Sequence[str]) -> bool:
     """Whether the worker is distributed's own `dask worker` (whose options we know)."""
     if worker_command is None:
@@ -570,6 +581,14 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
 
         click.echo(json.dumps(plan_document(m, plan, argv, None, params), indent=2))
         return
+
+    if not _program_exists(prefix[0]):
+        # Found missing now rather than at exec, after the kernel limit was written.
+        from .run_worker import EXIT_EXEC_FAILED
+
+        audit("worker.exec.failed", argv0=prefix[0], reason="No such file or directory")
+        click.echo(f"dask-safe-worker: cannot run {prefix[0]!r}: not found", err=True)
+        sys.exit(EXIT_EXEC_FAILED)
 
     outcome = apply_limit(m, plan.budget, opts=write_options, audit=audit)
     audit("cgroup.write.outcome", **outcome.as_dict())
