@@ -192,7 +192,7 @@ def test_the_supervisor_removes_the_child_it_was_named(
         removed = [line for line in proc.stderr.splitlines() if "cgroup.child.removed" in line]
         assert created and removed, proc.stderr
         name = json.loads(created[0])["target"].rsplit("/", 1)[1]
-        assert name.startswith("dask-safe-worker-") and name != "dask-safe-worker-keep"
+        assert name.startswith("dask-safe-worker") and name != "dask-safe-worker-keep"
         assert json.loads(removed[0])["target"].endswith("/" + name)
         assert json.loads(removed[0])["error"] is None
         assert not (kernel_cgroup.path / name).exists()

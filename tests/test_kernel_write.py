@@ -30,8 +30,7 @@ APPLY = textwrap.dedent(
     m = measure()
     out = apply_limit(m, budget, opts=WriteOptions(margin=margin),
                       audit=lambda e, **f: events.append([e, f]))
-    import os
-    print(json.dumps({"outcome": out.as_dict(), "events": events, "pid": os.getpid(),
+    print(json.dumps({"outcome": out.as_dict(), "events": events,
                       "cgroup": open("/proc/self/cgroup").read()}))
     """
 )
@@ -83,14 +82,39 @@ def test_shared_cgroup_uses_a_child(kernel_cgroup: KernelCgroup, started_pids: s
         outcome = result["outcome"]
         assert isinstance(outcome, dict)
         assert outcome["strategy"] == "child" and outcome["written"]
-        child = kernel_cgroup.path / f"dask-safe-worker-{result['pid']}"
+        child = kernel_cgroup.path / "dask-safe-worker"
         assert outcome["created_child"] == str(child)
         assert int((child / "memory.limit_in_bytes").read_text()) == 400 * MiB
         # The shared cgroup keeps the limit the test gave it.
         assert kernel_cgroup.limit() == GiB
         # The process really moved itself into the child.
-        assert str(result["cgroup"]).count(f"/dask-safe-worker-{result['pid']}") == 1
+        assert str(result["cgroup"]).count("/dask-safe-worker") == 1
         assert other.pid in kernel_cgroup.pids()
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_taken_child_name_gets_the_pid_then_a_random_suffix(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # Issue 13 row 12b: mkdir fails when the name exists, then the next name; a child
+    # that exists is never reused (another instance may be about to move into it).
+    kernel_cgroup.set_limit(GiB)
+    kernel_cgroup.child("dask-safe-worker")
+    other = subprocess.Popen(kernel_cgroup.enter_command(["sleep", "120"]))
+    started_pids.add(other.pid)
+    try:
+        while other.pid not in kernel_cgroup.pids():
+            assert other.poll() is None
+        result = run_policy(kernel_cgroup, 400 * MiB)
+        outcome = result["outcome"]
+        assert isinstance(outcome, dict)
+        name = str(outcome["created_child"]).rsplit("/", 1)[1]
+        assert name.startswith("dask-safe-worker-") and outcome["written"]
+        # The taken child is left as it was: empty and without a limit.
+        taken = KernelCgroup(kernel_cgroup.path / "dask-safe-worker")
+        assert taken.pids() == [] and taken.limit() > GiB
     finally:
         other.kill()
         other.wait()

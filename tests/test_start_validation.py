@@ -117,8 +117,7 @@ def test_the_same_run_with_good_values_does_write(
         after = cgroup_state(kernel_cgroup.path)
     assert proc.returncode == 0, proc.stderr
     (made,) = set(after) - set(before)
-    # The child has the given name plus the instance's pid: one per instance.
-    assert made.startswith("my-worker-")
+    assert made == "my-worker"
     # Own RSS + headroom of a shared cgroup exceeds its limit (VmRSS counts pages the
     # cgroup does not charge): the budget is capped at the limit (issue 13 row 12).
     assert after[made] <= 2 * GiB

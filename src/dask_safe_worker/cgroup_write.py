@@ -205,11 +205,13 @@ class _Writer:
 
     def _make_child(self) -> str:
         """Create a child no other instance uses, atomically: mkdir fails when the name
-        exists (another instance, or a leftover with processes), then another name."""
+        exists (another instance's child, or a leftover), then the next name: `<name>`,
+        `<name>-<pid>`, then `<name>-<pid>-<random>`."""
         import secrets
 
-        base = f"{self.opts.child_name}-{self.m.pid}"
-        candidates = [base, *(f"{base}-{secrets.token_hex(4)}" for _ in range(8))]
+        name = self.opts.child_name
+        own = f"{name}-{self.m.pid}"
+        candidates = [name, own, *(f"{own}-{secrets.token_hex(4)}" for _ in range(8))]
         for name in candidates:
             try:
                 (self.own_dir / name).mkdir()
