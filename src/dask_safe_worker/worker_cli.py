@@ -2,16 +2,16 @@
 
 Arguments `dask worker` would refuse must be refused before anything is written. The
 rules come from the installed release's click command: `option_table()` reads the
-decorators of `main` in `distributed/cli/dask_worker.py` with the `ast` module (about
-7 ms), and only where that source cannot be read (a zip import, a missing .py) asks a
-subprocess to import the real command and list `main.params` (one import, ~0.3-1 s).
-tests/test_worker_cli.py checks both against the imported `main.params`, and the
-verdicts of `check_argv` against `main.make_context`.
+decorators of `main` in `distributed/cli/dask_worker.py` with the `ast` module, and only
+where that source cannot be read (a zip import, a missing .py) asks a subprocess to import
+the real command and list `main.params`. tests/test_worker_cli.py and tests/test_parity.py
+check the two tables against each other and the verdicts of `check_argv` against
+`main.make_context`.
 
-Measured on this kind of machine (docs/benchmarks.md): importing
-`distributed.cli.dask_worker` costs 330 ms to 2 s, `import ast` + parsing the file 7 ms;
-validating in a subprocess on every start would put the whole import back on the start
-path, so the subprocess is only the fallback.
+The trade-off, measured by benchmarks/worker_args_check.py (docs/benchmarks.md): the ast
+read adds about 10 ms to the start path; importing `distributed.cli.dask_worker`, in
+process or in a subprocess, costs 330 ms on a quiet machine and about a second on a busy
+one, more than the whole start path, on every start. So the import is only the fallback.
 """
 
 from __future__ import annotations
