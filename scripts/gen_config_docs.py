@@ -73,7 +73,7 @@ def _default(p: click.Option) -> str:
 def _envvar(p: click.Option) -> str:
     env = p.envvar
     if not env:
-        return ""
+        return "—"  # --version: an environment variable would stop every start
     names = [env] if isinstance(env, str) else list(env)
     return ", ".join(f"`{n}`" for n in names)
 

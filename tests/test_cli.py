@@ -84,16 +84,27 @@ def test_missing_worker_command_exits_127() -> None:
 
 
 def test_dry_run_prints_the_plan_and_passes_args_through() -> None:
-    proc = run("--dry-run", "tcp://127.0.0.1:1", "--name", "--dry-run", "--", "--preload-arg")
+    proc = run(
+        "--dry-run",
+        "tcp://127.0.0.1:1",
+        "--name",
+        "--dry-run",
+        "--preload",
+        "mymodule",
+        "--",
+        "--preload-arg",
+    )
     assert proc.returncode == 0
     assert proc.stderr == ""
     doc = json.loads(proc.stdout)
     assert doc["schema"] == SCHEMA_VERSION
     limit = doc["plan"]["memory_limit_arg"]
-    assert doc["argv"][-7:] == [
+    assert doc["argv"][-9:] == [
         "tcp://127.0.0.1:1",
         "--name",
         "--dry-run",
+        "--preload",
+        "mymodule",
         "--memory-limit",
         str(limit),
         "--",
@@ -126,12 +137,33 @@ def test_environment_variables_configure_and_stay_out_of_the_log() -> None:
     assert plan["reserve"] == pytest.approx(plan["budget"], rel=0.01)  # type: ignore[arg-type]
 
 
-def test_version_goes_to_dask_worker() -> None:
+def test_version_names_ours_and_distributeds() -> None:
     import distributed
 
-    proc = run("--version", "--log-format", "none")
+    from dask_safe_worker import __version__
+
+    proc = run("--version")
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert proc.stdout.splitlines() == [
+        f"dask-safe-worker {__version__}",
+        f"distributed {distributed.__version__}",
+    ]
+
+
+def test_short_h_is_our_help_and_writes_nothing(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    proc = run("-h", "--plan-file", str(plan), "tcp://127.0.0.1:1")
     assert proc.returncode == 0
-    assert distributed.__version__ in proc.stdout + proc.stderr
+    assert proc.stdout == run("--help").stdout
+    assert "--worker-help" in proc.stdout
+    assert not plan.exists()
+
+
+def test_worker_argument_errors_point_to_worker_help() -> None:
+    proc = run(*NEVER, "tcp://127.0.0.1:1", "--bogus-opt", "x")
+    assert proc.returncode == 2
+    assert "--worker-help" in proc.stderr
+    assert "distributed.cli.dask_worker --help" not in proc.stderr
 
 
 def test_dask_subcommand_entry_point() -> None:
@@ -173,7 +205,7 @@ def test_fast_path_knows_every_option() -> None:
     [
         ["--print-limit"],
         ["tcp://127.0.0.1:1", "--nworkers", "2", "--print-limit"],
-        ["--print-limit", "--", "--preload-arg"],
+        ["--print-limit", "--name", "x", "--no-nanny"],
     ],
 )
 def test_fast_print_limit_agrees_with_the_full_command(args: list[str]) -> None:
@@ -195,6 +227,10 @@ def test_fast_print_limit_agrees_with_the_full_command(args: list[str]) -> None:
         (["--print-limit", "--nthreads", "two"], {}),
         (["--print-limit", "--min-worker-memory", "1PiB"], {}),
         (["--print-limit", "--version"], {}),
+        (["--print-limit", "--", "--preload-arg"], {}),
+        (["--print-limit", "--bogus-opt"], {}),
+        (["--print-limit", "tcp://127.0.0.1:1", "tcp://127.0.0.1:2"], {}),
+        (["--print-limit", "-h"], {}),
     ],
 )
 def test_anything_but_a_plain_print_limit_takes_the_full_command(

@@ -95,6 +95,31 @@ def test_shared_cgroup_uses_a_child(kernel_cgroup: KernelCgroup, started_pids: s
         other.wait()
 
 
+def test_a_taken_child_name_gets_the_pid_then_a_random_suffix(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # Issue 13 row 12b: mkdir fails when the name exists, then the next name; a child
+    # that exists is never reused (another instance may be about to move into it).
+    kernel_cgroup.set_limit(GiB)
+    kernel_cgroup.child("dask-safe-worker")
+    other = subprocess.Popen(kernel_cgroup.enter_command(["sleep", "120"]))
+    started_pids.add(other.pid)
+    try:
+        while other.pid not in kernel_cgroup.pids():
+            assert other.poll() is None
+        result = run_policy(kernel_cgroup, 400 * MiB)
+        outcome = result["outcome"]
+        assert isinstance(outcome, dict)
+        name = str(outcome["created_child"]).rsplit("/", 1)[1]
+        assert name.startswith("dask-safe-worker-") and outcome["written"]
+        # The taken child is left as it was: empty and without a limit.
+        taken = KernelCgroup(kernel_cgroup.path / "dask-safe-worker")
+        assert taken.pids() == [] and taken.limit() > GiB
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_below_usage_is_refused_before_the_kernel(kernel_cgroup: KernelCgroup) -> None:
     kernel_cgroup.set_limit(GiB)
     outcome = run_policy(kernel_cgroup, 100 * MiB, hold=200 * MiB)["outcome"]

@@ -66,6 +66,20 @@ def test_option_table_matches_click() -> None:
     assert flags <= dc.WORKER_FLAG_OPTIONS
 
 
+def test_worker_argv_table_read_from_source_matches_click() -> None:
+    """worker_cli reads the click command from source with ast (issue 13 row 3): in every
+    matrix cell it must see the same options as the imported command."""
+    from dask_safe_worker import worker_cli
+
+    values, flags, multiple = click_option_table()
+    table = worker_cli.option_table()
+    assert table.source == "ast"
+    options = [p for p in table.params if p.kind == "option"]
+    assert {n for p in options if not p.is_flag for n in p.opts} == values
+    assert {n for p in options if p.is_flag for n in (*p.opts, *p.secondary_opts)} == flags
+    assert {n for p in options if p.multiple for n in p.opts} == multiple
+
+
 def test_nworkers_options_match_click() -> None:
     values, _, _ = click_option_table()
     assert set(dc.nworkers_options(INSTALLED)) == values & {"--nworkers", "--nprocs"}
@@ -467,5 +481,9 @@ def test_user_memory_limit_matches_parse_memory_limit(value: str, nthreads: int,
         ours = exc
     if isinstance(theirs, Exception):
         assert isinstance(ours, Exception), f"dask rejects {value!r} ({theirs!r}), we gave {ours}"
+    elif (isinstance(theirs, int) and theirs < 0) or not value.strip():
+        # dask computes a negative limit (the worker then fails to start) or reads ""
+        # as 1 byte: refused here before anything is written (issue 13 row 7).
+        assert isinstance(ours, ValueError), value
     else:
         assert ours == theirs, value

@@ -120,7 +120,7 @@ def test_plan_invariants(
     assert plan.budget <= m.own_working_set + m.available
     for lvl in levels:
         if lvl.effective_limit is not None:
-            assert plan.budget <= m.own_working_set + lvl.effective_limit
+            assert plan.budget <= lvl.effective_limit
     # Workers plus overhead fit in the budget, so Dask's terminate fires first.
     assert plan.n_workers * plan.per_worker + plan.overhead <= plan.budget
     assert plan.per_worker >= settings.min_worker_memory
@@ -129,6 +129,26 @@ def test_plan_invariants(
         assert plan.n_workers * plan.memory_limit_arg + plan.overhead <= plan.budget
     if user_limit is not None and not clamp:
         assert plan.memory_limit_arg is None
+
+
+@pytest.mark.parametrize("sole", [True, False])
+def test_usage_above_the_limit_never_gives_a_budget_above_it(sole: bool) -> None:
+    # Issue 13 row 12: usage 1.2 GiB in a cgroup limited to 1 GiB (a limit lowered
+    # under usage) gave a budget of 1.2 GiB.
+    m = measurement(
+        levels=(level(GiB, 1229 * MiB, 0, "/job"),),
+        own_rss=1229 * MiB,
+        sole=sole,
+    )
+    plan = make_plan(m, WorkerArgs(), Settings())
+    assert plan.budget <= GiB
+
+
+def test_own_rss_above_the_headroom_of_a_shared_cgroup_is_capped() -> None:
+    # VmRSS counts shared pages the cgroup does not charge: own RSS + headroom can
+    # exceed the limit of a shared cgroup (seen on the real kernel).
+    m = measurement(levels=(level(2 * GiB, 30 * MiB, 0, "/shared"),), own_rss=60 * MiB, sole=False)
+    assert make_plan(m, WorkerArgs(), Settings()).budget == 2 * GiB
 
 
 def test_too_small_budget_is_refused() -> None:

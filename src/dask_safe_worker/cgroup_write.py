@@ -12,6 +12,8 @@ Every kernel refusal becomes a logged reason and a fallback, never a traceback.
 from __future__ import annotations
 
 import errno
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,9 @@ from .measure import Measurement
 from .proc_parse import ParseError
 
 MiB = 2**20
+# The largest value the kernel keeps in a memory limit file (PAGE_COUNTER_MAX pages is
+# lower still; anything above is "unlimited" to it).
+MAX_LIMIT = 2**63 - 1
 DEFAULT_MARGIN = 32 * MiB
 DEFAULT_CHILD_NAME = "dask-safe-worker"
 
@@ -44,13 +49,60 @@ class WriteOutcome:
         return dict(self.__dict__)
 
 
+# NAME_MAX of every Linux filesystem, cgroupfs included.
+_NAME_MAX = 255
+
+
+def child_name_problem(name: str) -> str | None:
+    """Why `name` cannot be the child cgroup's name, or None when it is one plain path
+    component: anything else (`..`, `/x`, `a/b`) would name a cgroup that is not our
+    own child, and a limit written there could cap processes that are not ours."""
+    if not name:
+        return "it is empty"
+    if name in (".", ".."):
+        return f"{name!r} is not a new directory"
+    if "/" in name:
+        return f"{name!r} contains '/'"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return f"{name!r} contains a control character"
+    if len(name.encode("utf-8", "surrogateescape")) > _NAME_MAX - 24:
+        # Room for the "-<pid>-<random>" suffix a name collision adds.
+        return f"it is longer than {_NAME_MAX - 24} bytes"
+    return None
+
+
 @dataclass(frozen=True)
 class WriteOptions:
+    """Every value `apply_limit` may write, checked when built: nothing is written
+    unless all of them are valid (no limit half applied)."""
+
     mode: str = "auto"  # auto | never | required
     child_name: str = DEFAULT_CHILD_NAME
     margin: int = DEFAULT_MARGIN
     memory_high_fraction: float | None = None
     swap_max: int | None = 0  # v2 memory.swap.max; None leaves it alone
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("auto", "never", "required"):
+            raise ValueError(f"cgroup write mode {self.mode!r} is not auto, never or required")
+        problem = child_name_problem(self.child_name)
+        if problem is not None:
+            raise ValueError(f"the child cgroup name must be one plain path component: {problem}")
+        fraction = self.memory_high_fraction
+        if fraction is not None and not (math.isfinite(fraction) and 0 <= fraction < 1):
+            raise ValueError(f"memory.high fraction {fraction!r} is not in [0, 1)")
+        if self.swap_max is not None and not (0 <= self.swap_max <= MAX_LIMIT):
+            raise ValueError(f"memory.swap.max {self.swap_max!r} is out of range")
+
+    def extra_values(self, budget: int) -> list[tuple[str, str]]:
+        """The v2 files written after the hard limit, with their values, all computed
+        before the first write."""
+        extras: list[tuple[str, str]] = []
+        if self.memory_high_fraction:
+            extras.append(("memory.high", str(int(budget * self.memory_high_fraction))))
+        if self.swap_max is not None:
+            extras.append(("memory.swap.max", str(self.swap_max)))
+        return extras
 
 
 def errno_reason(exc: BaseException) -> str:
@@ -66,10 +118,6 @@ def _move_self(directory: Path, pid: int) -> None:
         f.write(str(pid))
 
 
-def _pids(version: int, directory: Path) -> list[int]:
-    return open_memory_cgroup(version, directory).procs()
-
-
 class _Writer:
     def __init__(
         self, m: Measurement, budget: int, sys_root: Path, opts: WriteOptions, audit: Audit
@@ -82,6 +130,8 @@ class _Writer:
         self.audit = audit
         self.own_dir = m.location.directory(sys_root)
         self.own_path = m.location.cgroup_path
+        # Computed now, so that no value can fail between two writes.
+        self.extras = opts.extra_values(budget)
 
     def _write_limit(self, directory: Path, path: str, strategy: str) -> WriteOutcome:
         cg = open_memory_cgroup(self.version, directory)
@@ -111,12 +161,7 @@ class _Writer:
         return WriteOutcome(True, True, "written", strategy, path, self.budget, read_back)
 
     def _v2_extras(self, cg: V2MemoryCgroup, path: str) -> None:
-        extras: list[tuple[str, str]] = []
-        if self.opts.memory_high_fraction:
-            extras.append(("memory.high", str(int(self.budget * self.opts.memory_high_fraction))))
-        if self.opts.swap_max is not None:
-            extras.append(("memory.swap.max", str(self.opts.swap_max)))
-        for name, value in extras:
+        for name, value in self.extras:
             try:
                 cg.write(name, value)
                 self.audit(
@@ -137,23 +182,54 @@ class _Writer:
             self.audit("cgroup.write.failed", target=self.own_path, strategy="own", reason=reason)
             return WriteOutcome(False, False, reason, "own", self.own_path)
 
-    def child(self) -> WriteOutcome:
-        name = self.opts.child_name
-        child_dir = self.own_dir / name
+    def _remove_stale_children(self) -> None:
+        """Remove instance children whose pid has exited and that hold no process (an
+        exec'd worker cannot remove its child when it ends). rmdir fails on a cgroup
+        with processes, and a live instance's pid still runs: neither is touched."""
+        base = self.opts.child_name
         try:
-            if child_dir.exists() and set(_pids(self.version, child_dir)) - {self.m.pid}:
-                name = f"{name}-{self.m.pid}"
-                child_dir = self.own_dir / name
-        except (OSError, ParseError):
-            pass
-        path = self.own_path.rstrip("/") + "/" + name
-        created = False
+            names = os.listdir(self.own_dir)
+        except OSError:
+            return
+        for name in names:
+            pid = name[len(base) + 1 :].split("-", 1)[0]
+            if not (name.startswith(base + "-") and pid.isdigit()):
+                continue
+            if int(pid) == self.m.pid or os.path.exists(f"/proc/{pid}"):
+                continue
+            try:
+                os.rmdir(self.own_dir / name)
+            except OSError:
+                continue
+            self.audit("cgroup.child.removed", target=str(self.own_dir / name), error=None)
+
+    def _make_child(self) -> str:
+        """Create a child no other instance uses, atomically: mkdir fails when the name
+        exists (another instance's child, or a leftover), then the next name: `<name>`,
+        `<name>-<pid>`, then `<name>-<pid>-<random>`."""
+        import secrets
+
+        name = self.opts.child_name
+        own = f"{name}-{self.m.pid}"
+        candidates = [name, own, *(f"{own}-{secrets.token_hex(4)}" for _ in range(8))]
+        for name in candidates:
+            try:
+                (self.own_dir / name).mkdir()
+            except FileExistsError:
+                continue
+            return name
+        raise FileExistsError(errno.EEXIST, "every child cgroup name tried exists")
+
+    def child(self) -> WriteOutcome:
+        self._remove_stale_children()
+        path = self.own_path.rstrip("/") + "/" + self.opts.child_name
+        child_dir: Path | None = None
         moved = False
         try:
-            if not child_dir.exists():
-                child_dir.mkdir()
-                created = True
-                self.audit("cgroup.child.created", target=path)
+            name = self._make_child()
+            child_dir = self.own_dir / name
+            path = self.own_path.rstrip("/") + "/" + name
+            self.audit("cgroup.child.created", target=path)
             if self.version == 1:
                 outcome = self._write_limit(child_dir, path, "child")
                 _move_self(child_dir, self.m.pid)
@@ -166,12 +242,12 @@ class _Writer:
                 self._enable_memory_controller()
                 outcome = self._write_limit(child_dir, path, "child")
             self.audit("cgroup.moved", target=path, pid=self.m.pid)
-            outcome.created_child = str(child_dir) if created else None
+            outcome.created_child = str(child_dir)
             outcome.parent_dir = str(self.own_dir)
             return outcome
         except (OSError, ParseError) as exc:
             reason = errno_reason(exc)
-            undo_error = self._undo(child_dir, created, moved)
+            undo_error = None if child_dir is None else self._undo(child_dir, True, moved)
             self.audit(
                 "cgroup.write.failed",
                 target=path,
@@ -224,6 +300,8 @@ def apply_limit(
 ) -> WriteOutcome:
     """Try to put `budget` in force as a kernel limit on the cgroup we run in."""
     opts = opts or WriteOptions()
+    if not 0 < budget <= MAX_LIMIT:
+        raise ValueError(f"budget {budget} is not a kernel memory limit")
     if opts.mode == "never":
         audit("cgroup.write.skipped", reason="disabled")
         return WriteOutcome(False, False, "disabled")

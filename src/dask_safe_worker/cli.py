@@ -7,6 +7,7 @@ It must not import dask or distributed: the worker does that after exec.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -19,9 +20,11 @@ from . import __version__, dask_compat
 from .audit import LOG_FORMATS, SCHEMA_VERSION, Audit, make_audit
 from .cgroup_write import (
     DEFAULT_CHILD_NAME,
+    MAX_LIMIT,
     WriteOptions,
     WriteOutcome,
     apply_limit,
+    child_name_problem,
     intended_strategy,
 )
 from .env_options import env_option, env_var
@@ -35,6 +38,7 @@ from .plan import (
     Settings,
     make_plan,
 )
+from .siblings import read_siblings, with_siblings
 from .sizes import Amount, parse_amount, parse_bytes
 from .worker_args import parse_worker_args, split_argv, with_memory_limit
 
@@ -68,13 +72,44 @@ class _SizeType(click.ParamType):  # type: ignore[type-arg]
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, int):
             return value
+        if not str(value).strip():
+            # dask's parse_bytes reads "" as 1 byte; here that is always a mistake.
+            self.fail("empty size", param, ctx)
         try:
             size = parse_bytes(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
         if size < 0:
             self.fail(f"{value!r} is negative", param, ctx)
+        if size > MAX_LIMIT:
+            self.fail(f"{value!r} is larger than any kernel limit", param, ctx)
         return size
+
+
+class _FractionType(click.ParamType):  # type: ignore[type-arg]
+    """A float in [0, 1): unlike click.FloatRange, NaN is refused (every comparison with
+    NaN is false, so a range check alone lets it through)."""
+
+    name = "FRACTION"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not (math.isfinite(number) and 0 <= number < 1):
+            self.fail(f"{value!r} is not at least 0 and below 1", param, ctx)
+        return number
+
+
+class _ChildNameType(click.ParamType):  # type: ignore[type-arg]
+    name = "NAME"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        problem = child_name_problem(str(value))
+        if problem is not None:
+            self.fail(f"must be one plain path component: {problem}", param, ctx)
+        return str(value)
 
 
 class _SwapType(click.ParamType):  # type: ignore[type-arg]
@@ -125,13 +160,15 @@ OUR_OPTIONS: list[click.Parameter] = [
     ),
     _option(
         "cgroup-child",
+        type=_ChildNameType(),
         default=DEFAULT_CHILD_NAME,
         show_default=True,
-        help="Name of the child cgroup created when our own cgroup cannot be limited.",
+        help="Name of the child cgroup created when our own cgroup cannot be limited: one "
+        "plain path component (no '/', not '.' or '..'); taken names get a unique suffix.",
     ),
     _option(
         "memory-high-fraction",
-        type=click.FloatRange(0, 1, max_open=True),
+        type=_FractionType(),
         default=0.0,
         show_default=True,
         help="cgroup v2: also set memory.high to this fraction of the budget, a "
@@ -187,12 +224,20 @@ OUR_OPTIONS: list[click.Parameter] = [
         type=click.Path(dir_okay=False, writable=True),
         default=None,
         help="Where to record the plan as JSON for `dask-safe-audit`; its path is exported "
-        f"to the worker as {PLAN_FILE_ENV} [default: a file in the temp directory].",
+        f"to the worker as {PLAN_FILE_ENV} [default: a file in a private runtime directory].",
     ),
     _option(
         "worker-help",
         is_flag=True,
         help="Show `dask worker --help`: every option not listed here goes to the worker.",
+    ),
+    click.Option(
+        ["--version"],
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=lambda ctx, _param, value: _print_version(ctx) if value else None,
+        help="Show this tool's version and the installed distributed's, then exit.",
     ),
 ]
 
@@ -204,7 +249,7 @@ OUR_FLAG_OPTIONS = frozenset(
     for p in OUR_OPTIONS
     if isinstance(p, click.Option) and p.is_flag
     for o in (*p.opts, *p.secondary_opts)
-) | {"--help"}
+) | {"--help", "-h"}
 
 EPILOG = """\b
 Every other argument goes to `dask worker` unchanged and in order, e.g.
@@ -228,6 +273,36 @@ class SafeWorkerCommand(click.Command):
         return super().parse_args(ctx, ours)
 
 
+def _warn_memory_limit(plan: Plan, audit: Audit) -> None:
+    """A --memory-limit above the budget passes through (dask keeps it), so the kernel
+    limit, not Dask's spilling, may be what stops the worker: say so, and the way out."""
+    from .sizes import format_bytes
+
+    audit(
+        "plan.user_memory_limit.warning",
+        value=plan.user_memory_limit,
+        resolved=plan.user_memory_limit_bytes,
+        n_workers=plan.n_workers,
+        budget=plan.budget,
+        planned=plan.per_worker,
+    )
+    given = plan.user_memory_limit_bytes or 0
+    click.echo(
+        f"dask-safe-worker: warning: --memory-limit {plan.user_memory_limit} "
+        f"({format_bytes(given)} per worker, {plan.n_workers} worker(s)) does not fit the "
+        f"budget of {format_bytes(plan.budget)}; Dask may not spill before the kernel "
+        f"limit; add --clamp-memory-limit to use {format_bytes(plan.per_worker)} instead",
+        err=True,
+    )
+
+
+def _print_version(ctx: click.Context) -> None:
+    release = dask_compat.installed_distributed_version()
+    click.echo(f"dask-safe-worker {__version__}")
+    click.echo(f"distributed {release if release is not None else 'not installed'}")
+    ctx.exit(0)
+
+
 def _fail(code: int, message: str, audit: Audit, event: str) -> NoReturn:
     audit(event, message=message, exit_code=code)
     click.echo(f"dask-safe-worker: {message}", err=True)
@@ -235,11 +310,79 @@ def _fail(code: int, message: str, audit: Audit, event: str) -> NoReturn:
 
 
 def _worker_prefix(worker_command: str | None) -> list[str]:
-    if worker_command:
-        import shlex  # only here: every import counts against --print-limit's start-up
+    """The worker command as an argv prefix; ValueError for one that is not a command."""
+    if worker_command is None:
+        return dask_compat.worker_command(sys.executable)
+    import shlex  # only here: every import counts against --print-limit's start-up
 
-        return shlex.split(worker_command)
-    return dask_compat.worker_command(sys.executable)
+    try:
+        prefix = shlex.split(worker_command)
+    except ValueError as exc:
+        raise ValueError(f"--worker-command {worker_command!r}: {exc}") from None
+    if not prefix:
+        raise ValueError("--worker-command is empty")
+    return prefix
+
+
+# Worker commands that charts, operator specs and compose files put first in the
+# container's arguments (the official images run `tini -g -- prepare.sh "$@"`). With
+# `ENTRYPOINT ["dask-safe-worker"]` they arrive here; distributed's own worker is run as
+# this Python's `-m distributed.cli.dask_worker` (the `dask-worker` script is gone since
+# 2026.6), dask-cuda's as given.
+LEADING_WORKER_COMMANDS: dict[tuple[str, ...], str | None] = {
+    ("dask", "worker"): None,
+    ("dask-worker",): None,
+    ("dask", "cuda", "worker"): "dask cuda worker",
+    ("dask-cuda-worker",): "dask-cuda-worker",
+}
+
+
+def split_leading_command(args: Sequence[str]) -> tuple[tuple[str, ...] | None, list[str]]:
+    """(the leading worker command, the worker arguments after it)."""
+    for leading in sorted(LEADING_WORKER_COMMANDS, key=len, reverse=True):
+        if tuple(args[: len(leading)]) == leading:
+            return leading, list(args[len(leading) :])
+    return None, list(args)
+
+
+def _program_exists(program: str) -> bool:
+    """Whether execvp would find `program` as an executable file (its PATH search)."""
+    if "/" in program:
+        return os.path.isfile(program) and os.access(program, os.X_OK)
+    for directory in os.environ.get("PATH", os.defpath).split(os.pathsep):
+        candidate = os.path.join(directory or ".", program)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return True
+    return False
+
+
+def _runs_dask_worker(worker_command: str | None, prefix: Sequence[str]) -> bool:
+    """Whether the worker is distributed's own `dask worker` (whose options we know)."""
+    if worker_command is None:
+        return True
+    tail = [os.path.basename(prefix[0]), *prefix[1:]]
+    return tail in (["dask", "worker"], ["dask-worker"]) or (
+        len(tail) >= 3 and tail[-2:] == ["-m", "distributed.cli.dask_worker"]
+    )
+
+
+def _check_worker_args(
+    args: Sequence[str], worker_command: str | None, prefix: Sequence[str], audit: Audit
+) -> None:
+    """Refuse what `dask worker` would refuse, from the installed release's own click
+    command (worker_cli explains how it is read without importing distributed)."""
+    if not _runs_dask_worker(worker_command, prefix):
+        audit("worker.args.checked", checked=False, reason="custom worker command")
+        return
+    from . import worker_cli
+
+    try:
+        table = worker_cli.option_table()
+    except Exception as exc:  # a broken install: dask worker itself will say more
+        audit("worker.args.checked", checked=False, reason=f"{type(exc).__name__}: {exc}")
+        return
+    worker_cli.check_argv(args, table)
+    audit("worker.args.checked", checked=True, source=table.source)
 
 
 def _settings(params: dict[str, Any], supervised: bool) -> Settings:
@@ -302,19 +445,30 @@ def supervisor_argv(
 
 
 def _write_plan_file(path: str | None, document: dict[str, Any], audit: Audit) -> str | None:
-    # json and tempfile are imported where used: --print-limit needs neither, and its
-    # start-up time is a goal (docs/benchmarks.md).
+    """The plan as JSON at `path` (default: a private runtime directory), or None after a
+    logged failure: the worker starts either way, without a plan file to point to."""
+    # json and the plan_file module are imported where used: --print-limit needs neither,
+    # and its start-up time is a goal (docs/benchmarks.md).
     import json
-    import tempfile
 
-    target = path or os.path.join(tempfile.gettempdir(), f"dask-safe-worker-{os.getpid()}.json")
+    from .plan_file import default_path, write_atomic
+
+    target: Path | None = None
     try:
-        Path(target).write_text(json.dumps(document, indent=2) + "\n")
+        private: int | None = None
+        if path:
+            target = Path(path)
+            stale = 0
+        else:
+            target, stale = default_path(os.environ, os.getpid())
+            private = os.geteuid()
+        write_atomic(target, json.dumps(document, indent=2) + "\n", private)
     except OSError as exc:
-        audit("plan.file.failed", path=target, reason=exc.strerror or str(exc))
+        reason = str(exc) if exc.strerror is None else exc.strerror
+        audit("plan.file.failed", path=None if target is None else str(target), reason=reason)
         return None
-    audit("plan.file.written", path=target)
-    return target
+    audit("plan.file.written", path=str(target), stale_removed=stale)
+    return str(target)
 
 
 def _params_for_log(ctx: click.Context) -> dict[str, object]:
@@ -332,13 +486,34 @@ def _params_for_log(ctx: click.Context) -> dict[str, object]:
 
 def run(ctx: click.Context, params: dict[str, Any]) -> None:
     worker_args: list[str] = ctx.meta.get("dask_safe_worker.worker_args", [])
-    prefix = _worker_prefix(params["worker_command"])
     query = params["print_limit"] or params["dry_run"]
     audit = make_audit(
         "none" if query and params["log_format"] == "auto" else params["log_format"],
         worker_name=worker_name(worker_args, dask_compat.WORKER_VALUE_OPTIONS),
     )
     audit("cli.started", version=__version__, options=_params_for_log(ctx), argv=worker_args)
+    # Validate everything, then act: every value below is checked before the first write.
+    leading, worker_args = split_leading_command(worker_args)
+    if leading is not None:
+        if params["worker_command"] is not None:
+            _fail(
+                EXIT_USAGE,
+                f"both --worker-command and a leading {' '.join(leading)!r} name the worker "
+                "command; give one",
+                audit,
+                "cli.usage.error",
+            )
+        params = {**params, "worker_command": LEADING_WORKER_COMMANDS[leading]}
+        audit(
+            "worker.command.leading",
+            given=list(leading),
+            worker_command=params["worker_command"] or "default",
+        )
+    try:
+        prefix = _worker_prefix(params["worker_command"])
+        write_options = _write_options(params)
+    except ValueError as exc:
+        _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
 
     if params["worker_help"]:
         from .run_worker import exec_worker
@@ -358,9 +533,15 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
     )
 
     try:
+        _check_worker_args(worker_args, params["worker_command"], prefix, audit)
         wargs = parse_worker_args(worker_args, dask_compat.nworkers_options(release))
     except dask_compat.WorkerArgsError as exc:
-        _fail(EXIT_USAGE, f"invalid dask worker arguments: {exc}", audit, "cli.usage.error")
+        _fail(
+            EXIT_USAGE,
+            f"invalid dask worker arguments: {exc} (see `dask-safe-worker --worker-help`)",
+            audit,
+            "cli.usage.error",
+        )
     if wargs.version_only:
         from .run_worker import exec_worker
 
@@ -374,9 +555,11 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
             EXIT_MEASURE_FAILED, f"cannot read memory information: {exc}", audit, "measure.failed"
         )
     audit("measure.done", **m.as_dict())
+    siblings = read_siblings(m, params["cgroup_child"])
+    m = with_siblings(m, siblings)
 
     try:
-        plan = make_plan(m, wargs, _settings(params, supervised))
+        plan = make_plan(m, wargs, _settings(params, supervised), siblings)
     except dask_compat.WorkerArgsError as exc:
         _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
     except PlanError as exc:
@@ -390,6 +573,8 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
             fits=plan.user_fits,
             clamped=plan.memory_limit_arg is not None,
         )
+        if plan.user_fits is False and plan.memory_limit_arg is None:
+            _warn_memory_limit(plan, audit)
 
     final_args = (
         worker_args
@@ -407,13 +592,21 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         click.echo(json.dumps(plan_document(m, plan, argv, None, params), indent=2))
         return
 
+    if not _program_exists(prefix[0]):
+        # Found missing now rather than at exec, after the kernel limit was written.
+        from .run_worker import EXIT_EXEC_FAILED
+
+        audit("worker.exec.failed", argv0=prefix[0], reason="No such file or directory")
+        click.echo(f"dask-safe-worker: cannot run {prefix[0]!r}: not found", err=True)
+        sys.exit(EXIT_EXEC_FAILED)
+
     if supervised:
         # From here a signal waits for the supervisor, which removes a child cgroup made
         # below; without this, SIGTERM before the exec would leave the child behind.
         from .supervise import defer_signals
 
         defer_signals()
-    outcome = apply_limit(m, plan.budget, opts=_write_options(params), audit=audit)
+    outcome = apply_limit(m, plan.budget, opts=write_options, audit=audit)
     audit("cgroup.write.outcome", **outcome.as_dict())
     if params["cgroup_write"] == "required" and not outcome.enforced:
         _fail(
@@ -427,6 +620,9 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
     plan_file = _write_plan_file(
         params["plan_file"], plan_document(m, plan, argv, outcome, params), audit
     )
+    # Set from --plan-file or from the environment alike: the worker names a plan file
+    # only when one was written (dask-safe-audit reads it through this variable).
+    env.pop(PLAN_FILE_ENV, None)
     if plan_file:
         env[PLAN_FILE_ENV] = plan_file
     audit("worker.argv", argv=argv, supervised=supervised)
@@ -453,7 +649,7 @@ command = SafeWorkerCommand(
     "cgroups really have free, enforced as a kernel limit where permitted.",
     epilog=EPILOG,
     options_metavar="[OPTIONS] [DASK WORKER ARGS]...",
-    context_settings={"max_content_width": 100},
+    context_settings={"max_content_width": 100, "help_option_names": ["-h", "--help"]},
 )
 
 

@@ -38,10 +38,32 @@ OUR_FLAG_NAMES: frozenset[str] = frozenset(
         "--no-init",
         "--init-process-group",
         "--worker-help",
+        "--version",
         "--help",
+        "-h",
     }
 )
 ENV_PREFIX = "DASK_SAFE_WORKER_"
+
+
+def _plainly_valid(args: Sequence[str], values: frozenset[str], flags: frozenset[str]) -> bool:
+    """Known options and at most one positional (the scheduler): what `dask worker`
+    surely accepts. Anything else goes to the full command, which checks it against the
+    release's click command and explains a refusal."""
+    positionals, i = 0, 0
+    while i < len(args):
+        name, eq, _ = args[i].partition("=")
+        if name in values:
+            i += 1 if eq else 2
+            continue
+        if args[i] in flags:
+            i += 1
+            continue
+        if args[i].startswith("-"):
+            return False
+        positionals += 1
+        i += 1
+    return positionals <= 1 and i == len(args)
 
 
 def fast_print_limit(argv: Sequence[str], environ: dict[str, str]) -> int | None:
@@ -49,8 +71,10 @@ def fast_print_limit(argv: Sequence[str], environ: dict[str, str]) -> int | None
     if any(name.startswith(ENV_PREFIX) for name in environ):
         return None
     from . import dask_compat
+    from .cgroup_write import DEFAULT_CHILD_NAME
     from .measure import measure
     from .plan import PlanError, Settings, make_plan
+    from .siblings import read_siblings, with_siblings
     from .worker_args import parse_worker_args, split_argv
 
     # The same split the full command makes, so `--name --print-limit` stays a worker name.
@@ -60,11 +84,17 @@ def fast_print_limit(argv: Sequence[str], environ: dict[str, str]) -> int | None
     release = dask_compat.installed_distributed_version()
     try:
         dask_compat.check_supported(release)
+        options = dask_compat.worker_options(release)
+        if not _plainly_valid(theirs, options.values, options.flags - {"--help", "--version"}):
+            return None
         wargs = parse_worker_args(theirs, dask_compat.nworkers_options(release))
         if wargs.version_only:
             return None
         m = measure()
-        plan = make_plan(m, wargs, Settings(supervised=os.getpid() == 1))
+        siblings = read_siblings(m, DEFAULT_CHILD_NAME)
+        plan = make_plan(
+            with_siblings(m, siblings), wargs, Settings(supervised=os.getpid() == 1), siblings
+        )
     except (dask_compat.UnsupportedDistributedError, PlanError, OSError, ValueError):
         # WorkerArgsError is a ValueError. The full command reports each of these.
         return None

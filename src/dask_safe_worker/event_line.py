@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 # Version 2 added `host`, `start_id` and `worker_name`, and dropped empty `error` fields.
 SCHEMA_VERSION = 2
 
-_FAILURE_SUFFIXES = (".failed", ".refused", ".error")
+_FAILURE_SUFFIXES = (".failed", ".refused", ".error", ".warning")
 
 # Fields that are stamped on every line, in this order, after the event's own.
 STAMP_FIELDS = ("event", "schema", "pid", "host", "start_id", "worker_name", "level", "timestamp")

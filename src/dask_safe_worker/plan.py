@@ -6,12 +6,17 @@ The formulas, with a worked example, are in docs/design.md.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from . import dask_compat
 from .measure import Measurement
 from .sizes import Amount, parse_bytes
 from .worker_args import WorkerArgs
+
+if TYPE_CHECKING:
+    from .siblings import Sibling
 
 MiB = 2**20
 
@@ -60,6 +65,9 @@ class Plan:
     memory_limit_arg: int | None
     # The value dask's memory manager will end up with, per worker.
     effective_per_worker: int | None
+    # Other instances' child cgroups beside ours and the sum of their kernel limits.
+    siblings: int = 0
+    siblings_committed: int = 0
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -73,6 +81,9 @@ def resolve_user_memory_limit(
     None means no limit at all (dask reads "0" that way). Raises ValueError for values
     dask rejects.
     """
+    if not value.strip():
+        # dask's parse_bytes would read "" as 1 byte: never what was meant.
+        raise ValueError("the value is empty")
     if value == "auto":
         resolved = int(dask_memory_limit * min(1, nthreads / cpu_count))
     else:
@@ -84,18 +95,34 @@ def resolve_user_memory_limit(
             if not math.isfinite(number):
                 raise ValueError(f"memory limit {value!r} is not finite")
             resolved = int(number * dask_memory_limit) if number <= 1 else int(number)
+    if resolved < 0:
+        # dask computes a negative limit here and the worker then fails to start.
+        raise ValueError(f"memory limit {value!r} is negative")
     if resolved == 0:
         return None
     return min(resolved, dask_memory_limit)
 
 
-def make_plan(m: Measurement, args: WorkerArgs, settings: Settings) -> Plan:
+def make_plan(
+    m: Measurement, args: WorkerArgs, settings: Settings, siblings: Sequence[Sibling] = ()
+) -> Plan:
     """budget = own working set + available - reserve; the pool = budget - overhead is
-    shared out with dask's own "auto" rule, capped so that all workers fit."""
+    shared out with dask's own "auto" rule, capped so that all workers fit.
+
+    `siblings`, other instances' limited children of our cgroup, hold memory promised
+    to them: their unused part comes off `available`, their limits off every limit."""
     n_workers, nthreads = dask_compat.resolve_nworkers_nthreads(
         args.nworkers, args.nthreads, m.cpu_count
     )
-    gross = m.own_working_set + m.available
+    committed = sum(s.limit for s in siblings)
+    available = max(0, m.available - sum(s.unused for s in siblings))
+    # own working set + headroom can exceed a limit: a cgroup's usage may be above its
+    # limit (a limit lowered under usage), and VmRSS counts shared pages the cgroup
+    # does not charge to us. No budget is ever above a limit that applies.
+    gross = m.own_working_set + available
+    limits = [lvl.effective_limit for lvl in m.levels if lvl.effective_limit is not None]
+    if limits:
+        gross = max(0, min(gross, min(limits) - committed))
     reserve = settings.reserve.of(gross)
     budget = gross - reserve
     nannies = n_workers if args.nanny else 0
@@ -113,7 +140,12 @@ def make_plan(m: Measurement, args: WorkerArgs, settings: Settings) -> Plan:
             f"the memory budget is too small: {budget} bytes for {n_workers} worker(s) "
             f"gives {per_worker} bytes each after {overhead} bytes of overhead, "
             f"below the minimum of {settings.min_worker_memory} bytes per worker "
-            f"(available {m.available}, limited by {m.limiting}, reserve {reserve})"
+            f"(available {available}, limited by {m.limiting}, reserve {reserve}"
+            + (
+                f", {committed} bytes committed to {len(siblings)} other instance(s) here)"
+                if siblings
+                else ")"
+            )
         )
 
     user_bytes: int | None = None
@@ -134,7 +166,7 @@ def make_plan(m: Measurement, args: WorkerArgs, settings: Settings) -> Plan:
             arg, effective = None, user_bytes
     return Plan(
         budget=budget,
-        available=m.available,
+        available=available,
         own_working_set=m.own_working_set,
         reserve=reserve,
         limiting=m.limiting,
@@ -151,4 +183,6 @@ def make_plan(m: Measurement, args: WorkerArgs, settings: Settings) -> Plan:
         user_fits=fits,
         memory_limit_arg=arg,
         effective_per_worker=effective,
+        siblings=len(siblings),
+        siblings_committed=committed,
     )

@@ -1,0 +1,147 @@
+"""Write the plan file for `dask-safe-audit` without trusting any shared directory.
+
+A predictable name in a world-writable temp directory lets another local user plant a
+symlink there and make a root-run worker overwrite its target. So the default file lives
+in a private directory (a runtime directory owned by us, mode 0700, never a symlink), and
+every file, default or `--plan-file`, is created under a random name with
+O_CREAT|O_EXCL|O_NOFOLLOW and mode 0600, then renamed into place: rename replaces a
+planted link or file instead of following it.
+
+Default names carry the host name and the pid that becomes the worker (exec keeps it),
+so a restarted container (always pid 1) reuses its path, and files whose pid is gone are
+removed at the next start: nothing accumulates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import stat
+from collections.abc import Mapping
+from pathlib import Path
+
+DIR_NAME = "dask-safe-worker"
+
+
+class PlanFileError(OSError):
+    """The plan file cannot be written safely; the reason is in the message."""
+
+
+def _hostname() -> str:
+    name = os.uname().nodename or "localhost"
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name)
+
+
+def default_name(pid: int) -> str:
+    return f"plan-{_hostname()}-{pid}.json"
+
+
+def candidate_dirs(environ: Mapping[str, str], euid: int, tmpdir: str) -> list[Path]:
+    """Where the default plan file may go, best first."""
+    dirs: list[Path] = []
+    runtime = environ.get("XDG_RUNTIME_DIR", "")
+    # Only a runtime directory of our own: `sudo` may keep another user's, whose owner
+    # could swap our subdirectory for a link.
+    with contextlib.suppress(OSError):
+        if runtime.startswith("/") and os.stat(runtime).st_uid == euid:
+            dirs.append(Path(runtime) / DIR_NAME)
+    if euid == 0:
+        dirs.append(Path("/run") / DIR_NAME)
+    dirs.append(Path(tmpdir) / f"{DIR_NAME}-{euid}")
+    return dirs
+
+
+def private_dir(path: Path, euid: int) -> Path:
+    """`path` as a directory only we can use: made with mode 0700 when missing; refused
+    when it is a symlink, not ours, or open to others."""
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=0o700)
+    _check_private(os.lstat(path), path, euid)
+    return path
+
+
+def _check_private(info: os.stat_result, path: Path, euid: int) -> None:
+    if stat.S_ISLNK(info.st_mode):
+        raise PlanFileError(f"{path} is a symlink")
+    if not stat.S_ISDIR(info.st_mode):
+        raise PlanFileError(f"{path} is not a directory")
+    if info.st_uid != euid:
+        raise PlanFileError(f"{path} is owned by uid {info.st_uid}, not {euid}")
+    if info.st_mode & 0o077:
+        raise PlanFileError(f"{path} is open to others (mode {stat.S_IMODE(info.st_mode):o})")
+
+
+def write_atomic(target: Path, text: str, private_euid: int | None = None) -> None:
+    """`text` at `target`, mode 0600, appearing whole or not at all.
+
+    Create and rename go through a descriptor of the directory, so the directory that
+    was checked is the one written to. With `private_euid`, that directory must be a
+    private one of that user (opened without following a link, checked on the open
+    descriptor)."""
+    import secrets
+
+    dir_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    if private_euid is not None:
+        dir_flags |= os.O_NOFOLLOW
+    dfd = os.open(target.parent, dir_flags)
+    try:
+        if private_euid is not None:
+            _check_private(os.fstat(dfd), target.parent, private_euid)
+        tmp = f".{target.name}.{secrets.token_hex(6)}.tmp"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dfd)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+            os.rename(tmp, target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dfd)
+            raise
+    finally:
+        os.close(dfd)
+
+
+def remove_stale(directory: Path, proc_root: Path = Path("/proc")) -> int:
+    """Remove this host's default plan files whose pid no longer runs; how many."""
+    prefix, removed = f"plan-{_hostname()}-", 0
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return 0
+    for name in names:
+        pid = name[len(prefix) : -len(".json")]
+        if not (name.startswith(prefix) and name.endswith(".json") and pid.isdigit()):
+            continue
+        if (proc_root / pid).exists():
+            continue
+        try:
+            os.unlink(directory / name)
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def default_path(environ: Mapping[str, str], pid: int) -> tuple[Path, int]:
+    """A safe default plan file path and how many stale files were removed on the way;
+    PlanFileError naming every directory tried when none is usable."""
+    import tempfile
+
+    euid = os.geteuid()
+    try:
+        tmpdir = tempfile.gettempdir()
+    except OSError:  # no writable temp directory at all: the /tmp candidate fails below
+        tmpdir = "/tmp"
+    reasons: list[str] = []
+    for candidate in candidate_dirs(environ, euid, tmpdir):
+        try:
+            directory = private_dir(candidate, euid)
+        except PlanFileError as exc:
+            reasons.append(str(exc))
+            continue
+        except OSError as exc:
+            reasons.append(f"{candidate}: {exc.strerror or exc}")
+            continue
+        return directory / default_name(pid), remove_stale(directory)
+    raise PlanFileError("no private directory for the plan file: " + "; ".join(reasons))

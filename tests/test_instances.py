@@ -1,0 +1,199 @@
+"""Issue 13 rows 12b and 12c: several instances in one shared cgroup, on the real kernel.
+
+Each instance is the real command, writing for real, started inside a test cgroup that
+another process shares; its worker is a Python that sleeps, so the instance stays in the
+child cgroup it made until the test ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cgroup_util import KernelCgroup
+from start_util import DSW, cgroup_state, other_process
+
+MiB, GiB = 2**20, 2**30
+
+pytestmark = pytest.mark.kernel
+
+SLEEPER = f"{sys.executable} -c 'import time; time.sleep(120)'"
+
+
+@pytest.fixture(autouse=True)
+def _runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan files go to the test's own directory, not to /run."""
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+
+
+def start_instance(cg: KernelCgroup, started: set[int], *args: str) -> subprocess.Popen[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
+    argv = [*DSW, "--worker-command", SLEEPER, "--log-format", "none", "--nanny-allowance", "0"]
+    proc = subprocess.Popen(
+        cg.enter_command([*argv, *args]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=base,
+    )
+    started.add(proc.pid)
+    return proc
+
+
+def memory_cgroup_of(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return path
+    raise AssertionError("no memory cgroup")
+
+
+def wait_settled(proc: subprocess.Popen[str], cg: KernelCgroup) -> str | None:
+    """The child cgroup name the instance sleeps in, or None when it exited."""
+    for _ in range(600):
+        if proc.poll() is not None:
+            return None
+        try:
+            cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes()
+            where = memory_cgroup_of(proc.pid)
+        except OSError:
+            time.sleep(0.02)
+            continue
+        if b"time.sleep" in cmdline and b"dask_safe_worker" not in cmdline:
+            assert where.startswith(cg.relative() + "/")
+            return where.rsplit("/", 1)[1]
+        time.sleep(0.02)
+    raise AssertionError("the instance neither started its worker nor exited")
+
+
+def stop(procs: list[subprocess.Popen[str]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def test_instances_started_at_once_each_get_their_own_child(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    kernel_cgroup.set_limit(2 * GiB)
+    procs: list[subprocess.Popen[str]] = []
+    with other_process(kernel_cgroup, started_pids):
+        try:
+            # Each takes a tenth of what it sees, so that all six fit however they race.
+            procs = [
+                start_instance(
+                    kernel_cgroup, started_pids, "--reserve", "0.9", "--min-worker-memory", "1MiB"
+                )
+                for _ in range(6)
+            ]
+            children = [wait_settled(p, kernel_cgroup) for p in procs]
+            assert None not in children, [p.stderr.read() for p in procs if p.poll() is not None]  # type: ignore[union-attr]
+            assert len(set(children)) == 6, children
+            state = cgroup_state(kernel_cgroup.path)
+            for name in children:
+                assert state[str(name)] < 2 * GiB
+                # Each child holds its own instance and nothing else.
+                assert len(KernelCgroup(kernel_cgroup.path / str(name)).pids()) == 1
+        finally:
+            stop(procs)
+
+
+def test_instances_started_one_after_another_share_what_the_parent_has(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    kernel_cgroup.set_limit(GiB)
+    procs: list[subprocess.Popen[str]] = []
+    with other_process(kernel_cgroup, started_pids):
+        try:
+            children: list[str] = []
+            # Each keeps half of what is left for others: 1/2, 1/4, 1/8 of the parent.
+            for _ in range(3):
+                proc = start_instance(
+                    kernel_cgroup, started_pids, "--reserve", "0.5", "--min-worker-memory", "96MiB"
+                )
+                procs.append(proc)
+                name = wait_settled(proc, kernel_cgroup)
+                assert name is not None, proc.stderr.read()  # type: ignore[union-attr]
+                children.append(name)
+            state = cgroup_state(kernel_cgroup.path)
+            limits = [state[name] for name in children]
+            # The siblings' limits never promise more than the parent has.
+            assert sum(limits) <= GiB, limits
+            assert limits[0] > limits[1] > limits[2]
+            assert limits[1] <= (GiB - limits[0]) // 2 + 32 * MiB
+            before = cgroup_state(kernel_cgroup.path)
+            # A fourth would get about 64 MiB, below its minimum: exit 3, nothing made.
+            fourth = start_instance(
+                kernel_cgroup, started_pids, "--reserve", "0.5", "--min-worker-memory", "96MiB"
+            )
+            procs.append(fourth)
+            _, err = fourth.communicate(timeout=60)
+            assert fourth.returncode == 3, err
+            assert "other instance(s)" in err
+            assert cgroup_state(kernel_cgroup.path) == before
+        finally:
+            stop(procs)
+
+
+def test_a_leftover_child_of_an_exited_instance_is_removed(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # An exec'd worker cannot remove its child when it ends: the next start does, once
+    # the pid in its name has exited and nothing is left in it.
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    leftover = kernel_cgroup.child(f"dask-safe-worker-{pid_max + 1}")
+    leftover.set_limit(512 * MiB)
+    live = kernel_cgroup.child(f"dask-safe-worker-{os.getpid()}")
+    kernel_cgroup.set_limit(GiB)
+    with other_process(kernel_cgroup, started_pids):
+        proc = start_instance(kernel_cgroup, started_pids, "--min-worker-memory", "1MiB")
+        try:
+            name = wait_settled(proc, kernel_cgroup)
+            assert name is not None, proc.stderr.read()  # type: ignore[union-attr]
+            assert not leftover.path.exists()
+            # A child whose pid still runs is not judged, even when it is empty.
+            assert live.path.exists()
+        finally:
+            stop([proc])
+
+
+def test_the_supervisor_removes_the_child_it_was_named(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # The child's name is unique per instance, so the planning process must hand that
+    # name to the supervisor (cli.supervisor_argv): with --init, the child is gone once
+    # the worker has exited, and nothing else was removed.
+    kernel_cgroup.set_limit(GiB)
+    kept = kernel_cgroup.child("dask-safe-worker-keep")
+    with other_process(kernel_cgroup, started_pids):
+        base = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
+        proc = subprocess.run(
+            kernel_cgroup.enter_command(
+                [*DSW, "--init", "--log-format", "json", "--min-worker-memory", "1MiB",
+                 "--worker-command", f"{sys.executable} -c pass"]
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=base,
+            check=False,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        created = [line for line in proc.stderr.splitlines() if "cgroup.child.created" in line]
+        removed = [line for line in proc.stderr.splitlines() if "cgroup.child.removed" in line]
+        assert created and removed, proc.stderr
+        name = json.loads(created[0])["target"].rsplit("/", 1)[1]
+        assert name.startswith("dask-safe-worker") and name != "dask-safe-worker-keep"
+        assert json.loads(removed[0])["target"].endswith("/" + name)
+        assert json.loads(removed[0])["error"] is None
+        assert not (kernel_cgroup.path / name).exists()
+        assert kept.path.exists()

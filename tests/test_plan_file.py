@@ -1,0 +1,224 @@
+"""Issue 13 rows 10, 12d, 13: the plan file is written safely, one way, without litter.
+
+The runs write no cgroup (`--cgroup-write never`); the worker command is a Python that
+prints what it inherited, so each test sees the file and the variable the worker gets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from dask_safe_worker import plan_file
+from scheduler_util import audit_events
+
+DSW = [sys.executable, "-m", "dask_safe_worker"]
+# Prints the plan file variable the worker inherited (or "-").
+SHOW_ENV = (
+    f"{sys.executable} -c \"import os; print(os.environ.get('DASK_SAFE_WORKER_PLAN_FILE', '-'))\""
+)
+
+
+@pytest.fixture(autouse=True)
+def _leave_run_as_it_was() -> Iterator[None]:
+    """As root, a refused private directory falls back to /run/dask-safe-worker: the
+    files these tests make there are removed again, and the directory if they made it."""
+    run_dir = Path("/run/dask-safe-worker")
+    existed = run_dir.exists()
+    before = set(os.listdir(run_dir)) if existed else set()
+    yield
+    if not run_dir.is_dir() or run_dir.is_symlink():
+        return
+    for name in set(os.listdir(run_dir)) - before:
+        (run_dir / name).unlink()
+    if not existed:
+        run_dir.rmdir()
+
+
+def start(
+    args: list[str], env: dict[str, str], shell_prefix: str = ""
+) -> subprocess.CompletedProcess[str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_SAFE_WORKER", "XDG_"))}
+    argv = [*DSW, "--cgroup-write", "never", "--log-format", "json"]
+    argv += ["--worker-command", SHOW_ENV, *args]
+    if shell_prefix:
+        # The shell does its work, then execs the tool: the tool runs with the shell's pid.
+        argv = ["sh", "-c", f'{shell_prefix}; exec "$@"', "sh", *argv]
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=60, env={**base, **env}, check=False
+    )
+
+
+def test_default_file_is_private_and_exported(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    proc = start([], {"XDG_RUNTIME_DIR": str(runtime)})
+    assert proc.returncode == 0, proc.stderr
+    exported = Path(proc.stdout.strip())
+    assert exported.parent == runtime / "dask-safe-worker"
+    assert stat.S_IMODE(exported.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(exported.stat().st_mode) == 0o600
+    assert json.loads(exported.read_text())["plan"]["budget"] > 0
+    # Only the plan file itself: no temporary file is left beside it.
+    assert os.listdir(exported.parent) == [exported.name]
+
+
+def test_planted_symlink_at_the_default_path_is_replaced_not_followed(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    private = runtime / "dask-safe-worker"
+    private.mkdir(parents=True, mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    name = plan_file.default_name(0).replace("-0.json", "-$$.json")
+    proc = start([], {"XDG_RUNTIME_DIR": str(runtime)}, f'ln -s {victim} "{private}/{name}"')
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_text() == "precious\n"
+    exported = Path(proc.stdout.strip())
+    assert not exported.is_symlink() and json.loads(exported.read_text())["plan"]
+
+
+def test_planted_symlink_at_a_given_plan_file_is_replaced_not_followed(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    link = tmp_path / "plan.json"
+    link.symlink_to(victim)
+    proc = start(["--plan-file", str(link)], {})
+    assert proc.returncode == 0, proc.stderr
+    assert victim.read_text() == "precious\n"
+    assert not link.is_symlink()
+    assert stat.S_IMODE(link.stat().st_mode) == 0o600
+    assert proc.stdout.strip() == str(link)
+
+
+def test_planted_file_is_replaced_atomically(tmp_path: Path) -> None:
+    planted = tmp_path / "plan.json"
+    planted.write_text("planted\n")
+    planted.chmod(0o666)
+    proc = start(["--plan-file", str(planted)], {})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(planted.read_text())["plan"]["budget"] > 0
+    assert stat.S_IMODE(planted.stat().st_mode) == 0o600
+
+
+@pytest.mark.parametrize("planted", ["symlink", "open-to-others", "a-file"])
+def test_an_unsafe_private_directory_is_never_used(planted: str, tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    private = runtime / "dask-safe-worker"
+    if planted == "symlink":
+        private.symlink_to(elsewhere, target_is_directory=True)
+    elif planted == "open-to-others":
+        private.mkdir()
+        private.chmod(0o777)
+    else:
+        private.write_text("x")
+    proc = start([], {"XDG_RUNTIME_DIR": str(runtime), "TMPDIR": str(tmp_path / "tmp")})
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(elsewhere) == []
+    exported = proc.stdout.strip()
+    # The next candidate (as root /run, else the per-user temp directory) took it.
+    assert not exported.startswith(str(private))
+
+
+def test_no_litter_the_path_of_a_dead_pid_is_removed(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    private = runtime / "dask-safe-worker"
+    private.mkdir(parents=True, mode=0o700)
+    # A pid that cannot be running: above the kernel's pid_max.
+    pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
+    stale = private / plan_file.default_name(pid_max + 1)
+    stale.write_text("{}")
+    other_host = private / f"plan-otherhost-{pid_max + 1}.json"
+    other_host.write_text("{}")
+    for _ in range(3):
+        proc = start([], {"XDG_RUNTIME_DIR": str(runtime)})
+        assert proc.returncode == 0, proc.stderr
+    assert not stale.exists()
+    # Files of other hosts sharing the directory are not ours to judge.
+    assert other_host.exists()
+    # Three starts leave at most the files of their own (exited) pids, which the next
+    # start removes: at most one per start since the last one, never an accumulation.
+    proc = start([], {"XDG_RUNTIME_DIR": str(runtime)})
+    left = sorted(os.listdir(private))
+    assert len(left) == 2, left  # the last start's file and the other host's
+
+
+def test_plan_file_in_a_missing_directory_behaves_the_same_for_both_spellings(
+    tmp_path: Path,
+) -> None:
+    missing = str(tmp_path / "missing" / "plan.json")
+    by_option = start(["--plan-file", missing], {})
+    by_env = start([], {"DASK_SAFE_WORKER_PLAN_FILE": missing})
+    for proc in (by_option, by_env):
+        assert proc.returncode == 0, proc.stderr
+        # The worker starts, and is not told about a plan file that does not exist.
+        assert proc.stdout.strip() == "-"
+        failed = [e for e in audit_events(proc.stderr) if e["event"] == "plan.file.failed"]
+        assert failed and failed[0]["path"] == missing
+
+
+def test_read_only_root_filesystem_gives_no_traceback(tmp_path: Path) -> None:
+    # A real read-only root: a mount namespace where / is remounted read-only.
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace")
+    script = (
+        "mount --make-rprivate / && mount -o remount,bind,ro / && "
+        "mount -t tmpfs -o ro tmpfs /run && mount -t tmpfs -o ro tmpfs /tmp && "
+        "mount -t tmpfs -o ro tmpfs /var/tmp && "
+        'exec "$@"'
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_SAFE_WORKER", "XDG_"))}
+    proc = subprocess.run(
+        [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            script,
+            "sh",
+            *DSW,
+            "--cgroup-write",
+            "never",
+            "--log-format",
+            "json",
+            "--worker-command",
+            SHOW_ENV,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, "TMPDIR": "/nonexistent-tmp"},
+        check=False,
+    )
+    if proc.returncode != 0 and "mount" in proc.stderr and "Traceback" not in proc.stderr:
+        pytest.skip(f"cannot make a read-only root here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    events = audit_events(proc.stderr)
+    failed = [e for e in events if e["event"] == "plan.file.failed"]
+    assert failed, proc.stderr
+    assert proc.stdout.strip() == "-"
+    assert any(e["event"] == "worker.exec" for e in events)
+
+
+def test_a_runtime_directory_of_another_user_is_not_used(tmp_path: Path) -> None:
+    # `sudo` may keep the invoking user's XDG_RUNTIME_DIR; its owner could swap our
+    # subdirectory for a link, so it is skipped.
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a directory owned by another user")
+    runtime = tmp_path / "run-of-nobody"
+    runtime.mkdir(mode=0o700)
+    os.chown(runtime, 65534, 65534)
+    proc = start([], {"XDG_RUNTIME_DIR": str(runtime)})
+    assert proc.returncode == 0, proc.stderr
+    assert not proc.stdout.strip().startswith(str(runtime))
+    assert os.listdir(runtime) == []
