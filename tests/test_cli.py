@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
 
 from cgroup_util import kernel_cgroups_usable, make_test_cgroup
@@ -195,22 +196,37 @@ def test_dask_subcommand_entry_point() -> None:
     assert doc["argv"][-2] == "--memory-limit"
 
 
-def test_fast_path_knows_every_option() -> None:
-    from dask_safe_worker import cli, entry
+def test_fast_path_and_click_share_one_option_table() -> None:
+    from dask_safe_worker import cli, options
 
-    assert entry.OUR_VALUE_NAMES == cli.OUR_VALUE_OPTIONS
-    assert entry.OUR_FLAG_NAMES == cli.OUR_FLAG_OPTIONS
+    click_names = {
+        o
+        for p in cli.command.params
+        if isinstance(p, click.Option)
+        for o in (*p.opts, *p.secondary_opts)
+    }
+    assert click_names == options.VALUE_NAMES | options.FLAG_NAMES - options.HELP_NAMES
+    envs = {p.envvar for p in cli.command.params if isinstance(p, click.Option) and p.envvar}
+    assert envs == {o.env for o in options.OPTIONS if o.env is not None}
+    assert all(str(e).startswith(options.ENV_PREFIX + "_") for e in envs)
 
 
 @pytest.mark.parametrize(
-    "args",
+    ("args", "env"),
     [
-        ["--print-limit"],
-        ["tcp://127.0.0.1:1", "--nworkers", "2", "--print-limit"],
-        ["--print-limit", "--name", "x", "--no-nanny"],
+        (["--print-limit"], {}),
+        (["tcp://127.0.0.1:1", "--nworkers", "2", "--print-limit"], {}),
+        (["--print-limit", "--name", "x", "--no-nanny"], {}),
+        # entrypoints/host-prestart.sh's call, and the same configured from the environment
+        (["--print-limit", "--cgroup-write", "never"], {}),
+        (["--print-limit", "--cgroup-write", "never"], {"DASK_SAFE_WORKER_RESERVE": "128MiB"}),
+        (["--print-limit", "--reserve=10%", "--nanny-allowance", "64MiB"], {}),
+        (["--print-limit", "--nworkers", "2", "--min-worker-memory", "64MiB"], {}),
     ],
 )
-def test_fast_print_limit_agrees_with_the_full_command(args: list[str]) -> None:
+def test_fast_print_limit_agrees_with_the_full_command(
+    args: list[str], env: dict[str, str]
+) -> None:
     """Both paths, one after the other in a 1 GiB test cgroup: there the budget is the
     limit minus what the cgroup's other processes hold, so it does not move with the
     host's free memory (which other tests on this machine change by gigabytes)."""
@@ -221,8 +237,13 @@ def test_fast_print_limit_agrees_with_the_full_command(args: list[str]) -> None:
     started: set[int] = set()
     with make_test_cgroup(started) as cg:
         cg.set_limit(GiB)
+        run_env = {**os.environ, **env}
         fast = subprocess.run(
-            cg.enter_command([*entry, *args]), capture_output=True, text=True, timeout=120
+            cg.enter_command([*entry, *args]),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=run_env,
         )
         assert fast.returncode == 0, fast.stderr
         dry = subprocess.run(
@@ -230,6 +251,7 @@ def test_fast_print_limit_agrees_with_the_full_command(args: list[str]) -> None:
             capture_output=True,
             text=True,
             timeout=120,
+            env=run_env,
         )
         assert dry.returncode == 0, dry.stderr
     budget = json.loads(dry.stdout)["plan"]["budget"]
@@ -240,8 +262,19 @@ def test_fast_print_limit_agrees_with_the_full_command(args: list[str]) -> None:
 @pytest.mark.parametrize(
     ("args", "env"),
     [
-        (["--print-limit", "--reserve", "1GiB"], {}),
-        (["--print-limit"], {"DASK_SAFE_WORKER_RESERVE": "1GiB"}),
+        (["--print-limit", "--reserve", "lots"], {}),
+        (["--print-limit"], {"DASK_SAFE_WORKER_RESERVE": "lots"}),
+        (["--print-limit", "--reserve", "1GiB", "--reserve", "2GiB"], {}),
+        (["--print-limit", "--cgroup-write", "sometimes"], {}),
+        (["--print-limit", "--log-format", "json"], {}),
+        (["--print-limit"], {"DASK_SAFE_WORKER_LOG_FORMAT": "console"}),
+        (["--print-limit"], {"DASK_SAFE_WORKER_INIT": "1"}),
+        (["--print-limit", "--plan-file", "plan.json"], {}),
+        (["--print-limit", "--worker-command", "dask cuda worker"], {}),
+        (["--print-limit"], {"DASK_SAFE_WORKER_WORKER_COMMAND": "dask cuda worker"}),
+        (["--print-limit", "--dry-run"], {}),
+        (["--print-limit", "--reserve"], {}),
+        (["--reserve", "1GiB"], {}),
         (["--name", "--print-limit"], {}),
         (["--print-limit", "--nthreads", "two"], {}),
         (["--print-limit", "--min-worker-memory", "1PiB"], {}),
@@ -258,3 +291,23 @@ def test_anything_but_a_plain_print_limit_takes_the_full_command(
     from dask_safe_worker.entry import fast_print_limit
 
     assert fast_print_limit(args, env) is None
+
+
+def test_host_prestart_call_is_read_by_the_fast_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    """entrypoints/host-prestart.sh's exact call, configured from the environment: the
+    click-free reading gives what click gives."""
+    from dask_safe_worker import cli
+    from dask_safe_worker.options import Options, fast_options
+    from dask_safe_worker.sizes import Amount
+
+    args = ["--print-limit", "--cgroup-write", "never"]
+    env = {"DASK_SAFE_WORKER_RESERVE": "10%", "DASK_SAFE_WORKER_SWAP_MAX": "keep"}
+    fast = fast_options(args, env)
+    assert fast is not None
+    assert fast.cgroup_write == "never"
+    assert fast.reserve == Amount(fraction=0.1)
+    assert fast.swap_max is None
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    ctx = cli.command.make_context("dask-safe-worker", list(args))
+    assert Options.from_values(ctx.params) == fast

@@ -7,7 +7,7 @@ It must not import dask or distributed: the worker does that after exec.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -17,33 +17,22 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__, dask_compat
-from .audit import LOG_FORMATS, SCHEMA_VERSION, Audit, make_audit
+from .audit import SCHEMA_VERSION, Audit, make_audit
 from .cgroup_write import (
-    DEFAULT_CHILD_NAME,
-    MAX_LIMIT,
-    WriteOptions,
     WriteOutcome,
     apply_limit,
-    child_name_problem,
     intended_strategy,
 )
-from .env_options import env_option, env_var
 from .event_line import worker_name
 from .measure import Measurement, measure
+from .options import FLAG_NAMES, OPTIONS, PLAN_FILE_ENV, VALUE_NAMES, Options, OptionSpec
 from .plan import (
-    DEFAULT_MIN_WORKER_MEMORY,
-    DEFAULT_NANNY_ALLOWANCE,
     Plan,
     PlanError,
-    Settings,
     make_plan,
 )
 from .siblings import read_siblings, with_siblings
-from .sizes import Amount, parse_amount, parse_bytes
 from .worker_args import parse_worker_args, split_argv, with_memory_limit
-
-ENV_PREFIX = "DASK_SAFE_WORKER"
-PLAN_FILE_ENV = f"{ENV_PREFIX}_PLAN_FILE"
 
 EXIT_MEASURE_FAILED = 1
 EXIT_USAGE = 2
@@ -51,205 +40,54 @@ EXIT_PLAN_REFUSED = 3
 EXIT_WRITE_REQUIRED = 4
 EXIT_UNSUPPORTED = 5
 
-MiB = 2**20
 
+class _ParsedType(click.ParamType):  # type: ignore[type-arg]
+    """A click type for one of our options: its parser, from the option table."""
 
-class _AmountType(click.ParamType):  # type: ignore[type-arg]
-    name = "SIZE|FRACTION"
+    def __init__(self, spec: OptionSpec) -> None:
+        self.name = spec.type_name
+        self._convert = spec.convert
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, Amount):
-            return value
+        if not isinstance(value, str):
+            return value  # a default that is a value already
         try:
-            return parse_amount(str(value))
+            return self._convert(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
 
 
-class _SizeType(click.ParamType):  # type: ignore[type-arg]
-    name = "SIZE"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if isinstance(value, int):
-            return value
-        if not str(value).strip():
-            # dask's parse_bytes reads "" as 1 byte; here that is always a mistake.
-            self.fail("empty size", param, ctx)
-        try:
-            size = parse_bytes(str(value))
-        except ValueError as exc:
-            self.fail(str(exc), param, ctx)
-        if size < 0:
-            self.fail(f"{value!r} is negative", param, ctx)
-        if size > MAX_LIMIT:
-            self.fail(f"{value!r} is larger than any kernel limit", param, ctx)
-        return size
-
-
-class _FractionType(click.ParamType):  # type: ignore[type-arg]
-    """A float in [0, 1): unlike click.FloatRange, NaN is refused (every comparison with
-    NaN is false, so a range check alone lets it through)."""
-
-    name = "FRACTION"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"{value!r} is not a number", param, ctx)
-        if not (math.isfinite(number) and 0 <= number < 1):
-            self.fail(f"{value!r} is not at least 0 and below 1", param, ctx)
-        return number
+def _click_option(spec: OptionSpec) -> click.Option:
+    """The click form of one row of `options.OPTIONS`."""
+    if spec.name == "version":
+        return click.Option(
+            ["--version"],
+            is_flag=True,
+            expose_value=False,
+            is_eager=True,
+            callback=lambda ctx, _param, value: _print_version(ctx) if value else None,
+            help=spec.help,
+        )
+    kwargs: dict[str, Any] = {"envvar": spec.env, "show_envvar": True, "help": spec.help}
+    if spec.kind == "switch":
+        return click.Option(["/".join(spec.names)], default=None, **kwargs)
+    if spec.kind == "flag":
+        return click.Option(list(spec.names), is_flag=True, **kwargs)
+    param_type: click.ParamType | None = None  # type: ignore[type-arg]
+    if spec.choices:
+        param_type = click.Choice(list(spec.choices))
+    elif spec.path:
+        param_type = click.Path(dir_okay=False, writable=True)
+    elif spec.parse is not None:
+        param_type = _ParsedType(spec)
+    if spec.show_default:
+        kwargs["show_default"] = spec.show_default
+    return click.Option(list(spec.names), type=param_type, default=spec.default, **kwargs)
 
 
-class _ChildNameType(click.ParamType):  # type: ignore[type-arg]
-    name = "NAME"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        problem = child_name_problem(str(value))
-        if problem is not None:
-            self.fail(f"must be one plain path component: {problem}", param, ctx)
-        return str(value)
-
-
-class _SwapType(click.ParamType):  # type: ignore[type-arg]
-    name = "SIZE|keep"
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        if value is None or isinstance(value, int):
-            return value
-        if str(value) == "keep":
-            return None
-        return _SizeType().convert(value, param, ctx)
-
-
-def _option(name: str, **kwargs: Any) -> click.Option:
-    return env_option(ENV_PREFIX, name, **kwargs)
-
-
-OUR_OPTIONS: list[click.Parameter] = [
-    _option(
-        "reserve",
-        type=_AmountType(),
-        default="0",
-        show_default=True,
-        help="Memory kept back from the budget for everything else: bytes (512MiB) "
-        "or a fraction of the budget (0.1 or 10%).",
-    ),
-    _option(
-        "min-worker-memory",
-        type=_SizeType(),
-        default=str(DEFAULT_MIN_WORKER_MEMORY),
-        show_default="256MiB",
-        help="Refuse to start (exit 3, nothing touched) when a worker would get less.",
-    ),
-    _option(
-        "nanny-allowance",
-        type=_SizeType(),
-        default=str(DEFAULT_NANNY_ALLOWANCE),
-        show_default="96MiB",
-        help="Memory set aside for each nanny process, outside the workers' limits.",
-    ),
-    _option(
-        "cgroup-write",
-        type=click.Choice(["auto", "never", "required"]),
-        default="auto",
-        show_default=True,
-        help="Enforce the budget as a kernel cgroup limit where permitted (auto), "
-        "never, or fail with exit 4 if the kernel limit cannot be set (required).",
-    ),
-    _option(
-        "cgroup-child",
-        type=_ChildNameType(),
-        default=DEFAULT_CHILD_NAME,
-        show_default=True,
-        help="Name of the child cgroup created when our own cgroup cannot be limited: one "
-        "plain path component (no '/', not '.' or '..'); taken names get a unique suffix.",
-    ),
-    _option(
-        "memory-high-fraction",
-        type=_FractionType(),
-        default=0.0,
-        show_default=True,
-        help="cgroup v2: also set memory.high to this fraction of the budget, a "
-        "throttle zone before the hard limit (0 = off).",
-    ),
-    _option(
-        "swap-max",
-        type=_SwapType(),
-        default="0",
-        show_default=True,
-        help="cgroup v2: memory.swap.max for the worker's cgroup ('keep' leaves it).",
-    ),
-    _option(
-        "clamp-memory-limit",
-        is_flag=True,
-        help="Lower a --memory-limit you gave to the planned value when it does not "
-        "fit the budget (by default it passes through unchanged).",
-    ),
-    _option(
-        "worker-command",
-        default=None,
-        help="The command that starts the worker, e.g. 'dask cuda worker' "
-        "[default: this Python's -m distributed.cli.dask_worker].",
-    ),
-    _option("dry-run", is_flag=True, help="Print the whole plan as JSON; change nothing."),
-    _option(
-        "print-limit",
-        is_flag=True,
-        help="Print the budget in bytes (for host-side scripts); change nothing.",
-    ),
-    _option(
-        "log-format",
-        type=click.Choice(list(LOG_FORMATS)),
-        default="auto",
-        show_default=True,
-        help="Audit log on stderr: JSON lines, console, or none (auto: console on a TTY).",
-    ),
-    click.Option(
-        ["--init/--no-init"],
-        envvar=env_var(ENV_PREFIX, "init"),
-        show_envvar=True,
-        default=None,
-        help="Supervise the worker like tini (forward signals, reap zombies) instead of "
-        "exec'ing it [default: only when running as PID 1].",
-    ),
-    _option(
-        "init-process-group",
-        is_flag=True,
-        help="With --init, forward signals to the worker's whole process group (tini -g).",
-    ),
-    _option(
-        "plan-file",
-        type=click.Path(dir_okay=False, writable=True),
-        default=None,
-        help="Where to record the plan as JSON for `dask-safe-audit`; its path is exported "
-        f"to the worker as {PLAN_FILE_ENV} [default: a file in a private runtime directory].",
-    ),
-    _option(
-        "worker-help",
-        is_flag=True,
-        help="Show `dask worker --help`: every option not listed here goes to the worker.",
-    ),
-    click.Option(
-        ["--version"],
-        is_flag=True,
-        expose_value=False,
-        is_eager=True,
-        callback=lambda ctx, _param, value: _print_version(ctx) if value else None,
-        help="Show this tool's version and the installed distributed's, then exit.",
-    ),
-]
-
-OUR_VALUE_OPTIONS = frozenset(
-    o for p in OUR_OPTIONS if isinstance(p, click.Option) and not p.is_flag for o in p.opts
-)
-OUR_FLAG_OPTIONS = frozenset(
-    o
-    for p in OUR_OPTIONS
-    if isinstance(p, click.Option) and p.is_flag
-    for o in (*p.opts, *p.secondary_opts)
-) | {"--help", "-h"}
+OUR_OPTIONS: list[click.Parameter] = [_click_option(spec) for spec in OPTIONS]
+OUR_VALUE_OPTIONS = VALUE_NAMES
+OUR_FLAG_OPTIONS = FLAG_NAMES
 
 EPILOG = """\b
 Every other argument goes to `dask worker` unchanged and in order, e.g.
@@ -385,31 +223,12 @@ def _check_worker_args(
     audit("worker.args.checked", checked=True, source=table.source)
 
 
-def _settings(params: dict[str, Any], supervised: bool) -> Settings:
-    return Settings(
-        reserve=params["reserve"],
-        min_worker_memory=params["min_worker_memory"],
-        nanny_allowance=params["nanny_allowance"],
-        supervised=supervised,
-        clamp_memory_limit=params["clamp_memory_limit"],
-    )
-
-
-def _write_options(params: dict[str, Any]) -> WriteOptions:
-    return WriteOptions(
-        mode=params["cgroup_write"],
-        child_name=params["cgroup_child"],
-        memory_high_fraction=params["memory_high_fraction"] or None,
-        swap_max=params["swap_max"],
-    )
-
-
 def plan_document(
     m: Measurement,
     plan: Plan,
     argv: Sequence[str],
     write: WriteOutcome | None,
-    params: dict[str, Any],
+    opts: Options,
 ) -> dict[str, Any]:
     return {
         "schema": SCHEMA_VERSION,
@@ -417,27 +236,25 @@ def plan_document(
         "measurement": m.as_dict(),
         "plan": plan.as_dict(),
         "cgroup_write": {
-            "mode": params["cgroup_write"],
-            "intended_strategy": intended_strategy(m, params["cgroup_write"]),
+            "mode": opts.cgroup_write,
+            "intended_strategy": intended_strategy(m, opts.cgroup_write),
             "outcome": None if write is None else write.as_dict(),
         },
         "argv": list(argv),
     }
 
 
-def supervisor_argv(
-    argv: Sequence[str], outcome: WriteOutcome, params: dict[str, Any]
-) -> list[str]:
+def supervisor_argv(argv: Sequence[str], outcome: WriteOutcome, opts: Options) -> list[str]:
     """`python -m dask_safe_worker.supervise ... -- <worker argv>`."""
     from .audit import start_id
 
     cmd = [sys.executable, "-m", "dask_safe_worker.supervise"]
     # Same format and start id as our lines, so that one start reads as one log.
-    cmd += ["--log-format", params["log_format"], "--start-id", start_id()]
+    cmd += ["--log-format", opts.log_format, "--start-id", start_id()]
     name = worker_name(argv, dask_compat.WORKER_VALUE_OPTIONS)
     if name is not None:
         cmd += ["--worker-name", name]
-    if params["init_process_group"]:
+    if opts.init_process_group:
         cmd.append("-g")
     if outcome.created_child and outcome.parent_dir:
         cmd += ["--remove-cgroup", outcome.created_child, "--parent-cgroup", outcome.parent_dir]
@@ -484,18 +301,18 @@ def _params_for_log(ctx: click.Context) -> dict[str, object]:
     return shown
 
 
-def run(ctx: click.Context, params: dict[str, Any]) -> None:
+def run(ctx: click.Context, opts: Options) -> None:
     worker_args: list[str] = ctx.meta.get("dask_safe_worker.worker_args", [])
-    query = params["print_limit"] or params["dry_run"]
+    query = opts.print_limit or opts.dry_run
     audit = make_audit(
-        "none" if query and params["log_format"] == "auto" else params["log_format"],
+        "none" if query and opts.log_format == "auto" else opts.log_format,
         worker_name=worker_name(worker_args, dask_compat.WORKER_VALUE_OPTIONS),
     )
     audit("cli.started", version=__version__, options=_params_for_log(ctx), argv=worker_args)
     # Validate everything, then act: every value below is checked before the first write.
     leading, worker_args = split_leading_command(worker_args)
     if leading is not None:
-        if params["worker_command"] is not None:
+        if opts.worker_command is not None:
             _fail(
                 EXIT_USAGE,
                 f"both --worker-command and a leading {' '.join(leading)!r} name the worker "
@@ -503,19 +320,19 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
                 audit,
                 "cli.usage.error",
             )
-        params = {**params, "worker_command": LEADING_WORKER_COMMANDS[leading]}
+        opts = dataclasses.replace(opts, worker_command=LEADING_WORKER_COMMANDS[leading])
         audit(
             "worker.command.leading",
             given=list(leading),
-            worker_command=params["worker_command"] or "default",
+            worker_command=opts.worker_command or "default",
         )
     try:
-        prefix = _worker_prefix(params["worker_command"])
-        write_options = _write_options(params)
+        prefix = _worker_prefix(opts.worker_command)
+        write_options = opts.write_options()
     except ValueError as exc:
         _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
 
-    if params["worker_help"]:
+    if opts.worker_help:
         from .run_worker import exec_worker
 
         exec_worker([*prefix, "--help"], os.environ, audit)
@@ -533,7 +350,7 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
     )
 
     try:
-        _check_worker_args(worker_args, params["worker_command"], prefix, audit)
+        _check_worker_args(worker_args, opts.worker_command, prefix, audit)
         wargs = parse_worker_args(worker_args, dask_compat.nworkers_options(release))
     except dask_compat.WorkerArgsError as exc:
         _fail(
@@ -547,7 +364,7 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
 
         exec_worker([*prefix, *worker_args], os.environ, audit)
 
-    supervised = bool(params["init"]) if params["init"] is not None else os.getpid() == 1
+    supervised = opts.supervised(os.getpid())
     try:
         m = measure()
     except (OSError, ValueError) as exc:
@@ -555,11 +372,11 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
             EXIT_MEASURE_FAILED, f"cannot read memory information: {exc}", audit, "measure.failed"
         )
     audit("measure.done", **m.as_dict())
-    siblings = read_siblings(m, params["cgroup_child"])
+    siblings = read_siblings(m, opts.cgroup_child)
     m = with_siblings(m, siblings)
 
     try:
-        plan = make_plan(m, wargs, _settings(params, supervised), siblings)
+        plan = make_plan(m, wargs, opts.settings(os.getpid()), siblings)
     except dask_compat.WorkerArgsError as exc:
         _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
     except PlanError as exc:
@@ -583,13 +400,13 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
     )
     argv = [*prefix, *final_args]
 
-    if params["print_limit"]:
+    if opts.print_limit:
         click.echo(str(plan.budget))
         return
-    if params["dry_run"]:
+    if opts.dry_run:
         import json
 
-        click.echo(json.dumps(plan_document(m, plan, argv, None, params), indent=2))
+        click.echo(json.dumps(plan_document(m, plan, argv, None, opts), indent=2))
         return
 
     if not _program_exists(prefix[0]):
@@ -608,7 +425,7 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         defer_signals()
     outcome = apply_limit(m, plan.budget, opts=write_options, audit=audit)
     audit("cgroup.write.outcome", **outcome.as_dict())
-    if params["cgroup_write"] == "required" and not outcome.enforced:
+    if opts.cgroup_write == "required" and not outcome.enforced:
         _fail(
             EXIT_WRITE_REQUIRED,
             f"--cgroup-write required, but the kernel limit could not be set ({outcome.reason})",
@@ -617,9 +434,7 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         )
 
     env = dict(os.environ)
-    plan_file = _write_plan_file(
-        params["plan_file"], plan_document(m, plan, argv, outcome, params), audit
-    )
+    plan_file = _write_plan_file(opts.plan_file, plan_document(m, plan, argv, outcome, opts), audit)
     # Set from --plan-file or from the environment alike: the worker names a plan file
     # only when one was written (dask-safe-audit reads it through this variable).
     env.pop(PLAN_FILE_ENV, None)
@@ -633,12 +448,13 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         # Exec a bare supervisor rather than supervising from here: as PID 1 it lives as
         # long as the container, and this process carries click and structlog (~27 MiB
         # RSS against ~11 MiB for the bare one, benchmarks/supervisor_rss.py).
-        exec_worker(supervisor_argv(argv, outcome, params), env, audit, event="init.exec")
+        exec_worker(supervisor_argv(argv, outcome, opts), env, audit, event="init.exec")
     exec_worker(argv, env, audit)
 
 
-def _callback(**params: Any) -> None:
-    run(click.get_current_context(), params)
+def _callback(**values: Any) -> None:
+    # The one place click's untyped values become typed options.
+    run(click.get_current_context(), Options.from_values(values))
 
 
 command = SafeWorkerCommand(

@@ -1,49 +1,19 @@
 """The `dask-safe-worker` console script: a click-free fast path for `--print-limit`.
 
-Host-side scripts call `dask-safe-worker --print-limit` before every container start, and
-its start-up time is a goal (docs/benchmarks.md): click alone costs ~13 ms to import. When
-the command line is `--print-limit` plus worker arguments and nothing else of ours is set,
-the budget is computed here with the same functions and default settings the full command
-uses. Anything else, and every error, goes through the full command, which explains it.
+Host-side scripts call `dask-safe-worker --print-limit` before every container start
+(entrypoints/host-prestart.sh adds `--cgroup-write never`), and its start-up time is a
+goal (docs/benchmarks.md): click alone costs ~13 ms to import. When the command line is
+`--print-limit` plus worker arguments and options that only shape or check the budget
+(from argv or `DASK_SAFE_WORKER_*`), the budget is computed here from the same option
+table (`options`), parsers and functions the full command uses. Anything else, and every
+error, goes through the full command, which explains it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
-
-# Our option names, as cli derives them from its click definitions; tests/test_cli.py
-# (test_fast_path_knows_every_option) keeps the two equal.
-OUR_VALUE_NAMES: frozenset[str] = frozenset(
-    {
-        "--reserve",
-        "--min-worker-memory",
-        "--nanny-allowance",
-        "--cgroup-write",
-        "--cgroup-child",
-        "--memory-high-fraction",
-        "--swap-max",
-        "--worker-command",
-        "--log-format",
-        "--plan-file",
-    }
-)
-OUR_FLAG_NAMES: frozenset[str] = frozenset(
-    {
-        "--clamp-memory-limit",
-        "--dry-run",
-        "--print-limit",
-        "--init",
-        "--no-init",
-        "--init-process-group",
-        "--worker-help",
-        "--version",
-        "--help",
-        "-h",
-    }
-)
-ENV_PREFIX = "DASK_SAFE_WORKER_"
+from collections.abc import Mapping, Sequence
 
 
 def _plainly_valid(args: Sequence[str], values: frozenset[str], flags: frozenset[str]) -> bool:
@@ -66,20 +36,19 @@ def _plainly_valid(args: Sequence[str], values: frozenset[str], flags: frozenset
     return positionals <= 1 and i == len(args)
 
 
-def fast_print_limit(argv: Sequence[str], environ: dict[str, str]) -> int | None:
+def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | None:
     """The budget for a plain `--print-limit`, or None where the full command must decide."""
-    if any(name.startswith(ENV_PREFIX) for name in environ):
-        return None
     from . import dask_compat
-    from .cgroup_write import DEFAULT_CHILD_NAME
     from .measure import measure
-    from .plan import PlanError, Settings, make_plan
+    from .options import FLAG_NAMES, VALUE_NAMES, fast_options
+    from .plan import PlanError, make_plan
     from .siblings import read_siblings, with_siblings
     from .worker_args import parse_worker_args, split_argv
 
     # The same split the full command makes, so `--name --print-limit` stays a worker name.
-    ours, theirs = split_argv(argv, OUR_VALUE_NAMES, OUR_FLAG_NAMES)
-    if ours != ["--print-limit"]:
+    ours, theirs = split_argv(argv, VALUE_NAMES, FLAG_NAMES)
+    opts = fast_options(ours, environ)
+    if opts is None:
         return None
     release = dask_compat.installed_distributed_version()
     try:
@@ -91,10 +60,8 @@ def fast_print_limit(argv: Sequence[str], environ: dict[str, str]) -> int | None
         if wargs.version_only:
             return None
         m = measure()
-        siblings = read_siblings(m, DEFAULT_CHILD_NAME)
-        plan = make_plan(
-            with_siblings(m, siblings), wargs, Settings(supervised=os.getpid() == 1), siblings
-        )
+        siblings = read_siblings(m, opts.cgroup_child)
+        plan = make_plan(with_siblings(m, siblings), wargs, opts.settings(os.getpid()), siblings)
     except (dask_compat.UnsupportedDistributedError, PlanError, OSError, ValueError):
         # WorkerArgsError is a ValueError. The full command reports each of these.
         return None
