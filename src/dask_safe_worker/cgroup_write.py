@@ -16,6 +16,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .audit import Audit, no_audit
 from .cgroup_files import V1MemoryCgroup, V2MemoryCgroup, open_memory_cgroup
@@ -31,13 +32,20 @@ DEFAULT_MARGIN = 32 * MiB
 DEFAULT_CHILD_NAME = "dask-safe-worker"
 
 
+WriteMode = Literal["auto", "never", "required"]
+# own: our own cgroup, where we are alone; child: one we create below it.
+Strategy = Literal["own", "child"]
+Reason = Literal["written", "existing_lower", "below_usage", "disabled", "no_memory_cgroup"]
+
+
 @dataclass
 class WriteOutcome:
     # True when a kernel limit at or below the budget is in force on our cgroup.
     enforced: bool
     written: bool
-    reason: str
-    strategy: str | None = None
+    # One of Reason, or the errno name of a refused write (errno_reason).
+    reason: Reason | str
+    strategy: Strategy | None = None
     target: str | None = None
     requested: int | None = None
     read_back: int | None = None
@@ -76,7 +84,7 @@ class WriteOptions:
     """Every value `apply_limit` may write, checked when built: nothing is written
     unless all of them are valid (no limit half applied)."""
 
-    mode: str = "auto"  # auto | never | required
+    mode: WriteMode = "auto"
     child_name: str = DEFAULT_CHILD_NAME
     margin: int = DEFAULT_MARGIN
     memory_high_fraction: float | None = None
@@ -133,18 +141,27 @@ class _Writer:
         # Computed now, so that no value can fail between two writes.
         self.extras = opts.extra_values(budget)
 
-    def _write_limit(self, directory: Path, path: str, strategy: str) -> WriteOutcome:
+    def _write_limit(self, directory: Path, path: str, strategy: Strategy) -> WriteOutcome:
         cg = open_memory_cgroup(self.version, directory)
         current = cg.limit(self.m.host.total)
         if current is not None and current <= self.budget:
             self.audit(
                 "cgroup.write.skipped", target=path, reason="existing_lower", current=current
             )
-            return WriteOutcome(True, False, "existing_lower", strategy, path, None, current)
+            return WriteOutcome(
+                enforced=True,
+                written=False,
+                reason="existing_lower",
+                strategy=strategy,
+                target=path,
+                read_back=current,
+            )
         usage = cg.usage()
         if usage + self.opts.margin > self.budget:
             self.audit("cgroup.write.skipped", target=path, reason="below_usage", usage=usage)
-            return WriteOutcome(False, False, "below_usage", strategy, path)
+            return WriteOutcome(
+                enforced=False, written=False, reason="below_usage", strategy=strategy, target=path
+            )
         self.audit(
             "cgroup.write.attempt",
             target=path,
@@ -158,7 +175,15 @@ class _Writer:
         self.audit("cgroup.write.result", target=path, requested=self.budget, read_back=read_back)
         if isinstance(cg, V2MemoryCgroup):
             self._v2_extras(cg, path)
-        return WriteOutcome(True, True, "written", strategy, path, self.budget, read_back)
+        return WriteOutcome(
+            enforced=True,
+            written=True,
+            reason="written",
+            strategy=strategy,
+            target=path,
+            requested=self.budget,
+            read_back=read_back,
+        )
 
     def _v2_extras(self, cg: V2MemoryCgroup, path: str) -> None:
         for name, value in self.extras:
@@ -180,7 +205,9 @@ class _Writer:
         except (OSError, ParseError) as exc:
             reason = errno_reason(exc)
             self.audit("cgroup.write.failed", target=self.own_path, strategy="own", reason=reason)
-            return WriteOutcome(False, False, reason, "own", self.own_path)
+            return WriteOutcome(
+                enforced=False, written=False, reason=reason, strategy="own", target=self.own_path
+            )
 
     def _remove_stale_children(self) -> None:
         """Remove instance children whose pid has exited and that hold no process (an
@@ -255,7 +282,9 @@ class _Writer:
                 reason=reason,
                 undo_error=undo_error,
             )
-            return WriteOutcome(False, False, reason, "child", path)
+            return WriteOutcome(
+                enforced=False, written=False, reason=reason, strategy="child", target=path
+            )
 
     def _enable_memory_controller(self) -> None:
         control = self.own_dir / "cgroup.subtree_control"
@@ -284,7 +313,7 @@ def _read_back(cg: V1MemoryCgroup | V2MemoryCgroup) -> int | None:
         return None
 
 
-def intended_strategy(m: Measurement, mode: str) -> str | None:
+def intended_strategy(m: Measurement, mode: WriteMode) -> Strategy | None:
     """The first target `apply_limit` tries: our own cgroup only when we are alone in it."""
     if mode == "never" or m.location is None:
         return None
@@ -304,10 +333,10 @@ def apply_limit(
         raise ValueError(f"budget {budget} is not a kernel memory limit")
     if opts.mode == "never":
         audit("cgroup.write.skipped", reason="disabled")
-        return WriteOutcome(False, False, "disabled")
+        return WriteOutcome(enforced=False, written=False, reason="disabled")
     if m.location is None:
         audit("cgroup.write.skipped", reason="no_memory_cgroup")
-        return WriteOutcome(False, False, "no_memory_cgroup")
+        return WriteOutcome(enforced=False, written=False, reason="no_memory_cgroup")
     writer = _Writer(m, budget, sys_root, opts, audit)
     attempts: list[WriteOutcome] = []
     if intended_strategy(m, opts.mode) == "own":

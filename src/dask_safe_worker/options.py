@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from .audit import LOG_FORMATS
-from .cgroup_write import DEFAULT_CHILD_NAME, MAX_LIMIT, child_name_problem
+from .cgroup_write import DEFAULT_CHILD_NAME, MAX_LIMIT, WriteMode, child_name_problem
 from .plan import DEFAULT_MIN_WORKER_MEMORY, DEFAULT_NANNY_ALLOWANCE
 from .sizes import Amount, parse_amount, parse_bytes
 
@@ -71,7 +71,6 @@ def parse_swap(text: str) -> int | None:
     return None if text == "keep" else parse_size(text)
 
 
-WriteMode = Literal["auto", "never", "required"]
 LogFormat = Literal["auto", "json", "console", "none"]
 
 
