@@ -11,6 +11,7 @@ import dataclasses
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -19,6 +20,7 @@ import click
 from . import __version__, dask_compat
 from .audit import SCHEMA_VERSION, Audit, make_audit
 from .cgroup_write import (
+    WriteOptions,
     WriteOutcome,
     apply_limit,
     intended_strategy,
@@ -301,15 +303,29 @@ def _params_for_log(ctx: click.Context) -> dict[str, object]:
     return shown
 
 
-def run(ctx: click.Context, opts: Options) -> None:
-    worker_args: list[str] = ctx.meta.get("dask_safe_worker.worker_args", [])
-    query = opts.print_limit or opts.dry_run
-    audit = make_audit(
-        "none" if query and opts.log_format == "auto" else opts.log_format,
-        worker_name=worker_name(worker_args, dask_compat.WORKER_VALUE_OPTIONS),
-    )
-    audit("cli.started", version=__version__, options=_params_for_log(ctx), argv=worker_args)
-    # Validate everything, then act: every value below is checked before the first write.
+@dataclass(frozen=True)
+class Prepared:
+    """Everything `act` needs, checked: options, measurement, plan and the worker's argv."""
+
+    opts: Options
+    measurement: Measurement
+    plan: Plan
+    argv: list[str]
+    write_options: WriteOptions
+    supervised: bool
+
+
+@dataclass(frozen=True)
+class PassThrough:
+    """Run the worker command as given, without a plan (--worker-help, `--version`)."""
+
+    argv: list[str]
+
+
+def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | PassThrough:
+    """Check, parse, measure, plan: reads only, and exits with the matching code and one
+    clear line (and an audit event) on the first refusal. Nothing is written before
+    everything is checked."""
     leading, worker_args = split_leading_command(worker_args)
     if leading is not None:
         if opts.worker_command is not None:
@@ -333,9 +349,7 @@ def run(ctx: click.Context, opts: Options) -> None:
         _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
 
     if opts.worker_help:
-        from .run_worker import exec_worker
-
-        exec_worker([*prefix, "--help"], os.environ, audit)
+        return PassThrough([*prefix, "--help"])
 
     release = dask_compat.installed_distributed_version()
     try:
@@ -360,11 +374,8 @@ def run(ctx: click.Context, opts: Options) -> None:
             "cli.usage.error",
         )
     if wargs.version_only:
-        from .run_worker import exec_worker
+        return PassThrough([*prefix, *worker_args])
 
-        exec_worker([*prefix, *worker_args], os.environ, audit)
-
-    supervised = opts.supervised(os.getpid())
     try:
         m = measure()
     except (OSError, ValueError) as exc:
@@ -398,32 +409,34 @@ def run(ctx: click.Context, opts: Options) -> None:
         if plan.memory_limit_arg is None
         else with_memory_limit(worker_args, plan.memory_limit_arg)
     )
-    argv = [*prefix, *final_args]
+    return Prepared(
+        opts=opts,
+        measurement=m,
+        plan=plan,
+        argv=[*prefix, *final_args],
+        write_options=write_options,
+        supervised=opts.supervised(os.getpid()),
+    )
 
-    if opts.print_limit:
-        click.echo(str(plan.budget))
-        return
-    if opts.dry_run:
-        import json
 
-        click.echo(json.dumps(plan_document(m, plan, argv, None, opts), indent=2))
-        return
-
-    if not _program_exists(prefix[0]):
+def act(prepared: Prepared, audit: Audit) -> NoReturn:
+    """Write the kernel limit and the plan file, then exec the worker (or the supervisor)."""
+    opts, m, plan, argv = prepared.opts, prepared.measurement, prepared.plan, prepared.argv
+    if not _program_exists(argv[0]):
         # Found missing now rather than at exec, after the kernel limit was written.
         from .run_worker import EXIT_EXEC_FAILED
 
-        audit("worker.exec.failed", argv0=prefix[0], reason="No such file or directory")
-        click.echo(f"dask-safe-worker: cannot run {prefix[0]!r}: not found", err=True)
+        audit("worker.exec.failed", argv0=argv[0], reason="No such file or directory")
+        click.echo(f"dask-safe-worker: cannot run {argv[0]!r}: not found", err=True)
         sys.exit(EXIT_EXEC_FAILED)
 
-    if supervised:
+    if prepared.supervised:
         # From here a signal waits for the supervisor, which removes a child cgroup made
         # below; without this, SIGTERM before the exec would leave the child behind.
         from .supervise import defer_signals
 
         defer_signals()
-    outcome = apply_limit(m, plan.budget, opts=write_options, audit=audit)
+    outcome = apply_limit(m, plan.budget, opts=prepared.write_options, audit=audit)
     audit("cgroup.write.outcome", **outcome.as_dict())
     if opts.cgroup_write == "required" and not outcome.enforced:
         _fail(
@@ -440,16 +453,41 @@ def run(ctx: click.Context, opts: Options) -> None:
     env.pop(PLAN_FILE_ENV, None)
     if plan_file:
         env[PLAN_FILE_ENV] = plan_file
-    audit("worker.argv", argv=argv, supervised=supervised)
+    audit("worker.argv", argv=argv, supervised=prepared.supervised)
 
     from .run_worker import exec_worker
 
-    if supervised:
+    if prepared.supervised:
         # Exec a bare supervisor rather than supervising from here: as PID 1 it lives as
         # long as the container, and this process carries click and structlog (~27 MiB
         # RSS against ~11 MiB for the bare one, benchmarks/supervisor_rss.py).
         exec_worker(supervisor_argv(argv, outcome, opts), env, audit, event="init.exec")
     exec_worker(argv, env, audit)
+
+
+def run(ctx: click.Context, opts: Options) -> None:
+    worker_args: list[str] = ctx.meta.get("dask_safe_worker.worker_args", [])
+    query = opts.print_limit or opts.dry_run
+    audit = make_audit(
+        "none" if query and opts.log_format == "auto" else opts.log_format,
+        worker_name=worker_name(worker_args, dask_compat.WORKER_VALUE_OPTIONS),
+    )
+    audit("cli.started", version=__version__, options=_params_for_log(ctx), argv=worker_args)
+    prepared = prepare(worker_args, opts, audit)
+    if isinstance(prepared, PassThrough):
+        from .run_worker import exec_worker
+
+        exec_worker(prepared.argv, os.environ, audit)
+    if opts.print_limit:
+        click.echo(str(prepared.plan.budget))
+        return
+    if opts.dry_run:
+        import json
+
+        document = plan_document(prepared.measurement, prepared.plan, prepared.argv, None, opts)
+        click.echo(json.dumps(document, indent=2))
+        return
+    act(prepared, audit)
 
 
 def _callback(**values: Any) -> None:
