@@ -211,3 +211,41 @@ def test_user_limit_parity_with_distributed(
     finally:
         system.MEMORY_LIMIT = saved
     assert resolve_user_memory_limit(value, nthreads, cpus, dask_limit) == expected
+
+
+def test_memory_limit_decision_is_keep_set_or_clamped() -> None:
+    from dask_safe_worker.plan import MemoryLimitDecision
+    from dask_safe_worker.worker_args import apply_memory_limit
+
+    m = measurement(levels=(level(GiB, 100 * MiB),))
+    args = ["tcp://127.0.0.1:1", "--memory-limit", "4GiB", "--", "--memory-limit"]
+    planned = make_plan(m, WorkerArgs(), Settings())
+    assert planned.memory_limit == MemoryLimitDecision("set", planned.per_worker)
+    assert apply_memory_limit(["x"], planned.memory_limit) == [
+        "x",
+        "--memory-limit",
+        str(planned.per_worker),
+    ]
+    kept = make_plan(m, WorkerArgs(memory_limit="4GiB"), Settings())
+    assert kept.memory_limit == MemoryLimitDecision("keep")
+    assert apply_memory_limit(args, kept.memory_limit) == args
+    clamped = make_plan(m, WorkerArgs(memory_limit="4GiB"), Settings(clamp_memory_limit=True))
+    assert clamped.memory_limit == MemoryLimitDecision("clamped", clamped.per_worker)
+    assert apply_memory_limit(args, clamped.memory_limit) == [
+        "tcp://127.0.0.1:1",
+        "--memory-limit",
+        str(clamped.per_worker),
+        "--",
+        "--memory-limit",
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [WorkerArgs(nworkers="many"), WorkerArgs(memory_limit="lots"), WorkerArgs(nworkers="-9")],
+)
+def test_worker_values_are_refused_before_planning(args: WorkerArgs) -> None:
+    from dask_safe_worker.plan import resolve_worker_values
+
+    with pytest.raises(WorkerArgsError):
+        resolve_worker_values(args, measurement(cpu_count=2))

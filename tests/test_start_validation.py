@@ -8,6 +8,8 @@ cgroup. A refusal must leave the cgroup tree and every limit exactly as they wer
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -166,3 +168,19 @@ def test_a_worker_command_that_is_not_found_writes_nothing(
     assert proc.returncode == 127, proc.stderr
     assert "cannot run" in proc.stderr and "Traceback" not in proc.stderr
     assert after == before
+
+
+@pytest.mark.parametrize(
+    "bad", [["--nthreads", "two"], ["--nworkers", "many"], ["--memory-limit", "lots"]]
+)
+def test_every_bad_worker_value_is_one_usage_error(bad: list[str]) -> None:
+    """Each is refused before planning, by the same check, in the same words."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "dask_safe_worker", "--dry-run", "--log-format", "none", *bad],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("dask-safe-worker: invalid dask worker arguments: ")
+    assert bad[0] in proc.stderr and "Traceback" not in proc.stderr

@@ -28,13 +28,9 @@ from .cgroup_write import (
 from .event_line import worker_name
 from .measure import Measurement, measure
 from .options import FLAG_NAMES, OPTIONS, PLAN_FILE_ENV, VALUE_NAMES, Options, OptionSpec
-from .plan import (
-    Plan,
-    PlanError,
-    make_plan,
-)
+from .plan import Plan, PlanError, make_plan, resolve_worker_values
 from .siblings import read_siblings, with_siblings
-from .worker_args import parse_worker_args, split_argv, with_memory_limit
+from .worker_args import apply_memory_limit, parse_worker_args, split_argv
 
 EXIT_MEASURE_FAILED = 1
 EXIT_USAGE = 2
@@ -322,6 +318,17 @@ class PassThrough:
     argv: list[str]
 
 
+def _measure(audit: Audit) -> Measurement:
+    try:
+        m = measure()
+    except (OSError, ValueError) as exc:
+        _fail(
+            EXIT_MEASURE_FAILED, f"cannot read memory information: {exc}", audit, "measure.failed"
+        )
+    audit("measure.done", **m.as_dict())
+    return m
+
+
 def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | PassThrough:
     """Check, parse, measure, plan: reads only, and exits with the matching code and one
     clear line (and an audit event) on the first refusal. Nothing is written before
@@ -363,9 +370,15 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
         **features.as_dict(),
     )
 
+    # Every worker argument is checked here, before planning: the ones dask's click
+    # command refuses, then the values the plan reads (some need the measurement).
     try:
         _check_worker_args(worker_args, opts.worker_command, prefix, audit)
         wargs = parse_worker_args(worker_args, dask_compat.nworkers_options(release))
+        if wargs.version_only:
+            return PassThrough([*prefix, *worker_args])
+        m = _measure(audit)
+        resolve_worker_values(wargs, m)
     except dask_compat.WorkerArgsError as exc:
         _fail(
             EXIT_USAGE,
@@ -373,23 +386,11 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
             audit,
             "cli.usage.error",
         )
-    if wargs.version_only:
-        return PassThrough([*prefix, *worker_args])
-
-    try:
-        m = measure()
-    except (OSError, ValueError) as exc:
-        _fail(
-            EXIT_MEASURE_FAILED, f"cannot read memory information: {exc}", audit, "measure.failed"
-        )
-    audit("measure.done", **m.as_dict())
     siblings = read_siblings(m, opts.cgroup_child)
     m = with_siblings(m, siblings)
 
     try:
         plan = make_plan(m, wargs, opts.settings(os.getpid()), siblings)
-    except dask_compat.WorkerArgsError as exc:
-        _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
     except PlanError as exc:
         _fail(EXIT_PLAN_REFUSED, str(exc), audit, "plan.refused")
     audit("plan.made", **plan.as_dict())
@@ -404,16 +405,11 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
         if plan.user_fits is False and plan.memory_limit_arg is None:
             _warn_memory_limit(plan, audit)
 
-    final_args = (
-        worker_args
-        if plan.memory_limit_arg is None
-        else with_memory_limit(worker_args, plan.memory_limit_arg)
-    )
     return Prepared(
         opts=opts,
         measurement=m,
         plan=plan,
-        argv=[*prefix, *final_args],
+        argv=[*prefix, *apply_memory_limit(worker_args, plan.memory_limit)],
         write_options=write_options,
         supervised=opts.supervised(os.getpid()),
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from . import dask_compat
 from .measure import Measurement
@@ -25,10 +25,6 @@ DEFAULT_MIN_WORKER_MEMORY = 256 * MiB
 DEFAULT_NANNY_ALLOWANCE = 96 * MiB
 SUPERVISOR_ALLOWANCE = 16 * MiB
 
-# dask's own thresholds (distributed.worker.memory.*): the nanny restarts a worker at
-# this fraction of its memory limit.
-DASK_TERMINATE_FRACTION = 0.95
-
 
 class PlanError(Exception):
     """No safe plan exists; nothing has been touched yet."""
@@ -41,6 +37,48 @@ class Settings:
     nanny_allowance: int = DEFAULT_NANNY_ALLOWANCE
     supervised: bool = False
     clamp_memory_limit: bool = False
+
+
+@dataclass(frozen=True)
+class WorkerValues:
+    """What `dask worker` will make of the arguments the plan depends on."""
+
+    n_workers: int
+    nthreads: int
+    # The user's --memory-limit per worker in bytes; None when not given or no limit ("0").
+    user_memory_limit_bytes: int | None
+
+
+def resolve_worker_values(args: WorkerArgs, m: Measurement) -> WorkerValues:
+    """Every worker argument the plan reads, resolved as dask would; WorkerArgsError for a
+    value dask rejects. Called before planning, so that a plan never refuses an argument."""
+    n_workers, nthreads = dask_compat.resolve_nworkers_nthreads(
+        args.nworkers, args.nthreads, m.cpu_count
+    )
+    user_bytes: int | None = None
+    if args.memory_limit is not None:
+        try:
+            user_bytes = resolve_user_memory_limit(
+                args.memory_limit, nthreads, m.cpu_count, m.dask_memory_limit
+            )
+        except ValueError as exc:
+            raise dask_compat.WorkerArgsError(
+                f"--memory-limit {args.memory_limit!r} is not a size dask understands: {exc}"
+            ) from exc
+    return WorkerValues(n_workers, nthreads, user_bytes)
+
+
+MemoryLimitAction = Literal["keep", "set", "clamped"]
+
+
+@dataclass(frozen=True)
+class MemoryLimitDecision:
+    """What happens to `--memory-limit` on the worker's command line: keep the user's
+    value, set the planned one (none given), or clamp the user's to the planned one."""
+
+    action: MemoryLimitAction
+    # The bytes that go on the command line; None for keep.
+    value: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,6 +109,14 @@ class Plan:
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
+
+    @property
+    def memory_limit(self) -> MemoryLimitDecision:
+        if self.memory_limit_arg is None:
+            return MemoryLimitDecision("keep")
+        if self.user_memory_limit is None:
+            return MemoryLimitDecision("set", self.memory_limit_arg)
+        return MemoryLimitDecision("clamped", self.memory_limit_arg)
 
 
 def resolve_user_memory_limit(
@@ -111,9 +157,8 @@ def make_plan(
 
     `siblings`, other instances' limited children of our cgroup, hold memory promised
     to them: their unused part comes off `available`, their limits off every limit."""
-    n_workers, nthreads = dask_compat.resolve_nworkers_nthreads(
-        args.nworkers, args.nthreads, m.cpu_count
-    )
+    values = resolve_worker_values(args, m)
+    n_workers, nthreads = values.n_workers, values.nthreads
     committed = sum(s.limit for s in siblings)
     available = max(0, m.available - sum(s.unused for s in siblings))
     # own working set + headroom can exceed a limit: a cgroup's usage may be above its
@@ -148,19 +193,11 @@ def make_plan(
             )
         )
 
-    user_bytes: int | None = None
+    user_bytes = values.user_memory_limit_bytes
     fits: bool | None = None
     arg: int | None = per_worker
     effective: int | None = per_worker
     if args.memory_limit is not None:
-        try:
-            user_bytes = resolve_user_memory_limit(
-                args.memory_limit, nthreads, m.cpu_count, m.dask_memory_limit
-            )
-        except ValueError as exc:
-            raise dask_compat.WorkerArgsError(
-                f"--memory-limit {args.memory_limit!r} is not a size dask understands: {exc}"
-            ) from exc
         fits = user_bytes is not None and n_workers * user_bytes + overhead <= budget
         if fits or not settings.clamp_memory_limit:
             arg, effective = None, user_bytes

@@ -9,9 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import dask_compat
 from .dask_compat import WORKER_VALUE_OPTIONS, WorkerArgsError
+
+if TYPE_CHECKING:
+    from .plan import MemoryLimitDecision
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,13 @@ def parse_worker_args(
     if len(given) > 1:
         raise WorkerArgsError("both --nprocs and --nworkers were given; use --nworkers only")
     return WorkerArgs(nworkers, nthreads, nanny, memory_limit, version_only)
+
+
+def apply_memory_limit(args: Sequence[str], decision: MemoryLimitDecision) -> list[str]:
+    """The worker's arguments after the plan's `--memory-limit` decision, in one pass."""
+    if decision.value is None:
+        return list(args)
+    return with_memory_limit(args, decision.value)
 
 
 def with_memory_limit(args: Sequence[str], limit: int) -> list[str]:
