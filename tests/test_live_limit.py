@@ -119,10 +119,12 @@ def test_acks(tmp_path: Path) -> None:
     live = prepare_channel(str(tmp_path / "ch"))
     write_ack(live, "worker", 42, 3)
     write_ack(live, "nanny", 41, 2)
+    write_ack(live, "nanny", 41, 2, slot=1)
     write_ack(live, "worker", 42, 4)
     (tmp_path / "ch" / "acks" / "junk").write_text("x")
-    assert read_acks(live) == {("worker", 42): 4, ("nanny", 41): 2}
-    remove_ack(live, "worker", 42)
-    assert read_acks(live) == {("nanny", 41): 2}
+    (tmp_path / "ch" / "acks" / "worker-x-1").write_text("1")
+    assert read_acks(live) == {("worker", 42, 0): 4, ("nanny", 41, 0): 2, ("nanny", 41, 1): 2}
+    remove_ack(live, ("worker", 42, 0))
+    assert read_acks(live) == {("nanny", 41, 0): 2, ("nanny", 41, 1): 2}
     remove_channel(live)
     assert not (tmp_path / "ch").exists()

@@ -4,7 +4,8 @@ The supervisor rewrites one small JSON file, `live.json`, in a private directory
 rewrite carries the next generation number and replaces the file with a rename, so a
 reader sees the old or the new record, never half of one. Workers and nannies poll it with
 a stat (the inode changes with every rename) and acknowledge a generation they hold by
-writing `acks/<role>-<pid>`. The file outlives any worker, so a worker that its nanny
+writing `acks/<role>-<pid>-<slot>` (one process may hold several nannies or workers: `dask worker
+--nworkers 2` runs two nannies in one process). The file outlives any worker, so a worker that its nanny
 restarts reads the current limit when it starts.
 
 Stdlib only: the supervisor imports this.
@@ -92,34 +93,37 @@ def acks_dir(live_file: str) -> str:
     return os.path.join(os.path.dirname(live_file), ACKS)
 
 
-def write_ack(live_file: str, role: str, pid: int, generation: int) -> None:
-    """Say that process `pid` (a "worker" or a "nanny") now holds `generation`."""
-    path = os.path.join(acks_dir(live_file), f"{role}-{pid}")
+AckKey = tuple[str, int, int]
+
+
+def write_ack(live_file: str, role: str, pid: int, generation: int, slot: int = 0) -> None:
+    """Say that server `slot` of process `pid` (a "worker" or a "nanny") holds `generation`."""
+    path = os.path.join(acks_dir(live_file), f"{role}-{pid}-{slot}")
     _write_atomically(path, f"{generation}\n".encode())
 
 
-def read_acks(live_file: str) -> dict[tuple[str, int], int]:
-    """{(role, pid): generation} for every acknowledgement on disk."""
-    out: dict[tuple[str, int], int] = {}
+def read_acks(live_file: str) -> dict[AckKey, int]:
+    """{(role, pid, slot): generation} for every acknowledgement on disk."""
+    out: dict[AckKey, int] = {}
     try:
         names = os.listdir(acks_dir(live_file))
     except OSError:
         return out
     for name in names:
-        role, _, pid = name.partition("-")
-        if not pid.isdigit():
+        parts = name.split("-")
+        if len(parts) != 3 or not (parts[1].isdigit() and parts[2].isdigit()):
             continue
         try:
             with open(os.path.join(acks_dir(live_file), name)) as f:
-                out[(role, int(pid))] = int(f.read().strip())
+                out[(parts[0], int(parts[1]), int(parts[2]))] = int(f.read().strip())
         except (OSError, ValueError):
             continue
     return out
 
 
-def remove_ack(live_file: str, role: str, pid: int) -> None:
+def remove_ack(live_file: str, key: AckKey) -> None:
     with contextlib.suppress(OSError):
-        os.unlink(os.path.join(acks_dir(live_file), f"{role}-{pid}"))
+        os.unlink(os.path.join(acks_dir(live_file), "-".join(map(str, key))))
 
 
 def remove_channel(live_file: str) -> None:
