@@ -4,9 +4,9 @@ The supervisor rewrites one small JSON file, `live.json`, in a private directory
 rewrite carries the next generation number and replaces the file with a rename, so a
 reader sees the old or the new record, never half of one. Workers and nannies poll it with
 a stat (the inode changes with every rename) and acknowledge a generation they hold by
-writing `acks/<role>-<pid>-<slot>` (one process may hold several nannies or workers: `dask worker
---nworkers 2` runs two nannies in one process). The file outlives any worker, so a worker that its nanny
-restarts reads the current limit when it starts.
+writing `acks/<role>-<pid>-<slot>` (one process may hold several servers: `dask worker
+--nworkers 2` runs two nannies in one process). The file outlives any worker, so a worker
+that its nanny restarts reads the current limit when it starts.
 
 Stdlib only: the supervisor imports this.
 """
