@@ -27,6 +27,7 @@ OUR_VALUE_NAMES: frozenset[str] = frozenset(
         "--worker-command",
         "--log-format",
         "--plan-file",
+        "--follow-interval",
     }
 )
 OUR_FLAG_NAMES: frozenset[str] = frozenset(
@@ -38,6 +39,7 @@ OUR_FLAG_NAMES: frozenset[str] = frozenset(
         "--no-init",
         "--init-process-group",
         "--worker-help",
+        "--follow",
         "--help",
     }
 )

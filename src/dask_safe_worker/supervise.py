@@ -156,13 +156,15 @@ def supervise(
     audit: Callable[..., None] = no_audit,
     on_child_exit: Callable[[], None] | None = None,
     reap_grace: float = 1.0,
+    ticker: Callable[[], float] | None = None,
 ) -> int:
     """Run ``argv`` as a supervised child and return its exit code (128+N if killed by N).
 
     Forwards TERM, INT, QUIT, HUP, USR1, USR2 and WINCH to the child (to its process group
     if ``process_group``), reaps every zombie (as a subreaper when not PID 1), and after
     the child is gone reaps lingering orphans for up to ``reap_grace`` seconds before
-    calling ``on_child_exit``. A failed exec gives 127.
+    calling ``on_child_exit``. A failed exec gives 127. ``ticker`` (--follow's watch) is
+    called on every wake-up and returns the seconds until it wants to be called again.
     """
     if not argv:
         raise ValueError("supervise() needs a command to run")
@@ -192,7 +194,7 @@ def supervise(
             # EACCES (already exec'd) or ESRCH (already gone) means the child's own call won.
             with contextlib.suppress(OSError):
                 os.setpgid(child, child)
-        code = _wait_for_main(child, process_group, audit)
+        code = _wait_for_main(child, process_group, audit, ticker)
         _drain_orphans(child, process_group, audit, reap_grace)
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
@@ -205,10 +207,18 @@ def supervise(
     return code
 
 
-def _wait_for_main(child: int, process_group: bool, audit: Callable[..., None]) -> int:
+def _wait_for_main(
+    child: int,
+    process_group: bool,
+    audit: Callable[..., None],
+    ticker: Callable[[], float] | None = None,
+) -> int:
     wait_set = {*FORWARDED_SIGNALS, signal.SIGCHLD}
+    timeout = _WAIT_TIMEOUT_S
     while True:
-        info = signal.sigtimedwait(wait_set, _WAIT_TIMEOUT_S)
+        info = signal.sigtimedwait(wait_set, timeout)
+        # --follow: the watch ticks between signals (watch.py).
+        timeout = _WAIT_TIMEOUT_S if ticker is None else min(_WAIT_TIMEOUT_S, ticker())
         if info is not None and info.si_signo != signal.SIGCHLD:
             _forward(info.si_signo, child, process_group, audit)
         main_code, _ = _reap(child, audit)
@@ -268,7 +278,8 @@ def _remove_cgroup(child: str, parent: str, audit: Callable[..., None]) -> None:
 
 USAGE = (
     "usage: python -m dask_safe_worker.supervise [-g] [--log-format json|none]\n"
-    "       [--remove-cgroup CHILD_DIR --parent-cgroup PARENT_DIR] [--] CMD [ARGS...]\n"
+    "       [--remove-cgroup CHILD_DIR --parent-cgroup PARENT_DIR] [--follow SPEC_FILE]\n"
+    "       [--] CMD [ARGS...]\n"
 )
 
 
@@ -282,12 +293,15 @@ def main(args: Sequence[str] | None = None) -> int:
     process_group = False
     audit: Callable[..., None] = _json_audit
     cgroup: dict[str, str] = {}
+    follow_spec: str | None = None
     while rest and rest[0].startswith("-"):
         opt = rest.pop(0)
         if opt == "--":
             break
         if opt in ("-g", "--process-group"):
             process_group = True
+        elif opt == "--follow" and rest:
+            follow_spec = rest.pop(0)
         elif opt in ("--log-format", "--remove-cgroup", "--parent-cgroup") and rest:
             value = rest.pop(0)
             if opt != "--log-format":
@@ -303,14 +317,30 @@ def main(args: Sequence[str] | None = None) -> int:
     if not rest or len(cgroup) == 1:
         os.write(2, USAGE.encode())
         return 2
-    on_child_exit = None
+    cleanups: list[Callable[[], None]] = []
     if cgroup:
         child, parent = cgroup["--remove-cgroup"], cgroup["--parent-cgroup"]
+        cleanups.append(lambda: _remove_cgroup(child, parent, audit))
+    ticker = None
+    if follow_spec is not None:
+        # Imported only with --follow: the bare supervisor stays stdlib only.
+        from .watch import start_watch
 
-        def on_child_exit() -> None:
-            _remove_cgroup(child, parent, audit)
+        ticker = start_watch(follow_spec, audit)
+        if ticker is not None:
+            cleanups.insert(0, ticker.close)
 
-    return supervise(rest, process_group=process_group, audit=audit, on_child_exit=on_child_exit)
+    def on_child_exit() -> None:
+        for cleanup in cleanups:
+            cleanup()
+
+    return supervise(
+        rest,
+        process_group=process_group,
+        audit=audit,
+        on_child_exit=on_child_exit if cleanups else None,
+        ticker=ticker,
+    )
 
 
 if __name__ == "__main__":
