@@ -51,8 +51,8 @@ def views(client: Any) -> dict[str, set[int]]:
     total = client.run_on_scheduler(lambda dask_scheduler: dask_scheduler.total_memory)
     return {
         "worker": {v[0] for v in workers.values()},
-        "spill_target": {round(v[1] / 0.6) for v in workers.values()},
-        "transfer": {round(v[2] / 0.1) for v in workers.values()},
+        "spill_target": {v[0] if v[1] == int(v[0] * 0.6) else -v[1] for v in workers.values()},
+        "transfer": {v[0] if v[2] == int(v[0] * 0.1) else -v[2] for v in workers.values()},
         "nanny": set(nannies.values()),
         "scheduler": {w["memory_limit"] for w in info.values()},
         "total": {total // max(1, len(info))},
