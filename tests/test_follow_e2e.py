@@ -246,3 +246,34 @@ def test_neighbour_grows_and_the_kernel_limit_follows_down(
     applied = [e for e in events if e["event"] == "follow.applied"]
     assert applied[0]["kernel"]["action"] == "lowered"
     assert kernel_cgroup.oom_kills() == 0
+
+
+def test_kernel_oom_kill_is_reported_with_the_worker(
+    kernel_cgroup: KernelCgroup,
+    started_pids: set[int],
+    tmp_path: Path,
+    client_for: Callable[[str], Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kernel_cgroup.set_limit(2 * GiB)
+    # The nanny would restart the worker at 95 % of its limit; with that off, only the
+    # kernel stops a task that allocates past M's limit.
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE", "False")
+    with scheduler() as address:
+        proc = start(kernel_cgroup, started_pids, address, tmp_path)
+        try:
+            client = client_for(address)
+            pids = client.run(os.getpid)
+            victim = next(iter(pids))
+            client.submit(lambda: len(b"x" * (3 * GiB)), workers=[victim], pure=False)
+            wait_until(lambda: kernel_cgroup.oom_kills() >= 1, 30)
+            time.sleep(2.5)
+        finally:
+            events = stop(proc, tmp_path)
+    kills = [e for e in events if e["event"] == "kernel.oom_kill"]
+    assert kills, [e["event"] for e in events]
+    assert kills[0]["counter"] == "oom_kill" and kills[0]["increase"] >= 1
+    assert kills[0]["cgroup"] == str(kernel_cgroup.path)
+    assert pids[victim] in kills[0]["gone_pids"]
+    hits = [e for e in events if e["event"] == "kernel.memory_event"]
+    assert hits and hits[0]["counter"] == "max" and hits[0]["file"] == "memory.failcnt"

@@ -365,20 +365,36 @@ class Watch:
 
     # -- kernel events -------------------------------------------------------------
 
-    def _event_files(self) -> list[tuple[str, Path]]:
-        if self.location is None:
-            return []
-        name = "memory.oom_control" if self.location.version == 1 else "memory.events"
+    def _event_dirs(self) -> list[str]:
         dirs = [self.directories[0]] if self.directories else []
         if self.spec.managed is not None and self.spec.managed.directory not in dirs:
             dirs.append(self.spec.managed.directory)
-        return [(d, Path(d) / name) for d in dirs]
+        return dirs
+
+    def _counters(self, directory: str) -> dict[str, int] | None:
+        """The kernel's memory event counters of one cgroup, v2 names for both versions.
+
+        v1 has no memory.events: memory.oom_control counts `oom_kill` (Linux 4.13+), and
+        memory.failcnt counts hits of the hard limit, which is what v2 calls `max`.
+        """
+        assert self.location is not None
+        d = Path(directory)
+        try:
+            if self.location.version == 2:
+                return parse_memory_stat((d / "memory.events").read_text())
+            counts = parse_memory_stat((d / "memory.oom_control").read_text())
+            failcnt = parse_memory_stat("max " + (d / "memory.failcnt").read_text())
+            return {**counts, **failcnt}
+        except OSError:
+            return None
 
     def _read_events(self, *, report: bool, vanished: frozenset[int] = frozenset()) -> None:
-        for directory, path in self._event_files():
-            try:
-                counts = parse_memory_stat(path.read_text())
-            except OSError:
+        if self.location is None:
+            return
+        file = "memory.events" if self.location.version == 2 else "memory.oom_control"
+        for directory in self._event_dirs():
+            counts = self._counters(directory)
+            if counts is None:
                 continue
             old = self.events.get(directory, {})
             self.events[directory] = counts
@@ -389,13 +405,16 @@ class Watch:
                     continue
                 fields: dict[str, Any] = {
                     "cgroup": directory,
-                    "file": path.name,
+                    "file": file
+                    if name != "max" or self.location.version == 2
+                    else "memory.failcnt",
                     "counter": name,
                     "count": counts[name],
                     "increase": counts[name] - old[name],
                 }
                 if name == "oom_kill":
-                    # Processes of ours that were there a tick ago and are gone now.
+                    # Processes of ours that were there a tick ago and are gone now: the
+                    # kernel's victim is among them (a nanny's restart is not an OOM kill).
                     self.audit("kernel.oom_kill", **fields, gone_pids=sorted(vanished))
                 else:
                     self.audit("kernel.memory_event", **fields)
