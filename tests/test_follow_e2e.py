@@ -231,21 +231,72 @@ def test_neighbour_grows_and_the_kernel_limit_follows_down(
             time.sleep(2)
             now = views(client)
             kernel_now = kernel_limit()
+
+            # The neighbour goes: the kernel limit we lowered goes back up first, then
+            # Dask's side, both to the start's values and never above them.
+            neighbour.stop()
+            wait_until(lambda: all_at(client, plan["effective_per_worker"]), 5)
+            assert kernel_limit() == first_kernel
+            time.sleep(2)
+            assert kernel_limit() == first_kernel
+            assert all_at(client, plan["effective_per_worker"])
         finally:
             events = stop(proc, tmp_path)
             neighbour.stop()
     replanned = [e for e in events if e["event"] == "follow.replanned"]
-    assert replanned
-    drop = plan["budget"] - replanned[-1]["new_budget"]
+    lowest = min(replanned, key=lambda e: e["new_budget"])
+    drop = plan["budget"] - lowest["new_budget"]
     # About the 500 MiB the neighbour took (its interpreter and page tables aside).
     assert 450 * MiB <= drop <= 560 * MiB, drop / MiB
-    assert now["worker"] == now["nanny"] == now["scheduler"] == {replanned[-1]["new_per_worker"]}
+    assert now["worker"] == now["nanny"] == now["scheduler"] == {lowest["new_per_worker"]}
     # The kernel limit we wrote followed, after Dask's side, down by the same amount.
     assert kernel_now < first_kernel
     assert abs((first_kernel - kernel_now) - drop) < 8 * MiB
     applied = [e for e in events if e["event"] == "follow.applied"]
     assert applied[0]["kernel"]["action"] == "lowered"
+    assert applied[-1]["action"] == "raise" and applied[-1]["kernel"]["action"] == "raised"
+    assert applied[-1]["kernel"]["value"] == first_kernel
     assert kernel_cgroup.oom_kills() == 0
+
+
+def test_a_limit_someone_else_changes_is_theirs(
+    kernel_cgroup: KernelCgroup, started_pids: set[int], tmp_path: Path
+) -> None:
+    """We wrote M's limit at start (sole occupant, a reserve below M's limit); the
+    operator then sets M's limit: from then on we never write it again."""
+    kernel_cgroup.set_limit(2 * GiB)
+    argv = [
+        *DSW,
+        "--follow",
+        "--log-format",
+        "json",
+        "--reserve",
+        "64MiB",
+        "--plan-file",
+        str(tmp_path / "plan.json"),
+        "--worker-command",
+        "sh -c 'exec sleep 1000'",
+        "tcp://127.0.0.1:1",
+    ]
+    err = open(tmp_path / "stderr.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(kernel_cgroup.enter_command(argv), stderr=err)
+    started_pids.add(proc.pid)
+    try:
+        wait_until(lambda: kernel_cgroup.limit() == 2 * GiB - 64 * MiB, 10)
+        time.sleep(1.5)
+        kernel_cgroup.set_limit(1900 * MiB)
+        time.sleep(2.5)
+        kernel_cgroup.set_limit(2 * GiB)
+        time.sleep(2.5)
+        assert kernel_cgroup.limit() == 2 * GiB
+    finally:
+        events = stop(proc, tmp_path)
+    released = [e for e in events if e["event"] == "follow.changed" and e["action"] == "released"]
+    assert len(released) == 1
+    assert released[0]["old_limit"] == 2 * GiB - 64 * MiB
+    assert released[0]["new_limit"] == 1900 * MiB
+    moves = [e["kernel"]["action"] for e in events if e["event"] == "follow.applied"]
+    assert "lowered" not in moves and "raised" not in moves
 
 
 def test_kernel_oom_kill_is_reported_with_the_worker(

@@ -104,6 +104,8 @@ class Watch:
         self.ours: frozenset[int] = frozenset()
         self.due = clock() + spec.interval
         self.ticks = 0
+        self.stopped = False
+        self._last_failure: tuple[str, str] | None = None
         self._read_events(report=False)
 
     # -- the supervisor's hook -------------------------------------------------------
@@ -111,14 +113,23 @@ class Watch:
     def __call__(self) -> float:
         """Tick if due; seconds until the next tick (the supervisor's wait bound)."""
         now = self.clock()
+        if self.stopped:
+            return 3600.0
         if now >= self.due:
             try:
                 self.tick()
             except Exception as exc:  # the watch must never take the supervisor down
-                self.audit("follow.failed", stage="tick", reason=repr(exc))
+                self._failed("tick", reason=repr(exc))
             self.due = max(now, self.due) + self.spec.interval
             now = self.clock()
         return max(0.0, self.due - now)
+
+    def _failed(self, stage: str, **fields: Any) -> None:
+        """Log a failure once: the same one on every tick would only bury the log."""
+        key = (stage, repr(sorted(fields.items())))
+        if key != self._last_failure:
+            self._last_failure = key
+            self.audit("follow.failed", stage=stage, **fields)
 
     def close(self) -> None:
         """The workers are gone: remove the channel (its directory is ours alone)."""
@@ -139,7 +150,7 @@ class Watch:
                 self.location, self.proc_root, self.sys_root, tree_root=self.pid, own_pid=self.pid
             )
         except (OSError, ParseError) as exc:
-            self.audit("follow.failed", stage="measure", reason=_describe(exc))
+            self._failed("measure", reason=_describe(exc))
             return
         vanished = self.ours - m.ours
         self.ours = m.ours
@@ -149,7 +160,7 @@ class Watch:
         try:
             plan = replan(self.spec, planned_m)
         except PlanError as exc:
-            self.audit("follow.failed", stage="plan", reason=str(exc))
+            self._failed("plan", reason=str(exc))
             return
         self.n_workers = plan.n_workers
         proposed = plan.effective_per_worker
@@ -203,9 +214,13 @@ class Watch:
         try:
             write_live_limit(self.spec.channel, record)
         except OSError as exc:
-            self.audit("follow.failed", stage="channel", reason=_describe(exc))
+            # Without the channel no worker can follow; a removed or read-only directory
+            # does not come back, so the watch stops rather than re-deciding every tick.
+            self._failed("channel", reason=_describe(exc), following="stopped")
+            self.stopped = True
             return
         self.record = record
+        self._last_failure = None
         self.pending = _Pending(record.generation, action, seen_at, seen_at, kernel)
 
     def _settle(self, m: Measurement) -> None:
@@ -275,7 +290,7 @@ class Watch:
             self.audit(
                 "follow.changed",
                 action="released",
-                level=self.managed.directory,
+                cgroup=self.managed.directory,
                 old_limit=self.managed_value,
                 new_limit=now,
                 reason="someone else changed the limit we wrote; it is theirs now",
