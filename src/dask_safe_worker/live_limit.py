@@ -102,9 +102,16 @@ def write_ack(live_file: str, role: str, pid: int, generation: int, slot: int = 
     _write_atomically(path, f"{generation}\n".encode())
 
 
-def read_acks(live_file: str) -> dict[AckKey, int]:
-    """{(role, pid, slot): generation} for every acknowledgement on disk."""
-    out: dict[AckKey, int] = {}
+@dataclass(frozen=True)
+class Ack:
+    generation: int
+    # When the server wrote it: the moment its limit moved (time.time() scale).
+    at: float
+
+
+def read_acks(live_file: str) -> dict[AckKey, Ack]:
+    """{(role, pid, slot): Ack} for every acknowledgement on disk."""
+    out: dict[AckKey, Ack] = {}
     try:
         names = os.listdir(acks_dir(live_file))
     except OSError:
@@ -115,7 +122,9 @@ def read_acks(live_file: str) -> dict[AckKey, int]:
             continue
         try:
             with open(os.path.join(acks_dir(live_file), name)) as f:
-                out[(parts[0], int(parts[1]), int(parts[2]))] = int(f.read().strip())
+                generation = int(f.read().strip())
+                at = os.fstat(f.fileno()).st_mtime
+            out[(parts[0], int(parts[1]), int(parts[2]))] = Ack(generation, at)
         except (OSError, ValueError):
             continue
     return out

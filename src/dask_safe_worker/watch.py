@@ -226,7 +226,7 @@ class Watch:
     def _settle(self, m: Measurement) -> None:
         """Finish a change once every worker holds it; then let the kernel follow down."""
         if self.pending is not None:
-            workers, nannies = self._acks(self.pending.generation)
+            workers, nannies, last = self._acks(self.pending.generation)
             if workers < self.n_workers:
                 return
             pending, self.pending = self.pending, None
@@ -240,7 +240,10 @@ class Watch:
                 per_worker=self.record.per_worker,
                 dask={"workers": workers, "nannies": nannies},
                 kernel=kernel,
-                latency_s=round(time.time() - pending.changed_at, 3),
+                # From the tick that saw the change to the last worker or nanny holding
+                # it (its acknowledgement's mtime), and to this kernel step.
+                latency_s=round(max(last, pending.changed_at) - pending.changed_at, 3),
+                kernel_latency_s=round(time.time() - pending.changed_at, 3),
             )
             return
         if self.managed is not None and self.kernel_goal is not None:
@@ -254,19 +257,23 @@ class Watch:
                     per_worker=self.record.per_worker,
                     dask=None,
                     kernel=kernel,
-                    latency_s=round(time.time() - self.record.changed_at, 3),
+                    latency_s=None,
+                    kernel_latency_s=round(time.time() - self.record.changed_at, 3),
                 )
 
-    def _acks(self, generation: int) -> tuple[int, int]:
+    def _acks(self, generation: int) -> tuple[int, int, float]:
+        """Workers and nannies holding `generation`, and when the last of them took it."""
         counts = {"worker": 0, "nanny": 0}
-        for key, held in read_acks(self.spec.channel).items():
+        last = 0.0
+        for key, ack in read_acks(self.spec.channel).items():
             role, pid, _ = key
             if not os.path.exists(self.proc_root / str(pid)):
                 remove_ack(self.spec.channel, key)
                 continue
-            if held >= generation and role in counts:
+            if ack.generation >= generation and role in counts:
                 counts[role] += 1
-        return counts["worker"], counts["nanny"]
+                last = max(last, ack.at)
+        return counts["worker"], counts["nanny"], last
 
     # -- the kernel limit we wrote -------------------------------------------------
 
