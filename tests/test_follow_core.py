@@ -243,17 +243,19 @@ def test_stat_ppid_garbage(text: str) -> None:
         parse_stat_ppid(text)
 
 
-def _tree(tmp_path: Path, parents: dict[int, int]) -> Path:
+def _tree(tmp_path: Path, parents: dict[int, int], zombies: frozenset[int] = frozenset()) -> Path:
     proc = tmp_path / "proc"
     for pid, ppid in parents.items():
         (proc / str(pid)).mkdir(parents=True)
-        (proc / str(pid) / "stat").write_text(f"{pid} (w) S {ppid} 1 1 0\n")
+        state = "Z" if pid in zombies else "S"
+        (proc / str(pid) / "stat").write_text(f"{pid} (w) {state} {ppid} 1 1 0\n")
     return proc
 
 
 def test_descendants_among(tmp_path: Path) -> None:
-    proc = _tree(tmp_path, {10: 1, 11: 10, 12: 11, 13: 12, 20: 1, 21: 20})
-    assert descendants_among(proc, [10, 11, 12, 13, 20, 21, 99], 10) == {11, 12, 13}
+    proc = _tree(tmp_path, {10: 1, 11: 10, 12: 11, 13: 12, 14: 11, 20: 1, 21: 20}, frozenset({14}))
+    # 14 is a zombie (killed, not yet reaped): gone already.
+    assert descendants_among(proc, [10, 11, 12, 13, 14, 20, 21, 99], 10) == {11, 12, 13}
 
 
 def test_remeasure_does_not_read_mountinfo(tmp_path: Path) -> None:

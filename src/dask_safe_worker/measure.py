@@ -21,7 +21,7 @@ from .proc_parse import (
     parse_meminfo,
     parse_mountinfo,
     parse_proc_cgroup,
-    parse_stat_ppid,
+    parse_stat,
 )
 
 
@@ -200,28 +200,35 @@ def locate(proc_root: Path, sys_root: Path, pid: str = "self") -> CgroupLocation
     return locate_memory_cgroup(entries, mounts, controllers)
 
 
-def _ppid(proc_root: Path, pid: int) -> int | None:
+def _stat(proc_root: Path, pid: int) -> tuple[str, int] | None:
     try:
-        return parse_stat_ppid((proc_root / str(pid) / "stat").read_text())
+        return parse_stat((proc_root / str(pid) / "stat").read_text())
     except (OSError, ParseError):
         return None
 
 
 def descendants_among(proc_root: Path, candidates: Sequence[int], root: int) -> frozenset[int]:
-    """The candidates whose parent chain reaches `root` (a few /proc/<pid>/stat reads:
-    only the members of our own cgroup are asked, never the whole /proc)."""
+    """The live candidates whose parent chain reaches `root` (a few /proc/<pid>/stat
+    reads: only the members of our own cgroup are asked, never the whole /proc).
+
+    A zombie is not counted: it holds no memory, and a worker the kernel killed stays
+    one until its nanny reaps it."""
     ours: set[int] = set()
     known: dict[int, bool] = {root: True, 0: False, 1: root == 1}
     for pid in candidates:
         chain: list[int] = []
         current: int | None = pid
+        zombie = False
         while current is not None and current not in known and len(chain) < 64:
             chain.append(current)
-            current = _ppid(proc_root, current)
+            stat = _stat(proc_root, current)
+            if stat is not None and current == pid:
+                zombie = stat[0] == "Z"
+            current = None if stat is None else stat[1]
         verdict = known.get(current, False) if current is not None else False
         for member in chain:
             known[member] = verdict
-        if verdict and pid != root:
+        if verdict and pid != root and not zombie:
             ours.add(pid)
     return frozenset(ours)
 

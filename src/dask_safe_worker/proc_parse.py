@@ -143,8 +143,8 @@ def parse_proc_cgroup(text: str) -> list[CgroupEntry]:
     return entries
 
 
-def parse_stat_ppid(text: str) -> int:
-    """The parent pid from /proc/<pid>/stat.
+def parse_stat(text: str) -> tuple[str, int]:
+    """(state, parent pid) from /proc/<pid>/stat; state "Z" is a zombie.
 
     The second field (comm) is in parentheses and may itself hold spaces and ")", so the
     fields are counted from the last ")".
@@ -154,6 +154,11 @@ def parse_stat_ppid(text: str) -> int:
     if not paren or len(fields) < 2:
         raise ParseError("stat has no ppid field")
     try:
-        return int(fields[1])
+        return fields[0], int(fields[1])
     except ValueError as exc:
         raise ParseError(f"stat ppid is not an integer: {fields[1][:20]!r}") from exc
+
+
+def parse_stat_ppid(text: str) -> int:
+    """The parent pid from /proc/<pid>/stat."""
+    return parse_stat(text)[1]

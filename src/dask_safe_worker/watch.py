@@ -104,9 +104,11 @@ class Watch:
         self.ours: frozenset[int] = frozenset()
         self.due = clock() + spec.interval
         self.ticks = 0
+        self._gone_before: frozenset[int] = frozenset()
+        self._held_kills: list[tuple[dict[str, Any], frozenset[int]]] = []
         self.stopped = False
         self._last_failure: tuple[str, str] | None = None
-        self._read_events(report=False)
+        self.events = self._read_counters()
 
     # -- the supervisor's hook -------------------------------------------------------
 
@@ -135,6 +137,7 @@ class Watch:
         """The workers are gone: remove the channel (its directory is ours alone)."""
         import contextlib
 
+        self._flush_kills(frozenset())
         remove_channel(self.spec.channel)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(os.path.dirname(self.spec.channel), SPEC_FILE))
@@ -145,6 +148,9 @@ class Watch:
     def tick(self) -> None:
         self.ticks += 1
         seen_at = time.time()
+        # Counters before processes: a kill counted now has its victim gone by the
+        # process list read next, or by the one a tick ago.
+        counters = self._read_counters()
         try:
             m = remeasure(
                 self.location, self.proc_root, self.sys_root, tree_root=self.pid, own_pid=self.pid
@@ -154,7 +160,9 @@ class Watch:
             return
         vanished = self.ours - m.ours
         self.ours = m.ours
-        self._read_events(report=True, vanished=vanished)
+        self._flush_kills(vanished)
+        self._report_events(counters, self._gone_before | vanished)
+        self._gone_before = vanished
         self._check_managed()
         planned_m = with_original_limit(m, self.managed, self.directories) if self.managed else m
         try:
@@ -410,34 +418,47 @@ class Watch:
         except OSError:
             return None
 
-    def _read_events(self, *, report: bool, vanished: frozenset[int] = frozenset()) -> None:
+    def _read_counters(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
         if self.location is None:
-            return
-        file = "memory.events" if self.location.version == 2 else "memory.oom_control"
+            return out
         for directory in self._event_dirs():
             counts = self._counters(directory)
-            if counts is None:
-                continue
+            if counts is not None:
+                out[directory] = counts
+        return out
+
+    def _flush_kills(self, vanished: frozenset[int]) -> None:
+        held, self._held_kills = self._held_kills, []
+        for fields, gone in held:
+            self.audit("kernel.oom_kill", **fields, gone_pids=sorted(gone | vanished))
+
+    def _report_events(self, counters: dict[str, dict[str, int]], gone: frozenset[int]) -> None:
+        assert self.location is not None or not counters
+        v1 = self.location is not None and self.location.version == 1
+        for directory, counts in counters.items():
             old = self.events.get(directory, {})
             self.events[directory] = counts
-            if not report:
-                continue
             for name in _EVENT_NAMES:
                 if name not in counts or name not in old or counts[name] <= old[name]:
                     continue
+                if v1:
+                    file = "memory.failcnt" if name == "max" else "memory.oom_control"
+                else:
+                    file = "memory.events"
                 fields: dict[str, Any] = {
                     "cgroup": directory,
-                    "file": file
-                    if name != "max" or self.location.version == 2
-                    else "memory.failcnt",
+                    "file": file,
                     "counter": name,
                     "count": counts[name],
                     "increase": counts[name] - old[name],
                 }
                 if name == "oom_kill":
-                    # Processes of ours that were there a tick ago and are gone now: the
-                    # kernel's victim is among them (a nanny's restart is not an OOM kill).
-                    self.audit("kernel.oom_kill", **fields, gone_pids=sorted(vanished))
+                    # The counter moves when the kill is sent; the victim may still be
+                    # freeing its memory now. Reported next tick, with our processes
+                    # that disappeared over these three ticks: the victim is among them
+                    # when it was one of ours.
+                    self._held_kills.append((fields, gone))
                 else:
                     self.audit("kernel.memory_event", **fields)
 
