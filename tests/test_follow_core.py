@@ -254,8 +254,9 @@ def _tree(tmp_path: Path, parents: dict[int, int], zombies: frozenset[int] = fro
 
 def test_descendants_among(tmp_path: Path) -> None:
     proc = _tree(tmp_path, {10: 1, 11: 10, 12: 11, 13: 12, 14: 11, 20: 1, 21: 20}, frozenset({14}))
-    # 14 is a zombie (killed, not yet reaped): gone already.
-    assert descendants_among(proc, [10, 11, 12, 13, 14, 20, 21, 99], 10) == {11, 12, 13}
+    # 14 is a zombie (killed, not yet reaped): still ours, but gone.
+    ours, zombies = descendants_among(proc, [10, 11, 12, 13, 14, 20, 21, 99], 10)
+    assert ours == {11, 12, 13, 14} and zombies == {14}
 
 
 def test_remeasure_does_not_read_mountinfo(tmp_path: Path) -> None:

@@ -326,5 +326,7 @@ def test_kernel_oom_kill_is_reported_with_the_worker(
     assert kills[0]["counter"] == "oom_kill" and kills[0]["increase"] >= 1
     assert kills[0]["cgroup"] == str(kernel_cgroup.path)
     assert pids[victim] in kills[0]["gone_pids"]
+    # The worker's own memory, up to the kill and its zombie, is ours: no re-plan.
+    assert not [e for e in events if e["event"] == "follow.replanned"]
     hits = [e for e in events if e["event"] == "kernel.memory_event"]
     assert hits and hits[0]["counter"] == "max" and hits[0]["file"] == "memory.failcnt"

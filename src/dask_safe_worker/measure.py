@@ -71,6 +71,8 @@ class Measurement:
     # Other pids that count as ours: a supervisor's worker tree (--follow re-measures
     # with the workers running, and their memory is the budget's, not a neighbour's).
     ours: frozenset[int] = field(default=frozenset())
+    # Those of `ours` that have exited and wait to be reaped.
+    zombies: frozenset[int] = field(default=frozenset())
 
     @property
     def available(self) -> int:
@@ -207,13 +209,17 @@ def _stat(proc_root: Path, pid: int) -> tuple[str, int] | None:
         return None
 
 
-def descendants_among(proc_root: Path, candidates: Sequence[int], root: int) -> frozenset[int]:
-    """The live candidates whose parent chain reaches `root` (a few /proc/<pid>/stat
-    reads: only the members of our own cgroup are asked, never the whole /proc).
+def descendants_among(
+    proc_root: Path, candidates: Sequence[int], root: int
+) -> tuple[frozenset[int], frozenset[int]]:
+    """(the candidates whose parent chain reaches `root`, which of them are zombies).
 
-    A zombie is not counted: it holds no memory, and a worker the kernel killed stays
-    one until its nanny reaps it."""
+    A few /proc/<pid>/stat reads: only the members of our own cgroup are asked, never the
+    whole /proc. A zombie is still ours (it stays in cgroup.procs until reaped, and must
+    not make a stranger of our own cgroup) but it is gone: a worker the kernel killed
+    stays one until its nanny reaps it."""
     ours: set[int] = set()
+    zombies: set[int] = set()
     known: dict[int, bool] = {root: True, 0: False, 1: root == 1}
     for pid in candidates:
         chain: list[int] = []
@@ -228,9 +234,11 @@ def descendants_among(proc_root: Path, candidates: Sequence[int], root: int) -> 
         verdict = known.get(current, False) if current is not None else False
         for member in chain:
             known[member] = verdict
-        if verdict and pid != root and not zombie:
+        if verdict and pid != root:
             ours.add(pid)
-    return frozenset(ours)
+            if zombie:
+                zombies.add(pid)
+    return frozenset(ours), frozenset(zombies)
 
 
 def remeasure(
@@ -268,9 +276,10 @@ def remeasure(
             notes.append(f"cannot list the own cgroup's processes: {_describe(exc)}")
     me = os.getpid() if own_pid is None else own_pid
     ours: frozenset[int] = frozenset()
+    zombies: frozenset[int] = frozenset()
     own_rss = read_own_rss(proc_root, pid)
     if tree_root is not None and own_procs is not None:
-        ours = descendants_among(proc_root, own_procs, tree_root)
+        ours, zombies = descendants_among(proc_root, own_procs, tree_root)
         own_rss += sum(read_own_rss(proc_root, str(p)) for p in ours if p != me)
     return Measurement(
         host=host,
@@ -284,6 +293,7 @@ def remeasure(
         dask_memory_limit=dask_compat.dask_system_memory_limit(host.total, sys_root, rlimit_rss),
         warnings=tuple(notes),
         ours=ours,
+        zombies=zombies,
     )
 
 

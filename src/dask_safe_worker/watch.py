@@ -158,8 +158,9 @@ class Watch:
         except (OSError, ParseError) as exc:
             self._failed("measure", reason=_describe(exc))
             return
-        vanished = self.ours - m.ours
-        self.ours = m.ours
+        alive = m.ours - m.zombies
+        vanished = self.ours - alive
+        self.ours = alive
         self._flush_kills(vanished)
         self._report_events(counters, self._gone_before | vanished)
         self._gone_before = vanished
