@@ -56,6 +56,8 @@ class FollowSpec:
     interval: float
     channel: str
     managed: ManagedLimit | None = None
+    # Why there is no kernel limit to move (the start's write outcome), for the log.
+    kernel_note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
@@ -100,6 +102,7 @@ class FollowSpec:
                 interval=float(doc["interval"]),
                 channel=str(doc["channel"]),
                 managed=managed,
+                kernel_note=None if doc.get("kernel_note") is None else str(doc["kernel_note"]),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a follow spec: {exc!r}") from exc

@@ -69,6 +69,19 @@ def managed_limit(
     return ManagedLimit(directory, m.location.version, original, outcome.read_back)
 
 
+def kernel_note(outcome: WriteOutcome) -> str:
+    """Why following moves Dask's side alone, from the start's write outcome."""
+    reasons = {
+        "EROFS": "read-only cgroupfs: Dask's side follows alone",
+        "existing_lower": "the limit found at start is not ours: Dask's side follows alone",
+        "disabled": "--cgroup-write never: Dask's side follows alone",
+        "no_memory_cgroup": "no memory cgroup: Dask's side follows alone",
+    }
+    return reasons.get(
+        outcome.reason, f"no kernel limit written ({outcome.reason}): Dask's side follows alone"
+    )
+
+
 def prepare(
     m: Measurement,
     plan: Plan,
@@ -86,6 +99,7 @@ def prepare(
         directory = tempfile.mkdtemp(prefix="dask-safe-worker-follow-", dir=base_dir)
         live = prepare_channel(directory)
         write_live_limit(live, LiveLimit(0, per_worker, plan.budget, interval, time.time()))
+        managed = managed_limit(m, outcome)
         spec = FollowSpec(
             settings=settings,
             args=wargs,
@@ -93,7 +107,8 @@ def prepare(
             first_per_worker=per_worker,
             interval=interval,
             channel=live,
-            managed=managed_limit(m, outcome),
+            managed=managed,
+            kernel_note=None if managed else kernel_note(outcome),
         )
         spec_file = os.path.join(directory, SPEC_FILE)
         fd = os.open(spec_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)

@@ -172,13 +172,15 @@ class Watch:
             self._failed("plan", reason=str(exc))
             return
         self.n_workers = plan.n_workers
+        # The last change first: if every worker holds it by now, it is reported before a
+        # new one replaces it.
+        self._settle(m)
         proposed = plan.effective_per_worker
         if proposed is not None:
             d = decide(self.record.per_worker, proposed, self.spec.first_per_worker)
             if d.action != "keep":
                 self._change(m, plan.budget, d.action, d.target, d.band, seen_at, plan.as_dict())
         self.previous = m
-        self._settle(m)
 
     def _change(
         self,
@@ -212,7 +214,7 @@ class Watch:
         elif self.spec.managed is not None:
             kernel = {"action": "released"}
         else:
-            kernel = {"action": "none", "reason": "no limit of ours to move"}
+            kernel = {"action": "none", "reason": self.spec.kernel_note or "no limit of ours"}
         record = LiveLimit(
             generation=self.record.generation + 1,
             per_worker=target,
@@ -483,5 +485,6 @@ def start_watch(spec_path: str, audit: Audit) -> Watch | None:
         budget=watch.record.budget,
         cgroup=watch.directories[0] if watch.directories else None,
         managed=None if spec.managed is None else spec.managed.directory,
+        kernel=spec.kernel_note,
     )
     return watch
