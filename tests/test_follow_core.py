@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from dask_safe_worker.follow import (
@@ -71,7 +71,8 @@ def test_decision_moves_only_outside_the_band(current: int, proposed: int, ceili
         assert d.action == "keep" and d.target == current
     else:
         assert d.action == ("lower" if wanted < current else "raise")
-        assert d.target == wanted
+        snapped = d.action == "raise" and ceiling - wanted <= hysteresis(ceiling)
+        assert d.target == (ceiling if snapped else wanted)
     assert d.action == "keep" or d.target <= ceiling
 
 
@@ -100,6 +101,20 @@ def test_noise_within_the_band_never_flaps(start: int, noise: list[float]) -> No
 def test_a_raise_never_passes_the_first_plan(current: int, proposed: int) -> None:
     d = decide(current, proposed, ceiling=current)
     assert d.action in ("keep", "lower")
+
+
+@given(
+    first=st.integers(min_value=256 * MiB, max_value=32 * GiB),
+    squeeze=st.floats(min_value=0.1, max_value=0.9),
+    shortfall=st.integers(min_value=0, max_value=HYSTERESIS_FLOOR),
+)
+def test_after_a_squeeze_the_start_plan_comes_back_exactly(
+    first: int, squeeze: float, shortfall: int
+) -> None:
+    low = decide(first, int(first * squeeze), ceiling=first)
+    assume(low.action == "lower")
+    back = decide(low.target, first - shortfall, ceiling=first)
+    assert back.action == "raise" and back.target == first
 
 
 # --- the kernel rules ---------------------------------------------------------------

@@ -170,7 +170,8 @@ class Decision:
 def decide(current: int, proposed: int, ceiling: int) -> Decision:
     """Whether the per-worker limit moves, and to what.
 
-    The target is the proposal capped at the start's plan (`ceiling`). It counts only when
+    The target is the proposal capped at the start's plan (`ceiling`), and a raise that
+    lands within the ceiling's band goes to the ceiling. It counts only when
     it leaves the band `current ± hysteresis(current)`; the band is centred on the limit
     in force, so after a move the next one needs another full band and noise around a
     level never flaps the limit back and forth.
@@ -180,6 +181,11 @@ def decide(current: int, proposed: int, ceiling: int) -> Decision:
     if target < current - band:
         return Decision("lower", current, proposed, target, band)
     if target > current + band:
+        # Back within a band of the start's plan is back at it: the same conditions
+        # measure a few MiB apart (the supervisor's own pages), and a squeeze that has
+        # passed should leave exactly the plan the operator saw.
+        if ceiling - target <= hysteresis(ceiling):
+            target = ceiling
         return Decision("raise", current, proposed, target, band)
     return Decision("keep", current, proposed, current, band)
 

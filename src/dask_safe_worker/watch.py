@@ -205,7 +205,9 @@ class Watch:
         )
         kernel: dict[str, Any] = {"action": "none"}
         if self.managed is not None and self.managed_value is not None:
-            self.kernel_goal = budget
+            # Dask's side back at the start's plan: the kernel limit back at its budget.
+            at_start = target == self.spec.first_per_worker
+            self.kernel_goal = self.spec.first_budget if at_start else budget
             if action == "raise":
                 # Room first, then the workers may use it.
                 kernel = self._move_kernel(m, dask_lowered=True)

@@ -5,6 +5,7 @@ starting it costs about a minute in this guest."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from guest_cgroups import (
     PYTHON,
     SAFE_WORKER,
@@ -60,6 +62,8 @@ def _wait(check: Callable[[], bool], what: str, timeout: float = FOLLOW_TIMEOUT)
         time.sleep(0.2)
 
 
+# Starting the cluster alone takes minutes in a TCG guest on a busy host.
+@pytest.mark.timeout(1000)
 def test_follow_on_cgroup_v2(cgroup2_root: Cgroup) -> None:
     from distributed import Client
 
@@ -180,10 +184,8 @@ def _sequence(
         return len(b"\x01" * n)
 
     future = client.submit(allocate, too_much, pure=False)
-    try:
+    with contextlib.suppress(Exception):  # KilledWorker: the point of the exercise
         future.result(timeout=START_TIMEOUT)
-    except Exception:  # KilledWorker: the point of the exercise
-        pass
     assert worker_cg.events()["oom_kill"] > kills_before
     _wait(
         lambda: any(e["event"] == "kernel.oom_kill" for e in _events(worker_log)),
