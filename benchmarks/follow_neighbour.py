@@ -209,6 +209,10 @@ def main() -> None:
     reason = p.kernel_cgroups_usable()
     if reason:
         sys.exit(f"cannot run: {reason}")
+    # pressure's task functions must reach the worker by value, as in pressure's own main.
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(p)
     work = opts.work / time.strftime("%Y%m%d-%H%M%S")
     runs = [run_once(c, r, work) for r in range(opts.repeat) for c in CONTENDERS]
     if opts.plot:
