@@ -123,6 +123,20 @@ class _SwapType(click.ParamType):  # type: ignore[type-arg]
         return _SizeType().convert(value, param, ctx)
 
 
+class _IntervalType(click.ParamType):  # type: ignore[type-arg]
+    name = "SECONDS"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        from .follow import validate_interval
+
+        try:
+            return validate_interval(float(value))
+        except ValueError as exc:
+            self.fail(
+                str(exc) if "interval" in str(exc) else f"{value!r} is not a number", param, ctx
+            )
+
+
 def _option(name: str, **kwargs: Any) -> click.Option:
     return env_option(ENV_PREFIX, name, **kwargs)
 
@@ -225,6 +239,20 @@ OUR_OPTIONS: list[click.Parameter] = [
         default=None,
         help="Where to record the plan as JSON for `dask-safe-audit`; its path is exported "
         f"to the worker as {PLAN_FILE_ENV} [default: a file in a private runtime directory].",
+    ),
+    _option(
+        "follow",
+        is_flag=True,
+        help="Keep following memory after the start: re-measure every --follow-interval, "
+        "and move every worker's and nanny's memory limit (and the kernel limit written "
+        "at start) when the budget changes. Implies supervision (--init).",
+    ),
+    _option(
+        "follow-interval",
+        type=_IntervalType(),
+        default="1",
+        show_default=True,
+        help="Seconds between two measurements with --follow.",
     ),
     _option(
         "worker-help",
@@ -426,7 +454,10 @@ def plan_document(
 
 
 def supervisor_argv(
-    argv: Sequence[str], outcome: WriteOutcome, params: dict[str, Any]
+    argv: Sequence[str],
+    outcome: WriteOutcome,
+    params: dict[str, Any],
+    follow_spec: str | None = None,
 ) -> list[str]:
     """`python -m dask_safe_worker.supervise ... -- <worker argv>`."""
     from .audit import start_id
@@ -441,6 +472,8 @@ def supervisor_argv(
         cmd.append("-g")
     if outcome.created_child and outcome.parent_dir:
         cmd += ["--remove-cgroup", outcome.created_child, "--parent-cgroup", outcome.parent_dir]
+    if follow_spec:
+        cmd += ["--follow", follow_spec]
     return [*cmd, "--", *argv]
 
 
@@ -548,6 +581,13 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         exec_worker([*prefix, *worker_args], os.environ, audit)
 
     supervised = bool(params["init"]) if params["init"] is not None else os.getpid() == 1
+    if params["follow"]:
+        if params["init"] is False:
+            _fail(
+                EXIT_USAGE, "--follow needs a supervisor; drop --no-init", audit, "cli.usage.error"
+            )
+        # Somebody must stay to watch: the supervisor does (as with --init).
+        supervised = True
     try:
         m = measure()
     except (OSError, ValueError) as exc:
@@ -617,6 +657,20 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         )
 
     env = dict(os.environ)
+    follow_spec: str | None = None
+    if params["follow"]:
+        from . import follow_setup
+
+        try:
+            setup = follow_setup.prepare(
+                m, plan, wargs, _settings(params, supervised), outcome, params["follow_interval"]
+            )
+        except follow_setup.FollowUnavailable as exc:
+            audit("follow.disabled", reason=str(exc))
+        else:
+            follow_spec = setup.spec_file
+            env.update(setup.env)
+            argv = [*prefix, *follow_setup.with_preloads(final_args, wargs.nanny)]
     plan_file = _write_plan_file(
         params["plan_file"], plan_document(m, plan, argv, outcome, params), audit
     )
@@ -633,7 +687,9 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         # Exec a bare supervisor rather than supervising from here: as PID 1 it lives as
         # long as the container, and this process carries click and structlog (~27 MiB
         # RSS against ~11 MiB for the bare one, benchmarks/supervisor_rss.py).
-        exec_worker(supervisor_argv(argv, outcome, params), env, audit, event="init.exec")
+        exec_worker(
+            supervisor_argv(argv, outcome, params, follow_spec), env, audit, event="init.exec"
+        )
     exec_worker(argv, env, audit)
 
 

@@ -27,6 +27,7 @@ OUR_VALUE_NAMES: frozenset[str] = frozenset(
         "--worker-command",
         "--log-format",
         "--plan-file",
+        "--follow-interval",
     }
 )
 OUR_FLAG_NAMES: frozenset[str] = frozenset(
@@ -39,6 +40,7 @@ OUR_FLAG_NAMES: frozenset[str] = frozenset(
         "--init-process-group",
         "--worker-help",
         "--version",
+        "--follow",
         "--help",
         "-h",
     }
