@@ -407,6 +407,27 @@ def test_collect_reads_the_plan_file_and_measures(
     assert judge([f])[0].verdict == AT_RISK
 
 
+def test_a_followed_worker_is_judged_by_its_live_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dask_safe_worker.live_limit import LIVE_FILE_ENV, LiveLimit, write_live_limit
+
+    assert audit_remote.LIVE_FILE_ENV == LIVE_FILE_ENV
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text(json.dumps({"plan": {"effective_per_worker": 900, "budget": 2000}}))
+    live = tmp_path / "live.json"
+    write_live_limit(str(live), LiveLimit(3, 600, 1500, 1.0, 0.0))
+    monkeypatch.setenv(audit_remote.PLAN_FILE_ENV, str(plan_file))
+    monkeypatch.setenv(LIVE_FILE_ENV, str(live))
+    _, plan, error = audit_remote._read_plan()
+    assert error is None and plan is not None
+    assert (plan["effective_per_worker"], plan["start_per_worker"]) == (600, 900)
+    assert (plan["budget"], plan["follow_generation"]) == (1500, 3)
+    live.write_text("garbage")
+    _, plan, _ = audit_remote._read_plan()
+    assert plan is not None and plan["effective_per_worker"] == 900
+
+
 def test_collect_without_plan_file_and_unreadable_plan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,6 +17,8 @@ import socket
 from typing import Any
 
 PLAN_FILE_ENV = "DASK_SAFE_WORKER_PLAN_FILE"
+# Set by --follow (live_limit.LIVE_FILE_ENV): the per-worker limit in force now.
+LIVE_FILE_ENV = "DASK_SAFE_WORKER_LIVE_FILE"
 REMOTE_SCHEMA = 1
 
 
@@ -92,7 +94,26 @@ def _read_plan() -> tuple[str | None, dict[str, Any] | None, str | None]:
         "read_back": outcome.get("read_back"),
         "write_reason": outcome.get("reason"),
     }
+    _apply_live_limit(summary)
     return path, summary, None
+
+
+def _apply_live_limit(summary: dict[str, Any]) -> None:
+    """Under --follow the plan moves: the live record, not the start's, is planned now."""
+    live = os.environ.get(LIVE_FILE_ENV)
+    if not live:
+        return
+    try:
+        with open(live) as f:
+            record = _dict(json.load(f))
+    except (OSError, ValueError):
+        return
+    per_worker, generation = record.get("per_worker"), record.get("generation")
+    if isinstance(per_worker, int) and isinstance(generation, int) and per_worker > 0:
+        summary["start_per_worker"] = summary.get("effective_per_worker")
+        summary["effective_per_worker"] = per_worker
+        summary["budget"] = record.get("budget", summary.get("budget"))
+        summary["follow_generation"] = generation
 
 
 def collect(dask_worker: Any = None) -> dict[str, Any]:

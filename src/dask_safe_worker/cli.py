@@ -30,7 +30,7 @@ from .measure import Measurement, measure
 from .options import FLAG_NAMES, OPTIONS, PLAN_FILE_ENV, VALUE_NAMES, Options, OptionSpec
 from .plan import Plan, PlanError, make_plan, resolve_worker_values
 from .siblings import read_siblings, with_siblings
-from .worker_args import apply_memory_limit, parse_worker_args, split_argv
+from .worker_args import WorkerArgs, apply_memory_limit, parse_worker_args, split_argv
 
 EXIT_MEASURE_FAILED = 1
 EXIT_USAGE = 2
@@ -242,7 +242,9 @@ def plan_document(
     }
 
 
-def supervisor_argv(argv: Sequence[str], outcome: WriteOutcome, opts: Options) -> list[str]:
+def supervisor_argv(
+    argv: Sequence[str], outcome: WriteOutcome, opts: Options, follow_spec: str | None = None
+) -> list[str]:
     """`python -m dask_safe_worker.supervise ... -- <worker argv>`."""
     from .audit import start_id
 
@@ -256,6 +258,8 @@ def supervisor_argv(argv: Sequence[str], outcome: WriteOutcome, opts: Options) -
         cmd.append("-g")
     if outcome.created_child and outcome.parent_dir:
         cmd += ["--remove-cgroup", outcome.created_child, "--parent-cgroup", outcome.parent_dir]
+    if follow_spec:
+        cmd += ["--follow", follow_spec]
     return [*cmd, "--", *argv]
 
 
@@ -306,9 +310,16 @@ class Prepared:
     opts: Options
     measurement: Measurement
     plan: Plan
-    argv: list[str]
+    parsed_args: WorkerArgs
+    prefix: list[str]
+    # The worker's arguments with the plan's --memory-limit applied.
+    worker_args: list[str]
     write_options: WriteOptions
     supervised: bool
+
+    @property
+    def argv(self) -> list[str]:
+        return [*self.prefix, *self.worker_args]
 
 
 @dataclass(frozen=True)
@@ -377,6 +388,10 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
         wargs = parse_worker_args(worker_args, dask_compat.nworkers_options(release))
         if wargs.version_only:
             return PassThrough([*prefix, *worker_args])
+        if opts.follow and opts.init is False:
+            _fail(
+                EXIT_USAGE, "--follow needs a supervisor; drop --no-init", audit, "cli.usage.error"
+            )
         m = _measure(audit)
         resolve_worker_values(wargs, m)
     except dask_compat.WorkerArgsError as exc:
@@ -409,7 +424,9 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
         opts=opts,
         measurement=m,
         plan=plan,
-        argv=[*prefix, *apply_memory_limit(worker_args, plan.memory_limit)],
+        parsed_args=wargs,
+        prefix=prefix,
+        worker_args=apply_memory_limit(worker_args, plan.memory_limit),
         write_options=write_options,
         supervised=opts.supervised(os.getpid()),
     )
@@ -443,6 +460,28 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
         )
 
     env = dict(os.environ)
+    follow_spec: str | None = None
+    if opts.follow:
+        from . import follow_setup
+
+        try:
+            setup = follow_setup.prepare(
+                m,
+                plan,
+                prepared.parsed_args,
+                opts.settings(os.getpid()),
+                outcome,
+                opts.follow_interval,
+            )
+        except follow_setup.FollowUnavailable as exc:
+            audit("follow.disabled", reason=str(exc))
+        else:
+            follow_spec = setup.spec_file
+            env.update(setup.env)
+            argv = [
+                *prepared.prefix,
+                *follow_setup.with_preloads(prepared.worker_args, prepared.parsed_args.nanny),
+            ]
     plan_file = _write_plan_file(opts.plan_file, plan_document(m, plan, argv, outcome, opts), audit)
     # Set from --plan-file or from the environment alike: the worker names a plan file
     # only when one was written (dask-safe-audit reads it through this variable).
@@ -457,7 +496,9 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
         # Exec a bare supervisor rather than supervising from here: as PID 1 it lives as
         # long as the container, and this process carries click and structlog (~27 MiB
         # RSS against ~11 MiB for the bare one, benchmarks/supervisor_rss.py).
-        exec_worker(supervisor_argv(argv, outcome, opts), env, audit, event="init.exec")
+        exec_worker(
+            supervisor_argv(argv, outcome, opts, follow_spec), env, audit, event="init.exec"
+        )
     exec_worker(argv, env, audit)
 
 

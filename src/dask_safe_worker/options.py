@@ -93,6 +93,8 @@ class Options:
     init: bool | None
     init_process_group: bool
     plan_file: str | None
+    follow: bool
+    follow_interval: float
     worker_help: bool
 
     @classmethod
@@ -115,11 +117,16 @@ class Options:
             init=values["init"],
             init_process_group=bool(values["init_process_group"]),
             plan_file=values["plan_file"],
+            follow=bool(values["follow"]),
+            follow_interval=float(values["follow_interval"]),
             worker_help=bool(values["worker_help"]),
         )
 
     def supervised(self, pid: int) -> bool:
-        """--init or --no-init, else supervise only as PID 1."""
+        """--init or --no-init, else supervise only as PID 1; --follow always (somebody
+        must stay to watch: the supervisor does)."""
+        if self.follow:
+            return True
         return self.init if self.init is not None else pid == 1
 
     def settings(self, pid: int) -> Settings:
@@ -143,6 +150,17 @@ class Options:
             memory_high_fraction=self.memory_high_fraction or None,
             swap_max=self.swap_max,
         )
+
+
+def parse_interval(text: str) -> float:
+    from .follow import validate_interval  # only for --follow-interval: not on the fast path
+
+    try:
+        return validate_interval(float(text))
+    except ValueError as exc:
+        raise ValueError(
+            str(exc) if "interval" in str(exc) else f"{text!r} is not a number"
+        ) from None
 
 
 Kind = Literal["value", "flag", "switch"]
@@ -288,6 +306,21 @@ OPTIONS: tuple[OptionSpec, ...] = (
         path=True,
         help="Where to record the plan as JSON for `dask-safe-audit`; its path is exported "
         f"to the worker as {PLAN_FILE_ENV} [default: a file in a private runtime directory].",
+    ),
+    OptionSpec(
+        "follow",
+        kind="flag",
+        help="Keep following memory after the start: re-measure every --follow-interval, "
+        "and move every worker's and nanny's memory limit (and the kernel limit written "
+        "at start) when the budget changes. Implies supervision (--init).",
+    ),
+    OptionSpec(
+        "follow-interval",
+        parse=parse_interval,
+        type_name="SECONDS",
+        default="1",
+        show_default=True,
+        help="Seconds between two measurements with --follow.",
     ),
     OptionSpec(
         "worker-help",

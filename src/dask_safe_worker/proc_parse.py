@@ -158,3 +158,24 @@ def parse_proc_cgroup(text: str) -> list[CgroupEntry]:
         names = tuple(c for c in controllers.split(",") if c)
         entries.append(CgroupEntry(hierarchy_id, names, path))
     return entries
+
+
+def parse_stat(text: str) -> tuple[str, int]:
+    """(state, parent pid) from /proc/<pid>/stat; state "Z" is a zombie.
+
+    The second field (comm) is in parentheses and may itself hold spaces and ")", so the
+    fields are counted from the last ")".
+    """
+    _, paren, rest = text.rpartition(")")
+    fields = rest.split()
+    if not paren or len(fields) < 2:
+        raise ParseError("stat has no ppid field")
+    try:
+        return fields[0], int(fields[1])
+    except ValueError as exc:
+        raise ParseError(f"stat ppid is not an integer: {fields[1][:20]!r}") from exc
+
+
+def parse_stat_ppid(text: str) -> int:
+    """The parent pid from /proc/<pid>/stat."""
+    return parse_stat(text)[1]

@@ -204,6 +204,7 @@ def supervise(
     on_child_exit: Callable[[], None] | None = None,
     reap_grace: float = 1.0,
     restore_signal_mask: bool = True,
+    ticker: Callable[[], float] | None = None,
 ) -> int:
     """Run ``argv`` as a supervised child and return its exit code (128+N if killed by N).
 
@@ -215,7 +216,8 @@ def supervise(
     are still blocked. A TERM, INT, QUIT or HUP already pending when this is called (see
     :func:`defer_signals`) means the worker is not started: the result is 128+N. A failed
     exec gives 127. ``restore_signal_mask=False`` is for a process that exits right
-    after: a late signal then cannot change its exit code.
+    after: a late signal then cannot change its exit code. ``ticker`` (--follow's watch)
+    is called on every wake-up and returns the seconds until it wants to be called again.
     """
     if not argv:
         raise ValueError("supervise() needs a command to run")
@@ -226,7 +228,7 @@ def supervise(
     try:
         try:
             code = _start_and_wait(
-                argv, env, process_group, audit, reap_grace, pid1, subreaper_error
+                argv, env, process_group, audit, reap_grace, pid1, subreaper_error, ticker
             )
         finally:
             if on_child_exit is not None:
@@ -249,6 +251,7 @@ def _start_and_wait(
     reap_grace: float,
     pid1: bool,
     subreaper_error: str | None,
+    ticker: Callable[[], float] | None = None,
 ) -> int:
     stop = _pending_stop()
     if stop is None:
@@ -279,7 +282,7 @@ def _start_and_wait(
         # EACCES (already exec'd) or ESRCH (already gone) means the child's own call won.
         with contextlib.suppress(OSError):
             os.setpgid(child, child)
-    code = _wait_for_main(child, process_group, audit)
+    code = _wait_for_main(child, process_group, audit, ticker)
     _drain_orphans(child, process_group, audit, reap_grace)
     return code
 
@@ -293,10 +296,18 @@ def _pending_stop() -> int | None:
     return None if info is None else info.si_signo
 
 
-def _wait_for_main(child: int, process_group: bool, audit: Callable[..., None]) -> int:
+def _wait_for_main(
+    child: int,
+    process_group: bool,
+    audit: Callable[..., None],
+    ticker: Callable[[], float] | None = None,
+) -> int:
     wait_set = {*FORWARDED_SIGNALS, signal.SIGCHLD}
+    timeout = _WAIT_TIMEOUT_S
     while True:
-        info = signal.sigtimedwait(wait_set, _WAIT_TIMEOUT_S)
+        info = signal.sigtimedwait(wait_set, timeout)
+        # --follow: the watch ticks between signals (watch.py).
+        timeout = _WAIT_TIMEOUT_S if ticker is None else min(_WAIT_TIMEOUT_S, ticker())
         if info is not None and info.si_signo != signal.SIGCHLD:
             if _worker_has_it(info, child, process_group):
                 audit(
@@ -390,7 +401,8 @@ def _remove_cgroup(child: str, parent: str, audit: Callable[..., None]) -> None:
 USAGE = (
     "usage: python -m dask_safe_worker.supervise [-g] [--log-format json|console|auto|none]\n"
     "       [--start-id ID] [--worker-name NAME]\n"
-    "       [--remove-cgroup CHILD_DIR --parent-cgroup PARENT_DIR] [--] CMD [ARGS...]\n"
+    "       [--remove-cgroup CHILD_DIR --parent-cgroup PARENT_DIR] [--follow SPEC_FILE]\n"
+    "       [--] CMD [ARGS...]\n"
 )
 
 _VALUE_OPTIONS = (
@@ -412,12 +424,15 @@ def main(args: Sequence[str] | None = None) -> int:
     rest = list(sys.argv[1:] if args is None else args)
     process_group = False
     values: dict[str, str] = {}
+    follow_spec: str | None = None
     while rest and rest[0].startswith("-"):
         opt = rest.pop(0)
         if opt == "--":
             break
         if opt in ("-g", "--process-group"):
             process_group = True
+        elif opt == "--follow" and rest:
+            follow_spec = rest.pop(0)
         elif opt in _VALUE_OPTIONS and rest:
             values[opt] = rest.pop(0)
         else:
@@ -429,25 +444,35 @@ def main(args: Sequence[str] | None = None) -> int:
     stamp = Stamp.here(values.get("--start-id"), values.get("--worker-name"))
     audit = stderr_audit(fmt if rest else "json", stamp)
     cgroup = {k: v for k, v in values.items() if k in ("--remove-cgroup", "--parent-cgroup")}
-    on_child_exit = None
+    cleanups: list[Callable[[], None]] = []
     if len(cgroup) == 2:
         child, parent = cgroup["--remove-cgroup"], cgroup["--parent-cgroup"]
+        cleanups.append(lambda: _remove_cgroup(child, parent, audit))
 
-        def on_child_exit() -> None:
-            _remove_cgroup(child, parent, audit)
+    def on_child_exit() -> None:
+        for cleanup in cleanups:
+            cleanup()
 
     if not rest or len(cgroup) == 1:
         os.write(2, USAGE.encode())
         # The child cgroup was made for us: a usage error must not leave it behind either.
-        if on_child_exit is not None:
-            on_child_exit()
+        on_child_exit()
         return 2
+    ticker = None
+    if follow_spec is not None:
+        # Imported only with --follow: the bare supervisor stays stdlib only.
+        from .watch import start_watch
+
+        ticker = start_watch(follow_spec, audit)
+        if ticker is not None:
+            cleanups.insert(0, ticker.close)
     return supervise(
         rest,
         process_group=process_group,
         audit=audit,
-        on_child_exit=on_child_exit,
+        on_child_exit=on_child_exit if cleanups else None,
         restore_signal_mask=False,
+        ticker=ticker,
     )
 
 

@@ -1,0 +1,246 @@
+"""Workload "neighbour grows" in the "VM with agents" scenario (cgroup v1, this host).
+
+M (3 GiB) holds an agent of 600 MiB and W, where the worker starts. A spill workload sized
+from M's headroom runs; GROW_AFTER_S seconds into it the agent grows by half the worker's
+budget (the headroom measured before the start). Contenders, interleaved per repeat:
+
+- plain: `python -m distributed.cli.dask_worker` (limit = host RAM);
+- safe: `dask-safe-worker` (static plan, kernel limit on W);
+- follow: `dask-safe-worker --follow` (the plan, and W's limit, follow the agent);
+- seed: W's limit and `--memory-limit` = M's headroom at start (the blog post's approach).
+
+Per run: outcome, wall time, kernel OOM kills in W (worker/nanny) and in M (the agent),
+agent alive, bytes spilled, Dask's limit at start and at the end, and for follow the latency
+from the growth to the new limit (follow.applied). A plot of M's working set against time
+with the moment of growth marked.
+
+    uv run python benchmarks/follow_neighbour.py [--repeat 3] [--json raw.json] [--plot out.png]
+
+Only cgroups below the benchmark's own memory cgroup are created (tests/cgroup_util.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import pressure as p
+
+GROW_AFTER_S = 4.0
+CONTENDERS = ("plain", "safe", "follow", "seed")
+TIMEOUT = 240.0
+
+# An agent that holds argv[1] bytes, and argv[2] bytes more on SIGUSR1, every page touched.
+AGENT_CODE = """
+import signal, sys, time
+held = []
+def grow(n):
+    b = bytearray(n)
+    b[::4096] = b"\\x01" * len(range(0, n, 4096))
+    held.append(b)
+grow(int(sys.argv[1]))
+signal.signal(signal.SIGUSR1, lambda *_: grow(int(sys.argv[2])))
+print("ready", flush=True)
+while True:
+    time.sleep(3600)
+"""
+
+
+def argv_for(contender: str, args: list[str], run_dir: Path) -> list[str]:
+    plan = ["--log-format", "json", "--plan-file", str(run_dir / "plan.json")]
+    if contender == "safe":
+        return [p.SAFE, *plan, *args]
+    if contender == "follow":
+        return [p.SAFE, *plan, "--follow", *args]
+    return [p.PY, "-m", "distributed.cli.dask_worker", *args]
+
+
+def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
+    from distributed import Client
+
+    res: dict[str, Any] = {"contender": contender, "repeat": repeat, "outcome": "?"}
+    run_dir = work / f"{contender}-{repeat}"
+    run_dir.mkdir(parents=True)
+    started: set[int] = set()
+    with p.make_test_cgroup(started, prefix="dsw-bench") as m:
+        m.set_limit(p.M_LIMIT)
+        w = m.child("w")
+        headroom = p.M_LIMIT - p.AGENT_BYTES - 64 * p.MiB
+        growth = headroom // 2
+        agent = subprocess.Popen(
+            m.enter_command([p.PY, "-c", AGENT_CODE, str(p.AGENT_BYTES), str(growth)]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        started.add(agent.pid)
+        try:
+            assert agent.stdout is not None and agent.stdout.readline().strip() == b"ready"
+            headroom = p.M_LIMIT - p.working_set(m)
+            growth = headroom // 2
+            res["headroom"], res["growth"] = headroom, growth
+            args = p.worker_args("", str(run_dir / "local"))
+            if contender == "seed":
+                w.set_limit(headroom)
+                args += ["--memory-limit", str(headroom)]
+            with p.scheduler(run_dir / "scheduler.log", started) as (address, sched):
+                args[0] = address
+                client = Client(address, timeout=30)
+                t0 = time.monotonic()
+                sampler = p.Sampler(m, w, started, t0)
+                sampler.start()
+                log = open(run_dir / "worker.log", "wb")  # noqa: SIM115
+                worker = subprocess.Popen(
+                    w.enter_command(argv_for(contender, args, run_dir)),
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+                started.add(worker.pid)
+                sampler.nanny_pid = worker.pid
+                try:
+                    client.wait_for_workers(1, timeout=90)
+                    limit = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
+                    res["dask_limit_start"] = next(iter(limit.values()))
+                    time.sleep(1.0)
+                    t_start = time.monotonic()
+                    res["grow_at_s"] = t_start - t0 + GROW_AFTER_S
+                    timer = threading.Timer(GROW_AFTER_S, os.kill, (agent.pid, signal.SIGUSR1))
+                    timer.start()
+                    try:
+                        p.run_workload(client, "spill", headroom, TIMEOUT)
+                        res["outcome"] = "completed"
+                    except TimeoutError:
+                        res["outcome"] = f"hung (>{TIMEOUT:.0f} s)"
+                    except Exception as exc:
+                        res["outcome"] = "Dask error"
+                        res["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                    timer.join()
+                    res["wall_s"] = time.monotonic() - t_start
+                    stats = p.call_with_timeout(
+                        lambda: client.run(p.worker_stats, on_error="return"), 20
+                    )
+                    if isinstance(stats, dict):
+                        vals = [v for v in stats.values() if isinstance(v, dict)]
+                        res["spilled"] = sum(v["disk_write_bytes"] for v in vals) if vals else None
+                    end_limit = p.call_with_timeout(
+                        lambda: client.run(
+                            lambda dask_worker: dask_worker.memory_manager.memory_limit
+                        ),
+                        10,
+                    )
+                    if isinstance(end_limit, dict) and end_limit:
+                        res["dask_limit_end"] = next(iter(end_limit.values()))
+                    res["agent_alive"] = agent.poll() is None
+                    res["scheduler_alive"] = sched.poll() is None
+                finally:
+                    with contextlib.suppress(Exception):
+                        p.call_with_timeout(lambda: client.close(timeout=5), 10)
+                    p.end_process(worker, 20)
+                    log.close()
+                    sampler.stop_event.set()
+                    sampler.join(5)
+                    for pid in p.tree_pids(w):
+                        if pid in started:
+                            with contextlib.suppress(ProcessLookupError):
+                                os.kill(pid, signal.SIGKILL)
+            res["oom_kills_w"], res["oom_kills_m"] = w.oom_kills(), m.oom_kills()
+            s = sampler.series
+            res["series"] = {"t": s.t, "m_ws": s.m_working_set, "w_limit": s.w_limit}
+            text = (run_dir / "worker.log").read_text(errors="replace")
+            res["nanny_restarts"] = len(p.RESTART_MEMORY_RE.findall(text))
+            applied = [
+                json.loads(line)
+                for line in text.splitlines()
+                if line.startswith("{") and '"follow.applied"' in line
+            ]
+            if applied:
+                res["follow_latency_s"] = applied[0]["latency_s"]
+                res["follow_kernel"] = applied[0]["kernel"]["action"]
+        finally:
+            p.end_process(agent, 5)
+    p.log(
+        f"{contender:6} #{repeat}: {res['outcome']:18} wall={res.get('wall_s', 0):6.1f}s "
+        f"oom W/M={res.get('oom_kills_w')}/{res.get('oom_kills_m')} agent={res.get('agent_alive')} "
+        f"limit {p.fmt_bytes(res.get('dask_limit_start'))}"
+        f"->{p.fmt_bytes(res.get('dask_limit_end'))} "
+        f"spilled={p.fmt_bytes(res.get('spilled'))} latency={res.get('follow_latency_s')}"
+    )
+    return res
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CONTENDERS), figsize=(16, 4), sharey=True)
+    for ax, contender in zip(axes, CONTENDERS, strict=True):
+        for r in (r for r in runs if r["contender"] == contender):
+            s = r["series"]
+            ax.plot(s["t"], [v / p.GiB for v in s["m_ws"]], lw=1, label=f"#{r['repeat']} M ws")
+            ax.axvline(r.get("grow_at_s", 0), color="red", ls="--", lw=0.8)
+        ax.axhline(p.M_LIMIT / p.GiB, color="black", lw=0.8)
+        ax.set_title(contender)
+        ax.set_xlabel("s")
+    axes[0].set_ylabel("GiB (M's working set; red: agent grows)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--work", type=Path, default=Path("/var/tmp/dsw-follow-bench"))
+    opts = parser.parse_args()
+    reason = p.kernel_cgroups_usable()
+    if reason:
+        sys.exit(f"cannot run: {reason}")
+    # pressure's task functions must reach the worker by value, as in pressure's own main.
+    import cloudpickle
+
+    cloudpickle.register_pickle_by_value(p)
+    work = opts.work / time.strftime("%Y%m%d-%H%M%S")
+    runs = [run_once(c, r, work) for r in range(opts.repeat) for c in CONTENDERS]
+    if opts.plot:
+        plot(runs, opts.plot)
+    summary: dict[str, Any] = {}
+    for c in CONTENDERS:
+        mine = [r for r in runs if r["contender"] == c]
+        walls = [r["wall_s"] for r in mine if r["outcome"] == "completed"]
+        lat = [r["follow_latency_s"] for r in mine if "follow_latency_s" in r]
+        summary[c] = {
+            "outcomes": [r["outcome"] for r in mine],
+            "oom_kills_w": [r.get("oom_kills_w") for r in mine],
+            "oom_kills_m_agent": [r.get("oom_kills_m") for r in mine],
+            "agent_alive": [r.get("agent_alive") for r in mine],
+            "nanny_restarts": [r.get("nanny_restarts") for r in mine],
+            "spilled_gib": [round((r.get("spilled") or 0) / p.GiB, 2) for r in mine],
+            "wall_s_median": round(statistics.median(walls), 1) if walls else None,
+            "dask_limit_start_gib": [
+                round((r.get("dask_limit_start") or 0) / p.GiB, 2) for r in mine
+            ],
+            "dask_limit_end_gib": [round((r.get("dask_limit_end") or 0) / p.GiB, 2) for r in mine],
+            "follow_latency_s": lat,
+        }
+    doc = {"benchmark": "follow_neighbour", "grow_after_s": GROW_AFTER_S, "summary": summary}
+    if opts.json:
+        opts.json.write_text(json.dumps({**doc, "runs": runs}, default=str))
+    print(json.dumps(doc, indent=2))
+
+
+if __name__ == "__main__":
+    main()

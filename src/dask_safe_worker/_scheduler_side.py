@@ -1,0 +1,24 @@
+"""The one function the worker asks the scheduler to run when its limit moves.
+
+The scheduler keeps `WorkerState.memory_limit` from the worker's registration and never
+updates it: heartbeats carry metrics, not the limit (distributed/scheduler.py,
+`heartbeat_worker`). Its `run_function` handler (what `Client.run_on_scheduler` calls)
+is the existing way in. This module is pickled by value (cloudpickle), so the scheduler
+needs nothing of this package installed; it must stay free of imports from it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def set_worker_memory_limit(address: str, limit: int, dask_scheduler: Any = None) -> int | None:
+    """Set the scheduler's view of one worker's limit; the old value, None if unknown."""
+    ws = dask_scheduler.workers.get(address) if dask_scheduler is not None else None
+    if ws is None:
+        return None
+    old = int(ws.memory_limit or 0)
+    ws.memory_limit = int(limit)
+    # The scheduler keeps the cluster total as a running sum of the workers' limits.
+    dask_scheduler.total_memory += int(limit) - old
+    return old

@@ -1,0 +1,227 @@
+"""`--follow`'s pure core: re-plan a fresh measurement and decide what to change.
+
+Nothing here reads or writes a file. The supervisor's watch (`watch.py`) measures, calls
+these functions and hands their answers to the edge modules that write. The plan comes
+from `plan.make_plan`, the very function the start used: there is no second formula.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from .measure import LevelReading, Measurement
+from .plan import Plan, PlanError, Settings, make_plan
+from .sizes import Amount
+from .worker_args import WorkerArgs
+
+MiB = 2**20
+
+# The per-worker limit must move by more than max(HYSTERESIS_FLOOR, HYSTERESIS_FRACTION
+# of the current limit) before anything is rewritten. docs/follow.md has the reasoning:
+# page-cache churn moves MemAvailable and inactive_file by a few MiB to a few tens of MiB
+# between ticks; Dask's own thresholds are 5 % apart (0.60/0.70/0.80/0.95 of the limit),
+# so a move below 2 % of the limit changes no decision Dask makes.
+HYSTERESIS_FLOOR = 32 * MiB
+HYSTERESIS_FRACTION = 0.02
+
+DEFAULT_INTERVAL = 1.0
+# The same margin the start keeps between a kernel limit and the cgroup's usage.
+KERNEL_MARGIN = 32 * MiB
+
+
+@dataclass(frozen=True)
+class ManagedLimit:
+    """A kernel limit that this process wrote at start, and may therefore move."""
+
+    directory: str
+    version: int
+    # The limit found there before our first write; None when there was none.
+    original: int | None
+    # What the kernel held right after our write (v1 rounds to pages).
+    written: int
+
+
+@dataclass(frozen=True)
+class FollowSpec:
+    """Everything the start knew that the watch needs; passed to the supervisor as JSON."""
+
+    settings: Settings
+    args: WorkerArgs
+    first_budget: int
+    # The start's per-worker limit: a ceiling that following never goes above.
+    first_per_worker: int
+    interval: float
+    channel: str
+    managed: ManagedLimit | None = None
+    # Why there is no kernel limit to move (the start's write outcome), for the log.
+    kernel_note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        doc = dataclasses.asdict(self)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: Any) -> FollowSpec:
+        """Raises ValueError for anything that is not a spec this version wrote."""
+        try:
+            s = doc["settings"]
+            reserve = Amount(bytes=s["reserve"]["bytes"], fraction=s["reserve"]["fraction"])
+            settings = Settings(
+                reserve=reserve,
+                min_worker_memory=int(s["min_worker_memory"]),
+                nanny_allowance=int(s["nanny_allowance"]),
+                supervised=bool(s["supervised"]),
+                clamp_memory_limit=bool(s["clamp_memory_limit"]),
+            )
+            a = doc["args"]
+            args = WorkerArgs(
+                nworkers=a["nworkers"],
+                nthreads=a["nthreads"],
+                nanny=bool(a["nanny"]),
+                memory_limit=a["memory_limit"],
+            )
+            m = doc.get("managed")
+            managed = (
+                None
+                if m is None
+                else ManagedLimit(
+                    directory=str(m["directory"]),
+                    version=int(m["version"]),
+                    original=None if m["original"] is None else int(m["original"]),
+                    written=int(m["written"]),
+                )
+            )
+            spec = cls(
+                settings=settings,
+                args=args,
+                first_budget=int(doc["first_budget"]),
+                first_per_worker=int(doc["first_per_worker"]),
+                interval=float(doc["interval"]),
+                channel=str(doc["channel"]),
+                managed=managed,
+                kernel_note=None if doc.get("kernel_note") is None else str(doc["kernel_note"]),
+            )
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a follow spec: {exc!r}") from exc
+        validate_interval(spec.interval)
+        return spec
+
+
+def validate_interval(seconds: float) -> float:
+    """A usable --follow-interval; ValueError otherwise."""
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(f"the follow interval must be a positive number of seconds, not {seconds}")
+    if seconds < 0.05:
+        raise ValueError(f"the follow interval must be at least 0.05 s, not {seconds}")
+    return seconds
+
+
+def with_original_limit(
+    m: Measurement, managed: ManagedLimit, directories: list[str]
+) -> Measurement:
+    """The measurement as if our own write were not there.
+
+    The limit we wrote is the budget itself; left in, it would cap every later budget at
+    the first one's level and following could never go up again. So the level we manage
+    counts with the limit found there before our write; its ancestors still count
+    through their own levels.
+    """
+    levels = list(m.levels)
+    for i, directory in enumerate(directories[: len(levels)]):
+        if directory == managed.directory:
+            levels[i] = dataclasses.replace(
+                levels[i], limit=managed.original, hierarchical_limit=None
+            )
+    return dataclasses.replace(m, levels=tuple(levels))
+
+
+def replan(spec: FollowSpec, m: Measurement) -> Plan:
+    """The start's plan for a fresh measurement.
+
+    `--min-worker-memory` refuses a start; once the workers run there is nobody to refuse
+    to, and keeping a limit the memory no longer covers is what ends in a kernel OOM kill.
+    So a budget below the minimum still yields its plan. Raises PlanError only when no
+    positive per-worker limit exists at all.
+    """
+    try:
+        return make_plan(m, spec.args, spec.settings)
+    except PlanError:
+        return make_plan(m, spec.args, dataclasses.replace(spec.settings, min_worker_memory=1))
+
+
+def hysteresis(current: int) -> int:
+    """How far the per-worker limit must move before it counts as a change."""
+    return max(HYSTERESIS_FLOOR, int(current * HYSTERESIS_FRACTION))
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str  # "keep" | "lower" | "raise"
+    current: int
+    proposed: int
+    # The new per-worker limit (== current for "keep").
+    target: int
+    band: int
+
+
+def decide(current: int, proposed: int, ceiling: int) -> Decision:
+    """Whether the per-worker limit moves, and to what.
+
+    The target is the proposal capped at the start's plan (`ceiling`), and a raise that
+    lands within the ceiling's band goes to the ceiling. It counts only when
+    it leaves the band `current ± hysteresis(current)`; the band is centred on the limit
+    in force, so after a move the next one needs another full band and noise around a
+    level never flaps the limit back and forth.
+    """
+    band = hysteresis(current)
+    target = max(1, min(proposed, ceiling))
+    if target < current - band:
+        return Decision("lower", current, proposed, target, band)
+    if target > current + band:
+        # Back within a band of the start's plan is back at it: the same conditions
+        # measure a few MiB apart (the supervisor's own pages), and a squeeze that has
+        # passed should leave exactly the plan the operator saw.
+        if ceiling - target <= hysteresis(ceiling):
+            target = ceiling
+        return Decision("raise", current, proposed, target, band)
+    return Decision("keep", current, proposed, current, band)
+
+
+def ancestor_limit(levels: tuple[LevelReading, ...], index: int) -> int | None:
+    """The lowest limit above level `index` (v1's hierarchical limit counts too)."""
+    limits = [lvl.effective_limit for lvl in levels[index + 1 :]]
+    present = [v for v in limits if v is not None]
+    return min(present) if present else None
+
+
+def kernel_target(
+    *,
+    current: int,
+    budget: int,
+    original: int | None,
+    ancestor: int | None,
+    first_budget: int,
+    usage: int,
+    dask_lowered: bool,
+    margin: int = KERNEL_MARGIN,
+) -> int | None:
+    """The value to write to a limit we manage now, or None to leave it as it is.
+
+    Raise: never above the value found before our first write, an ancestor's limit, or
+    the start's budget. Lower: only once Dask's side holds the lower limit, and never
+    below the cgroup's usage plus the margin (above it, Dask spills, pauses and restarts
+    first; the kernel limit follows on a later tick).
+    """
+    ceiling = min(v for v in (original, ancestor, first_budget) if v is not None)
+    target = min(budget, ceiling)
+    if target < current:
+        if not dask_lowered:
+            return None
+        target = max(target, usage + margin)
+        return target if target < current else None
+    if target > current:
+        return target
+    return None

@@ -1,0 +1,30 @@
+"""`--preload-nanny dask_safe_worker.follow_nanny`: the nanny follows the live limit.
+
+The nanny restarts its worker when the worker's RSS passes 95 % of
+`memory_manager.memory_limit`, and passes that same value to every worker it (re)starts
+(distributed/nanny.py, `instantiate`). Following it keeps the restart threshold in step
+with the worker's own, and makes a restarted worker start with the current limit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import follow_dask
+from .live_limit import LiveLimit, read_live_limit
+
+
+def dask_setup(nanny: Any) -> None:
+    path = follow_dask.live_file()
+    first = read_live_limit(path) if path else None
+    if path is None or first is None:
+        follow_dask.logger.warning("dask-safe-worker: no live limit to follow (%s)", path)
+        return
+    nanny.memory_manager.memory_limit = first.per_worker
+
+    async def apply(record: LiveLimit) -> None:
+        nanny.memory_manager.memory_limit = record.per_worker
+
+    follower = follow_dask.Follower(path, "nanny", apply)
+    follower.hold(first)
+    follow_dask.start(nanny, follower, first.interval)

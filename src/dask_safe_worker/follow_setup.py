@@ -1,0 +1,121 @@
+"""`--follow` at start: the channel, the spec for the supervisor, the preloads (an edge).
+
+Called by the CLI after the kernel limit was written and before the supervisor is
+exec'd. Everything it writes lives in one private directory that the supervisor removes
+when the worker is gone. When any of it cannot be written, following is off (the caller
+logs why) and the worker starts as it would without `--follow`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cgroup_write import WriteOutcome
+from .follow import FollowSpec, ManagedLimit
+from .live_limit import LIVE_FILE_ENV, LiveLimit, prepare_channel, write_live_limit
+from .measure import Measurement
+from .plan import Plan, Settings
+from .watch import SPEC_FILE
+from .worker_args import WorkerArgs
+
+WORKER_PRELOAD = "dask_safe_worker.follow_worker"
+NANNY_PRELOAD = "dask_safe_worker.follow_nanny"
+
+
+@dataclass(frozen=True)
+class FollowSetup:
+    spec_file: str
+    live_file: str
+    env: dict[str, str]
+
+
+class FollowUnavailable(Exception):
+    """Following cannot work here; the message says why."""
+
+
+def with_preloads(args: Sequence[str], nanny: bool) -> list[str]:
+    """The worker's argv with our preloads, after any the user gave and before a `--`
+    (after it, tokens are the preloads' own arguments)."""
+    ours = ["--preload", WORKER_PRELOAD]
+    if nanny:
+        ours += ["--preload-nanny", NANNY_PRELOAD]
+    out = list(args)
+    cut = out.index("--") if "--" in out else len(out)
+    return [*out[:cut], *ours, *out[cut:]]
+
+
+def managed_limit(
+    m: Measurement, outcome: WriteOutcome, sys_root: Path = Path("/sys")
+) -> ManagedLimit | None:
+    """The kernel limit this start wrote, with what was there before; None if none."""
+    if not outcome.written or m.location is None or outcome.read_back is None:
+        return None
+    if outcome.strategy == "own":
+        directory = str(m.location.directory(sys_root))
+        original = m.levels[0].limit if m.levels else None
+    elif outcome.strategy == "child" and outcome.parent_dir and outcome.target:
+        directory = os.path.join(outcome.parent_dir, outcome.target.rsplit("/", 1)[-1])
+        # A child we created had no limit; one we found had a higher one (a lower one
+        # is never written over), and the start's budget caps every raise anyway.
+        original = None
+    else:
+        return None
+    return ManagedLimit(directory, m.location.version, original, outcome.read_back)
+
+
+def kernel_note(outcome: WriteOutcome) -> str:
+    """Why following moves Dask's side alone, from the start's write outcome."""
+    reasons = {
+        "EROFS": "read-only cgroupfs: Dask's side follows alone",
+        "existing_lower": "the limit found at start is not ours: Dask's side follows alone",
+        "disabled": "--cgroup-write never: Dask's side follows alone",
+        "no_memory_cgroup": "no memory cgroup: Dask's side follows alone",
+    }
+    return reasons.get(
+        outcome.reason, f"no kernel limit written ({outcome.reason}): Dask's side follows alone"
+    )
+
+
+def prepare(
+    m: Measurement,
+    plan: Plan,
+    wargs: WorkerArgs,
+    settings: Settings,
+    outcome: WriteOutcome,
+    interval: float,
+    base_dir: str | None = None,
+) -> FollowSetup:
+    """Write the channel and the spec; raises FollowUnavailable with the reason."""
+    per_worker = plan.effective_per_worker
+    if per_worker is None:
+        raise FollowUnavailable("the workers have no memory limit (--memory-limit 0)")
+    try:
+        directory = tempfile.mkdtemp(prefix="dask-safe-worker-follow-", dir=base_dir)
+        live = prepare_channel(directory)
+        write_live_limit(live, LiveLimit(0, per_worker, plan.budget, interval, time.time()))
+        managed = managed_limit(m, outcome)
+        spec = FollowSpec(
+            settings=settings,
+            args=wargs,
+            first_budget=plan.budget,
+            first_per_worker=per_worker,
+            interval=interval,
+            channel=live,
+            managed=managed,
+            kernel_note=None if managed else kernel_note(outcome),
+        )
+        spec_file = os.path.join(directory, SPEC_FILE)
+        fd = os.open(spec_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(spec.to_json(), f)
+    except OSError as exc:
+        raise FollowUnavailable(
+            f"cannot write the live-limit channel: {exc.strerror or exc}"
+        ) from exc
+    return FollowSetup(spec_file, live, {LIVE_FILE_ENV: live})

@@ -1,0 +1,492 @@
+"""`--follow`'s watch, run by the supervisor on every tick (the imperative shell).
+
+Each tick re-reads what the plan depends on (`measure.remeasure`, with the cgroup
+located once at start), re-plans with the start's function (`follow.replan`), and when
+`follow.decide` says the per-worker limit moved: rewrites the live-limit channel that the
+worker and nanny preloads follow, and moves the kernel limit this process wrote, under
+`follow.kernel_target`'s rules. It also reports the kernel's own memory events.
+
+Stdlib plus this package's measuring and planning modules: it runs in the supervisor,
+whose RSS stays small (benchmarks/supervisor_rss.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .cgroup_files import open_memory_cgroup
+from .cgroup_parse import parse_memory_stat
+from .follow import (
+    FollowSpec,
+    ManagedLimit,
+    ancestor_limit,
+    decide,
+    kernel_target,
+    replan,
+    with_original_limit,
+)
+from .live_limit import (
+    LiveLimit,
+    read_acks,
+    read_live_limit,
+    remove_ack,
+    remove_channel,
+    write_live_limit,
+)
+from .measure import Measurement, locate, remeasure
+from .plan import PlanError
+from .proc_parse import ParseError
+
+Audit = Callable[..., None]
+
+# The spec's file name in the channel directory (cli writes it, the supervisor reads it).
+SPEC_FILE = "follow.json"
+
+# Counters in memory.events (v2) and memory.oom_control (v1) that mean the kernel acted.
+_EVENT_NAMES = ("oom_kill", "oom", "max", "high")
+
+
+@dataclass
+class _Pending:
+    """A generation written to the channel and not yet held by every worker."""
+
+    generation: int
+    action: str
+    changed_at: float
+    seen_at: float
+    kernel: dict[str, Any]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError):
+        import errno
+
+        return errno.errorcode.get(exc.errno or 0, str(exc))
+    return str(exc)
+
+
+class Watch:
+    def __init__(
+        self,
+        spec: FollowSpec,
+        audit: Audit,
+        proc_root: Path = Path("/proc"),
+        sys_root: Path = Path("/sys"),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.spec = spec
+        self.audit = audit
+        self.proc_root = proc_root
+        self.sys_root = sys_root
+        self.clock = clock
+        self.pid = os.getpid()
+        # Located once: mountinfo can be long (docs/follow.md, costs).
+        self.location = locate(proc_root, sys_root)
+        self.directories = (
+            [str(d) for _, d in self.location.levels(sys_root)] if self.location else []
+        )
+        first = read_live_limit(spec.channel)
+        if first is None:
+            raise OSError(f"no live-limit record at {spec.channel}")
+        self.record = first
+        self.managed: ManagedLimit | None = spec.managed
+        self.managed_value: int | None = spec.managed.written if spec.managed else None
+        self.kernel_goal: int | None = None
+        self.pending: _Pending | None = None
+        self.previous: Measurement | None = None
+        self.n_workers = 0
+        self.events: dict[str, dict[str, int]] = {}
+        self.ours: frozenset[int] = frozenset()
+        self.due = clock() + spec.interval
+        self.ticks = 0
+        self._gone_before: frozenset[int] = frozenset()
+        self._held_kills: list[tuple[dict[str, Any], frozenset[int]]] = []
+        self.stopped = False
+        self._last_failure: tuple[str, str] | None = None
+        self.events = self._read_counters()
+
+    # -- the supervisor's hook -------------------------------------------------------
+
+    def __call__(self) -> float:
+        """Tick if due; seconds until the next tick (the supervisor's wait bound)."""
+        now = self.clock()
+        if self.stopped:
+            return 3600.0
+        if now >= self.due:
+            try:
+                self.tick()
+            except Exception as exc:  # the watch must never take the supervisor down
+                self._failed("tick", reason=repr(exc))
+            self.due = max(now, self.due) + self.spec.interval
+            now = self.clock()
+        return max(0.0, self.due - now)
+
+    def _failed(self, stage: str, **fields: Any) -> None:
+        """Log a failure once: the same one on every tick would only bury the log."""
+        key = (stage, repr(sorted(fields.items())))
+        if key != self._last_failure:
+            self._last_failure = key
+            self.audit("follow.failed", stage=stage, **fields)
+
+    def close(self) -> None:
+        """The workers are gone: remove the channel (its directory is ours alone)."""
+        import contextlib
+
+        self._flush_kills(frozenset())
+        remove_channel(self.spec.channel)
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(os.path.dirname(self.spec.channel), SPEC_FILE))
+            os.rmdir(os.path.dirname(self.spec.channel))
+
+    # -- one tick ----------------------------------------------------------------------
+
+    def tick(self) -> None:
+        self.ticks += 1
+        seen_at = time.time()
+        # Counters before processes: a kill counted now has its victim gone by the
+        # process list read next, or by the one a tick ago.
+        counters = self._read_counters()
+        try:
+            m = remeasure(
+                self.location, self.proc_root, self.sys_root, tree_root=self.pid, own_pid=self.pid
+            )
+        except (OSError, ParseError) as exc:
+            self._failed("measure", reason=_describe(exc))
+            return
+        alive = m.ours - m.zombies
+        vanished = self.ours - alive
+        self.ours = alive
+        self._flush_kills(vanished)
+        self._report_events(counters, self._gone_before | vanished)
+        self._gone_before = vanished
+        self._check_managed()
+        planned_m = with_original_limit(m, self.managed, self.directories) if self.managed else m
+        try:
+            plan = replan(self.spec, planned_m)
+        except PlanError as exc:
+            self._failed("plan", reason=str(exc))
+            return
+        self.n_workers = plan.n_workers
+        # The last change first: if every worker holds it by now, it is reported before a
+        # new one replaces it.
+        self._settle(m)
+        proposed = plan.effective_per_worker
+        if proposed is not None:
+            d = decide(self.record.per_worker, proposed, self.spec.first_per_worker)
+            if d.action != "keep":
+                self._change(m, plan.budget, d.action, d.target, d.band, seen_at, plan.as_dict())
+        self.previous = m
+
+    def _change(
+        self,
+        m: Measurement,
+        budget: int,
+        action: str,
+        target: int,
+        band: int,
+        seen_at: float,
+        plan: dict[str, Any],
+    ) -> None:
+        self.audit("follow.changed", action=action, **self._diff(m))
+        self.audit(
+            "follow.replanned",
+            old_budget=self.record.budget,
+            new_budget=budget,
+            old_per_worker=self.record.per_worker,
+            new_per_worker=target,
+            hysteresis=band,
+            ceiling=self.spec.first_per_worker,
+            plan=plan,
+        )
+        kernel: dict[str, Any] = {"action": "none"}
+        if self.managed is not None and self.managed_value is not None:
+            # Dask's side back at the start's plan: the kernel limit back at its budget.
+            at_start = target == self.spec.first_per_worker
+            self.kernel_goal = self.spec.first_budget if at_start else budget
+            if action == "raise":
+                # Room first, then the workers may use it.
+                kernel = self._move_kernel(m, dask_lowered=True)
+            else:
+                kernel = {"action": "waiting_for_dask", "target": budget}
+        elif self.spec.managed is not None:
+            kernel = {"action": "released"}
+        else:
+            kernel = {"action": "none", "reason": self.spec.kernel_note or "no limit of ours"}
+        record = LiveLimit(
+            generation=self.record.generation + 1,
+            per_worker=target,
+            budget=budget,
+            interval=self.spec.interval,
+            changed_at=seen_at,
+        )
+        try:
+            write_live_limit(self.spec.channel, record)
+        except OSError as exc:
+            # Without the channel no worker can follow; a removed or read-only directory
+            # does not come back, so the watch stops rather than re-deciding every tick.
+            self._failed("channel", reason=_describe(exc), following="stopped")
+            self.stopped = True
+            return
+        self.record = record
+        self._last_failure = None
+        self.pending = _Pending(record.generation, action, seen_at, seen_at, kernel)
+
+    def _settle(self, m: Measurement) -> None:
+        """Finish a change once every worker holds it; then let the kernel follow down."""
+        if self.pending is not None:
+            workers, nannies, last = self._acks(self.pending.generation)
+            if workers < self.n_workers:
+                return
+            pending, self.pending = self.pending, None
+            kernel = pending.kernel
+            if pending.action == "lower" and self.managed is not None:
+                kernel = self._move_kernel(m, dask_lowered=True)
+            self.audit(
+                "follow.applied",
+                generation=pending.generation,
+                action=pending.action,
+                per_worker=self.record.per_worker,
+                dask={"workers": workers, "nannies": nannies},
+                kernel=kernel,
+                # From the tick that saw the change to the last worker or nanny holding
+                # it (its acknowledgement's mtime), and to this kernel step.
+                latency_s=round(max(last, pending.changed_at) - pending.changed_at, 3),
+                kernel_latency_s=round(time.time() - pending.changed_at, 3),
+            )
+            return
+        if self.managed is not None and self.kernel_goal is not None:
+            # Usage kept the kernel limit above its goal: try again now.
+            kernel = self._move_kernel(m, dask_lowered=True)
+            if kernel["action"] in ("lowered", "raised"):
+                self.audit(
+                    "follow.applied",
+                    generation=self.record.generation,
+                    action="kernel",
+                    per_worker=self.record.per_worker,
+                    dask=None,
+                    kernel=kernel,
+                    latency_s=None,
+                    kernel_latency_s=round(time.time() - self.record.changed_at, 3),
+                )
+
+    def _acks(self, generation: int) -> tuple[int, int, float]:
+        """Workers and nannies holding `generation`, and when the last of them took it."""
+        counts = {"worker": 0, "nanny": 0}
+        last = 0.0
+        for key, ack in read_acks(self.spec.channel).items():
+            role, pid, _ = key
+            if not os.path.exists(self.proc_root / str(pid)):
+                remove_ack(self.spec.channel, key)
+                continue
+            if ack.generation >= generation and role in counts:
+                counts[role] += 1
+                last = max(last, ack.at)
+        return counts["worker"], counts["nanny"], last
+
+    # -- the kernel limit we wrote -------------------------------------------------
+
+    def _check_managed(self) -> None:
+        """Stop managing a limit that someone else has changed since our last write."""
+        if self.managed is None:
+            return
+        cg = open_memory_cgroup(self.managed.version, Path(self.managed.directory))
+        try:
+            now = cg.raw_limit()
+        except (OSError, ParseError) as exc:
+            self.audit(
+                "follow.failed",
+                stage="kernel",
+                target=self.managed.directory,
+                reason=_describe(exc),
+            )
+            self.managed = None
+            return
+        if now != self.managed_value:
+            self.audit(
+                "follow.changed",
+                action="released",
+                cgroup=self.managed.directory,
+                old_limit=self.managed_value,
+                new_limit=now,
+                reason="someone else changed the limit we wrote; it is theirs now",
+            )
+            self.managed = None
+            self.kernel_goal = None
+
+    def _move_kernel(self, m: Measurement, *, dask_lowered: bool) -> dict[str, Any]:
+        assert self.managed is not None and self.managed_value is not None
+        goal = self.kernel_goal
+        if goal is None:
+            return {"action": "none"}
+        cg = open_memory_cgroup(self.managed.version, Path(self.managed.directory))
+        try:
+            index = self.directories.index(self.managed.directory)
+        except ValueError:
+            index = -1
+        ancestor = ancestor_limit(m.levels, index) if index >= 0 else None
+        try:
+            usage = cg.usage()
+            value = kernel_target(
+                current=self.managed_value,
+                budget=goal,
+                original=self.managed.original,
+                ancestor=ancestor,
+                first_budget=self.spec.first_budget,
+                usage=usage,
+                dask_lowered=dask_lowered,
+            )
+            if value is None:
+                # At the goal, or capped below it; above it only while usage blocks.
+                if self.managed_value <= goal:
+                    self.kernel_goal = None
+                return {"action": "unchanged", "value": self.managed_value, "usage": usage}
+            old = self.managed_value
+            cg.write_limit(value)
+            read_back = cg.raw_limit()
+        except (OSError, ParseError) as exc:
+            reason = _describe(exc)
+            if reason in ("EROFS", "EACCES", "EPERM"):
+                self.managed = None
+                self.kernel_goal = None
+                return {"action": "read_only", "reason": reason, "dask_side": "followed alone"}
+            return {"action": "failed", "reason": reason}
+        self.managed_value = read_back
+        # v1 rounds a written limit down to whole pages.
+        if read_back is None or read_back <= goal:
+            self.kernel_goal = None
+        return {
+            "action": "lowered" if value < old else "raised",
+            "target": self.managed.directory,
+            "old": old,
+            "value": value,
+            "read_back": read_back,
+            "usage": usage,
+        }
+
+    # -- what moved ----------------------------------------------------------------
+
+    def _diff(self, m: Measurement) -> dict[str, Any]:
+        prev = self.previous
+        moved: list[dict[str, Any]] = []
+        if prev is not None:
+            before = {lvl.path: lvl for lvl in prev.levels}
+            for lvl in m.levels:
+                old = before.get(lvl.path)
+                if old is None:
+                    continue
+                if old.effective_limit != lvl.effective_limit or old.headroom != lvl.headroom:
+                    moved.append(
+                        {
+                            "level": lvl.path,
+                            "old_limit": old.effective_limit,
+                            "new_limit": lvl.effective_limit,
+                            "old_headroom": old.headroom,
+                            "new_headroom": lvl.headroom,
+                        }
+                    )
+        return {
+            "limiting": m.limiting,
+            "old_available": None if prev is None else prev.available,
+            "new_available": m.available,
+            "old_mem_available": None if prev is None else prev.host.available,
+            "new_mem_available": m.host.available,
+            "levels": moved,
+        }
+
+    # -- kernel events -------------------------------------------------------------
+
+    def _event_dirs(self) -> list[str]:
+        dirs = [self.directories[0]] if self.directories else []
+        if self.spec.managed is not None and self.spec.managed.directory not in dirs:
+            dirs.append(self.spec.managed.directory)
+        return dirs
+
+    def _counters(self, directory: str) -> dict[str, int] | None:
+        """The kernel's memory event counters of one cgroup, v2 names for both versions.
+
+        v1 has no memory.events: memory.oom_control counts `oom_kill` (Linux 4.13+), and
+        memory.failcnt counts hits of the hard limit, which is what v2 calls `max`.
+        """
+        assert self.location is not None
+        d = Path(directory)
+        try:
+            if self.location.version == 2:
+                return parse_memory_stat((d / "memory.events").read_text())
+            counts = parse_memory_stat((d / "memory.oom_control").read_text())
+            failcnt = parse_memory_stat("max " + (d / "memory.failcnt").read_text())
+            return {**counts, **failcnt}
+        except OSError:
+            return None
+
+    def _read_counters(self) -> dict[str, dict[str, int]]:
+        out: dict[str, dict[str, int]] = {}
+        if self.location is None:
+            return out
+        for directory in self._event_dirs():
+            counts = self._counters(directory)
+            if counts is not None:
+                out[directory] = counts
+        return out
+
+    def _flush_kills(self, vanished: frozenset[int]) -> None:
+        held, self._held_kills = self._held_kills, []
+        for fields, gone in held:
+            self.audit("kernel.oom_kill", **fields, gone_pids=sorted(gone | vanished))
+
+    def _report_events(self, counters: dict[str, dict[str, int]], gone: frozenset[int]) -> None:
+        assert self.location is not None or not counters
+        v1 = self.location is not None and self.location.version == 1
+        for directory, counts in counters.items():
+            old = self.events.get(directory, {})
+            self.events[directory] = counts
+            for name in _EVENT_NAMES:
+                if name not in counts or name not in old or counts[name] <= old[name]:
+                    continue
+                if v1:
+                    file = "memory.failcnt" if name == "max" else "memory.oom_control"
+                else:
+                    file = "memory.events"
+                fields: dict[str, Any] = {
+                    "cgroup": directory,
+                    "file": file,
+                    "counter": name,
+                    "count": counts[name],
+                    "increase": counts[name] - old[name],
+                }
+                if name == "oom_kill":
+                    # The counter moves when the kill is sent; the victim may still be
+                    # freeing its memory now. Reported next tick, with our processes
+                    # that disappeared over these three ticks: the victim is among them
+                    # when it was one of ours.
+                    self._held_kills.append((fields, gone))
+                else:
+                    self.audit("kernel.memory_event", **fields)
+
+
+def start_watch(spec_path: str, audit: Audit) -> Watch | None:
+    """The watch for the supervisor, or None (logged) when following is impossible."""
+    import json
+
+    try:
+        with open(spec_path, encoding="utf-8") as f:
+            spec = FollowSpec.from_json(json.load(f))
+        watch = Watch(spec, audit)
+    except (OSError, ValueError) as exc:
+        audit("follow.disabled", reason=_describe(exc), spec=spec_path)
+        return None
+    audit(
+        "follow.started",
+        interval=spec.interval,
+        channel=spec.channel,
+        per_worker=watch.record.per_worker,
+        budget=watch.record.budget,
+        cgroup=watch.directories[0] if watch.directories else None,
+        managed=None if spec.managed is None else spec.managed.directory,
+        kernel=spec.kernel_note,
+    )
+    return watch

@@ -1,0 +1,122 @@
+"""--follow on the command line: bad input exits 2 before anything is written, and a
+channel that cannot be written turns following off while the worker still starts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cgroup_util import KernelCgroup
+from scheduler_util import audit_events
+
+DSW = [sys.executable, "-m", "dask_safe_worker"]
+GiB = 2**30
+# A worker command that accepts any arguments and exits at once.
+FAKE_WORKER = f"{sys.executable} -c 'import sys; print(sys.argv[1:])'"
+
+
+def run(
+    args: list[str], tmp: Path, env: dict[str, str] | None = None, prefix: list[str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*(prefix or []), *DSW, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp), **(env or {})},
+        check=False,
+    )
+
+
+@pytest.mark.kernel
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--follow", "--follow-interval", "0"], {}),
+        (["--follow", "--follow-interval", "-1"], {}),
+        (["--follow", "--follow-interval", "soon"], {}),
+        (["--follow", "--follow-interval", "nan"], {}),
+        (["--follow", "--follow-interval=inf"], {}),
+        (["--follow"], {"DASK_SAFE_WORKER_FOLLOW_INTERVAL": "0"}),
+        (["--follow", "--no-init"], {}),
+    ],
+)
+def test_bad_follow_input_exits_2_and_writes_nothing(
+    kernel_cgroup: KernelCgroup,
+    started_pids: set[int],
+    tmp_path: Path,
+    args: list[str],
+    env: dict[str, str],
+) -> None:
+    kernel_cgroup.set_limit(GiB)
+    before = kernel_cgroup.limit()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    argv = [
+        *args,
+        "--reserve",
+        "100MiB",
+        "--plan-file",
+        str(tmp_path / "plan.json"),
+        "--worker-command",
+        FAKE_WORKER,
+        "tcp://127.0.0.1:1",
+    ]
+    proc = subprocess.run(
+        kernel_cgroup.enter_command([*DSW, *argv]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TMPDIR": str(tmp), **env},
+        check=False,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "follow" in proc.stderr
+    assert kernel_cgroup.limit() == before
+    assert list(tmp.iterdir()) == [] and not (tmp_path / "plan.json").exists()
+    assert [p.name for p in kernel_cgroup.path.iterdir() if p.is_dir()] == []
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
+)
+def test_read_only_channel_disables_follow_and_the_worker_starts() -> None:
+    # Read-only filesystems in a private mount namespace over every directory Python's
+    # tempfile would try (it skips an unwritable TMPDIR and falls back to /tmp, /var/tmp
+    # and the working directory): a container with a read-only root and no scratch /tmp.
+    mounts = " && ".join(f"mount -t tmpfs -o ro none {d}" for d in ("/tmp", "/var/tmp"))
+    script = f'{mounts} && cd /tmp && exec "$@"'
+    proc = run(
+        [
+            "--follow",
+            "--cgroup-write",
+            "never",
+            # The plan file is another helper's; only the channel is under test here.
+            "--plan-file",
+            "/dev/null",
+            "--log-format",
+            "json",
+            "--worker-command",
+            FAKE_WORKER,
+            "tcp://127.0.0.1:1",
+        ],
+        Path("/tmp"),
+        prefix=["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh"],
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = audit_events(proc.stderr)
+    disabled = [e for e in events if e["event"] == "follow.disabled"]
+    assert len(disabled) == 1
+    assert disabled[0]["reason"].startswith("cannot write the live-limit channel")
+    names = [e["event"] for e in events]
+    # Still supervised, and the worker ran without our preloads.
+    assert "init.exec" in names and "init.start" in names
+    assert "follow.started" not in names
+    assert "dask_safe_worker.follow_worker" not in proc.stdout
+    assert "tcp://127.0.0.1:1" in proc.stdout

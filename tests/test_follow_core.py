@@ -1,0 +1,293 @@
+"""--follow's pure core: re-planning, the hysteresis decision and the kernel rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from hypothesis import assume, given
+from hypothesis import strategies as st
+
+from dask_safe_worker.follow import (
+    HYSTERESIS_FLOOR,
+    FollowSpec,
+    ManagedLimit,
+    decide,
+    hysteresis,
+    kernel_target,
+    replan,
+    validate_interval,
+    with_original_limit,
+)
+from dask_safe_worker.measure import LevelReading, Measurement, descendants_among, remeasure
+from dask_safe_worker.plan import Settings, make_plan
+from dask_safe_worker.proc_parse import HostMemory, ParseError, parse_stat_ppid
+from dask_safe_worker.sizes import Amount
+from dask_safe_worker.worker_args import WorkerArgs
+
+MiB, GiB = 2**20, 2**30
+FIXTURES = Path(__file__).parent / "fixtures"
+
+sizes = st.integers(min_value=1, max_value=64 * GiB)
+
+
+def spec(**kw: object) -> FollowSpec:
+    base = FollowSpec(
+        settings=Settings(reserve=Amount(bytes=64 * MiB), supervised=True),
+        args=WorkerArgs(nworkers="2", nthreads=1),
+        first_budget=2 * GiB,
+        first_per_worker=900 * MiB,
+        interval=1.0,
+        channel="/run/x/live.json",
+    )
+    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+
+
+def measurement(levels: tuple[LevelReading, ...], available: int = 20 * GiB) -> Measurement:
+    return Measurement(
+        host=HostMemory(24 * GiB, available, False),
+        location=None,
+        levels=levels,
+        own_procs=(10, 11, 12),
+        pid=10,
+        own_rss=40 * MiB,
+        cpu_count=2,
+        dask_memory_limit=24 * GiB,
+        ours=frozenset({11, 12}),
+    )
+
+
+# --- the decision -------------------------------------------------------------------
+
+
+@given(current=sizes, proposed=sizes, ceiling=sizes)
+def test_decision_moves_only_outside_the_band(current: int, proposed: int, ceiling: int) -> None:
+    d = decide(current, proposed, ceiling)
+    wanted = min(proposed, ceiling)
+    assert d.band == hysteresis(current) >= HYSTERESIS_FLOOR
+    if abs(wanted - current) <= d.band:
+        assert d.action == "keep" and d.target == current
+    else:
+        assert d.action == ("lower" if wanted < current else "raise")
+        snapped = d.action == "raise" and ceiling - wanted <= hysteresis(ceiling)
+        assert d.target == (ceiling if snapped else wanted)
+    assert d.action == "keep" or d.target <= ceiling
+
+
+@given(current=sizes, proposed=sizes, ceiling=sizes)
+def test_decision_is_settled_after_acting(current: int, proposed: int, ceiling: int) -> None:
+    # Applying a decision and seeing the same measurement again never moves twice.
+    first = decide(current, proposed, ceiling)
+    again = decide(first.target, proposed, ceiling)
+    assert again.action == "keep"
+
+
+@given(
+    start=st.integers(min_value=256 * MiB, max_value=32 * GiB),
+    noise=st.lists(st.floats(min_value=-1.0, max_value=1.0), min_size=1, max_size=50),
+)
+def test_noise_within_the_band_never_flaps(start: int, noise: list[float]) -> None:
+    # Page-cache noise of up to ±HYSTERESIS_FLOOR around a steady level: the limit stays.
+    current = start
+    for x in noise:
+        d = decide(current, start + int(x * HYSTERESIS_FLOOR), ceiling=64 * GiB)
+        current = d.target
+    assert current == start
+
+
+@given(current=sizes, proposed=sizes)
+def test_a_raise_never_passes_the_first_plan(current: int, proposed: int) -> None:
+    d = decide(current, proposed, ceiling=current)
+    assert d.action in ("keep", "lower")
+
+
+@given(
+    first=st.integers(min_value=256 * MiB, max_value=32 * GiB),
+    squeeze=st.floats(min_value=0.1, max_value=0.9),
+    shortfall=st.integers(min_value=0, max_value=HYSTERESIS_FLOOR),
+)
+def test_after_a_squeeze_the_start_plan_comes_back_exactly(
+    first: int, squeeze: float, shortfall: int
+) -> None:
+    low = decide(first, int(first * squeeze), ceiling=first)
+    assume(low.action == "lower")
+    back = decide(low.target, first - shortfall, ceiling=first)
+    assert back.action == "raise" and back.target == first
+
+
+# --- the kernel rules ---------------------------------------------------------------
+
+
+@given(
+    current=sizes,
+    budget=sizes,
+    original=st.one_of(st.none(), sizes),
+    ancestor=st.one_of(st.none(), sizes),
+    first=sizes,
+    usage=sizes,
+    lowered=st.booleans(),
+)
+def test_kernel_target_rules(
+    current: int,
+    budget: int,
+    original: int | None,
+    ancestor: int | None,
+    first: int,
+    usage: int,
+    lowered: bool,
+) -> None:
+    t = kernel_target(
+        current=current,
+        budget=budget,
+        original=original,
+        ancestor=ancestor,
+        first_budget=first,
+        usage=usage,
+        dask_lowered=lowered,
+    )
+    if t is None:
+        return
+    assert t != current
+    if t > current:
+        # raise: never above what was there, an ancestor, or the start's budget
+        assert t <= first and t <= budget
+        assert original is None or t <= original
+        assert ancestor is None or t <= ancestor
+    else:
+        # lower: only after Dask, never below usage plus margin
+        assert lowered
+        assert t >= usage + 32 * MiB
+
+
+def test_kernel_waits_for_dask_before_lowering() -> None:
+    kw = dict(current=2 * GiB, budget=GiB, original=None, ancestor=None, first_budget=2 * GiB)
+    assert kernel_target(**kw, usage=100 * MiB, dask_lowered=False) is None  # type: ignore[arg-type]
+    assert kernel_target(**kw, usage=100 * MiB, dask_lowered=True) == GiB  # type: ignore[arg-type]
+    # Usage above the new budget: lowered only down to usage plus the margin.
+    assert kernel_target(**kw, usage=1200 * MiB, dask_lowered=True) == 1232 * MiB  # type: ignore[arg-type]
+
+
+# --- re-planning ----------------------------------------------------------------------
+
+
+def test_replan_is_make_plan() -> None:
+    m = measurement((LevelReading("/m", 2 * GiB, None, 700 * MiB, 0),))
+    s = spec()
+    assert replan(s, m) == make_plan(m, s.args, s.settings)
+
+
+def test_replan_below_the_minimum_still_follows_down() -> None:
+    m = measurement((LevelReading("/m", 600 * MiB, None, 300 * MiB, 0),))
+    plan = replan(spec(), m)
+    assert 0 < plan.per_worker < Settings().min_worker_memory
+
+
+def test_workers_memory_in_our_cgroup_is_ours() -> None:
+    # The workers fill 1.5 GiB of a 2 GiB cgroup: the budget is still the 2 GiB.
+    m = measurement((LevelReading("/m", 2 * GiB, None, 1536 * MiB, 0),))
+    assert m.sole_occupant
+    assert replan(spec(), m).budget == 2 * GiB - 64 * MiB
+    stranger = dataclasses.replace(m, own_procs=(10, 11, 12, 99))
+    assert not stranger.sole_occupant
+
+
+def test_our_own_write_does_not_cap_the_next_budget() -> None:
+    managed = ManagedLimit("/sys/fs/cgroup/memory/m/w", 1, original=None, written=GiB)
+    m = measurement(
+        (
+            LevelReading("/m/w", GiB, GiB, 500 * MiB, 0),
+            LevelReading("/m", 3 * GiB, 3 * GiB, 500 * MiB, 0),
+        )
+    )
+    dirs = ["/sys/fs/cgroup/memory/m/w", "/sys/fs/cgroup/memory/m"]
+    assert replan(spec(), m).budget == GiB - 64 * MiB
+    freed = with_original_limit(m, managed, dirs)
+    assert freed.levels[0].limit is None and freed.levels[1] == m.levels[1]
+    assert replan(spec(), freed).budget == 3 * GiB - 64 * MiB
+
+
+# --- the spec and the interval --------------------------------------------------------
+
+
+@given(
+    interval=st.floats(min_value=0.05, max_value=3600),
+    original=st.one_of(st.none(), sizes),
+    fraction=st.one_of(st.none(), st.floats(min_value=0, max_value=0.99)),
+)
+def test_spec_round_trips_through_json(
+    interval: float, original: int | None, fraction: float | None
+) -> None:
+    s = spec(
+        interval=interval,
+        managed=ManagedLimit("/a/b", 2, original, GiB),
+        settings=Settings(
+            reserve=Amount(bytes=None if fraction is not None else 5, fraction=fraction)
+        ),
+    )
+    assert FollowSpec.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
+@pytest.mark.parametrize("bad", [0, -1, float("nan"), float("inf"), 0.01])
+def test_bad_intervals(bad: float) -> None:
+    with pytest.raises(ValueError):
+        validate_interval(bad)
+
+
+def test_garbage_spec_is_a_value_error() -> None:
+    with pytest.raises(ValueError):
+        FollowSpec.from_json({"settings": {}})
+
+
+# --- re-measuring ---------------------------------------------------------------------
+
+
+@given(
+    comm=st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=20),
+    ppid=st.integers(min_value=0, max_value=2**22),
+)
+def test_stat_ppid_survives_any_comm(comm: str, ppid: int) -> None:
+    text = f"123 ({comm}) S {ppid} 123 123 0 -1 4194560 100 0 0 0\n"
+    assert parse_stat_ppid(text) == ppid
+
+
+@pytest.mark.parametrize("text", ["", "123 (x)", "123 (x) S y"])
+def test_stat_ppid_garbage(text: str) -> None:
+    with pytest.raises(ParseError):
+        parse_stat_ppid(text)
+
+
+def _tree(tmp_path: Path, parents: dict[int, int], zombies: frozenset[int] = frozenset()) -> Path:
+    proc = tmp_path / "proc"
+    for pid, ppid in parents.items():
+        (proc / str(pid)).mkdir(parents=True)
+        state = "Z" if pid in zombies else "S"
+        (proc / str(pid) / "stat").write_text(f"{pid} (w) {state} {ppid} 1 1 0\n")
+    return proc
+
+
+def test_descendants_among(tmp_path: Path) -> None:
+    proc = _tree(tmp_path, {10: 1, 11: 10, 12: 11, 13: 12, 14: 11, 20: 1, 21: 20}, frozenset({14}))
+    # 14 is a zombie (killed, not yet reaped): still ours, but gone.
+    ours, zombies = descendants_among(proc, [10, 11, 12, 13, 14, 20, 21, 99], 10)
+    assert ours == {11, 12, 13, 14} and zombies == {14}
+
+
+def test_remeasure_does_not_read_mountinfo(tmp_path: Path) -> None:
+    # Any fixture tree: locate with mountinfo once, then remove mountinfo and re-read.
+    from dask_safe_worker.measure import locate, measure
+
+    roots = sorted(p for p in FIXTURES.iterdir() if (p / "proc" / "self" / "mountinfo").exists())
+    assert roots
+    import shutil
+
+    root = tmp_path / "t"
+    shutil.copytree(roots[0], root, symlinks=True)
+    proc, sys_ = root / "proc", root / "sys"
+    loc = locate(proc, sys_)
+    first = measure(proc, sys_, own_pid=1)
+    (proc / "self" / "mountinfo").unlink()
+    again = remeasure(loc, proc, sys_, own_pid=1)
+    assert again.levels == first.levels and again.location == loc
+    assert again.available == first.available
