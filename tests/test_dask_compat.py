@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from dask_safe_worker import dask_compat as dc
 from dask_safe_worker.dask_compat import Version
+from dask_safe_worker.worker_args import parse_worker_args
 
 V = Version.parse
 
@@ -34,13 +35,13 @@ def test_version_parse_round_trips(a: int, b: int, c: int) -> None:
 @given(st.tuples(parts, parts, parts), st.tuples(parts, parts, parts))
 def test_version_order_is_tuple_order(x: tuple[int, int, int], y: tuple[int, int, int]) -> None:
     assert (Version(*x) < Version(*y)) == (x < y)
-    assert Version(*x).key() == x
+    assert (Version(*x).major, Version(*x).minor, Version(*x).patch) == x
 
 
 @given(st.text(max_size=30))
 def test_version_parse_never_raises(text: str) -> None:
     v = V(text)
-    assert min(v.key()) >= 0
+    assert min(v.major, v.minor, v.patch) >= 0
 
 
 def test_version_parse_short_and_prerelease() -> None:
@@ -117,10 +118,10 @@ def test_option_tables_per_release() -> None:
         assert "--help" in table.flags
         assert table.multiple <= table.values
         assert table.takes_value("--memory-limit") and not table.takes_value("--no-nanny")
-        assert table.all <= dc.WORKER_OPTIONS
+        assert table.all <= (dc.WORKER_VALUE_OPTIONS | dc.WORKER_FLAG_OPTIONS)
         assert table.values <= dc.WORKER_VALUE_OPTIONS
         assert table.flags <= dc.WORKER_FLAG_OPTIONS
-    assert old.all | new.all == dc.WORKER_OPTIONS
+    assert old.all | new.all == (dc.WORKER_VALUE_OPTIONS | dc.WORKER_FLAG_OPTIONS)
 
 
 def test_nworkers_options() -> None:
@@ -219,9 +220,10 @@ def test_resolve_nworkers_rejects(bad: str) -> None:
 
 
 def test_nprocs_alias() -> None:
-    assert dc.resolve_nworkers_nthreads(None, None, 8, nprocs="4") == (4, 2)
+    old = dc.nworkers_options(dc.Version(2022, 9, 2))
+    assert parse_worker_args(["--nprocs", "4"], old).nworkers == "4"
     with pytest.raises(dc.WorkerArgsError, match="both --nprocs and --nworkers"):
-        dc.resolve_nworkers_nthreads("2", None, 8, nprocs="4")
+        parse_worker_args(["--nprocs", "4", "--nworkers", "2"], old)
 
 
 # --- CPU_COUNT -----------------------------------------------------------------------------

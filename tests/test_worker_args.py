@@ -7,13 +7,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dask_safe_worker.cli import OUR_FLAG_OPTIONS, OUR_VALUE_OPTIONS
-from dask_safe_worker.dask_compat import WORKER_OPTIONS, WorkerArgsError
+from dask_safe_worker.dask_compat import WORKER_FLAG_OPTIONS, WORKER_VALUE_OPTIONS, WorkerArgsError
 from dask_safe_worker.worker_args import (
     parse_worker_args,
     split_argv,
     with_memory_limit,
 )
 
+WORKER_OPTIONS = WORKER_VALUE_OPTIONS | WORKER_FLAG_OPTIONS
 OURS = OUR_VALUE_OPTIONS | OUR_FLAG_OPTIONS
 
 

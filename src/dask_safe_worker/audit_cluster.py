@@ -23,6 +23,7 @@ from typing import Any, NoReturn
 
 import click
 
+from .audit_remote import DASK_TERMINATE_DEFAULT
 from .env_options import env_option
 from .plan import DEFAULT_NANNY_ALLOWANCE
 from .sizes import format_bytes
@@ -41,7 +42,7 @@ EXIT_AT_RISK = 1
 EXIT_USAGE = 2
 EXIT_UNVERIFIED = 3
 
-DEFAULT_TERMINATE_FRACTION = 0.95
+DEFAULT_TERMINATE_FRACTION = DASK_TERMINATE_DEFAULT
 ENV_PREFIX = "DASK_SAFE_AUDIT"
 
 

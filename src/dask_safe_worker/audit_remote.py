@@ -17,6 +17,9 @@ import socket
 from typing import Any
 
 PLAN_FILE_ENV = "DASK_SAFE_WORKER_PLAN_FILE"
+# distributed.worker.memory.terminate's default: the nanny restarts a worker at this
+# fraction of its memory limit.
+DASK_TERMINATE_DEFAULT = 0.95
 # Set by --follow (live_limit.LIVE_FILE_ENV): the per-worker limit in force now.
 LIVE_FILE_ENV = "DASK_SAFE_WORKER_LIVE_FILE"
 REMOTE_SCHEMA = 1
@@ -37,15 +40,17 @@ def _terminate_fraction() -> float | None:
     try:
         import dask.config
 
-        value = dask.config.get("distributed.worker.memory.terminate", default=0.95)
+        value = dask.config.get(
+            "distributed.worker.memory.terminate", default=DASK_TERMINATE_DEFAULT
+        )
     except Exception:
-        return 0.95
+        return DASK_TERMINATE_DEFAULT
     if value is False or value is None:
         return None
     try:
         return float(value)
     except (TypeError, ValueError):
-        return 0.95
+        return DASK_TERMINATE_DEFAULT
 
 
 def _boot_id() -> str:

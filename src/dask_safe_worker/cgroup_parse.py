@@ -34,10 +34,6 @@ def v1_limit(value: int, mem_total: int) -> int | None:
     return value
 
 
-def parse_v1_limit(text: str, mem_total: int) -> int | None:
-    return v1_limit(parse_int(text, "memory.limit_in_bytes"), mem_total)
-
-
 def parse_v2_limit(text: str) -> int | None:
     """`memory.max` / `memory.high`: "max" or a byte count; None means no limit."""
     s = text.strip(_BLANK)

@@ -42,9 +42,6 @@ class Version:
     def __str__(self) -> str:
         return f"{self.major}.{self.minor}.{self.patch}"
 
-    def key(self) -> tuple[int, int, int]:
-        return (self.major, self.minor, self.patch)
-
 
 # 2022.9.0 and 2022.9.1 read only the v1 `memory.limit_in_bytes` at the cgroup root; v2
 # detection (`memory.max`, `memory.high`) arrived in 2022.9.2, verified from the released
@@ -215,7 +212,6 @@ _OPTIONS_2022_10 = WorkerOptions(_VALUES_2022_10, _FLAGS_2022_10 | {_HELP})
 # the release never mistakes a value for one of our own options.
 WORKER_VALUE_OPTIONS: frozenset[str] = _VALUES_2022_9 | _VALUES_2022_10
 WORKER_FLAG_OPTIONS: frozenset[str] = _FLAGS_2022_9 | _FLAGS_2022_10 | {_HELP}
-WORKER_OPTIONS: frozenset[str] = WORKER_VALUE_OPTIONS | WORKER_FLAG_OPTIONS
 
 
 def worker_options(version: Version | None = None) -> WorkerOptions:
@@ -320,19 +316,14 @@ def resolve_nworkers_nthreads(
     nworkers: str | None,
     nthreads: int | None,
     cpu_count: int,
-    nprocs: str | None = None,
 ) -> tuple[int, int]:
     """How `dask worker` turns `--nworkers` and `--nthreads` into processes and threads.
 
     Returns the threads each worker process really runs: `dask worker` may pass 0
     (CPU_COUNT // nworkers when nworkers > CPU_COUNT), and Nanny/Worker then fall back to
-    CPU_COUNT threads. `--nworkers auto` ignores `--nthreads`, as dask does. `nprocs` is
-    the pre-2022.10 alias; giving both is an error there.
+    CPU_COUNT threads. `--nworkers auto` ignores `--nthreads`, as dask does. (The
+    pre-2022.10 alias `--nprocs` arrives here as `nworkers`: parse_worker_args reads it.)
     """
-    if nprocs is not None:
-        if nworkers is not None:
-            raise WorkerArgsError("both --nprocs and --nworkers were given; use --nworkers only")
-        nworkers = nprocs
     if nworkers == "auto":
         n_workers, n_threads = nprocesses_nthreads(cpu_count)
     else:
