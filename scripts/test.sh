@@ -53,10 +53,13 @@ ensure_uv
 log "uv sync (locked)"
 uv sync --locked --all-groups
 
-log "ruff check, ruff format --check, mypy --strict src"
+log "ruff check, ruff format --check, mypy --strict src, vulture"
 uv run ruff check .
 uv run ruff format --check .
 uv run mypy --strict src
+# Dead code: what nothing calls is deleted; scripts/vulture_whitelist.py lists the names
+# only pytest, dask or a JSON document use.
+uv run vulture src scripts benchmarks tests --min-confidence 60
 
 # The matrix runs first so that pytest's summary is the last line of the run; a failing
 # matrix still lets pytest run, and either failure fails the whole command.

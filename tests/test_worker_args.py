@@ -15,7 +15,6 @@ from dask_safe_worker.worker_args import (
 )
 
 WORKER_OPTIONS = WORKER_VALUE_OPTIONS | WORKER_FLAG_OPTIONS
-OURS = OUR_VALUE_OPTIONS | OUR_FLAG_OPTIONS
 
 
 def split(argv: list[str]) -> tuple[list[str], list[str]]:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 from .audit import Audit, no_audit
-from .cgroup_files import V1MemoryCgroup, V2MemoryCgroup, open_memory_cgroup
+from .cgroup_files import MemoryCgroupFiles, V2MemoryCgroup, open_memory_cgroup
 from .cgroup_parse import parse_controllers
 from .measure import Measurement
 from .proc_parse import ParseError
@@ -306,7 +306,7 @@ class _Writer:
         return None
 
 
-def _read_back(cg: V1MemoryCgroup | V2MemoryCgroup) -> int | None:
+def _read_back(cg: MemoryCgroupFiles) -> int | None:
     try:
         return cg.raw_limit()
     except (OSError, ParseError):

@@ -27,7 +27,6 @@ MiB = 2**20
 HYSTERESIS_FLOOR = 32 * MiB
 HYSTERESIS_FRACTION = 0.02
 
-DEFAULT_INTERVAL = 1.0
 # The same margin the start keeps between a kernel limit and the cgroup's usage.
 KERNEL_MARGIN = 32 * MiB
 
