@@ -34,9 +34,25 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# dswbench beside this file; the tests' cgroup helpers, as benchmarks/pressure.py does.
+for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "tests"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
-import pressure as p
+from dswbench.common import AGENT_BYTES, M_LIMIT, PY, SAFE, GiB, MiB, fmt_bytes  # noqa: E402
+from dswbench.harness import (  # noqa: E402
+    RESTART_MEMORY_RE,
+    Sampler,
+    call_with_timeout,
+    end_process,
+    scheduler,
+    tree_pids,
+    worker_args,
+)
+from dswbench.main import log as say  # noqa: E402
+from dswbench.workloads import pickle_by_value, run_workload, worker_stats  # noqa: E402
+
+from cgroup_util import kernel_cgroups_usable, make_test_cgroup  # noqa: E402
 
 GROW_AFTER_S = 4.0
 CONTENDERS = ("plain", "safe", "follow", "seed")
@@ -61,10 +77,10 @@ while True:
 def argv_for(contender: str, args: list[str], run_dir: Path) -> list[str]:
     plan = ["--log-format", "json", "--plan-file", str(run_dir / "plan.json")]
     if contender == "safe":
-        return [p.SAFE, *plan, *args]
+        return [SAFE, *plan, *args]
     if contender == "follow":
-        return [p.SAFE, *plan, "--follow", *args]
-    return [p.PY, "-m", "distributed.cli.dask_worker", *args]
+        return [SAFE, *plan, "--follow", *args]
+    return [PY, "-m", "distributed.cli.dask_worker", *args]
 
 
 def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
@@ -74,31 +90,31 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
     run_dir = work / f"{contender}-{repeat}"
     run_dir.mkdir(parents=True)
     started: set[int] = set()
-    with p.make_test_cgroup(started, prefix="dsw-bench") as m:
-        m.set_limit(p.M_LIMIT)
+    with make_test_cgroup(started, prefix="dsw-bench") as m:
+        m.set_limit(M_LIMIT)
         w = m.child("w")
-        headroom = p.M_LIMIT - p.AGENT_BYTES - 64 * p.MiB
+        headroom = M_LIMIT - AGENT_BYTES - 64 * MiB
         growth = headroom // 2
         agent = subprocess.Popen(
-            m.enter_command([p.PY, "-c", AGENT_CODE, str(p.AGENT_BYTES), str(growth)]),
+            m.enter_command([PY, "-c", AGENT_CODE, str(AGENT_BYTES), str(growth)]),
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
         started.add(agent.pid)
         try:
             assert agent.stdout is not None and agent.stdout.readline().strip() == b"ready"
-            headroom = p.M_LIMIT - p.working_set(m)
+            headroom = M_LIMIT - m.working_set()
             growth = headroom // 2
             res["headroom"], res["growth"] = headroom, growth
-            args = p.worker_args("", str(run_dir / "local"))
+            args = worker_args("", str(run_dir / "local"))
             if contender == "seed":
                 w.set_limit(headroom)
                 args += ["--memory-limit", str(headroom)]
-            with p.scheduler(run_dir / "scheduler.log", started) as (address, sched):
+            with scheduler(run_dir / "scheduler.log", started) as (address, sched):
                 args[0] = address
                 client = Client(address, timeout=30)
                 t0 = time.monotonic()
-                sampler = p.Sampler(m, w, started, t0)
+                sampler = Sampler(m, w, started, t0)
                 sampler.start()
                 log = open(run_dir / "worker.log", "wb")  # noqa: SIM115
                 worker = subprocess.Popen(
@@ -118,7 +134,7 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
                     timer = threading.Timer(GROW_AFTER_S, os.kill, (agent.pid, signal.SIGUSR1))
                     timer.start()
                     try:
-                        p.run_workload(client, "spill", headroom, TIMEOUT)
+                        run_workload(client, "spill", headroom, TIMEOUT)
                         res["outcome"] = "completed"
                     except TimeoutError:
                         res["outcome"] = f"hung (>{TIMEOUT:.0f} s)"
@@ -127,13 +143,13 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
                         res["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
                     timer.join()
                     res["wall_s"] = time.monotonic() - t_start
-                    stats = p.call_with_timeout(
-                        lambda: client.run(p.worker_stats, on_error="return"), 20
+                    stats = call_with_timeout(
+                        lambda: client.run(worker_stats, on_error="return"), 20
                     )
                     if isinstance(stats, dict):
                         vals = [v for v in stats.values() if isinstance(v, dict)]
                         res["spilled"] = sum(v["disk_write_bytes"] for v in vals) if vals else None
-                    end_limit = p.call_with_timeout(
+                    end_limit = call_with_timeout(
                         lambda: client.run(
                             lambda dask_worker: dask_worker.memory_manager.memory_limit
                         ),
@@ -145,12 +161,12 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
                     res["scheduler_alive"] = sched.poll() is None
                 finally:
                     with contextlib.suppress(Exception):
-                        p.call_with_timeout(lambda: client.close(timeout=5), 10)
-                    p.end_process(worker, 20)
+                        call_with_timeout(lambda: client.close(timeout=5), 10)
+                    end_process(worker, 20)
                     log.close()
                     sampler.stop_event.set()
                     sampler.join(5)
-                    for pid in p.tree_pids(w):
+                    for pid in tree_pids(w):
                         if pid in started:
                             with contextlib.suppress(ProcessLookupError):
                                 os.kill(pid, signal.SIGKILL)
@@ -158,7 +174,7 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
             s = sampler.series
             res["series"] = {"t": s.t, "m_ws": s.m_working_set, "w_limit": s.w_limit}
             text = (run_dir / "worker.log").read_text(errors="replace")
-            res["nanny_restarts"] = len(p.RESTART_MEMORY_RE.findall(text))
+            res["nanny_restarts"] = len(RESTART_MEMORY_RE.findall(text))
             applied = [
                 json.loads(line)
                 for line in text.splitlines()
@@ -168,13 +184,13 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
                 res["follow_latency_s"] = applied[0]["latency_s"]
                 res["follow_kernel"] = applied[0]["kernel"]["action"]
         finally:
-            p.end_process(agent, 5)
-    p.log(
+            end_process(agent, 5)
+    say(
         f"{contender:6} #{repeat}: {res['outcome']:18} wall={res.get('wall_s', 0):6.1f}s "
         f"oom W/M={res.get('oom_kills_w')}/{res.get('oom_kills_m')} agent={res.get('agent_alive')} "
-        f"limit {p.fmt_bytes(res.get('dask_limit_start'))}"
-        f"->{p.fmt_bytes(res.get('dask_limit_end'))} "
-        f"spilled={p.fmt_bytes(res.get('spilled'))} latency={res.get('follow_latency_s')}"
+        f"limit {fmt_bytes(res.get('dask_limit_start'))}"
+        f"->{fmt_bytes(res.get('dask_limit_end'))} "
+        f"spilled={fmt_bytes(res.get('spilled'))} latency={res.get('follow_latency_s')}"
     )
     return res
 
@@ -189,9 +205,9 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     for ax, contender in zip(axes, CONTENDERS, strict=True):
         for r in (r for r in runs if r["contender"] == contender):
             s = r["series"]
-            ax.plot(s["t"], [v / p.GiB for v in s["m_ws"]], lw=1, label=f"#{r['repeat']} M ws")
+            ax.plot(s["t"], [v / GiB for v in s["m_ws"]], lw=1, label=f"#{r['repeat']} M ws")
             ax.axvline(r.get("grow_at_s", 0), color="red", ls="--", lw=0.8)
-        ax.axhline(p.M_LIMIT / p.GiB, color="black", lw=0.8)
+        ax.axhline(M_LIMIT / GiB, color="black", lw=0.8)
         ax.set_title(contender)
         ax.set_xlabel("s")
     axes[0].set_ylabel("GiB (M's working set; red: agent grows)")
@@ -206,13 +222,11 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/dsw-follow-bench"))
     opts = parser.parse_args()
-    reason = p.kernel_cgroups_usable()
+    reason = kernel_cgroups_usable()
     if reason:
         sys.exit(f"cannot run: {reason}")
     # pressure's task functions must reach the worker by value, as in pressure's own main.
-    import cloudpickle
-
-    cloudpickle.register_pickle_by_value(p)
+    pickle_by_value()
     work = opts.work / time.strftime("%Y%m%d-%H%M%S")
     runs = [run_once(c, r, work) for r in range(opts.repeat) for c in CONTENDERS]
     if opts.plot:
@@ -228,12 +242,12 @@ def main() -> None:
             "oom_kills_m_agent": [r.get("oom_kills_m") for r in mine],
             "agent_alive": [r.get("agent_alive") for r in mine],
             "nanny_restarts": [r.get("nanny_restarts") for r in mine],
-            "spilled_gib": [round((r.get("spilled") or 0) / p.GiB, 2) for r in mine],
+            "spilled_gib": [round((r.get("spilled") or 0) / GiB, 2) for r in mine],
             "wall_s_median": round(statistics.median(walls), 1) if walls else None,
             "dask_limit_start_gib": [
-                round((r.get("dask_limit_start") or 0) / p.GiB, 2) for r in mine
+                round((r.get("dask_limit_start") or 0) / GiB, 2) for r in mine
             ],
-            "dask_limit_end_gib": [round((r.get("dask_limit_end") or 0) / p.GiB, 2) for r in mine],
+            "dask_limit_end_gib": [round((r.get("dask_limit_end") or 0) / GiB, 2) for r in mine],
             "follow_latency_s": lat,
         }
     doc = {"benchmark": "follow_neighbour", "grow_after_s": GROW_AFTER_S, "summary": summary}

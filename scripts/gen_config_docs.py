@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from dask_safe_worker import audit_cluster, cli
+from dask_safe_worker import audit_cluster, cli, options
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET = REPO_ROOT / "docs" / "configuration.md"
@@ -120,7 +120,7 @@ def render() -> str:
         "",
         "### Set for the worker",
         "",
-        f"- `{cli.PLAN_FILE_ENV}`: the path of the plan JSON that dask-safe-worker "
+        f"- `{options.PLAN_FILE_ENV}`: the path of the plan JSON that dask-safe-worker "
         "recorded at start (`--plan-file`). The worker inherits it; `dask-safe-audit` "
         "reads it on each worker to tell a managed worker from an unmanaged one.",
         "",

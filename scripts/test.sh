@@ -53,10 +53,17 @@ ensure_uv
 log "uv sync (locked)"
 uv sync --locked --all-groups
 
-log "ruff check, ruff format --check, mypy --strict src, vulture"
+log "ruff check, ruff format --check, mypy --strict (src, tests, scripts, benchmarks), vulture"
 uv run ruff check .
 uv run ruff format --check .
 uv run mypy --strict src
+# Tests, scripts and benchmarks too: one run per group, since the conftest.py files of
+# tests/, tests/containers, tests/vm and tests/vm/guest are all module "conftest".
+uv run mypy --strict src scripts benchmarks tests/*.py
+uv run mypy --strict tests/containers
+uv run mypy --strict tests/image
+uv run mypy --strict tests/vm/*.py
+uv run mypy --strict tests/vm/guest
 # Dead code: what nothing calls is deleted; scripts/vulture_whitelist.py lists the names
 # only pytest, dask or a JSON document use.
 uv run vulture src scripts benchmarks tests --min-confidence 60

@@ -21,7 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cgroup_util import KernelCgroup
-from dask_safe_worker import audit_remote, cli
+from dask_safe_worker import audit_remote, options
 from dask_safe_worker.audit_cluster import (
     AT_RISK,
     EXIT_AT_RISK,
@@ -376,7 +376,7 @@ def test_scheduler_file_address_says_what_is_wrong(text: str, message: str) -> N
 
 
 def test_plan_file_env_is_the_one_the_entrypoint_exports() -> None:
-    assert audit_remote.PLAN_FILE_ENV == cli.PLAN_FILE_ENV
+    assert audit_remote.PLAN_FILE_ENV == options.PLAN_FILE_ENV
 
 
 def test_collect_reads_the_plan_file_and_measures(

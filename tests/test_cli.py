@@ -137,7 +137,7 @@ def test_environment_variables_configure_and_stay_out_of_the_log() -> None:
     started = next(e for e in events if e["event"] == "cli.started")
     assert started["options"]["reserve"] == "<from environment>"  # type: ignore[index]
     plan = next(e for e in events if e["event"] == "plan.made")
-    assert plan["reserve"] == pytest.approx(plan["budget"], rel=0.01)  # type: ignore[arg-type]
+    assert plan["reserve"] == pytest.approx(plan["budget"], rel=0.01)
 
 
 def test_version_names_ours_and_distributeds() -> None:
@@ -149,7 +149,7 @@ def test_version_names_ours_and_distributeds() -> None:
     assert proc.returncode == 0 and proc.stderr == ""
     assert proc.stdout.splitlines() == [
         f"dask-safe-worker {__version__}",
-        f"distributed {distributed.__version__}",
+        f"distributed {distributed.__version__}",  # type: ignore[attr-defined]
     ]
 
 

@@ -6,7 +6,7 @@ import importlib.util
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import click
 import pytest
@@ -18,7 +18,7 @@ SCRIPT = REPO_ROOT / "scripts" / "gen_config_docs.py"
 DOC = REPO_ROOT / "docs" / "configuration.md"
 
 
-def load_generator() -> ModuleType:
+def load_generator() -> Any:
     spec = importlib.util.spec_from_file_location("gen_config_docs", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -102,7 +103,7 @@ def test_worker_limit_equals_plan(
     ):
         assert required in names, required
     assert all(e["schema"] == SCHEMA_VERSION for e in events)
-    argv = next(e for e in events if e["event"] == "worker.argv")["argv"]
+    argv = cast(list[str], next(e for e in events if e["event"] == "worker.argv")["argv"])
     assert argv[-2:] == ["--memory-limit", str(plan["memory_limit_arg"])]
 
 
@@ -122,7 +123,9 @@ def test_user_memory_limit_arrives_unchanged(
     assert list(limits.values()) == [300 * MiB]
     plan = json.loads(plan_file.read_text())["plan"]
     assert plan["memory_limit_arg"] is None and plan["user_fits"] is True
-    argv = next(e for e in audit_events(stderr) if e["event"] == "worker.argv")["argv"]
+    argv = cast(
+        list[str], next(e for e in audit_events(stderr) if e["event"] == "worker.argv")["argv"]
+    )
     assert argv.count("--memory-limit") == 1 and "300MiB" in argv
 
 

@@ -91,7 +91,7 @@ def test_format_size_is_exact_to_its_unit(n: int) -> None:
     assert scale <= max(abs(n), 1) and (unit == "GiB" or abs(n) < scale * 1024)
 
 
-names = st.text(st.characters(exclude_categories=("Cs",)), min_size=1, max_size=12)
+names = st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=12)
 
 
 @given(

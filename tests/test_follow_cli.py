@@ -113,7 +113,7 @@ def test_read_only_channel_disables_follow_and_the_worker_starts() -> None:
     events = audit_events(proc.stderr)
     disabled = [e for e in events if e["event"] == "follow.disabled"]
     assert len(disabled) == 1
-    assert disabled[0]["reason"].startswith("cannot write the live-limit channel")
+    assert str(disabled[0]["reason"]).startswith("cannot write the live-limit channel")
     names = [e["event"] for e in events]
     # Still supervised, and the worker ran without our preloads.
     assert "init.exec" in names and "init.start" in names

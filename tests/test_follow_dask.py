@@ -109,7 +109,10 @@ def cluster(tmp_path: Path) -> Iterator[tuple[Any, str]]:
 
 def test_start_change_and_restart_follow_the_live_limit(cluster: tuple[Any, str]) -> None:
     client, live = cluster
-    mib = lambda n: {n * MiB}  # noqa: E731
+
+    def mib(n: int) -> set[int]:
+        return {n * MiB}
+
     # The live record wins over --memory-limit from the start on, before registration.
     assert views(client) == {k: mib(800) for k in views(client)}
 

@@ -149,7 +149,7 @@ def client_for() -> Iterator[Callable[[str], Any]]:
 def per_worker_for(budget: int, plan: dict[str, Any]) -> int:
     # make_plan with 2 workers of 1 thread on this 2-CPU host, as in docs/design.md.
     pool = budget - plan["overhead"]
-    return min(int(pool * min(1.0, 1 / plan["cpu_count"])), pool // 2)
+    return int(min(int(pool * min(1.0, 1 / plan["cpu_count"])), pool // 2))
 
 
 def test_limit_lowered_and_raised_and_restart(

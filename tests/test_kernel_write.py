@@ -54,7 +54,7 @@ def test_sole_occupant_writes_its_own_cgroup(kernel_cgroup: KernelCgroup) -> Non
     assert outcome["strategy"] == "own" and outcome["written"]
     assert outcome["read_back"] == 512 * MiB
     assert kernel_cgroup.limit() == 512 * MiB
-    events = [e for e, _ in result["events"]]  # type: ignore[union-attr]
+    events = [e for e, _ in result["events"]]  # type: ignore[attr-defined,union-attr,unused-ignore]
     assert events == ["cgroup.write.attempt", "cgroup.write.result"]
 
 
@@ -138,5 +138,5 @@ def test_kernel_ebusy_falls_back_to_a_child(kernel_cgroup: KernelCgroup) -> None
     assert outcome["notes"] == ["own: EBUSY"]
     assert outcome["strategy"] == "child" and outcome["written"]
     assert kernel_cgroup.limit() == GiB
-    failed = [f for e, f in result["events"] if e == "cgroup.write.failed"]  # type: ignore[union-attr]
+    failed = [f for e, f in result["events"] if e == "cgroup.write.failed"]  # type: ignore[attr-defined,union-attr,unused-ignore]
     assert failed and failed[0]["reason"] == "EBUSY"

@@ -302,7 +302,7 @@ def test_cpu_count_matches_dask_here() -> None:
 
 
 def test_memory_limit_matches_distributed_here() -> None:
-    import psutil
+    import psutil  # type: ignore[import-untyped,unused-ignore]
     from distributed.system import MEMORY_LIMIT, memory_limit
 
     ours = dc.dask_system_memory_limit(psutil.virtual_memory().total)

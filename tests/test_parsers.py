@@ -185,6 +185,7 @@ def test_parse_bytes_matches_dask(text: str) -> None:
 def test_amount_fraction(f: float) -> None:
     amount = parse_amount(repr(f))
     assert amount.fraction == pytest.approx(f)
+    assert amount.fraction is not None
     assert amount.of(1000) == int(1000 * amount.fraction)
 
 

@@ -102,7 +102,8 @@ def test_we_refuse_what_dask_worker_refuses(args: list[str]) -> None:
 
 
 def _positionals(args: Sequence[str]) -> list[str]:
-    out, i = [], 0
+    out: list[str] = []
+    i = 0
     while i < len(args):
         a = args[i]
         i += 1

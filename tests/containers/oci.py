@@ -193,7 +193,7 @@ def build_config(
     `shadows` maps a directory to hide to (the host directory covering it, the paths to
     bind back below it)."""
     shadows = shadows or {}
-    config = json.loads(json.dumps(spec))
+    config: dict[str, Any] = json.loads(json.dumps(spec))
     config["root"] = {"path": str(rootfs), "readonly": True}
     process = config["process"]
     process["terminal"] = False

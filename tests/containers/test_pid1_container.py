@@ -388,7 +388,11 @@ def test_bad_options_exit_2_and_touch_nothing(
     code = c.run(keep=True)
     assert code == 2, c.stderr()
     names = [e.get("event") for e in c.events()]
-    assert not [n for n in names if n.startswith(("cgroup.", "init.", "worker.", "plan.file"))]
+    assert not [
+        n
+        for n in names
+        if n is not None and n.startswith(("cgroup.", "init.", "worker.", "plan.file"))
+    ]
     assert not (c.shared / "plan.json").exists()
     assert host_limit(c) == GiB
     assert not [p for p in c.host_cgroup_dir.iterdir() if p.is_dir()]

@@ -79,6 +79,7 @@ def test_rw_cgroupfs_lets_the_container_lower_its_own_limit(
     from time import monotonic, sleep
 
     deadline = monotonic() + 60
+    assert c.proc is not None
     while not (c.shared / "written").exists() and monotonic() < deadline and c.proc.poll() is None:
         sleep(0.05)
     assert (c.shared / "written").exists(), c.stderr()

@@ -98,8 +98,8 @@ def test_extra_pip_packages_are_installed_before_the_worker_measures(
         with Client(scheduler_address, timeout=30) as client:
             deadline = time.monotonic() + HANG_GUARD_S
             while not client.scheduler_info()["workers"]:
-                logs = podman.podman("logs", name).stdout
-                assert time.monotonic() < deadline, logs
+                so_far = podman.podman("logs", name).stdout
+                assert time.monotonic() < deadline, so_far
                 time.sleep(0.2)
             limits = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
         logs = podman.podman("logs", name)

@@ -109,12 +109,12 @@ def test_follow_on_cgroup_v2(cgroup2_root: Cgroup) -> None:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
-            client = Client(address, timeout=START_TIMEOUT)  # type: ignore[no-untyped-call]
+            client = Client(address, timeout=START_TIMEOUT)  # type: ignore[no-untyped-call,unused-ignore]
             try:
                 client.wait_for_workers(1, timeout=START_TIMEOUT)
                 _sequence(client, machine, agent_cg, worker_cg, plan_file, worker_log, procs)
             finally:
-                client.close()  # type: ignore[no-untyped-call]
+                client.close()  # type: ignore[no-untyped-call,unused-ignore]
     finally:
         procs.end_all()
 

@@ -122,14 +122,14 @@ def cluster(cgroup2_root: Cgroup) -> Iterator[Cluster]:
 
         from distributed import Client
 
-        client = Client(address, timeout=START_TIMEOUT)  # type: ignore[no-untyped-call]
+        client = Client(address, timeout=START_TIMEOUT)  # type: ignore[no-untyped-call,unused-ignore]
         try:
             client.wait_for_workers(1, timeout=START_TIMEOUT)
             yield Cluster(
                 machine, agent_cg, worker_cg, agent, scheduler, worker, client, plan_file, logs
             )
         finally:
-            client.close()  # type: ignore[no-untyped-call]
+            client.close()  # type: ignore[no-untyped-call,unused-ignore]
 
 
 # 6. The worker's dask limit is the plan's
