@@ -16,12 +16,35 @@ import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from cgroup_util import kernel_cgroups_usable, make_test_cgroup
 from dask_safe_worker.sizes import format_bytes, parse_bytes
 from scheduler_util import scheduler
+
+
+def kernel_sentence(outcome: dict[str, Any], budget: int) -> str:
+    """The write outcome of the plan file in words, e.g. "kernel limit 2.00 GiB already
+    set (not above the budget), left as is"."""
+    reason, read_back = outcome.get("reason"), outcome.get("read_back")
+    where = {"own": " on our own cgroup", "child": " on a child cgroup made for the worker"}
+    shown = "?" if read_back is None else format_bytes(int(read_back))
+    if reason == "written":
+        return f"kernel limit {shown} written{where.get(str(outcome.get('strategy')), '')}"
+    if reason == "existing_lower":
+        return f"kernel limit {shown} already set (not above the budget), left as is"
+    if reason == "below_usage":
+        return (
+            f"no kernel limit written: the cgroup already uses more than the budget of "
+            f"{format_bytes(budget)}"
+        )
+    if reason == "disabled":
+        return "no kernel limit written (--cgroup-write never)"
+    if reason == "no_memory_cgroup":
+        return "no kernel limit written: no memory cgroup to limit"
+    return f"no kernel limit written: the kernel refused ({reason})"
 
 
 def planned_workers(plan_file: Path, timeout: float = 60) -> int:
@@ -84,10 +107,7 @@ def main() -> int:
         f"planned:  budget {format_bytes(plan['budget'])}, overhead "
         f"{format_bytes(plan['overhead'])}, per worker {format_bytes(plan['per_worker'])}"
     )
-    print(
-        f"kernel:   {outcome.get('reason')} "
-        f"(read back {outcome.get('read_back')}, strategy {outcome.get('strategy')})\n"
-    )
+    print(f"kernel:   {kernel_sentence(outcome, plan['budget'])}\n")
     print(f"{'worker':<28} {'Dask memory_limit':>18} {'planned':>14} {'available':>14}")
     ok = True
     for address_, limit in sorted(limits.items()):

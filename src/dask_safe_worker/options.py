@@ -213,8 +213,9 @@ OPTIONS: tuple[OptionSpec, ...] = (
         type_name="SIZE|FRACTION",
         default="0",
         show_default=True,
-        help="Memory kept back from the budget for everything else: bytes (512MiB) "
-        "or a fraction of the budget (0.1 or 10%).",
+        help="Memory kept back for everything else: bytes (512MiB) or a fraction (0.1 or "
+        "10%) of the memory before the reserve (own working set + available); the budget "
+        "is what remains.",
     ),
     OptionSpec(
         "min-worker-memory",

@@ -85,7 +85,7 @@ class Amount:
 
     def describe(self) -> str:
         if self.fraction is not None:
-            return f"{self.fraction:g} of the budget"
+            return f"{self.fraction:g} of the memory before the reserve"
         return f"{self.bytes} bytes"
 
 
