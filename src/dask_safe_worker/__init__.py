@@ -1,1 +1,37 @@
+"""dask-safe-worker: two programs over one measuring and planning core.
+
+Module map (docs/design.md explains the design):
+
+`dask-safe-worker` (one start: argv -> plan -> limit -> exec)
+    entry          console script; answers a plain `--print-limit` without click
+    options        the option table (names, env vars, parsers, defaults, help) and the
+                   typed `Options`; both `entry` and `cli` are built from it
+    cli            the click command; `prepare` (check, parse, measure, plan: reads only)
+                   and `act` (kernel limit, plan file, exec or supervisor)
+    worker_args    split our options from the worker's; read the ones the plan needs
+    worker_cli     check the worker's arguments against dask worker's own click options
+    measure        host memory and every cgroup level (over proc_root/sys_root)
+    proc_parse, cgroup_parse, cgroup_locate, cgroup_files
+                   pure parsers of /proc and cgroup files; locating our cgroup; file access
+    siblings       other instances' child cgroups beside ours
+    plan           measurement + worker values -> budget and per-worker --memory-limit (pure)
+    sizes          byte sizes and fractions as users type them
+    cgroup_write   the one place that writes cgroup files
+    plan_file      the plan as JSON in a private runtime directory
+    run_worker     the exec edge
+    supervise      the tini-like supervisor (stdlib only) exec'd for --init / PID 1
+    audit, event_line
+                   the audit log of one start: one JSON line per decision
+    dask_compat    what depends on the installed distributed release
+
+`--follow` (a live budget, run by the supervisor)
+    follow (pure core), follow_setup (at start), watch (each tick), live_limit (the
+    channel), follow_dask, follow_worker, follow_nanny (preloads), _scheduler_side
+
+`dask-safe-audit` (checks a running cluster; a separate program)
+    audit_cluster  verdicts, report, click command and Dask client
+    audit_remote   what it runs on every worker (Client.run)
+    env_options    its click options with environment variables
+"""
+
 __version__ = "0.1.0"
