@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from dask_safe_worker import follow_dask
-from dask_safe_worker.audit import no_audit
+from dask_safe_worker.events import no_audit
 from dask_safe_worker.follow import FollowSpec
 from dask_safe_worker.live_limit import LiveLimit, prepare_channel, write_live_limit
 from dask_safe_worker.measure import locate, measure, remeasure

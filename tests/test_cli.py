@@ -16,7 +16,7 @@ import click
 import pytest
 
 from cgroup_util import kernel_cgroups_usable, make_test_cgroup
-from dask_safe_worker.audit import SCHEMA_VERSION
+from dask_safe_worker.events import SCHEMA_VERSION
 from scheduler_util import audit_events
 
 DSW = [sys.executable, "-m", "dask_safe_worker"]

@@ -13,7 +13,7 @@ from typing import cast
 import pytest
 
 from cgroup_util import KernelCgroup
-from dask_safe_worker.audit import SCHEMA_VERSION
+from dask_safe_worker.events import SCHEMA_VERSION
 from scheduler_util import audit_events, scheduler, wait_for_workers
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]

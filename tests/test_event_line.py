@@ -13,7 +13,6 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dask_safe_worker.audit import SCHEMA_VERSION, make_audit, start_id
 from dask_safe_worker.dask_compat import WORKER_VALUE_OPTIONS
 from dask_safe_worker.event_line import (
     Stamp,
@@ -23,6 +22,7 @@ from dask_safe_worker.event_line import (
     record,
     worker_name,
 )
+from dask_safe_worker.events import SCHEMA_VERSION, make_audit, start_id
 
 DSW = [sys.executable, "-m", "dask_safe_worker"]
 GiB, MiB = 2**30, 2**20

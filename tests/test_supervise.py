@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from dask_safe_worker.audit import SCHEMA_VERSION
+from dask_safe_worker.events import SCHEMA_VERSION
 from dask_safe_worker.supervise import main, supervise
 
 PY = sys.executable
@@ -504,7 +504,7 @@ def test_module_main_usage_errors(args: list[str]) -> None:
 
 PROJECT_AUDIT_SCRIPT = """
 import sys
-from dask_safe_worker.audit import make_audit
+from dask_safe_worker.events import make_audit
 from dask_safe_worker.supervise import supervise
 sys.exit(supervise(sys.argv[1:], audit=make_audit("json")))
 """

@@ -20,7 +20,7 @@ Module map (docs/design.md explains the design):
     plan_file      the plan as JSON in a private runtime directory
     run_worker     the exec edge
     supervise      the tini-like supervisor (stdlib only) exec'd for --init / PID 1
-    audit, event_line
+    events, event_line
                    the audit log of one start: one JSON line per decision
     dask_compat    what depends on the installed distributed release
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .audit import Audit, no_audit
 from .cgroup_files import MemoryCgroupFiles, V2MemoryCgroup, open_memory_cgroup
 from .cgroup_parse import parse_controllers
+from .events import Audit, no_audit
 from .measure import Measurement
 from .proc_parse import ParseError
 

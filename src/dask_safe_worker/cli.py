@@ -18,7 +18,6 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__, dask_compat
-from .audit import SCHEMA_VERSION, Audit, make_audit
 from .cgroup_write import (
     WriteOptions,
     WriteOutcome,
@@ -26,6 +25,7 @@ from .cgroup_write import (
     intended_strategy,
 )
 from .event_line import worker_name
+from .events import SCHEMA_VERSION, Audit, make_audit
 from .measure import Measurement, measure
 from .options import FLAG_NAMES, OPTIONS, PLAN_FILE_ENV, VALUE_NAMES, Options, OptionSpec
 from .plan import Plan, PlanError, make_plan, resolve_worker_values
@@ -246,7 +246,7 @@ def supervisor_argv(
     argv: Sequence[str], outcome: WriteOutcome, opts: Options, follow_spec: str | None = None
 ) -> list[str]:
     """`python -m dask_safe_worker.supervise ... -- <worker argv>`."""
-    from .audit import start_id
+    from .events import start_id
 
     cmd = [sys.executable, "-m", "dask_safe_worker.supervise"]
     # Same format and start id as our lines, so that one start reads as one log.

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-from .audit import LOG_FORMATS
 from .cgroup_write import DEFAULT_CHILD_NAME, MAX_LIMIT, WriteMode, child_name_problem
+from .events import LOG_FORMATS
 from .plan import DEFAULT_MIN_WORKER_MEMORY, DEFAULT_NANNY_ALLOWANCE
 from .sizes import Amount, parse_amount, parse_bytes
 

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import NoReturn
 
-from .audit import Audit
+from .events import Audit
 
 EXIT_EXEC_FAILED = 127
 

@@ -1,4 +1,4 @@
-"""The audit log: one structured line per decision, JSON on stderr by default.
+"""The event log of one start (the audit log): one structured line per decision, JSON on stderr.
 
 Event names are stable and dotted (docs/audit-log.md lists them all); every line carries
 `schema`, so consumers can detect a change of shape, and `host`, `start_id` and (when the
