@@ -1,3 +1,4 @@
+# ruff: noqa: RUF001
 """What the nanny costs the worker's cgroup (cgroup v1, this host), per distributed release.
 
 For each interpreter given (default: the project's venv), a fresh test cgroup W below our
@@ -34,14 +35,16 @@ for _path in (_HERE, _HERE.parent / "tests"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from cgroup_util import KernelCgroup, kernel_cgroups_usable, make_test_cgroup  # noqa: E402
 from dswbench.charge import charge, parse_stat, read_procs  # noqa: E402
 from dswbench.harness import end_process, tree_pids  # noqa: E402
+
+from cgroup_util import KernelCgroup, kernel_cgroups_usable, make_test_cgroup  # noqa: E402
 from scheduler_util import free_port  # noqa: E402
 
 MiB = 2**20
 WORKER_LIMIT = 512 * MiB
 
+VERSION_CODE = "import distributed, sys; print(distributed.__version__, sys.version.split()[0])"
 CLIENT = """
 import sys, time
 from distributed import Client
@@ -74,7 +77,7 @@ def wait_for(path: Path, needle: str, timeout: float) -> bool:
 
 def version_of(py: str) -> str:
     out = subprocess.run(
-        [py, "-c", "import distributed, sys; print(distributed.__version__, sys.version.split()[0])"],
+        [py, "-c", VERSION_CODE],
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return out.stdout.strip()
@@ -134,7 +137,7 @@ def run_once(py: str, work: Path) -> dict[str, Any]:
 def fmt(values: list[int]) -> str:
     med = statistics.median(values) / MiB
     lo, hi = min(values) / MiB, max(values) / MiB
-    return f"{med:.1f}" if lo == hi else f"{med:.1f} ({lo:.1f}–{hi:.1f})"  # noqa: RUF001
+    return f"{med:.1f}" if lo == hi else f"{med:.1f} ({lo:.1f}–{hi:.1f})"
 
 
 def table(results: list[dict[str, Any]]) -> str:
@@ -147,19 +150,21 @@ def table(results: list[dict[str, Any]]) -> str:
         ("worker anonymous", "worker_anon"),
         ("W working set", "working_set"),
         ("W kernel memory (kmem)", "cgroup_kernel"),
-        ("**by_cgroup**: W working set − worker anonymous", "by_cgroup"),  # noqa: RUF001
+        ("**by_cgroup**: W working set − worker anonymous", "by_cgroup"),
     ]
     releases = sorted({r["release"] for r in results if "idle" in r})
-    head = "| MiB, median (range) | " + " | ".join(
-        f"{rel} {phase}" for rel in releases for phase in ("idle", "spilled")
-    ) + " |"
+    head = (
+        "| MiB, median (range) | "
+        + " | ".join(f"{rel} {phase}" for rel in releases for phase in ("idle", "spilled"))
+        + " |"
+    )
     lines = [head, "|---" * (1 + 2 * len(releases)) + "|"]
     for label, key in fields:
         cells = []
         for rel in releases:
             for phase in ("idle", "spilled"):
-                vals = [r[phase][key] for r in results
-                        if r["release"] == rel and phase in r and r[phase][key] is not None]  # fmt: skip
+                mine = [r[phase] for r in results if r["release"] == rel and phase in r]
+                vals = [m[key] for m in mine if m[key] is not None]
                 cells.append(fmt(vals) if vals else "–")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     runs = {rel: sum(1 for r in results if r["release"] == rel and "idle" in r) for rel in releases}

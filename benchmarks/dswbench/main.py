@@ -136,9 +136,9 @@ def main(argv: list[str] | None = None) -> int:
     elif not (ns.no_vm or ns.quick or ns.from_json) and vm_tools_ok():
         import pressure_vm
 
-        vm_docs = [
-            pressure_vm.run_contender(c, REPO / ".tmp" / "pressure-vm", log) for c in CONTENDERS
-        ]
+        vm_docs = pressure_vm.run_rounds(
+            list(CONTENDERS), ns.repeats, REPO / ".tmp" / "pressure-vm", log
+        )
         if ns.json:
             ns.json.with_suffix(".vm.json").write_text(json.dumps(vm_docs, default=str))
     for workload in WORKLOADS:
