@@ -34,19 +34,24 @@ from typing import Any
 from cgroup_util import kernel_cgroups_usable
 
 from .common import CONTENDERS, REPO, WORKLOADS
-from .harness import RunResult, Series, run_pressure
+from .harness import RunResult, Series, run_frontier, run_pressure
 from .plots import plot_workload
 from .report import vm_scenario_note, vm_tools_ok, write_report
 from .startup import StartupResult, measure_startup
 
 
-def load_raw(path: Path) -> tuple[list[RunResult], StartupResult | None, dict[str, Any]]:
-    doc = json.loads(path.read_text())
+def runs_of(dicts: list[dict[str, Any]]) -> list[RunResult]:
     runs = []
-    for d in doc["runs"]:
+    for d in dicts:
         d["series"] = Series(**d["series"])
         d["processes_in_w"] = [tuple(p) for p in d["processes_in_w"]]
         runs.append(RunResult(**d))
+    return runs
+
+
+def load_raw(path: Path) -> tuple[list[RunResult], StartupResult | None, dict[str, Any]]:
+    doc = json.loads(path.read_text())
+    runs = runs_of(doc["runs"])
     startup = StartupResult(**doc["startup"]) if doc.get("startup") else None
     return runs, startup, doc.get("meta", {})
 
@@ -67,6 +72,20 @@ def main(argv: list[str] | None = None) -> int:
         "--vm-json", type=Path, default=None, help="v2 results of benchmarks/pressure_vm.py"
     )
     parser.add_argument(
+        "--frontier",
+        type=int,
+        default=2,
+        help="repeats of the efficiency frontier (small M, allowances); 0: skip",
+    )
+    parser.add_argument(
+        "--only-frontier",
+        action="store_true",
+        help="run only the frontier and dump it to --frontier-json (no report)",
+    )
+    parser.add_argument(
+        "--frontier-json", type=Path, default=None, help="frontier runs: dump or re-render"
+    )
+    parser.add_argument(
         "--remeasure-startup",
         action="store_true",
         help="with --from-json: measure the start-up cost again (current code), keep the runs",
@@ -77,6 +96,17 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the v2 'small VM' scenario (full mode runs it when the VM harness works)",
     )
     ns = parser.parse_args(argv)
+    if ns.only_frontier:
+        if ns.frontier_json is None or ns.frontier < 1:
+            parser.error("--only-frontier needs --frontier-json and --frontier >= 1")
+        reason = kernel_cgroups_usable()
+        if reason:
+            print(f"pressure.py: cannot create test cgroups: {reason}", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory(prefix="dsw-bench-") as tmp:
+            only = run_frontier(ns.frontier, Path(tmp), log)
+        ns.frontier_json.write_text(json.dumps([asdict(r) for r in only], default=str))
+        return 0
     command = "uv run python benchmarks/pressure.py" + (" --quick" if ns.quick else "")
     remeasured = ns.remeasure_startup
     if ns.from_json:
@@ -86,8 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     if ns.from_json and ns.vm_json:
         command = (
             "uv run python benchmarks/pressure.py --no-vm --json raw.json  # v1 and start-up\n"
+            "uv run python benchmarks/pressure.py --only-frontier --frontier-json f.json\n"
             "uv run python benchmarks/pressure_vm.py --json vm.json     # v2 small VM\n"
             "uv run python benchmarks/pressure.py --from-json raw.json --vm-json vm.json"
+            + (" --frontier-json f.json" if ns.frontier_json else "")
             + (" --remeasure-startup  # start-up again, on newer code" if remeasured else "")
             + "\n"
             "# `uv run python benchmarks/pressure.py` alone runs all three steps in one go"
@@ -130,6 +162,16 @@ def main(argv: list[str] | None = None) -> int:
         if ns.json:
             ns.json.parent.mkdir(parents=True, exist_ok=True)
             ns.json.write_text(json.dumps(raw, default=str))
+    frontier: list[RunResult] = []
+    if ns.frontier_json and ns.frontier_json.exists():
+        frontier = runs_of(json.loads(ns.frontier_json.read_text()))
+    elif not (ns.quick or ns.from_json) and ns.frontier > 0:
+        with tempfile.TemporaryDirectory(prefix="dsw-bench-") as tmp:
+            frontier = run_frontier(ns.frontier, Path(tmp), log)
+        if ns.json:
+            ns.json.with_suffix(".frontier.json").write_text(
+                json.dumps([asdict(r) for r in frontier], default=str)
+            )
     vm_docs: list[dict[str, Any]] | None = None
     if ns.vm_json:
         vm_docs = json.loads(ns.vm_json.read_text())
@@ -146,7 +188,16 @@ def main(argv: list[str] | None = None) -> int:
         if mine:
             plot_workload(workload, mine, ns.img_dir / f"pressure-{workload}.png")
     write_report(
-        ns.out, ns.img_dir, runs, startup, command, quick, started_at, vm_scenario_note(), vm_docs
+        ns.out,
+        ns.img_dir,
+        runs,
+        startup,
+        command,
+        quick,
+        started_at,
+        vm_scenario_note(),
+        vm_docs,
+        frontier,
     )
     log(f"wrote {ns.out} and plots in {ns.img_dir}")
     return 0

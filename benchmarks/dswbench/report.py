@@ -138,6 +138,7 @@ def write_report(
     started_at: str,
     vm_note: str,
     vm_docs: list[dict[str, Any]] | None = None,
+    frontier: list[RunResult] | None = None,
 ) -> None:
     lines = [
         HEADER.substitute(
