@@ -158,21 +158,27 @@ def part_audit(work: Path, audits: int) -> dict[str, Any]:
     ):
         procs = []
         logs = []
-        for i in range(4):
-            args = common_args(address, work / f"local-a{i}")
-            if i == 0:
-                argv = [SAFE, "--cgroup-write", "never", "--log-format", "none", *args]
-            else:
-                argv = [PY, "-m", "distributed.cli.dask_worker", *args,
-                        "--memory-limit", "256MiB"]  # fmt: skip
-            f = open(work / f"worker-a{i}.log", "wb")  # noqa: SIM115
-            logs.append(f)
-            p = subprocess.Popen(m.enter_command(argv), stdout=f, stderr=subprocess.STDOUT)
-            started.add(p.pid)
-            procs.append(p)
         client = Client(address, timeout=30)
+        # One member at a time: 32 interpreters importing distributed at once on two
+        # CPUs miss the nanny's start-up timeout.
         try:
-            client.wait_for_workers(4 * NWORKERS, timeout=600)
+            env = {**bench_env(), "DASK_DISTRIBUTED__COMM__TIMEOUTS__CONNECT": "300s"}
+            for i in range(4):
+                args = common_args(address, work / f"local-a{i}")
+                if i == 0:
+                    argv = [SAFE, "--cgroup-write", "never", "--log-format", "none", *args]
+                else:
+                    argv = [PY, "-m", "distributed.cli.dask_worker", *args,
+                            "--memory-limit", "256MiB"]  # fmt: skip
+                f = open(work / f"worker-a{i}.log", "wb")  # noqa: SIM115
+                logs.append(f)
+                p = subprocess.Popen(
+                    m.enter_command(argv), stdout=f, stderr=subprocess.STDOUT, env=env
+                )
+                started.add(p.pid)
+                procs.append(p)
+                client.wait_for_workers(NWORKERS * (i + 1), timeout=600)
+                log(f"audit cluster: {NWORKERS * (i + 1)} workers")
             out["workers"] = len(client.scheduler_info(n_workers=-1)["workers"])
             time.sleep(2)
             runs = [run_audit(address) for _ in range(audits)]

@@ -22,7 +22,7 @@ CHUNK_BYTES = 64 * MiB
 PROBE_BYTES = 512 * MiB
 # The efficiency frontier: the same scenario with M shrunk to the small VM's headroom.
 SMALL_M_LIMIT = 1536 * MiB
-FRONTIER_ALLOWANCES = (0, 40, 96)
+FRONTIER_ALLOWANCES = (40, 64, 96)
 
 PY = sys.executable
 SAFE = str(Path(PY).parent / "dask-safe-worker")

@@ -429,28 +429,37 @@ def run_once(
 
 
 def run_pressure(
-    quick: bool, repeats: int, work: Path, log: Callable[[str], None]
+    quick: bool,
+    repeats: int,
+    work: Path,
+    log: Callable[[str], None],
+    workloads: tuple[str, ...] = WORKLOADS,
+    dump: Callable[[list[RunResult]], None] | None = None,
 ) -> list[RunResult]:
+    """Every workload and contender, interleaved, `repeats` times; `dump` gets the results so
+    far after each run, so that an interrupted series still leaves its finished runs."""
     pickle_by_value()
     runs: list[RunResult] = []
-    workloads = ("spill",) if quick else WORKLOADS
     contenders = ("plain", "safe") if quick else CONTENDERS
     for repeat in range(1 if quick else repeats):
-        for workload in workloads:
+        for workload in ("spill",) if quick else workloads:
             for contender in contenders:
                 runs.append(run_once(contender, workload, repeat, work, log))
+                if dump is not None:
+                    dump(runs)
     return runs
 
 
 def run_frontier(repeats: int, work: Path, log: Callable[[str], None]) -> list[RunResult]:
     """Efficiency against kills: M shrunk to SMALL_M_LIMIT (about the small VM's headroom),
     the seed (no allowance: kernel limit = Dask limit = headroom) and dask-safe-worker at
-    each allowance, on the workloads whose kills matter (spill, fast burst), interleaved."""
+    each allowance, on spill and burst (the fast burst reaches the kernel limit whatever
+    the allowance: see its own table), interleaved."""
     pickle_by_value()
     runs: list[RunResult] = []
     contenders = ["seed"] + [f"safe@{a}" for a in FRONTIER_ALLOWANCES]
     for repeat in range(repeats):
-        for workload in ("spill", "fastburst"):
+        for workload in ("spill", "burst"):
             for contender in contenders:
                 runs.append(run_once(contender, workload, repeat, work, log, SMALL_M_LIMIT))
     return runs

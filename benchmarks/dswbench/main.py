@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one spill pair (plain, safe)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma-separated, of " + ",".join(WORKLOADS),
+    )
     parser.add_argument("--pairs", type=int, default=7, help="registration pairs")
     parser.add_argument("--loops", type=int, default=20, help="runs per query-mode timing")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -146,11 +151,21 @@ def main(argv: list[str] | None = None) -> int:
         quick = ns.quick
         with tempfile.TemporaryDirectory(prefix="dsw-bench-") as tmp:
             work = Path(tmp)
-            runs = run_pressure(ns.quick, ns.repeats, work, log)
-            if ns.json:
-                # A first dump, in case the start-up part fails: runs are the slow part.
-                ns.json.parent.mkdir(parents=True, exist_ok=True)
-                ns.json.write_text(json.dumps({"runs": [asdict(r) for r in runs]}, default=str))
+
+            def dump(so_far: list[RunResult]) -> None:
+                # After every run, in case the series or the start-up part is cut short:
+                # runs are the slow part, and --from-json renders what finished.
+                if ns.json:
+                    ns.json.parent.mkdir(parents=True, exist_ok=True)
+                    meta = {"started_at": started_at, "command": command, "quick": ns.quick}
+                    raw = {"meta": meta, "runs": [asdict(r) for r in so_far]}
+                    ns.json.write_text(json.dumps(raw, default=str))
+
+            workloads = tuple(w for w in ns.workloads.split(",") if w)
+            unknown = set(workloads) - set(WORKLOADS)
+            if unknown:
+                parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+            runs = run_pressure(ns.quick, ns.repeats, work, log, workloads, dump)
             startup = measure_startup(
                 2 if ns.quick else ns.pairs, 5 if ns.quick else ns.loops, work, log
             )

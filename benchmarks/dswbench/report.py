@@ -18,6 +18,7 @@ from .common import (
     AGENT_BYTES,
     CHUNK_BYTES,
     CONTENDERS,
+    FRONTIER_ALLOWANCES,
     M_LIMIT,
     NTHREADS,
     REPO,
@@ -573,19 +574,20 @@ def frontier_section(runs: list[RunResult]) -> list[str]:
         f"The same scenario with M = {fmt_bytes(m_limit)} (the agent still holds "
         f"{fmt_bytes(AGENT_BYTES)}), so that the worker's headroom is about the small VM's. "
         "Points: the seed (no allowance, Dask limit = kernel limit = headroom) and "
-        "dask-safe-worker with `--nanny-allowance` 0, 40 (the default) and 96 MiB (the "
-        "previous default); spill and fast burst, "
+        "dask-safe-worker with `--nanny-allowance` "
+        + ", ".join(str(a) for a in FRONTIER_ALLOWANCES)
+        + " MiB; spill and burst (`np.ones`), "
         f"{max(r.repeat for r in runs) + 1} runs each, interleaved.",
         "",
         "| point | allowance | budget efficiency | spill: outcome | spill: wall | "
-        "kernel OOM kills W / M (spill) | fast burst: kernel OOM kills W / M | "
-        "fast burst: nanny restarts | agent, scheduler, nanny, PID 1 alive |",
+        "kernel OOM kills W / M (spill) | burst: kernel OOM kills W / M | "
+        "burst: nanny restarts | agent, scheduler, nanny, PID 1 alive |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for c in contenders:
         rs = [r for r in runs if r.contender == c]
         sp = [r for r in rs if r.workload == "spill"]
-        fb = [r for r in rs if r.workload == "fastburst"]
+        fb = [r for r in rs if r.workload == "burst"]
         a = allowance_of(c)
         alive = sum(r.agent_alive and r.scheduler_alive and r.nanny_alive and r.init_alive
                     for r in rs)  # fmt: skip
