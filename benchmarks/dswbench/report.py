@@ -205,7 +205,15 @@ def write_report(
             f"{fmt_bytes(statistics.median(helpers))}, range {fmt_bytes(min(helpers))}–"
             f"{fmt_bytes(max(helpers))}.",
         ]
-    lines += [""]
+    lines += [
+        "- RSS is not what the nanny costs the cgroup: it counts the shared libraries' file "
+        "pages, which the kernel charges to whichever cgroup read them first. Its charge "
+        "(anonymous memory of the nanny and the resource tracker, and W's working set minus "
+        "the worker's anonymous memory) is measured by `benchmarks/nanny_charge.py` on v1 "
+        "and in every v2 run below; docs/design.md has the table and the allowance derived "
+        "from it.",
+        "",
+    ]
 
     lines += ["## Start-up cost", ""]
     if startup is None:
