@@ -322,7 +322,7 @@ def run_once(
             with scheduler(run_dir / "scheduler.log", started) as (address, sched):
                 args[0] = address
                 argv = contender_argv(contender, args, run_dir / "plan.json")
-                client = Client(address, timeout=30)
+                client = Client(address, timeout=120)
                 t0 = time.monotonic()
                 sampler = Sampler(m, w, started, t0)
                 sampler.start()
@@ -337,10 +337,10 @@ def run_once(
                 started.add(worker.pid)
                 sampler.nanny_pid = worker.pid
                 try:
-                    res.register_s = wait_registered(client, since, 90)
+                    res.register_s = wait_registered(client, since, 240)
                     if res.register_s is None:
-                        raise RuntimeError("worker did not register within 90 s")
-                    client.wait_for_workers(1, timeout=30)
+                        raise RuntimeError("worker did not register within 240 s")
+                    client.wait_for_workers(1, timeout=60)
                     limits = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
                     res.dask_memory_limit = next(iter(limits.values()))
                     res.efficiency = sum(limits.values()) / headroom
@@ -428,6 +428,25 @@ def run_once(
     return res
 
 
+def run_retrying(
+    contender: str,
+    workload: str,
+    repeat: int,
+    work: Path,
+    log: Callable[[str], None],
+    m_limit: int = M_LIMIT,
+) -> RunResult:
+    """One run; a run whose set-up failed (scheduler or worker not up in time on a
+    saturated machine) is tried once more, then recorded as not measured."""
+    for attempt in range(2):
+        try:
+            return run_once(contender, workload, repeat, work / f"try{attempt}", log, m_limit)
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            log(f"{workload} {contender} #{repeat}: set-up failed ({exc}); attempt {attempt + 1}")
+            error = f"{type(exc).__name__}: {exc}"[:200]
+    return RunResult(contender, workload, repeat, m_limit, outcome="not measured", error=error)
+
+
 def run_pressure(
     quick: bool,
     repeats: int,
@@ -444,13 +463,18 @@ def run_pressure(
     for repeat in range(1 if quick else repeats):
         for workload in ("spill",) if quick else workloads:
             for contender in contenders:
-                runs.append(run_once(contender, workload, repeat, work, log))
+                runs.append(run_retrying(contender, workload, repeat, work, log))
                 if dump is not None:
                     dump(runs)
     return runs
 
 
-def run_frontier(repeats: int, work: Path, log: Callable[[str], None]) -> list[RunResult]:
+def run_frontier(
+    repeats: int,
+    work: Path,
+    log: Callable[[str], None],
+    dump: Callable[[list[RunResult]], None] | None = None,
+) -> list[RunResult]:
     """Efficiency against kills: M shrunk to SMALL_M_LIMIT (about the small VM's headroom),
     the seed (no allowance: kernel limit = Dask limit = headroom) and dask-safe-worker at
     each allowance, on spill and burst (the fast burst reaches the kernel limit whatever
@@ -461,5 +485,7 @@ def run_frontier(repeats: int, work: Path, log: Callable[[str], None]) -> list[R
     for repeat in range(repeats):
         for workload in ("spill", "burst"):
             for contender in contenders:
-                runs.append(run_once(contender, workload, repeat, work, log, SMALL_M_LIMIT))
+                runs.append(run_retrying(contender, workload, repeat, work, log, SMALL_M_LIMIT))
+                if dump is not None:
+                    dump(runs)
     return runs

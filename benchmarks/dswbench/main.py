@@ -109,8 +109,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pressure.py: cannot create test cgroups: {reason}", file=sys.stderr)
             return 2
         with tempfile.TemporaryDirectory(prefix="dsw-bench-") as tmp:
-            only = run_frontier(ns.frontier, Path(tmp), log)
-        ns.frontier_json.write_text(json.dumps([asdict(r) for r in only], default=str))
+            path = ns.frontier_json
+
+            def dump_frontier(so_far: list[RunResult]) -> None:
+                path.write_text(json.dumps([asdict(r) for r in so_far], default=str))
+
+            dump_frontier(run_frontier(ns.frontier, Path(tmp), log, dump_frontier))
         return 0
     command = "uv run python benchmarks/pressure.py" + (" --quick" if ns.quick else "")
     remeasured = ns.remeasure_startup
