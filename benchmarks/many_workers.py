@@ -56,7 +56,8 @@ def common_args(address: str, local: Path) -> list[str]:
     # --death-timeout also bounds the start of the nanny's worker processes: eight of them
     # spawning at once on two busy CPUs need minutes, not the usual 60 s.
     return [address, "--nthreads", "1", "--nworkers", str(NWORKERS), "--host", "127.0.0.1",
-            "--no-dashboard", "--local-directory", str(local), "--death-timeout", "600"]  # fmt: skip
+            "--no-dashboard", "--local-directory", str(local),
+            "--death-timeout", "600"]  # fmt: skip
 
 
 def part_nworkers(work: Path) -> dict[str, Any]:
