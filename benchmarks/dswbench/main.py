@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         import pressure_vm
 
         vm_docs = pressure_vm.run_rounds(
-            list(CONTENDERS), ns.repeats, REPO / ".tmp" / "pressure-vm", log
+            list(CONTENDERS), ns.repeats, REPO / ".tmp" / "pressure-vm", 0, log
         )
         if ns.json:
             ns.json.with_suffix(".vm.json").write_text(json.dumps(vm_docs, default=str))
