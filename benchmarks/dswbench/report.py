@@ -337,21 +337,25 @@ WORKLOAD_NOTES = {
     "spill": [
         "Plain never spills: its limit is the host's RAM, so W grows until M is full. The "
         "kernel then kills the worker inside W, and the nanny restarts it until the "
-        "scheduler gives up with KilledWorker. Safe and seed spill at their Dask limit, and "
-        "both finish. Their `failcnt` on W counts reclaims of spill page cache at W's "
-        "limit, not kills.",
+        "scheduler gives up with KilledWorker (or the bound runs out). Safe and seed spill "
+        "at their Dask limit with no kernel OOM kill. Their `failcnt` on W counts reclaims "
+        "of spill page cache at W's limit, not kills. Safe's hung run was a run on a "
+        "saturated host (load average about 50 while other sessions' VMs ran): its worker "
+        "took 184 s to register, its event loop stalled for up to 16 s at a time, it had "
+        "spilled 192 MiB when the 180 s bound ran out, and nothing was OOM-killed.",
         "",
     ],
     "burst": [
         "A single task of 1.2 × the headroom cannot succeed anywhere: the point is "
-        "*who* stops it. Plain hits M's limit (M's `failcnt`) and is OOM-killed by the "
-        "kernel 4 times per run. With safe and seed, the nanny's 95 % terminate fires "
-        "first every time (nanny restarts = deaths by signal, zero kernel kills). On this "
-        "shared machine, touching 2.9 GiB took several seconds (see the plot), which "
-        "gave the nanny's 100 ms RSS poll time to act. A faster allocation would reach "
-        "W's kernel limit instead, and the kill would still be confined to W.",
+        "*who* stops it. Plain reaches M's limit (M's `failcnt`) and the kernel kills the "
+        "worker 4 times per run. `np.ones` faults its pages in from user space; here it "
+        "grew W by up to 0.6–0.7 GiB between two 100 ms samples, so whether the nanny's "
+        "95 % restart or W's kernel limit comes first is a race. Safe's allowance leaves "
+        "room for one poll's growth: the nanny won every time. The seed (no allowance) "
+        "lost the race once. Every kill stayed inside W.",
         "",
     ],
+    "fastburst": [],
     "steady": [
         "Nothing goes wrong with any contender. Wall times differ only by noise.",
         "",
@@ -585,7 +589,7 @@ def frontier_section(runs: list[RunResult]) -> list[str]:
         "dask-safe-worker with `--nanny-allowance` "
         + ", ".join(str(a) for a in FRONTIER_ALLOWANCES)
         + " MiB; spill and burst (`np.ones`), "
-        f"{max(r.repeat for r in runs) + 1} runs each, interleaved.",
+        f"{max(r.repeat for r in runs) + 1} run(s) per point and workload, interleaved.",
         "",
         "| point | allowance | budget efficiency | spill: outcome | spill: wall | "
         "kernel OOM kills W / M (spill) | burst: kernel OOM kills W / M | "
