@@ -116,17 +116,29 @@ def main(argv: list[str] | None = None) -> int:
 
             dump_frontier(run_frontier(ns.frontier, Path(tmp), log, dump_frontier))
         return 0
-    command = "uv run python benchmarks/pressure.py" + (" --quick" if ns.quick else "")
+    # The command as given, so that the report names the options it was generated with.
+    given = [a for a in (sys.argv[1:] if argv is None else argv)]
+    command = " ".join(["uv run python benchmarks/pressure.py", *given])
     remeasured = ns.remeasure_startup
     if ns.from_json:
         remeasured = remeasured or bool(
             json.loads(ns.from_json.read_text()).get("meta", {}).get("startup_remeasured")
         )
     if ns.from_json and ns.vm_json:
+        first = json.loads(ns.from_json.read_text()).get("meta", {}).get("command", "")
+        if "--no-vm" not in first:
+            first = "uv run python benchmarks/pressure.py --no-vm --json raw.json"
+        rounds = len({d.get("round") for d in json.loads(ns.vm_json.read_text())})
+        repeats = 1
+        if ns.frontier_json and ns.frontier_json.exists():
+            repeats = 1 + max((r["repeat"] for r in json.loads(ns.frontier_json.read_text())),
+                              default=0)  # fmt: skip
         command = (
-            "uv run python benchmarks/pressure.py --no-vm --json raw.json  # v1 and start-up\n"
-            "uv run python benchmarks/pressure.py --only-frontier --frontier-json f.json\n"
-            "uv run python benchmarks/pressure_vm.py --json vm.json     # v2 small VM\n"
+            f"{first}  # v1 and start-up\n"
+            "uv run python benchmarks/pressure.py --only-frontier "
+            f"--frontier {repeats} --frontier-json f.json\n"
+            f"uv run python benchmarks/pressure_vm.py --rounds {rounds} --json vm.json"
+            "  # v2 small VM\n"
             "uv run python benchmarks/pressure.py --from-json raw.json --vm-json vm.json"
             + (" --frontier-json f.json" if ns.frontier_json else "")
             + (" --remeasure-startup  # start-up again, on newer code" if remeasured else "")

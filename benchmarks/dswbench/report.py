@@ -499,15 +499,21 @@ def vm_section(docs: list[dict[str, Any]], img: Path, report: Path) -> list[str]
     errors = sorted({f"{d['contender']}: {d.get('error')}"[:300] for d in docs if d.get("error")})
     if errors:
         lines += ["Errors seen:", ""] + [f"- `{e}`" for e in errors] + [""]
-    kills = [
-        f"- {d['contender']} (round {d.get('round', 0)}): `{line.strip()[:200]}`"
-        for d in docs
-        for line in d.get("dmesg_oom", [])
-    ]
+
+    # The kernel's ring buffer spans a boot: a round's later runs list its earlier kills
+    # too. Each line goes to the first run of its round (rounds rotate the order) that saw it.
+    def run_order(d: dict[str, Any]) -> tuple[int, int]:
+        r = int(d.get("round", 0))
+        return r, (CONTENDERS.index(d["contender"]) - r) % len(CONTENDERS)
+
+    seen: dict[str, str] = {}
+    for d in sorted(docs, key=run_order):
+        for line in d.get("dmesg_oom", []):
+            seen.setdefault(line.strip(), f"{d['contender']} (round {d.get('round', 0)})")
+    kills = [f"- {who}: `{line[:200]}`" for line, who in seen.items()]
     if kills:
-        lines += ["Kernel log, `Killed process` lines (the ring buffer spans a boot, so a "
-                  "round's later runs also list its earlier kills):", "",
-                  *list(dict.fromkeys(kills))[:24], ""]  # fmt: skip
+        lines += ["Kernel log, `Killed process` lines, each under the run that caused it:",
+                  "", *kills[:24], ""]  # fmt: skip
     firsts = [by[c][0] for c in cs]
     if plot_vm(firsts, img):
         rel = os.path.relpath(img, report.parent)
