@@ -161,7 +161,7 @@ OUR_OPTIONS: list[click.Parameter] = [
         "nanny-allowance",
         type=_SizeType(),
         default=str(DEFAULT_NANNY_ALLOWANCE),
-        show_default="96MiB",
+        show_default="40MiB",
         help="Memory set aside for each nanny process, outside the workers' limits.",
     ),
     _option(
