@@ -11,11 +11,12 @@ scheduler in the root cgroup, and the worker in a cgroup W without a limit. Cont
   with cgroup2 remounted, so that dask itself reads that limit at /sys/fs/cgroup.
 
 Workload: spill (random arrays of 1.5 x MemAvailable measured before the worker starts,
-persisted, then summed). One VM boot per contender: the guest is software-emulated, so a
-run takes minutes.
+persisted, then summed). Three rounds (VM boots); each runs plain, safe and seed one after
+the other, in fresh cgroups, the order rotated per round (interleaved). The guest is
+software-emulated, so a round takes many minutes.
 
-Host side:  uv run python benchmarks/pressure_vm.py [--contenders plain,safe,seed]
-Guest side: run by the host side through run_in_vm (`--guest CONTENDER`).
+Host side:  uv run python benchmarks/pressure_vm.py [--rounds 3] [--contenders plain,safe,seed]
+Guest side: run by the host side through run_in_vm (`--guest C1,C2,C3 --round N`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ MiB = 2**20
 VM_MEMORY = "1536M"
 AGENT_BYTES = 350 * MiB
 WORKLOAD_TIMEOUT = 300.0
-START_TIMEOUT = 300.0
+START_TIMEOUT = 600.0
 RESTART_MEMORY_RE = re.compile(r"exceeded \d+% memory budget\. Restarting")
 KILLED_RE = re.compile(r"Worker process \d+ was killed by signal (\d+)")
 
@@ -76,8 +77,36 @@ def protect_harness() -> None:
         pid = int(stat.rsplit(")", 1)[1].split()[1])
 
 
-def guest_main(contender: str, results: Path) -> int:
+def guest_main(contenders: list[str], round_no: int, results: Path) -> int:
+    """The contenders one after the other in this boot, each in fresh cgroups."""
+    for contender in contenders:
+        try:
+            guest_run(contender, round_no, results)
+        except Exception as exc:
+            # One contender's failure (e.g. a start-up timeout on a starved host) must not
+            # cost the round's other contenders: record it and go on.
+            doc_path = results / f"vm-{contender}-{round_no}.json"
+            doc = json.loads(doc_path.read_text()) if doc_path.exists() else {}
+            doc.update(contender=contender, round=round_no, outcome="run failed",
+                       error=f"{type(exc).__name__}: {str(exc)[:300]}")  # fmt: skip
+            doc_path.write_text(json.dumps(doc, default=str))
+    return 0
+
+
+def charge_snapshot(w: Any) -> dict[str, Any]:
+    """The nanny side's charge to W (dswbench/charge.py), as on the v1 host."""
+    from dswbench.charge import charge, parse_stat, read_procs
+
+    stat = parse_stat(w.read("memory.stat"))
+    kernel = stat.get("kernel")
+    if kernel is None:  # kernels before 5.18 have no "kernel" line: its main parts
+        kernel = sum(stat.get(k, 0) for k in ("kernel_stack", "pagetables", "slab", "percpu"))
+    return charge(stat, int(w.read("memory.current")), kernel, read_procs(w.pids())).as_dict()
+
+
+def guest_run(contender: str, round_no: int, results: Path) -> int:
     sys.path.insert(0, str(REPO / "tests" / "vm" / "guest"))
+    sys.path.insert(0, str(REPO / "benchmarks"))
     from guest_cgroups import (
         CGROUP2,
         PYTHON,
@@ -93,12 +122,21 @@ def guest_main(contender: str, results: Path) -> int:
     root = Cgroup(CGROUP2)
     if "memory" not in root.read("cgroup.subtree_control").split():
         root.enable_memory()
-    out: dict[str, Any] = {"contender": contender, "series": {"t": [], "used": [], "w": []}}
-    result_file = results / f"vm-{contender}.json"
+    out: dict[str, Any] = {
+        "contender": contender,
+        "round": round_no,
+        "series": {"t": [], "used": [], "w": []},
+    }
+    tag = f"{contender}-{round_no}"
+    result_file = results / f"vm-{tag}.json"
 
     def save() -> None:
         result_file.write_text(json.dumps(out, default=str))
 
+    # The previous run's protect_harness() left this process at -1000, and the scenario's
+    # processes would inherit it: back to 0 until they are started.
+    with contextlib.suppress(OSError):
+        Path("/proc/self/oom_score_adj").write_text("0")
     procs = Processes()
     oom_before = _vmstat("oom_kill")
     with make_cgroup_tree(procs, "bench") as base:
@@ -111,7 +149,7 @@ def guest_main(contender: str, results: Path) -> int:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         address = f"tcp://127.0.0.1:{port}"
-        sched_log = open(results / f"vm-{contender}-scheduler.log", "wb")  # noqa: SIM115
+        sched_log = open(results / f"vm-{tag}-scheduler.log", "wb")  # noqa: SIM115
         scheduler = procs.popen(
             [
                 PYTHON,
@@ -132,15 +170,17 @@ def guest_main(contender: str, results: Path) -> int:
         mem = _meminfo()
         available = mem["MemAvailable"]
         out.update(mem_total=mem["MemTotal"], mem_available_before=available)
-        local = results / f"vm-{contender}-local"
+        local = results / f"vm-{tag}-local"
         local.mkdir(exist_ok=True)
         args = [address, "--nthreads", "2", "--nworkers", "1", "--host", "127.0.0.1"]
-        args += ["--no-dashboard", "--local-directory", str(local), "--death-timeout", "120"]
+        # --death-timeout also bounds the start of the worker process, which takes minutes
+        # in the emulated guest when the host is busy.
+        args += ["--no-dashboard", "--local-directory", str(local), "--death-timeout", "600"]
         if contender == "safe":
             argv = enter(
                 w,
                 [SAFE_WORKER, "--log-format", "json", "--plan-file",
-                 str(results / "vm-safe-plan.json"), *args],
+                 str(results / f"vm-{tag}-plan.json"), *args],
             )  # fmt: skip
         elif contender == "seed":
             w.write("memory.max", available)
@@ -162,7 +202,7 @@ def guest_main(contender: str, results: Path) -> int:
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        worker_log = open(results / f"vm-{contender}-worker.log", "wb")  # noqa: SIM115
+        worker_log = open(results / f"vm-{tag}-worker.log", "wb")  # noqa: SIM115
         launched = time.monotonic()
         worker = procs.popen(argv, stdout=worker_log, stderr=subprocess.STDOUT)
         # Only now, with every process of the scenario started (they would inherit it),
@@ -174,6 +214,9 @@ def guest_main(contender: str, results: Path) -> int:
             limits = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
             out["dask_memory_limit"] = next(iter(limits.values()))
             out["w_memory_max"] = w.read("memory.max")
+            time.sleep(2)  # past the worker's start-up allocations
+            with contextlib.suppress(OSError, ValueError):
+                out["charge_idle"] = charge_snapshot(w)
             save()
             import dask.array as da
 
@@ -185,6 +228,8 @@ def guest_main(contender: str, results: Path) -> int:
                 x = client.persist(da.random.random(n, chunks=chunk))
                 client.compute(x.sum()).result(timeout=WORKLOAD_TIMEOUT)
                 out["outcome"] = "completed"
+                with contextlib.suppress(OSError, ValueError):
+                    out["charge_spilled"] = charge_snapshot(w)
                 del x
             except TimeoutError:
                 out["outcome"] = f"hung (>{WORKLOAD_TIMEOUT:.0f} s)"
@@ -206,7 +251,7 @@ def guest_main(contender: str, results: Path) -> int:
             sampler.join(5)
             worker_log.close()
             sched_log.close()
-            text = (results / f"vm-{contender}-worker.log").read_text(errors="replace")
+            text = (results / f"vm-{tag}-worker.log").read_text(errors="replace")
             out["memory_restarts"] = len(RESTART_MEMORY_RE.findall(text))
             out["killed_by_signal"] = len(KILLED_RE.findall(text))
             out["dmesg_oom"] = [
@@ -227,7 +272,10 @@ def _print(msg: str) -> None:
     print(msg, flush=True)
 
 
-def run_contender(contender: str, results: Path, log: Any = _print) -> dict[str, Any]:
+def run_round(
+    round_no: int, order: list[str], results: Path, log: Any = _print
+) -> list[dict[str, Any]]:
+    """One boot: the contenders in `order`, one after the other; a result per contender."""
     sys.path.insert(0, str(REPO / "tests" / "vm"))
     from vmrun import VMBootError, VMUnavailable, run_in_vm
 
@@ -235,54 +283,77 @@ def run_contender(contender: str, results: Path, log: Any = _print) -> dict[str,
     venv_bin = Path(sys.executable).parent
     env = {
         "PATH": f"{venv_bin}:/usr/sbin:/usr/bin:/sbin:/bin",
-        "HOME": "/tmp/home",
-        "PYTHONPYCACHEPREFIX": "/tmp/pycache",
         "PYTHONUNBUFFERED": "1",
         # Not the guest test suite: its conftest refuses to run outside it, this does not.
         "DSW_VM_RESULTS": str(results),
     }
     command = (
-        f"mkdir -p /tmp/home && {shlex.quote(sys.executable)} "
-        f"{shlex.quote(str(Path(__file__).resolve()))} --guest {contender} "
-        f"--results {shlex.quote(str(results))}"
+        f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))} "
+        f"--guest {','.join(order)} --round {round_no} --results {shlex.quote(str(results))}"
     )
     t = time.monotonic()
     try:
-        completed = run_in_vm(command, memory=VM_MEMORY, timeout=1200, rwdirs=[results], env=env)
+        # warm_python: bytecode compiled on the host, else every Python process that
+        # imports distributed compiles it again in the emulated CPU (~20 s each).
+        completed = run_in_vm(
+            command, memory=VM_MEMORY, timeout=900 * len(order), rwdirs=[results], env=env,
+            warm_python=True,
+        )  # fmt: skip
     except VMUnavailable as exc:
-        return {"contender": contender, "outcome": "not run", "error": str(exc)[:400]}
+        return [{"contender": c, "round": round_no, "outcome": "not run",
+                 "error": str(exc)[:400]} for c in order]  # fmt: skip
     except VMBootError as exc:
         # The guest may have died under memory pressure: keep what it saved so far.
         completed = subprocess.CompletedProcess([], -1, "", str(exc)[-1500:])
-    doc: dict[str, Any] = {"contender": contender}
-    result_file = results / f"vm-{contender}.json"
-    if result_file.exists():
-        doc = json.loads(result_file.read_text())
-    doc.setdefault("outcome", "VM ended before the run finished")
-    doc["vm_wall_s"] = time.monotonic() - t
-    doc["vm_exit"] = completed.returncode
-    if completed.returncode:
-        doc["vm_stderr_tail"] = (completed.stdout + completed.stderr)[-1500:]
-    log(
-        f"vm {contender}: {doc.get('outcome')} wall={doc.get('wall_s')} "
-        f"dask_limit={doc.get('dask_memory_limit')} W.max={doc.get('w_memory_max')} "
-        f"global_oom={doc.get('global_oom_kills')} agent={doc.get('agent_alive')} "
-        f"sched={doc.get('scheduler_alive')} boot+run={doc['vm_wall_s']:.0f}s "
-        f"exit={completed.returncode}"
-    )
-    return doc
+    boot_s = time.monotonic() - t
+    docs = []
+    for position, contender in enumerate(order):
+        doc: dict[str, Any] = {"contender": contender, "round": round_no}
+        result_file = results / f"vm-{contender}-{round_no}.json"
+        if result_file.exists():
+            doc = json.loads(result_file.read_text())
+        doc.setdefault("outcome", "VM ended before the run finished")
+        doc["position"] = position
+        doc["vm_wall_s"] = boot_s
+        doc["vm_exit"] = completed.returncode
+        if completed.returncode:
+            doc["vm_stderr_tail"] = (completed.stdout + completed.stderr)[-1500:]
+        log(
+            f"vm round {round_no} {contender}: {doc.get('outcome')} wall={doc.get('wall_s')} "
+            f"dask_limit={doc.get('dask_memory_limit')} W.max={doc.get('w_memory_max')} "
+            f"global_oom={doc.get('global_oom_kills')} agent={doc.get('agent_alive')} "
+            f"sched={doc.get('scheduler_alive')} boot+runs={boot_s:.0f}s "
+            f"exit={completed.returncode}"
+        )
+        docs.append(doc)
+    return docs
+
+
+def run_rounds(
+    contenders: list[str], rounds: int, results: Path, first: int = 0, log: Any = _print
+) -> list[dict[str, Any]]:
+    """`rounds` boots; each runs every contender once, the order rotated per round so that
+    each contender goes first, second and third as often (interleaved)."""
+    docs: list[dict[str, Any]] = []
+    for r in range(first, first + rounds):
+        k = r % len(contenders)
+        docs += run_round(r, contenders[k:] + contenders[:k], results, log)
+    return docs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--guest", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, default=REPO / ".tmp" / "pressure-vm")
+    parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--contenders", default="plain,safe,seed")
+    parser.add_argument("--rounds", type=int, default=3, help="boots; each runs all contenders")
+    parser.add_argument("--first-round", type=int, default=0, help="number of the first round")
     parser.add_argument("--json", type=Path, default=None)
     ns = parser.parse_args(argv)
     if ns.guest:
-        return guest_main(ns.guest, ns.results)
-    docs = [run_contender(c, ns.results.resolve()) for c in ns.contenders.split(",")]
+        return guest_main(ns.guest.split(","), ns.round, ns.results)
+    docs = run_rounds(ns.contenders.split(","), ns.rounds, ns.results.resolve(), ns.first_round)
     if ns.json:
         ns.json.write_text(json.dumps(docs, default=str))
     return 0

@@ -30,6 +30,20 @@ _.headroom_before
 _.workload_bytes
 _.stats_error
 _.nanny_rss_median
+# benchmarks/dswbench/charge.Proc and Charge (the nanny-charge report's JSON)
+pss
+anonymous
+private_dirty
+private_clean
+shared_clean
+rss_file
+cgroup_anon
+cgroup_file
+cgroup_kernel
+nanny_private
+worker_rss
+by_cgroup
+by_smaps
 
 # Read by others: dask calls the preloads' dask_setup; cgroupspy reads full_path and
 # limit_in_bytes; attributes set on dask's objects and on sys.

@@ -8,7 +8,13 @@ from hypothesis import strategies as st
 
 from dask_safe_worker.dask_compat import WorkerArgsError
 from dask_safe_worker.measure import LevelReading, Measurement
-from dask_safe_worker.plan import PlanError, Settings, make_plan, resolve_user_memory_limit
+from dask_safe_worker.plan import (
+    DEFAULT_NANNY_ALLOWANCE,
+    PlanError,
+    Settings,
+    make_plan,
+    resolve_user_memory_limit,
+)
 from dask_safe_worker.proc_parse import HostMemory
 from dask_safe_worker.sizes import Amount
 from dask_safe_worker.worker_args import WorkerArgs
@@ -51,7 +57,7 @@ def test_worked_example_from_design_doc() -> None:
     plan = make_plan(m, WorkerArgs(nworkers="2", nthreads=1), Settings())
     assert plan.available == 3 * GiB - 630 * MiB
     assert plan.budget == 30 * MiB + plan.available
-    assert plan.overhead == 2 * 96 * MiB
+    assert plan.overhead == 2 * DEFAULT_NANNY_ALLOWANCE
     assert plan.per_worker == (plan.budget - plan.overhead) // 2
     assert plan.memory_limit_arg == plan.per_worker
     assert plan.limiting == "/vm"

@@ -18,13 +18,20 @@ M_LIMIT = 3 * GiB
 AGENT_BYTES = 600 * MiB
 NTHREADS = 2
 CHUNK_BYTES = 64 * MiB
+# The fast burst's rate probe: small enough to fit every contender's limit.
+PROBE_BYTES = 512 * MiB
+# The efficiency frontier: the same scenario with M shrunk to the small VM's headroom.
+SMALL_M_LIMIT = 1536 * MiB
+FRONTIER_ALLOWANCES = (40, 64, 96)
 
 PY = sys.executable
 SAFE = str(Path(PY).parent / "dask-safe-worker")
 CONTENDERS = ("plain", "safe", "seed")
-WORKLOADS = ("spill", "burst", "steady")
+WORKLOADS = ("spill", "burst", "fastburst", "steady")
 # Per-workload bound after which a run counts as hung.
-TIMEOUTS = {"spill": 180.0, "burst": 120.0, "steady": 90.0}
+TIMEOUTS = {"spill": 180.0, "burst": 120.0, "fastburst": 120.0, "steady": 90.0}
+# Workload size as a share of M's headroom.
+SHARES = {"spill": 1.5, "burst": 1.2, "fastburst": 1.2, "steady": 0.3}
 
 
 def fmt_bytes(n: float | None) -> str:

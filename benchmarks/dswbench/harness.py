@@ -23,10 +23,14 @@ from scheduler_util import free_port
 from .common import (
     AGENT_BYTES,
     CONTENDERS,
+    FRONTIER_ALLOWANCES,
     M_LIMIT,
     NTHREADS,
     PY,
+    REPO,
     SAFE,
+    SHARES,
+    SMALL_M_LIMIT,
     TIMEOUTS,
     WORKLOADS,
     KiB,
@@ -156,13 +160,21 @@ def scheduler(log_path: Path, started: set[int]) -> Iterator[tuple[str, subproce
         proc = subprocess.Popen(
             [PY, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
              "--port", str(port), "--no-dashboard"],
-            stdout=log, stderr=subprocess.STDOUT,
+            stdout=log, stderr=subprocess.STDOUT, env=bench_env(),
         )  # fmt: skip
     started.add(proc.pid)
     try:
         yield address, proc
     finally:
         end_process(proc, 10)
+
+
+def bench_env() -> dict[str, str]:
+    """Our environment plus this package on the path: distributed pickles a task graph as a
+    whole, by reference, so the scheduler and worker must import dswbench.workloads."""
+    path = os.environ.get("PYTHONPATH")
+    bench = str(REPO / "benchmarks")
+    return {**os.environ, "PYTHONPATH": f"{bench}:{path}" if path else bench}
 
 
 def worker_args(address: str, local_dir: str) -> list[str]:
@@ -177,9 +189,17 @@ def worker_args(address: str, local_dir: str) -> list[str]:
     ]  # fmt: skip
 
 
+def allowance_of(contender: str) -> int | None:
+    """ "safe@40" is dask-safe-worker with --nanny-allowance 40MiB (the frontier's points)."""
+    _, sep, mib = contender.partition("@")
+    return int(mib) * 2**20 if sep else None
+
+
 def contender_argv(contender: str, args: list[str], plan_file: Path) -> list[str]:
-    if contender == "safe":
-        return [SAFE, "--log-format", "json", "--plan-file", str(plan_file), *args]
+    if contender.startswith("safe"):
+        allowance = allowance_of(contender)
+        extra = ["--nanny-allowance", str(allowance)] if allowance is not None else []
+        return [SAFE, "--log-format", "json", "--plan-file", str(plan_file), *extra, *args]
     return [PY, "-m", "distributed.cli.dask_worker", *args]
 
 
@@ -192,6 +212,14 @@ def wait_registered(client: Any, since: float, timeout: float) -> float | None:
                 return float(stamp) - since
         time.sleep(0.05)
     return None
+
+
+def init_started() -> str:
+    """PID 1's start time (field 22 of /proc/1/stat): unchanged means PID 1 survived."""
+    try:
+        return Path("/proc/1/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return "?"
 
 
 def call_with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
@@ -212,6 +240,7 @@ class RunResult:
     contender: str
     workload: str
     repeat: int
+    m_limit: int = M_LIMIT
     outcome: str = "?"
     error: str | None = None
     wall_s: float | None = None
@@ -234,6 +263,15 @@ class RunResult:
     peak_m: int = 0
     peak_m_working_set: int = 0
     stats_error: str | None = None
+    # Dask's total limit across workers (one worker here) / M's headroom before the start:
+    # how much of the memory the "VM" could give the worker Dask may use.
+    efficiency: float | None = None
+    # The fast burst: seconds to populate PROBE_BYTES (its second try), and PID 1 alive.
+    populate_probe_s: float | None = None
+    init_alive: bool = True
+    # Largest growth of W's usage between two samples (about 100 ms apart), and the gap.
+    w_max_step: int = 0
+    w_max_step_s: float | None = None
     nanny_rss_median: int | None = None
     nanny_rss_max: int | None = None
     processes_in_w: list[tuple[int, int | None, int | None, str]] = field(default_factory=list)
@@ -246,16 +284,22 @@ class RunResult:
 
 
 def run_once(
-    contender: str, workload: str, repeat: int, work: Path, log: Callable[[str], None]
+    contender: str,
+    workload: str,
+    repeat: int,
+    work: Path,
+    log: Callable[[str], None],
+    m_limit: int = M_LIMIT,
 ) -> RunResult:
     from distributed import Client
 
-    res = RunResult(contender, workload, repeat)
-    run_dir = work / f"{workload}-{contender}-{repeat}"
+    res = RunResult(contender, workload, repeat, m_limit)
+    run_dir = work / f"{workload}-{contender}-{repeat}-{m_limit >> 20}"
     run_dir.mkdir(parents=True)
     started: set[int] = set()
+    init_before = init_started()
     with make_test_cgroup(started, prefix="dsw-bench") as m:
-        m.set_limit(M_LIMIT)
+        m.set_limit(m_limit)
         w = m.child("w")
         agent = subprocess.Popen(
             m.enter_command([PY, "-c", AGENT_CODE, str(AGENT_BYTES)]),
@@ -268,11 +312,9 @@ def run_once(
                 raise RuntimeError("agent did not start")
             (m.path / "memory.max_usage_in_bytes").write_text("0")
             # The MemAvailable-equivalent of the "VM": its limit minus its working set.
-            headroom = M_LIMIT - m.working_set()
+            headroom = m_limit - m.working_set()
             res.headroom_before = headroom
-            res.workload_bytes = int(
-                {"spill": 1.5, "burst": 1.2, "steady": 0.3}[workload] * headroom
-            )
+            res.workload_bytes = int(SHARES[workload] * headroom)
             args = worker_args("", str(run_dir / "local"))
             if contender == "seed":
                 w.set_limit(headroom)
@@ -280,28 +322,33 @@ def run_once(
             with scheduler(run_dir / "scheduler.log", started) as (address, sched):
                 args[0] = address
                 argv = contender_argv(contender, args, run_dir / "plan.json")
-                client = Client(address, timeout=30)
+                client = Client(address, timeout=120)
                 t0 = time.monotonic()
                 sampler = Sampler(m, w, started, t0)
                 sampler.start()
                 worker_log = open(run_dir / "worker.log", "wb")  # noqa: SIM115
                 since = time.time()
                 worker = subprocess.Popen(
-                    w.enter_command(argv), stdout=worker_log, stderr=subprocess.STDOUT
+                    w.enter_command(argv),
+                    stdout=worker_log,
+                    stderr=subprocess.STDOUT,
+                    env=bench_env(),
                 )
                 started.add(worker.pid)
                 sampler.nanny_pid = worker.pid
                 try:
-                    res.register_s = wait_registered(client, since, 90)
+                    res.register_s = wait_registered(client, since, 240)
                     if res.register_s is None:
-                        raise RuntimeError("worker did not register within 90 s")
-                    client.wait_for_workers(1, timeout=30)
+                        raise RuntimeError("worker did not register within 240 s")
+                    client.wait_for_workers(1, timeout=60)
                     limits = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
                     res.dask_memory_limit = next(iter(limits.values()))
+                    res.efficiency = sum(limits.values()) / headroom
                     time.sleep(1.0)  # a baseline on the plot, before the work starts
                     t_start = time.monotonic()
+                    info: dict[str, Any] = {}
                     try:
-                        run_workload(client, workload, headroom, TIMEOUTS[workload])
+                        run_workload(client, workload, headroom, TIMEOUTS[workload], info)
                         res.outcome = "completed"
                     except TimeoutError:
                         res.outcome = f"hung (>{TIMEOUTS[workload]:.0f} s)"
@@ -309,6 +356,7 @@ def run_once(
                         res.outcome = "Dask error"
                         res.error = f"{type(exc).__name__}: {str(exc)[:160]}"
                     res.wall_s = time.monotonic() - t_start
+                    res.populate_probe_s = info.get("populate_probe_s")
                     snap = []
                     for pid in tree_pids(w):
                         snap.append((pid, proc_ppid(pid), proc_rss(pid), proc_cmd(pid)))
@@ -348,6 +396,11 @@ def run_once(
             res.failcnt_w = read_int(w.path / "memory.failcnt") or 0
             res.peak_m = read_int(m.path / "memory.max_usage_in_bytes") or 0
             res.peak_m_working_set = max(res.series.m_working_set, default=0)
+            s = res.series
+            for i in range(1, len(s.t)):
+                step = s.w_usage[i] - s.w_usage[i - 1]
+                if step > res.w_max_step:
+                    res.w_max_step, res.w_max_step_s = step, s.t[i] - s.t[i - 1]
             limits_seen = [v for v in res.series.w_limit if v is not None]
             res.w_kernel_limit = min(limits_seen) if limits_seen else None
             text = (run_dir / "worker.log").read_text(errors="replace")
@@ -359,6 +412,7 @@ def run_once(
                 res.nanny_rss_max = max(rss)
         finally:
             end_process(agent, 5)
+    res.init_alive = init_started() == init_before
     log(
         f"{workload:6} {contender:5} #{repeat}: {res.outcome:18} wall={res.wall_s or 0:6.1f}s "
         f"dask_limit={fmt_bytes(res.dask_memory_limit)} W_limit={fmt_bytes(res.w_kernel_limit)} "
@@ -366,20 +420,72 @@ def run_once(
         f"restarts={res.memory_restarts} killed={res.killed_by_signal} "
         f"spilled={fmt_bytes(res.disk_write_bytes)} peakM={fmt_bytes(res.peak_m)} "
         f"peakM_ws={fmt_bytes(res.peak_m_working_set)} reg={res.register_s or 0:.2f}s "
-        f"agent={res.agent_alive} sched={res.scheduler_alive} {res.error or ''}"
+        f"agent={res.agent_alive} sched={res.scheduler_alive} nanny={res.nanny_alive} "
+        f"eff={res.efficiency or 0:.3f} probe={res.populate_probe_s or 0:.3f}s "
+        f"step={fmt_bytes(res.w_max_step)}/{res.w_max_step_s or 0:.2f}s init={res.init_alive} "
+        f"{res.error or ''}"
     )
     return res
 
 
+def run_retrying(
+    contender: str,
+    workload: str,
+    repeat: int,
+    work: Path,
+    log: Callable[[str], None],
+    m_limit: int = M_LIMIT,
+) -> RunResult:
+    """One run; a run whose set-up failed (scheduler or worker not up in time on a
+    saturated machine) is tried once more, then recorded as not measured."""
+    for attempt in range(2):
+        try:
+            return run_once(contender, workload, repeat, work / f"try{attempt}", log, m_limit)
+        except (OSError, RuntimeError, TimeoutError) as exc:
+            log(f"{workload} {contender} #{repeat}: set-up failed ({exc}); attempt {attempt + 1}")
+            error = f"{type(exc).__name__}: {exc}"[:200]
+    return RunResult(contender, workload, repeat, m_limit, outcome="not measured", error=error)
+
+
 def run_pressure(
-    quick: bool, repeats: int, work: Path, log: Callable[[str], None]
+    quick: bool,
+    repeats: int,
+    work: Path,
+    log: Callable[[str], None],
+    workloads: tuple[str, ...] = WORKLOADS,
+    dump: Callable[[list[RunResult]], None] | None = None,
 ) -> list[RunResult]:
+    """Every workload and contender, interleaved, `repeats` times; `dump` gets the results so
+    far after each run, so that an interrupted series still leaves its finished runs."""
     pickle_by_value()
     runs: list[RunResult] = []
-    workloads = ("spill",) if quick else WORKLOADS
     contenders = ("plain", "safe") if quick else CONTENDERS
     for repeat in range(1 if quick else repeats):
-        for workload in workloads:
+        for workload in ("spill",) if quick else workloads:
             for contender in contenders:
-                runs.append(run_once(contender, workload, repeat, work, log))
+                runs.append(run_retrying(contender, workload, repeat, work, log))
+                if dump is not None:
+                    dump(runs)
+    return runs
+
+
+def run_frontier(
+    repeats: int,
+    work: Path,
+    log: Callable[[str], None],
+    dump: Callable[[list[RunResult]], None] | None = None,
+) -> list[RunResult]:
+    """Efficiency against kills: M shrunk to SMALL_M_LIMIT (about the small VM's headroom),
+    the seed (no allowance: kernel limit = Dask limit = headroom) and dask-safe-worker at
+    each allowance, on spill and burst (the fast burst reaches the kernel limit whatever
+    the allowance: see its own table), interleaved."""
+    pickle_by_value()
+    runs: list[RunResult] = []
+    contenders = ["seed"] + [f"safe@{a}" for a in FRONTIER_ALLOWANCES]
+    for repeat in range(repeats):
+        for workload in ("spill", "burst"):
+            for contender in contenders:
+                runs.append(run_retrying(contender, workload, repeat, work, log, SMALL_M_LIMIT))
+                if dump is not None:
+                    dump(runs)
     return runs

@@ -34,19 +34,24 @@ from typing import Any
 from cgroup_util import kernel_cgroups_usable
 
 from .common import CONTENDERS, REPO, WORKLOADS
-from .harness import RunResult, Series, run_pressure
+from .harness import RunResult, Series, run_frontier, run_pressure
 from .plots import plot_workload
 from .report import vm_scenario_note, vm_tools_ok, write_report
 from .startup import StartupResult, measure_startup
 
 
-def load_raw(path: Path) -> tuple[list[RunResult], StartupResult | None, dict[str, Any]]:
-    doc = json.loads(path.read_text())
+def runs_of(dicts: list[dict[str, Any]]) -> list[RunResult]:
     runs = []
-    for d in doc["runs"]:
+    for d in dicts:
         d["series"] = Series(**d["series"])
         d["processes_in_w"] = [tuple(p) for p in d["processes_in_w"]]
         runs.append(RunResult(**d))
+    return runs
+
+
+def load_raw(path: Path) -> tuple[list[RunResult], StartupResult | None, dict[str, Any]]:
+    doc = json.loads(path.read_text())
+    runs = runs_of(doc["runs"])
     startup = StartupResult(**doc["startup"]) if doc.get("startup") else None
     return runs, startup, doc.get("meta", {})
 
@@ -55,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one spill pair (plain, safe)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--workloads",
+        default=",".join(WORKLOADS),
+        help="comma-separated, of " + ",".join(WORKLOADS),
+    )
     parser.add_argument("--pairs", type=int, default=7, help="registration pairs")
     parser.add_argument("--loops", type=int, default=20, help="runs per query-mode timing")
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
@@ -67,6 +77,20 @@ def main(argv: list[str] | None = None) -> int:
         "--vm-json", type=Path, default=None, help="v2 results of benchmarks/pressure_vm.py"
     )
     parser.add_argument(
+        "--frontier",
+        type=int,
+        default=2,
+        help="repeats of the efficiency frontier (small M, allowances); 0: skip",
+    )
+    parser.add_argument(
+        "--only-frontier",
+        action="store_true",
+        help="run only the frontier and dump it to --frontier-json (no report)",
+    )
+    parser.add_argument(
+        "--frontier-json", type=Path, default=None, help="frontier runs: dump or re-render"
+    )
+    parser.add_argument(
         "--remeasure-startup",
         action="store_true",
         help="with --from-json: measure the start-up cost again (current code), keep the runs",
@@ -77,17 +101,46 @@ def main(argv: list[str] | None = None) -> int:
         help="skip the v2 'small VM' scenario (full mode runs it when the VM harness works)",
     )
     ns = parser.parse_args(argv)
-    command = "uv run python benchmarks/pressure.py" + (" --quick" if ns.quick else "")
+    if ns.only_frontier:
+        if ns.frontier_json is None or ns.frontier < 1:
+            parser.error("--only-frontier needs --frontier-json and --frontier >= 1")
+        reason = kernel_cgroups_usable()
+        if reason:
+            print(f"pressure.py: cannot create test cgroups: {reason}", file=sys.stderr)
+            return 2
+        with tempfile.TemporaryDirectory(prefix="dsw-bench-") as tmp:
+            path = ns.frontier_json
+
+            def dump_frontier(so_far: list[RunResult]) -> None:
+                path.write_text(json.dumps([asdict(r) for r in so_far], default=str))
+
+            dump_frontier(run_frontier(ns.frontier, Path(tmp), log, dump_frontier))
+        return 0
+    # The command as given, so that the report names the options it was generated with.
+    given = [a for a in (sys.argv[1:] if argv is None else argv)]
+    command = " ".join(["uv run python benchmarks/pressure.py", *given])
     remeasured = ns.remeasure_startup
     if ns.from_json:
         remeasured = remeasured or bool(
             json.loads(ns.from_json.read_text()).get("meta", {}).get("startup_remeasured")
         )
     if ns.from_json and ns.vm_json:
+        first = json.loads(ns.from_json.read_text()).get("meta", {}).get("command", "")
+        if "--no-vm" not in first:
+            first = "uv run python benchmarks/pressure.py --no-vm --json raw.json"
+        rounds = len({d.get("round") for d in json.loads(ns.vm_json.read_text())})
+        repeats = 1
+        if ns.frontier_json and ns.frontier_json.exists():
+            repeats = 1 + max((r["repeat"] for r in json.loads(ns.frontier_json.read_text())),
+                              default=0)  # fmt: skip
         command = (
-            "uv run python benchmarks/pressure.py --no-vm --json raw.json  # v1 and start-up\n"
-            "uv run python benchmarks/pressure_vm.py --json vm.json     # v2 small VM\n"
+            f"{first}  # v1 and start-up\n"
+            "uv run python benchmarks/pressure.py --only-frontier "
+            f"--frontier {repeats} --frontier-json f.json\n"
+            f"uv run python benchmarks/pressure_vm.py --rounds {rounds} --json vm.json"
+            "  # v2 small VM\n"
             "uv run python benchmarks/pressure.py --from-json raw.json --vm-json vm.json"
+            + (" --frontier-json f.json" if ns.frontier_json else "")
             + (" --remeasure-startup  # start-up again, on newer code" if remeasured else "")
             + "\n"
             "# `uv run python benchmarks/pressure.py` alone runs all three steps in one go"
@@ -114,11 +167,21 @@ def main(argv: list[str] | None = None) -> int:
         quick = ns.quick
         with tempfile.TemporaryDirectory(prefix="dsw-bench-") as tmp:
             work = Path(tmp)
-            runs = run_pressure(ns.quick, ns.repeats, work, log)
-            if ns.json:
-                # A first dump, in case the start-up part fails: runs are the slow part.
-                ns.json.parent.mkdir(parents=True, exist_ok=True)
-                ns.json.write_text(json.dumps({"runs": [asdict(r) for r in runs]}, default=str))
+
+            def dump(so_far: list[RunResult]) -> None:
+                # After every run, in case the series or the start-up part is cut short:
+                # runs are the slow part, and --from-json renders what finished.
+                if ns.json:
+                    ns.json.parent.mkdir(parents=True, exist_ok=True)
+                    meta = {"started_at": started_at, "command": command, "quick": ns.quick}
+                    raw = {"meta": meta, "runs": [asdict(r) for r in so_far]}
+                    ns.json.write_text(json.dumps(raw, default=str))
+
+            workloads = tuple(w for w in ns.workloads.split(",") if w)
+            unknown = set(workloads) - set(WORKLOADS)
+            if unknown:
+                parser.error(f"unknown workloads: {', '.join(sorted(unknown))}")
+            runs = run_pressure(ns.quick, ns.repeats, work, log, workloads, dump)
             startup = measure_startup(
                 2 if ns.quick else ns.pairs, 5 if ns.quick else ns.loops, work, log
             )
@@ -130,15 +193,25 @@ def main(argv: list[str] | None = None) -> int:
         if ns.json:
             ns.json.parent.mkdir(parents=True, exist_ok=True)
             ns.json.write_text(json.dumps(raw, default=str))
+    frontier: list[RunResult] = []
+    if ns.frontier_json and ns.frontier_json.exists():
+        frontier = runs_of(json.loads(ns.frontier_json.read_text()))
+    elif not (ns.quick or ns.from_json) and ns.frontier > 0:
+        with tempfile.TemporaryDirectory(prefix="dsw-bench-") as tmp:
+            frontier = run_frontier(ns.frontier, Path(tmp), log)
+        if ns.json:
+            ns.json.with_suffix(".frontier.json").write_text(
+                json.dumps([asdict(r) for r in frontier], default=str)
+            )
     vm_docs: list[dict[str, Any]] | None = None
     if ns.vm_json:
         vm_docs = json.loads(ns.vm_json.read_text())
     elif not (ns.no_vm or ns.quick or ns.from_json) and vm_tools_ok():
         import pressure_vm
 
-        vm_docs = [
-            pressure_vm.run_contender(c, REPO / ".tmp" / "pressure-vm", log) for c in CONTENDERS
-        ]
+        vm_docs = pressure_vm.run_rounds(
+            list(CONTENDERS), ns.repeats, REPO / ".tmp" / "pressure-vm", 0, log
+        )
         if ns.json:
             ns.json.with_suffix(".vm.json").write_text(json.dumps(vm_docs, default=str))
     for workload in WORKLOADS:
@@ -146,7 +219,16 @@ def main(argv: list[str] | None = None) -> int:
         if mine:
             plot_workload(workload, mine, ns.img_dir / f"pressure-{workload}.png")
     write_report(
-        ns.out, ns.img_dir, runs, startup, command, quick, started_at, vm_scenario_note(), vm_docs
+        ns.out,
+        ns.img_dir,
+        runs,
+        startup,
+        command,
+        quick,
+        started_at,
+        vm_scenario_note(),
+        vm_docs,
+        frontier,
     )
     log(f"wrote {ns.out} and plots in {ns.img_dir}")
     return 0

@@ -18,6 +18,7 @@ from .common import (
     AGENT_BYTES,
     CHUNK_BYTES,
     CONTENDERS,
+    FRONTIER_ALLOWANCES,
     M_LIMIT,
     NTHREADS,
     REPO,
@@ -92,6 +93,7 @@ def workload_table(runs: list[RunResult]) -> list[str]:
     row("outcome", outcome_cell)
     row("wall time, median (range)", lambda rs: fmt_med_range([r.wall_s for r in rs], s))
     row("Dask memory limit", lambda rs: fmt_med_range([r.dask_memory_limit for r in rs], fmt_bytes))
+    row("**budget efficiency** (Dask limit ÷ M's headroom)", efficiency_cell)
     row("W kernel limit", lambda rs: fmt_med_range([r.w_kernel_limit for r in rs], fmt_bytes)
         if any(r.w_kernel_limit for r in rs) else "none")  # fmt: skip
     row("kernel OOM kills in W, total (per run)", lambda rs: total([r.oom_kills_w for r in rs]))
@@ -112,7 +114,22 @@ def workload_table(runs: list[RunResult]) -> list[str]:
     row("peak working set of M (sampled)",
         lambda rs: fmt_med_range([r.peak_m_working_set for r in rs], fmt_bytes))  # fmt: skip
     row("launch → registered", lambda rs: fmt_med_range([r.register_s for r in rs], s))
+    if any(r.populate_probe_s for r in runs):
+        row("fast-burst rate: 512 MiB populated in (median, range)",
+            lambda rs: fmt_med_range([r.populate_probe_s * 1000 for r in rs
+                                      if r.populate_probe_s], lambda v: f"{v:.0f} ms"))  # fmt: skip
+        row("largest growth of W between two samples (~100 ms)",
+            lambda rs: fmt_med_range([r.w_max_step for r in rs], fmt_bytes))  # fmt: skip
+        row("PID 1 survived", lambda rs: f"{sum(r.init_alive for r in rs)}/{len(rs)}")
     return rows
+
+
+def efficiency_cell(runs: list[RunResult]) -> str:
+    values = [r.efficiency for r in runs if r.efficiency is not None]
+    if not values:
+        return "–"
+    cell = fmt_med_range(values, lambda v: f"{v:.3f}")
+    return cell + " (over-commits)" if statistics.median(values) > 1 else cell
 
 
 def nanny_overhead(runs: list[RunResult]) -> tuple[list[int], list[int]]:
@@ -138,6 +155,7 @@ def write_report(
     started_at: str,
     vm_note: str,
     vm_docs: list[dict[str, Any]] | None = None,
+    frontier: list[RunResult] | None = None,
 ) -> None:
     lines = [
         HEADER.substitute(
@@ -163,11 +181,15 @@ def write_report(
         rel = os.path.relpath(img, path.parent)
         lines += [f"### Workload: {workload}", "", *workload_table(mine), ""]
         lines += WORKLOAD_NOTES.get(workload, [])
+        if workload == "fastburst":
+            lines += fastburst_note(mine)
         errors = sorted({f"{r.contender}: {r.error}" for r in mine if r.error})
         if errors:
             lines += ["Errors seen:", ""] + [f"- `{e}`" for e in errors] + [""]
         lines += [f"![memory against time, {workload}]({rel})", ""]
 
+    if frontier:
+        lines += frontier_section(frontier)
     nanny, helpers = nanny_overhead(runs)
     lines += ["## Nanny overhead (measured in every run)", ""]
     if nanny:
@@ -183,7 +205,15 @@ def write_report(
             f"{fmt_bytes(statistics.median(helpers))}, range {fmt_bytes(min(helpers))}–"
             f"{fmt_bytes(max(helpers))}.",
         ]
-    lines += [""]
+    lines += [
+        "- RSS is not what the nanny costs the cgroup: it counts the shared libraries' file "
+        "pages, which the kernel charges to whichever cgroup read them first. Its charge "
+        "(anonymous memory of the nanny and the resource tracker, and W's working set minus "
+        "the worker's anonymous memory) is measured by `benchmarks/nanny_charge.py` on v1 "
+        "and in every v2 run below; docs/design.md has the table and the allowance derived "
+        "from it.",
+        "",
+    ]
 
     lines += ["## Start-up cost", ""]
     if startup is None:
@@ -263,6 +293,9 @@ def write_report(
         lines += [vm_note, ""]
     if DEFAULTS_FILE.exists():
         lines += ["", DEFAULTS_FILE.read_text().rstrip(), ""]
+    # Measurements made by other benchmark scripts, kept beside these numbers on a rerun.
+    for note in sorted(NOTES_DIR.glob("*.md")):
+        lines += ["", note.read_text().rstrip(), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines).rstrip() + "\n")
 
@@ -301,27 +334,32 @@ def supervisor_table(raw: str) -> list[str]:
 # Written by hand from the evidence of the committed full run, and appended to every
 # report, so that a rerun keeps the reasoning next to the numbers it rests on.
 DEFAULTS_FILE = REPO / "benchmarks" / "defaults_from_evidence.md"
+NOTES_DIR = REPO / "benchmarks" / "notes"
 
 
 WORKLOAD_NOTES = {
     "spill": [
         "Plain never spills: its limit is the host's RAM, so W grows until M is full. The "
         "kernel then kills the worker inside W, and the nanny restarts it until the "
-        "scheduler gives up with KilledWorker. Safe and seed spill at their Dask limit, and "
-        "both finish. Their `failcnt` on W counts reclaims of spill page cache at W's "
-        "limit, not kills.",
+        "scheduler gives up with KilledWorker (or the bound runs out). Safe and seed spill "
+        "at their Dask limit with no kernel OOM kill. Their `failcnt` on W counts reclaims "
+        "of spill page cache at W's limit, not kills. Safe's hung run was a run on a "
+        "saturated host (load average about 50 while other sessions' VMs ran): its worker "
+        "took 184 s to register, its event loop stalled for up to 16 s at a time, it had "
+        "spilled 192 MiB when the 180 s bound ran out, and nothing was OOM-killed.",
         "",
     ],
     "burst": [
         "A single task of 1.2 × the headroom cannot succeed anywhere: the point is "
-        "*who* stops it. Plain hits M's limit (M's `failcnt`) and is OOM-killed by the "
-        "kernel 4 times per run. With safe and seed, the nanny's 95 % terminate fires "
-        "first every time (nanny restarts = deaths by signal, zero kernel kills). On this "
-        "shared machine, touching 2.9 GiB took several seconds (see the plot), which "
-        "gave the nanny's 100 ms RSS poll time to act. A faster allocation would reach "
-        "W's kernel limit instead, and the kill would still be confined to W.",
+        "*who* stops it. Plain reaches M's limit (M's `failcnt`) and the kernel kills the "
+        "worker 4 times per run. `np.ones` faults its pages in from user space; here it "
+        "grew W by up to 0.6–0.7 GiB between two 100 ms samples, so whether the nanny's "
+        "95 % restart or W's kernel limit comes first is a race. Safe's allowance leaves "
+        "room for one poll's growth: the nanny won every time. The seed (no allowance) "
+        "lost the race once. Every kill stayed inside W.",
         "",
     ],
+    "fastburst": [],
     "steady": [
         "Nothing goes wrong with any contender. Wall times differ only by noise.",
         "",
@@ -366,66 +404,124 @@ def goal_notes(startup: StartupResult) -> list[str]:
 
 
 def vm_section(docs: list[dict[str, Any]], img: Path, report: Path) -> list[str]:
-    """The v2 "small VM" runs (benchmarks/pressure_vm.py) as a table and a plot."""
-    by = {d["contender"]: d for d in docs}
-    cs = [c for c in CONTENDERS if c in by]
-    first = by[cs[0]]
+    """The v2 "small VM" runs (benchmarks/pressure_vm.py): medians over the rounds, a plot
+    of the first round."""
+    cs = [c for c in CONTENDERS if any(d["contender"] == c for d in docs)]
+    by = {c: [d for d in docs if d["contender"] == c] for c in cs}
+    rounds = max(len(v) for v in by.values())
+    first = by[cs[0]][0]
     lines = [
-        "Run with `uv run python benchmarks/pressure_vm.py` (one virtme-ng boot per "
-        "contender, software-emulated, `--disable-kvm`). The VM has "
+        "Run with `uv run python benchmarks/pressure_vm.py` (virtme-ng, software-emulated, "
+        f"`--disable-kvm`): {rounds} rounds, one VM boot each; every round runs every "
+        "contender once, one after the other in fresh cgroups, the order rotated per round "
+        "(interleaved). The VM has "
         f"{fmt_bytes(first.get('mem_total'))} of MemTotal. An agent holds "
         "350 MiB in its own cgroup, the scheduler and the benchmark driver sit in the root "
         "cgroup. The driver and its ancestors (the guest's script and init) get "
-        "`oom_score_adj` -1000 once every process of the scenario has started, so that it "
+        "`oom_score_adj` -1000 once every process of the run has started, so that it "
         "can report; the agent, the scheduler and the worker keep 0. The "
         "worker runs in a cgroup W without a limit. Workload: spill, 1.5 × MemAvailable "
         "measured before the worker starts, in 32 MiB chunks. Seed = W's `memory.max` set "
         "to that MemAvailable, with the plain worker started under `unshare --cgroup` and "
         "cgroup2 remounted, so that dask itself reads the limit (the blog post's "
-        "container, reproduced exactly). One run per contender.",
+        "container, reproduced exactly). Cells: median (range) over the rounds, or totals.",
         "",
         "| | " + " | ".join(f"{LABELS[c].split(' ', 1)[0]} {c}" for c in cs) + " |",
         "|---" * (len(cs) + 1) + "|",
     ]
 
-    def row(name: str, cell: Callable[[dict[str, Any]], object]) -> None:
+    def row(name: str, cell: Callable[[list[dict[str, Any]]], object]) -> None:
         lines.append(f"| {name} | " + " | ".join(str(cell(by[c])) for c in cs) + " |")
 
-    def secs(v: object) -> str:
-        return f"{v:.1f} s" if isinstance(v, (int, float)) else "–"
+    def nums(ds: list[dict[str, Any]], key: str) -> list[float | None]:
+        return [d.get(key) if isinstance(d.get(key), (int, float)) else None for d in ds]
 
-    def w_max(d: dict[str, Any]) -> str:
-        value = d.get("w_memory_max")
-        if value is None:
-            return "–"
-        return str(value) if value == "max" else fmt_bytes(int(value))
+    def med(key: str, fmt: Callable[[float], str]) -> Callable[[list[dict[str, Any]]], str]:
+        return lambda ds: fmt_med_range(nums(ds, key), fmt)
 
-    row("outcome", lambda d: d.get("outcome", "?"))
-    row("wall time", lambda d: secs(d.get("wall_s")))
-    row("MemAvailable before start", lambda d: fmt_bytes(d.get("mem_available_before")))
-    row("workload", lambda d: fmt_bytes(d.get("workload_bytes")))
-    row("Dask memory limit", lambda d: fmt_bytes(d.get("dask_memory_limit")))
+    def tot(get: Callable[[dict[str, Any]], Any]) -> Callable[[list[dict[str, Any]]], str]:
+        def cell(ds: list[dict[str, Any]]) -> str:
+            values = [get(d) for d in ds]
+            if any(not isinstance(v, int) for v in values):
+                return "/".join(str(v) for v in values)
+            return f"{sum(values)} ({'/'.join(str(v) for v in values)})"
+
+        return cell
+
+    def count(key: str) -> Callable[[list[dict[str, Any]]], str]:
+        return lambda ds: f"{sum(d.get(key) is True for d in ds)}/{len(ds)}"
+
+    def w_max(ds: list[dict[str, Any]]) -> str:
+        values = [d.get("w_memory_max") for d in ds]
+        if all(v in (None, "max") for v in values):
+            return str(values[0] or "–")
+        return fmt_med_range([int(v) for v in values if v not in (None, "max")], fmt_bytes)
+
+    def eff(d: dict[str, Any]) -> float | None:
+        limit, avail = d.get("dask_memory_limit"), d.get("mem_available_before")
+        return limit / avail if limit and avail else None
+
+    def eff_cell(ds: list[dict[str, Any]]) -> str:
+        values = [eff(d) for d in ds]
+        cell = fmt_med_range(values, lambda v: f"{v:.3f}")
+        known = [v for v in values if v is not None]
+        return cell + " (over-commits)" if known and statistics.median(known) > 1 else cell
+
+    def charge_of(key: str) -> Callable[[list[dict[str, Any]]], str]:
+        return lambda ds: fmt_med_range(
+            [d.get("charge_idle", {}).get(key) for d in ds],
+            lambda v: f"{v / MiB:.1f} MiB",
+        )
+
+    secs = lambda v: f"{v:.1f} s"  # noqa: E731
+    row("runs", lambda ds: str(len(ds)))
+    row("outcome", lambda ds: ", ".join(str(d.get("outcome", "?")) for d in ds))
+    row("wall time, median (range)", med("wall_s", secs))
+    row("MemAvailable before start", med("mem_available_before", fmt_bytes))
+    row("workload", med("workload_bytes", fmt_bytes))
+    row("Dask memory limit", med("dask_memory_limit", fmt_bytes))
     row("W `memory.max`", w_max)
-    row("global OOM kills (`/proc/vmstat`)", lambda d: d.get("global_oom_kills", "–"))
-    row("OOM kills in W (`memory.events`)", lambda d: d.get("w_events", {}).get("oom_kill", "–"))
-    row("OOM kills of the agent", lambda d: d.get("agent_events", {}).get("oom_kill", "–"))
-    row("nanny memory restarts", lambda d: d.get("memory_restarts", "–"))
-    row("worker deaths by signal (nanny log)", lambda d: d.get("killed_by_signal", "–"))
-    row("agent survived", lambda d: d.get("agent_alive", "–"))
-    row("scheduler survived", lambda d: d.get("scheduler_alive", "–"))
-    row("nanny survived", lambda d: d.get("nanny_alive", "–"))
-    row("launch → registered", lambda d: secs(d.get("register_s")))
-    row("whole VM boot and run", lambda d: secs(d.get("vm_wall_s")))
+    row("**budget efficiency** (Dask limit ÷ MemAvailable)", eff_cell)
+    row(
+        "global OOM kills (`/proc/vmstat`), total (per run)",
+        tot(lambda d: d.get("global_oom_kills", "–")),
+    )
+    row("OOM kills in W (`memory.events`), total (per run)",
+        tot(lambda d: d.get("w_events", {}).get("oom_kill", "–")))  # fmt: skip
+    row("OOM kills of the agent, total",
+        tot(lambda d: d.get("agent_events", {}).get("oom_kill", "–")))  # fmt: skip
+    row("nanny memory restarts, total", tot(lambda d: d.get("memory_restarts", "–")))
+    row("worker deaths by signal (nanny log), total", tot(lambda d: d.get("killed_by_signal", "–")))
+    row("agent survived", count("agent_alive"))
+    row("scheduler survived", count("scheduler_alive"))
+    row("nanny survived", count("nanny_alive"))
+    row("nanny side's charge: nanny + tracker anonymous (smaps)", charge_of("by_smaps"))
+    row("nanny side's charge: W working set − worker anonymous", charge_of("by_cgroup"))
+    row("nanny RSS (for comparison)", charge_of("nanny_rss"))
+    row("launch → registered", med("register_s", secs))
     lines.append("")
-    errors = [f"{c}: {by[c].get('error')}" for c in cs if by[c].get("error")]
+    errors = sorted({f"{d['contender']}: {d.get('error')}"[:300] for d in docs if d.get("error")})
     if errors:
-        lines += ["Errors seen:", ""] + [f"- `{e[:300]}`" for e in errors] + [""]
-    kills = [f"- {c}: `{line.strip()[:200]}`" for c in cs for line in by[c].get("dmesg_oom", [])]
+        lines += ["Errors seen:", ""] + [f"- `{e}`" for e in errors] + [""]
+
+    # The kernel's ring buffer spans a boot: a round's later runs list its earlier kills
+    # too. Each line goes to the first run of its round (rounds rotate the order) that saw it.
+    def run_order(d: dict[str, Any]) -> tuple[int, int]:
+        r = int(d.get("round", 0))
+        return r, (CONTENDERS.index(d["contender"]) - r) % len(CONTENDERS)
+
+    seen: dict[str, str] = {}
+    for d in sorted(docs, key=run_order):
+        for line in d.get("dmesg_oom", []):
+            seen.setdefault(line.strip(), f"{d['contender']} (round {d.get('round', 0)})")
+    kills = [f"- {who}: `{line[:200]}`" for line, who in seen.items()]
     if kills:
-        lines += ["Kernel log, `Killed process` lines:", "", *kills[:20], ""]
-    if plot_vm(docs, img):
+        lines += ["Kernel log, `Killed process` lines, each under the run that caused it:",
+                  "", *kills[:24], ""]  # fmt: skip
+    firsts = [by[c][0] for c in cs]
+    if plot_vm(firsts, img):
         rel = os.path.relpath(img, report.parent)
-        lines += [f"![memory against time, small VM]({rel})", ""]
+        lines += [f"![memory against time, small VM, first round]({rel})", ""]
     return lines
 
 
@@ -457,3 +553,73 @@ def vm_scenario_note() -> str:
         "plain failed with KilledWorker after 4 global OOM kills (148.6 s); the seed's "
         "approach completed in 24.5 s with 0 kills."
     )
+
+
+def fastburst_note(runs: list[RunResult]) -> list[str]:
+    """Who stopped the fast burst, per contender, from the counters of every run."""
+    out = [
+        "The fast burst populates 1.2 × the headroom in one `madvise(MADV_POPULATE_WRITE)` "
+        "on transparent huge pages, inside the kernel, after a probe of 512 MiB measured "
+        "the rate (row above). Before each burst the benchmark populates and frees the same "
+        "size outside M, so that free huge pages exist on this busy host. Who stopped it:",
+        "",
+    ]
+    for c in CONTENDERS:
+        rs = [r for r in runs if r.contender == c]
+        if not rs:
+            continue
+        kw, km = sum(r.oom_kills_w for r in rs), sum(r.oom_kills_m for r in rs)
+        restarts = sum(r.memory_restarts for r in rs)
+        alive = (
+            f"agent {sum(r.agent_alive for r in rs)}/{len(rs)}, scheduler "
+            f"{sum(r.scheduler_alive for r in rs)}/{len(rs)}, nanny "
+            f"{sum(r.nanny_alive for r in rs)}/{len(rs)}, PID 1 "
+            f"{sum(r.init_alive for r in rs)}/{len(rs)}"
+        )
+        out.append(
+            f"- **{c}**: {kw} kernel OOM kills inside W (worker processes: the nanny "
+            f"logged {sum(r.killed_by_signal for r in rs)} worker deaths by signal), {km} "
+            f"in M outside W, {restarts} nanny memory restarts; alive at the end: {alive}."
+        )
+    return [*out, ""]
+
+
+def frontier_section(runs: list[RunResult]) -> list[str]:
+    """Efficiency against kills, from the small-M runs (harness.run_frontier)."""
+    from .harness import allowance_of
+
+    m_limit = runs[0].m_limit
+    contenders = list(dict.fromkeys(r.contender for r in runs))
+    lines = [
+        "## Efficiency frontier (cgroup v1, small M)",
+        "",
+        f"The same scenario with M = {fmt_bytes(m_limit)} (the agent still holds "
+        f"{fmt_bytes(AGENT_BYTES)}), so that the worker's headroom is about the small VM's. "
+        "Points: the seed (no allowance, Dask limit = kernel limit = headroom) and "
+        "dask-safe-worker with `--nanny-allowance` "
+        + ", ".join(str(a) for a in FRONTIER_ALLOWANCES)
+        + " MiB; spill and burst (`np.ones`), "
+        f"{max(r.repeat for r in runs) + 1} run(s) per point and workload, interleaved.",
+        "",
+        "| point | allowance | budget efficiency | spill: outcome | spill: wall | "
+        "kernel OOM kills W / M (spill) | burst: kernel OOM kills W / M | "
+        "burst: nanny restarts | agent, scheduler, nanny, PID 1 alive |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in contenders:
+        rs = [r for r in runs if r.contender == c]
+        sp = [r for r in rs if r.workload == "spill"]
+        fb = [r for r in rs if r.workload == "burst"]
+        a = allowance_of(c)
+        alive = sum(r.agent_alive and r.scheduler_alive and r.nanny_alive and r.init_alive
+                    for r in rs)  # fmt: skip
+        lines.append(
+            f"| {c} | {'none' if a is None else fmt_bytes(a)} | "
+            f"{fmt_med_range([r.efficiency for r in rs], lambda v: f'{v:.3f}')} | "
+            f"{outcome_cell(sp) if sp else '–'} | "
+            f"{fmt_med_range([r.wall_s for r in sp], lambda v: f'{v:.1f} s')} | "
+            f"{sum(r.oom_kills_w for r in sp)} / {sum(r.oom_kills_m for r in sp)} | "
+            f"{sum(r.oom_kills_w for r in fb)} / {sum(r.oom_kills_m for r in fb)} | "
+            f"{sum(r.memory_restarts for r in fb)} | {alive}/{len(rs)} |"
+        )
+    return [*lines, ""]

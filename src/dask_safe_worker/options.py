@@ -230,7 +230,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
         parse=parse_size,
         type_name="SIZE",
         default=str(DEFAULT_NANNY_ALLOWANCE),
-        show_default="96MiB",
+        show_default="40MiB",
         help="Memory set aside for each nanny process, outside the workers' limits.",
     ),
     OptionSpec(

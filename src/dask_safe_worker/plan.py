@@ -22,7 +22,7 @@ MiB = 2**20
 
 # Defaults measured by benchmarks/pressure.py and justified in docs/design.md.
 DEFAULT_MIN_WORKER_MEMORY = 256 * MiB
-DEFAULT_NANNY_ALLOWANCE = 96 * MiB
+DEFAULT_NANNY_ALLOWANCE = 40 * MiB
 SUPERVISOR_ALLOWANCE = 16 * MiB
 
 
