@@ -13,6 +13,7 @@ Module map (docs/design.md explains the design):
     measure        host memory and every cgroup level (over proc_root/sys_root)
     proc_parse, cgroup_parse, cgroup_locate, cgroup_files
                    pure parsers of /proc and cgroup files; locating our cgroup; file access
+    cgroup_leave   move back to the parent, then rmdir a child (stdlib only)
     siblings       other instances' child cgroups beside ours
     plan           measurement + worker values -> budget and per-worker --memory-limit (pure)
     sizes          byte sizes and fractions as users type them

@@ -19,7 +19,9 @@ from pathlib import Path
 from typing import Literal
 
 from .cgroup_files import MemoryCgroupFiles, V2MemoryCgroup, open_memory_cgroup
+from .cgroup_leave import leave_and_remove, move_pid
 from .cgroup_parse import parse_controllers
+from .event_line import errno_name
 from .events import Audit, no_audit
 from .measure import Measurement
 from .proc_parse import ParseError
@@ -115,15 +117,10 @@ class WriteOptions:
 
 def errno_reason(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
-        return errno.errorcode.get(exc.errno, str(exc.errno))
+        return errno_name(exc.errno)
     if isinstance(exc, ParseError):
         return "EINVAL"
     return type(exc).__name__
-
-
-def _move_self(directory: Path, pid: int) -> None:
-    with open(directory / "cgroup.procs", "w") as f:
-        f.write(str(pid))
 
 
 class _Writer:
@@ -259,12 +256,12 @@ class _Writer:
             self.audit("cgroup.child.created", target=path)
             if self.version == 1:
                 outcome = self._write_limit(child_dir, path, "child")
-                _move_self(child_dir, self.m.pid)
+                move_pid(child_dir, self.m.pid)
                 moved = True
             else:
                 # v2's no-internal-process rule: our cgroup must be empty of us before
                 # its subtree_control may enable memory for the child.
-                _move_self(child_dir, self.m.pid)
+                move_pid(child_dir, self.m.pid)
                 moved = True
                 self._enable_memory_controller()
                 outcome = self._write_limit(child_dir, path, "child")
@@ -297,10 +294,7 @@ class _Writer:
     def _undo(self, child_dir: Path, created: bool, moved: bool) -> str | None:
         """Leave things as they were; an errno name if that, too, failed."""
         try:
-            if moved:
-                _move_self(self.own_dir, self.m.pid)
-            if created:
-                child_dir.rmdir()
+            leave_and_remove(child_dir, self.own_dir, self.m.pid, moved=moved, created=created)
         except OSError as exc:
             return errno_reason(exc)
         return None

@@ -20,6 +20,13 @@ _FAILURE_SUFFIXES = (".failed", ".refused", ".error", ".warning")
 STAMP_FIELDS = ("event", "schema", "pid", "host", "start_id", "worker_name", "level", "timestamp")
 
 
+def errno_name(number: int | None) -> str:
+    """An errno as events show it: its name (EBUSY), else the number as text."""
+    import errno
+
+    return errno.errorcode.get(number or 0, str(number))
+
+
 def level_of(event: str) -> str:
     """`warning` for refusals and failures, `info` for everything else."""
     return "warning" if event.endswith(_FAILURE_SUFFIXES) else "info"

@@ -14,7 +14,6 @@ are per thread, and a signal delivered to another thread would bypass the forwar
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import sys
@@ -22,7 +21,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .event_line import Stamp, console_line, json_line, record
+from .cgroup_leave import leave_and_remove
+from .event_line import Stamp, console_line, errno_name, json_line, record
 
 __all__ = ["FORWARDED_SIGNALS", "defer_signals", "is_pid1", "main", "supervise"]
 
@@ -89,8 +89,7 @@ def _set_child_subreaper() -> str | None:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
-            err = ctypes.get_errno()
-            return errno.errorcode.get(err, str(err))
+            return errno_name(ctypes.get_errno())
     except (OSError, AttributeError) as exc:
         return type(exc).__name__
     return None
@@ -390,11 +389,9 @@ def _remove_cgroup(child: str, parent: str, audit: Callable[..., None]) -> None:
     error = None
     target = _own_cgroup_path(child)
     try:
-        with open(os.path.join(parent, "cgroup.procs"), "w") as procs:
-            procs.write(str(os.getpid()))
-        os.rmdir(child)
+        leave_and_remove(child, parent, os.getpid())
     except OSError as exc:
-        error = errno.errorcode.get(exc.errno or 0, str(exc.errno))
+        error = errno_name(exc.errno)
     audit("cgroup.child.removed", target=target, **({"error": error} if error else {}))
 
 
