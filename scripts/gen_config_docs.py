@@ -15,7 +15,8 @@ from pathlib import Path
 
 import click
 
-from dask_safe_worker import audit_cluster, cli, options
+from dask_safe_worker import cli, options
+from dask_safe_worker.cluster_audit import cli as audit_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 TARGET = REPO_ROOT / "docs" / "configuration.md"
@@ -99,7 +100,7 @@ def _epilog(cmd: click.Command) -> str:
 
 def render() -> str:
     worker = cli.command
-    audit = audit_cluster.command
+    audit = audit_cli.command
     parts = [
         HEADER,
         "## `dask-safe-worker`",

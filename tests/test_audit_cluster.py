@@ -21,8 +21,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cgroup_util import KernelCgroup
-from dask_safe_worker import audit_remote, options
-from dask_safe_worker.audit_cluster import (
+from dask_safe_worker import options
+from dask_safe_worker.cluster_audit import (
     AT_RISK,
     EXIT_AT_RISK,
     EXIT_SAFE,
@@ -42,6 +42,7 @@ from dask_safe_worker.audit_cluster import (
     result_rows,
     scheduler_file_address,
 )
+from dask_safe_worker.cluster_audit import remote as audit_remote
 from dask_safe_worker.sizes import format_bytes
 from scheduler_util import free_port, scheduler_argv, wait_listening
 

@@ -11,7 +11,8 @@ from typing import Any
 import click
 import pytest
 
-from dask_safe_worker import audit_cluster, cli
+from dask_safe_worker import cli
+from dask_safe_worker.cluster_audit import cli as audit_cli
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "scripts" / "gen_config_docs.py"
@@ -34,7 +35,7 @@ def test_committed_reference_is_what_the_generator_writes() -> None:
 
 
 @pytest.mark.parametrize(
-    "command", [cli.command, audit_cluster.command], ids=["dask-safe-worker", "dask-safe-audit"]
+    "command", [cli.command, audit_cli.command], ids=["dask-safe-worker", "dask-safe-audit"]
 )
 def test_every_option_and_env_var_is_documented(command: click.Command) -> None:
     text = load_generator().render()

@@ -7,7 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from dask_safe_worker import audit_cluster, cli
+from dask_safe_worker import cli
+from dask_safe_worker.cluster_audit import verdicts
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = (ROOT / "docs" / "troubleshooting.md").read_text()
@@ -53,7 +54,7 @@ def test_the_required_refusal_is_the_clis_exit_code_and_message() -> None:
 
 
 def test_the_audit_example_is_the_audits_wording() -> None:
-    source = inspect.getsource(audit_cluster)
+    source = inspect.getsource(verdicts)
     for phrase in (
         "fix the unmanaged worker(s) beside it",
         "restart this worker to re-plan",

@@ -30,8 +30,9 @@ Module map (docs/design.md explains the design):
     channel), follow_dask, follow_worker, follow_nanny (preloads), _scheduler_side
 
 `dask-safe-audit` (checks a running cluster; a separate program)
-    audit_cluster  verdicts, report, click command and Dask client
-    audit_remote   what it runs on every worker (Client.run)
+    cluster_audit/ a subpackage, one module per job: remote (runs on every worker via
+                   Client.run), facts (report -> WorkerFacts), verdicts (judge, pure),
+                   render (rows, table), client (connect, run, judge), cli (click)
     env_options    its click options with environment variables
 """
 

@@ -6,7 +6,7 @@ loaded in a worker). The client pickles this module by value, so a worker withou
 dask-safe-worker installed still answers, with the reason it could not measure.
 
 It returns plain data only (dicts, lists, numbers, strings): interpretation happens on
-the client, in `audit_cluster.judge`.
+the client, in `cluster_audit.verdicts.judge`.
 """
 
 from __future__ import annotations

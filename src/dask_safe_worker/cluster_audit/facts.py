@@ -1,0 +1,135 @@
+"""A worker's report (remote.collect's plain data) as WorkerFacts (pure)."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from ..plan import DEFAULT_NANNY_ALLOWANCE
+from ..sizes import format_bytes
+from .verdicts import Constraint, WorkerFacts
+
+
+def _int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _cgroup_constraints(host_key: str, raw_levels: Any) -> list[Constraint]:
+    """One constraint per cgroup that sets a limit itself, own cgroup first.
+
+    On v1 an unlimited cgroup below a limited one reports the ancestor's limit as its
+    `hierarchical_memory_limit`; that limit belongs to the ancestor, which is listed with
+    it, so the child adds nothing. A limit above the topmost visible cgroup (a container's
+    parent on the host) is kept, named as such.
+    """
+    levels = [lvl for lvl in raw_levels or [] if isinstance(lvl, dict)]
+    constraints: list[Constraint] = []
+    for level in levels:
+        # Reports without `own_limit` came from a collector that knew only the effective one.
+        own = _int(level.get("own_limit") if "own_limit" in level else level.get("limit"))
+        if own is None:
+            continue
+        path = str(level.get("path"))
+        key = level.get("key") or f"{host_key}:cgroup:{path}"
+        constraints.append(Constraint(str(key), path, own, _headroom(own, level)))
+    if levels:
+        top = levels[-1]
+        inherited = _int(top.get("hierarchical_limit"))
+        own_limits = [c.limit for c in constraints if c.limit is not None]
+        if inherited is not None and (not own_limits or inherited < min(own_limits)):
+            path = str(top.get("path"))
+            key = f"{top.get('key') or f'{host_key}:cgroup:{path}'}:above"
+            name = f"above {path} (not visible here)"
+            constraints.append(Constraint(key, name, inherited, _headroom(inherited, top)))
+    return constraints
+
+
+def _headroom(limit: int, level: Mapping[str, Any]) -> int | None:
+    working_set = _int(level.get("working_set"))
+    if working_set is None:
+        return _int(level.get("headroom"))
+    return max(0, limit - working_set)
+
+
+def facts_from_report(
+    address: str, info: Mapping[str, Any], report: Mapping[str, Any] | BaseException | None
+) -> WorkerFacts:
+    """Turn what `collect` returned (or the exception it raised, or nothing) into facts.
+
+    `info` is the scheduler's view of the worker (host, name, memory_limit), used when
+    the worker itself could not answer.
+    """
+    host = str(info.get("host") or address)
+    name = str(info.get("name") or "")
+    if report is None or isinstance(report, BaseException):
+        reason = (
+            "the worker did not answer"
+            if report is None
+            else f"the audit function failed: {type(report).__name__}: {report}"
+        )
+        return WorkerFacts(
+            address, host, name, dask_limit=_int(info.get("memory_limit")) or None, error=reason
+        )
+
+    plan = report.get("plan") if isinstance(report.get("plan"), dict) else None
+    managed = bool(report.get("plan_file"))
+    notes: list[str] = []
+    if report.get("plan_error"):
+        notes.append(str(report["plan_error"]))
+    dask_limit = _int(report.get("dask_memory_limit")) or None
+    terminate = report.get("terminate_fraction")
+    terminate_fraction = float(terminate) if isinstance(terminate, (int, float)) else None
+
+    nanny_room = 0
+    if plan is not None:
+        overhead, n = _int(plan.get("overhead")), _int(plan.get("n_workers"))
+        if overhead is not None and n:
+            nanny_room = math.ceil(overhead / n)
+        planned = _int(plan.get("effective_per_worker"))
+        if planned is not None and dask_limit is not None and planned != dask_limit:
+            notes.append(
+                f"Dask's limit {format_bytes(dask_limit)} differs from the planned "
+                f"{format_bytes(planned)}"
+            )
+        if plan.get("enforced") is False:
+            notes.append(f"no kernel limit was set at start ({plan.get('write_reason')})")
+    elif report.get("has_nanny"):
+        nanny_room = DEFAULT_NANNY_ALLOWANCE
+
+    if report.get("error"):
+        return WorkerFacts(
+            address,
+            host,
+            name,
+            dask_limit=dask_limit,
+            managed=managed,
+            error=str(report["error"]),
+            notes=tuple(notes),
+        )
+
+    hostname = str(report.get("hostname") or host)
+    host_key = f"host:{report.get('boot_id') or hostname}"
+    constraints = [Constraint(host_key, "host", None, _int(report.get("mem_available")))]
+    constraints += _cgroup_constraints(host_key, report.get("levels"))
+    # The smallest limit, and the cgroup that sets it (the innermost one on a tie).
+    limited = [c for c in constraints if c.limit is not None]
+    smallest = min(limited, key=lambda c: c.limit or 0, default=None)
+    kernel_limit = smallest.limit if smallest is not None else None
+    kernel_path = smallest.name if smallest is not None else None
+    notes.extend(str(x) for x in report.get("warnings") or [])
+    return WorkerFacts(
+        address,
+        host,
+        name,
+        dask_limit=dask_limit,
+        rss=_int(report.get("rss")) or 0,
+        terminate_fraction=terminate_fraction,
+        nanny_room=nanny_room,
+        managed=managed,
+        available=_int(report.get("available")),
+        kernel_limit=kernel_limit,
+        kernel_limit_path=kernel_path,
+        constraints=tuple(constraints),
+        notes=tuple(notes),
+    )
