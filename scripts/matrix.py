@@ -52,7 +52,7 @@ DEFAULT_CELLS: tuple[tuple[str, str], ...] = (
 # Releases below the range, expected to fail at start-up with one clear line. Empty until
 # the CLI calls dask_compat.check_supported(); then add ("3.13", "2022.9.1").
 DEFAULT_UNSUPPORTED: tuple[tuple[str, str], ...] = (("3.13", "2022.9.1"),)
-UNIT_MARKERS = "not kernel and not e2e and not container and not vm"
+UNIT_MARKERS = "not kernel and not e2e and not container and not vm and not image"
 E2E_TEST = "tests/test_e2e.py::test_worker_limit_equals_plan[1]"
 # Unit tests that assume the locked environment or the newest release, not the cell's.
 # Each is deselected in every cell with its reason printed; remove an entry once its test

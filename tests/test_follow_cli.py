@@ -90,7 +90,11 @@ def test_read_only_channel_disables_follow_and_the_worker_starts() -> None:
     # Read-only filesystems in a private mount namespace over every directory Python's
     # tempfile would try (it skips an unwritable TMPDIR and falls back to /tmp, /var/tmp
     # and the working directory): a container with a read-only root and no scratch /tmp.
-    mounts = " && ".join(f"mount -t tmpfs -o ro none {d}" for d in ("/tmp", "/var/tmp"))
+    # Bound read-only onto themselves rather than covered: the interpreter under test may
+    # live there (the compatibility matrix builds its venvs in a temp directory).
+    mounts = " && ".join(
+        f"mount --bind {d} {d} && mount -o remount,bind,ro {d}" for d in ("/tmp", "/var/tmp")
+    )
     script = f'{mounts} && cd /tmp && exec "$@"'
     proc = run(
         [

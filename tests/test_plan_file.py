@@ -172,8 +172,11 @@ def test_read_only_root_filesystem_gives_no_traceback(tmp_path: Path) -> None:
         pytest.skip("needs root for a private mount namespace")
     script = (
         "mount --make-rprivate / && mount -o remount,bind,ro / && "
-        "mount -t tmpfs -o ro tmpfs /run && mount -t tmpfs -o ro tmpfs /tmp && "
-        "mount -t tmpfs -o ro tmpfs /var/tmp && "
+        # /tmp and /var/tmp stay visible but read-only: the interpreter under test may
+        # live there (the compatibility matrix builds its venvs in a temp directory).
+        "mount -t tmpfs -o ro tmpfs /run && "
+        "mount --bind /tmp /tmp && mount -o remount,bind,ro /tmp && "
+        "mount --bind /var/tmp /var/tmp && mount -o remount,bind,ro /var/tmp && "
         'exec "$@"'
     )
     base = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_SAFE_WORKER", "XDG_"))}
