@@ -38,15 +38,24 @@ def parse_v1_limit(text: str, mem_total: int) -> int | None:
     return v1_limit(parse_int(text, "memory.limit_in_bytes"), mem_total)
 
 
-def parse_v2_limit(text: str) -> int | None:
+def parse_v2_limit(text: str, what: str = "memory.max") -> int | None:
     """`memory.max` / `memory.high`: "max" or a byte count; None means no limit."""
     s = text.strip(_BLANK)
     if s == "max":
         return None
-    value = parse_int(s, "memory.max")
+    value = parse_int(s, what)
     if value < 0:
-        raise ParseError(f"memory.max is negative: {value}")
+        raise ParseError(f"{what} is negative: {value}")
     return value
+
+
+def parse_oom_group(text: str) -> bool:
+    """`memory.oom.group`: "0" or "1". With 1 the kernel's OOM killer takes every
+    process of the cgroup (and its descendants) at once, not just the largest one."""
+    s = text.strip(_BLANK)
+    if s not in ("0", "1"):
+        raise ParseError(f"memory.oom.group is not 0 or 1: {s[:40]!r}")
+    return s == "1"
 
 
 def parse_memory_stat(text: str) -> dict[str, int]:
