@@ -10,6 +10,7 @@ from dask_safe_worker.cgroup_parse import (
     V1_UNLIMITED_FLOOR,
     parse_controllers,
     parse_int,
+    parse_kernel_release,
     parse_memory_stat,
     parse_oom_group,
     parse_pids,
@@ -315,3 +316,14 @@ def test_oom_group_rejects_anything_else(text: str) -> None:
         return
     with pytest.raises(ParseError):
         parse_oom_group(text)
+
+
+@given(st.integers(0, 99), st.integers(0, 999), st.sampled_from(["", ".3", ".0-18-amd64", "-rc1+"]))
+def test_kernel_release_reads_major_minor(major: int, minor: int, tail: str) -> None:
+    assert parse_kernel_release(f"{major}.{minor}{tail}\n") == (major, minor)
+
+
+@pytest.mark.parametrize("text", ["", "linux", "6", "-5.9", "v6.1"])
+def test_kernel_release_refuses_what_is_not_one(text: str) -> None:
+    with pytest.raises(ParseError):
+        parse_kernel_release(text)

@@ -81,3 +81,18 @@ def parse_controllers(text: str) -> frozenset[str]:
 def working_set(usage: int, inactive_file: int) -> int:
     """What the kernel cannot simply drop: usage minus the inactive page cache."""
     return max(0, usage - inactive_file)
+
+
+# Our own memory.high needs the throttling fixes of Linux 5.9: before them a cgroup held
+# above memory.high could stall for very long (kubernetes/kubernetes#118699).
+MEMORY_HIGH_MIN_KERNEL = (5, 9)
+
+_RELEASE = re.compile(r"([0-9]+)\.([0-9]+)")
+
+
+def parse_kernel_release(text: str) -> tuple[int, int]:
+    """(major, minor) of a release such as "5.4.0-150-generic" or "6.1.0-18-amd64"."""
+    match = _RELEASE.match(text.strip(_BLANK))
+    if match is None:
+        raise ParseError(f"kernel release is not major.minor...: {text[:40]!r}")
+    return int(match.group(1)), int(match.group(2))

@@ -337,6 +337,31 @@ def _fail(code: int, message: str, audit: Audit, event: str) -> NoReturn:
     sys.exit(code)
 
 
+def _check_memory_high_kernel(opts: WriteOptions, audit: Audit) -> None:
+    """Refuse our own memory.high on a kernel older than 5.9, before any write."""
+    if not opts.memory_high_fraction or opts.mode == "never":
+        return
+    from .cgroup_parse import MEMORY_HIGH_MIN_KERNEL, parse_kernel_release
+    from .proc_parse import ParseError
+
+    try:
+        # uname(2), as the kernel reports itself to this process (setarch's UNAME26
+        # personality included).
+        release = parse_kernel_release(os.uname().release)
+    except ParseError as exc:
+        message = f"--memory-high-fraction needs Linux 5.9 or later; cannot tell: {exc}"
+        _fail(EXIT_USAGE, message, audit, "cli.usage.error")
+    if release < MEMORY_HIGH_MIN_KERNEL:
+        _fail(
+            EXIT_USAGE,
+            f"--memory-high-fraction needs Linux 5.9 or later (older kernels can stall a "
+            f"worker held at memory.high); this kernel is {release[0]}.{release[1]}: "
+            "drop the option or use --memory-high-fraction 0",
+            audit,
+            "cli.usage.error",
+        )
+
+
 def _worker_prefix(worker_command: str | None) -> list[str]:
     """The worker command as an argv prefix; ValueError for one that is not a command."""
     if worker_command is None:
@@ -547,6 +572,7 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         write_options = _write_options(params)
     except ValueError as exc:
         _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
+    _check_memory_high_kernel(write_options, audit)
 
     if params["worker_help"]:
         from .run_worker import exec_worker
