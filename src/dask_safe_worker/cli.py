@@ -7,6 +7,7 @@ It must not import dask or distributed: the worker does that after exec.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import sys
@@ -40,7 +41,7 @@ from .plan import (
 )
 from .siblings import read_siblings, with_siblings
 from .sizes import Amount, parse_amount, parse_bytes
-from .worker_args import parse_worker_args, split_argv, with_memory_limit
+from .worker_args import WorkerArgs, parse_worker_args, split_argv, with_memory_limit
 
 ENV_PREFIX = "DASK_SAFE_WORKER"
 PLAN_FILE_ENV = f"{ENV_PREFIX}_PLAN_FILE"
@@ -362,6 +363,36 @@ def _check_memory_high_kernel(opts: WriteOptions, audit: Audit) -> None:
         )
 
 
+def _with_gpu_workers(
+    wargs: WorkerArgs, prefix: Sequence[str], worker_args: Sequence[str], audit: Audit
+) -> WorkerArgs:
+    """dask-cuda starts one worker per visible GPU, each with the whole --memory-limit:
+    count them, or refuse rather than give every GPU the node's budget."""
+    from . import gpus
+
+    if not gpus.is_dask_cuda(prefix):
+        return wargs
+    found = gpus.visible_gpus(worker_args, os.environ)
+    audit("worker.gpus", **found.as_dict())
+    if found.count is None:
+        _fail(
+            EXIT_USAGE,
+            f"{' '.join(prefix)} starts one worker per GPU, and the GPUs cannot be counted "
+            f"({found.source}): set CUDA_VISIBLE_DEVICES",
+            audit,
+            "cli.usage.error",
+        )
+    if found.count == 0:
+        _fail(
+            EXIT_USAGE,
+            f"{' '.join(prefix)} would start no worker: no GPU is visible ({found.source} "
+            "lists none)",
+            audit,
+            "cli.usage.error",
+        )
+    return dataclasses.replace(wargs, gpu_workers=found.count)
+
+
 def _worker_prefix(worker_command: str | None) -> list[str]:
     """The worker command as an argv prefix; ValueError for one that is not a command."""
     if worker_command is None:
@@ -605,6 +636,7 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
         from .run_worker import exec_worker
 
         exec_worker([*prefix, *worker_args], os.environ, audit)
+    wargs = _with_gpu_workers(wargs, prefix, worker_args, audit)
 
     supervised = bool(params["init"]) if params["init"] is not None else os.getpid() == 1
     if params["follow"]:

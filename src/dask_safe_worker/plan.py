@@ -114,6 +114,11 @@ def make_plan(
     n_workers, nthreads = dask_compat.resolve_nworkers_nthreads(
         args.nworkers, args.nthreads, m.cpu_count
     )
+    # dask-cuda starts one worker (1 thread by default) per GPU and reads "auto" as
+    # MEMORY_LIMIT * min(1, nthreads / GPUs): its "cores" are the GPUs.
+    cores = m.cpu_count
+    if args.gpu_workers is not None:
+        n_workers, nthreads, cores = args.gpu_workers, args.nthreads or 1, args.gpu_workers
     committed = sum(s.limit for s in siblings)
     available = max(0, m.available - sum(s.unused for s in siblings))
     # own working set + headroom can exceed a limit: a cgroup's usage may be above its
@@ -131,7 +136,7 @@ def make_plan(
     )
     pool = max(0, budget - overhead)
     per_worker = min(
-        int(pool * min(1.0, nthreads / m.cpu_count)),
+        int(pool * min(1.0, nthreads / cores)),
         pool // n_workers,
         m.dask_memory_limit,
     )
@@ -155,7 +160,7 @@ def make_plan(
     if args.memory_limit is not None:
         try:
             user_bytes = resolve_user_memory_limit(
-                args.memory_limit, nthreads, m.cpu_count, m.dask_memory_limit
+                args.memory_limit, nthreads, cores, m.dask_memory_limit
             )
         except ValueError as exc:
             raise dask_compat.WorkerArgsError(

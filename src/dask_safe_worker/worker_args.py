@@ -21,6 +21,9 @@ class WorkerArgs:
     nanny: bool = True
     memory_limit: str | None = None
     version_only: bool = False
+    # `dask cuda worker`: one worker (with its nanny) per visible GPU, each with the
+    # whole `--memory-limit`; None for distributed's own worker.
+    gpu_workers: int | None = None
 
 
 def split_argv(
