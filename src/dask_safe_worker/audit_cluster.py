@@ -73,6 +73,9 @@ class WorkerFacts:
     constraints: tuple[Constraint, ...] = ()
     error: str | None = None
     notes: tuple[str, ...] = ()
+    # The cgroups (as the worker sees them) with memory.oom.group=1: one kernel OOM
+    # kill there takes every worker below, nanny and PID 1 included.
+    oom_group: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -374,6 +377,11 @@ def facts_from_report(
     kernel_limit = smallest.limit if smallest is not None else None
     kernel_path = smallest.name if smallest is not None else None
     notes.extend(str(x) for x in report.get("warnings") or [])
+    oom_group = tuple(
+        str(lvl.get("path"))
+        for lvl in report.get("levels") or []
+        if isinstance(lvl, dict) and lvl.get("oom_group") is True
+    )
     return WorkerFacts(
         address,
         host,
@@ -388,6 +396,7 @@ def facts_from_report(
         kernel_limit_path=kernel_path,
         constraints=tuple(constraints),
         notes=tuple(notes),
+        oom_group=oom_group,
     )
 
 
@@ -410,6 +419,7 @@ def result_rows(facts: Sequence[WorkerFacts], verdicts: Sequence[Verdict]) -> li
                 "reasons": list(v.reasons),
                 "action": v.action,
                 "constraints": [asdict(c) for c in f.constraints],
+                "oom_group": list(f.oom_group),
             }
         )
     return rows
@@ -445,6 +455,12 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
             out.extend(f"  - {reason}" for reason in r["reasons"])
             if r.get("action"):
                 out.append(f"  what to do: {r['action']}")
+    for r in rows:
+        for path in r.get("oom_group") or []:
+            out.append(
+                f"{r['name'] or r['worker']}: memory.oom.group=1 at {path}: one kernel OOM "
+                "kill there takes every process below it, not one worker"
+            )
     return "\n".join(out)
 
 
