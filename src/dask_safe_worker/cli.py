@@ -363,6 +363,19 @@ def _check_memory_high_kernel(opts: WriteOptions, audit: Audit) -> None:
         )
 
 
+def _check_local_directory(
+    wargs: WorkerArgs, worker_command: str | None, prefix: Sequence[str], audit: Audit
+) -> None:
+    """Exit 2 with one line, before any write, when the worker has nowhere to write."""
+    from . import gpus
+    from .local_dir import scratch_problem
+
+    dask_default = _runs_dask_worker(worker_command, prefix) or gpus.is_dask_cuda(prefix)
+    problem = scratch_problem(wargs.local_directory, os.environ, dask_default)
+    if problem is not None:
+        _fail(EXIT_USAGE, problem, audit, "cli.usage.error")
+
+
 def _with_gpu_workers(
     wargs: WorkerArgs, prefix: Sequence[str], worker_args: Sequence[str], audit: Audit
 ) -> WorkerArgs:
@@ -637,6 +650,7 @@ def run(ctx: click.Context, params: dict[str, Any]) -> None:
 
         exec_worker([*prefix, *worker_args], os.environ, audit)
     wargs = _with_gpu_workers(wargs, prefix, worker_args, audit)
+    _check_local_directory(wargs, params["worker_command"], prefix, audit)
 
     supervised = bool(params["init"]) if params["init"] is not None else os.getpid() == 1
     if params["follow"]:

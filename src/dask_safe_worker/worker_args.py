@@ -24,6 +24,7 @@ class WorkerArgs:
     # `dask cuda worker`: one worker (with its nanny) per visible GPU, each with the
     # whole `--memory-limit`; None for distributed's own worker.
     gpu_workers: int | None = None
+    local_directory: str | None = None
 
 
 def split_argv(
@@ -104,6 +105,7 @@ def parse_worker_args(
     nthreads: int | None = None
     nanny = True
     memory_limit: str | None = None
+    local_directory: str | None = None
     version_only = False
     for _, name, value in _options(args):
         if name in ("--nworkers", "--nprocs", "--nthreads", "--memory-limit") and value is None:
@@ -123,6 +125,8 @@ def parse_worker_args(
                 raise WorkerArgsError(f"--nthreads must not be negative, not {nthreads}")
         elif name == "--memory-limit":
             memory_limit = value
+        elif name == "--local-directory":
+            local_directory = value
         elif name == "--nanny":
             nanny = True
         elif name == "--no-nanny":
@@ -131,7 +135,9 @@ def parse_worker_args(
             version_only = True
     if len(given) > 1:
         raise WorkerArgsError("both --nprocs and --nworkers were given; use --nworkers only")
-    return WorkerArgs(nworkers, nthreads, nanny, memory_limit, version_only)
+    return WorkerArgs(
+        nworkers, nthreads, nanny, memory_limit, version_only, local_directory=local_directory
+    )
 
 
 def with_memory_limit(args: Sequence[str], limit: int) -> list[str]:
