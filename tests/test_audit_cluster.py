@@ -925,3 +925,19 @@ def test_tls_cluster_with_a_worker_lacking_dask_safe_worker(tmp_path: Path) -> N
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def test_oom_group_levels_are_collected_and_shown() -> None:
+    # The kubelet's memory.oom.group=1 on the container's cgroup (v2): shown, named.
+    container = {**_level("/", 2 * GiB, None, 500 * MiB), "oom_group": True}
+    child = {**_level("/dask-safe-worker", GiB, None, 400 * MiB), "oom_group": False}
+    f = facts_from_report("tcp://x", {}, _report([child, container]))
+    assert f.oom_group == ("/",)
+    rows = result_rows([f], judge([f]))
+    assert rows[0]["oom_group"] == ["/"]
+    table = render_table(rows)
+    assert "memory.oom.group=1 at /: one kernel OOM kill" in table
+    # Without the flag (v1, or 0 everywhere) nothing is said.
+    plain = facts_from_report("tcp://x", {}, _report([_level("/", GiB, None, 0)]))
+    assert plain.oom_group == ()
+    assert "oom.group" not in render_table(result_rows([plain], judge([plain])))

@@ -208,6 +208,22 @@ def test_our_own_write_does_not_cap_the_next_budget() -> None:
     assert replan(spec(), freed).budget == 3 * GiB - 64 * MiB
 
 
+def test_our_own_memory_high_does_not_cap_the_next_budget() -> None:
+    # v2, --memory-high-fraction 0.5 on our own cgroup: memory.high at half the budget
+    # would make every re-plan half the last one. The high found before our write
+    # (here an external 2.5 GiB) still counts.
+    managed = ManagedLimit("/c/w", 2, original=None, written=GiB, original_high=2560 * MiB)
+    m = measurement(
+        (
+            LevelReading("/w", GiB, None, 200 * MiB, 0, high=512 * MiB),
+            LevelReading("/", 3 * GiB, None, 200 * MiB, 0),
+        )
+    )
+    freed = with_original_limit(m, managed, ["/c/w", "/c"])
+    assert freed.levels[0].high == 2560 * MiB and freed.levels[0].limit is None
+    assert replan(spec(), freed).budget == 2560 * MiB - 64 * MiB
+
+
 # --- the spec and the interval --------------------------------------------------------
 
 
@@ -215,13 +231,20 @@ def test_our_own_write_does_not_cap_the_next_budget() -> None:
     interval=st.floats(min_value=0.05, max_value=3600),
     original=st.one_of(st.none(), sizes),
     fraction=st.one_of(st.none(), st.floats(min_value=0, max_value=0.99)),
+    gpus=st.one_of(st.none(), st.integers(1, 16)),
+    high=st.one_of(st.none(), sizes),
 )
 def test_spec_round_trips_through_json(
-    interval: float, original: int | None, fraction: float | None
+    interval: float,
+    original: int | None,
+    fraction: float | None,
+    gpus: int | None,
+    high: int | None,
 ) -> None:
     s = spec(
         interval=interval,
-        managed=ManagedLimit("/a/b", 2, original, GiB),
+        args=WorkerArgs(nthreads=1, gpu_workers=gpus, local_directory="/scratch"),
+        managed=ManagedLimit("/a/b", 2, original, GiB, original_high=high),
         settings=Settings(
             reserve=Amount(bytes=None if fraction is not None else 5, fraction=fraction)
         ),

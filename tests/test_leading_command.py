@@ -77,7 +77,7 @@ def test_chart_shapes_run_distributeds_worker(shape: list[str]) -> None:
     ],
 )
 def test_dask_cuda_worker_is_run_as_given(shape: list[str]) -> None:
-    proc = run("--dry-run", *shape)
+    proc = run("--dry-run", *shape, env={"CUDA_VISIBLE_DEVICES": "0"})
     assert proc.returncode == 0, proc.stderr
     argv = json.loads(proc.stdout)["argv"]
     assert argv[: len(shape)] == shape

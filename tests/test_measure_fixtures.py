@@ -262,3 +262,25 @@ def test_any_bytes_in_any_kernel_file_never_escape_measure(scenario: str) -> Non
             assert m.available >= 0
 
     check()
+
+
+def test_kubernetes_memory_qos_high_is_a_ceiling_and_oom_group_is_read() -> None:
+    # Memory QoS sets memory.high on the container below memory.max: the kernel
+    # throttles above it, so the headroom is high - working set and that level limits.
+    m = at("k8s-v2-memory-qos", own_pid=1)
+    own, pod = m.levels[0], m.levels[1]
+    assert own.high == 600 * MiB and pod.high is None
+    assert own.headroom == 600 * MiB - 250 * MiB
+    assert m.available == 350 * MiB and m.limiting == own.path
+    assert own.oom_group is True and pod.oom_group is False
+    line = m.as_dict()["cgroup_levels"]
+    assert isinstance(line, list)
+    assert line[0]["high"] == 600 * MiB and line[0]["oom_group"] is True
+
+
+def test_missing_oom_group_and_high_files_are_absent_not_errors() -> None:
+    # Kernels before 4.19 have no memory.oom.group; the v2 root has neither file.
+    m = at("k8s-v2", own_pid=1)
+    assert all(lvl.oom_group is None and lvl.high is None for lvl in m.levels)
+    assert all(lvl.error is None for lvl in m.levels)
+    assert all("oom_group" not in lvl.as_dict() for lvl in m.levels)

@@ -10,7 +10,9 @@ from dask_safe_worker.cgroup_parse import (
     V1_UNLIMITED_FLOOR,
     parse_controllers,
     parse_int,
+    parse_kernel_release,
     parse_memory_stat,
+    parse_oom_group,
     parse_pids,
     parse_v2_limit,
     v1_limit,
@@ -302,3 +304,27 @@ def test_proc_cgroup_keeps_every_byte_of_a_path(entries: list[tuple[int, bytes]]
     raw = b"".join(b"%d:memory:%s\n" % (hid, path) for hid, path in entries)
     parsed = parse_proc_cgroup(kernel(raw))
     assert [(e.hierarchy_id, unkernel(e.path)) for e in parsed] == entries
+
+
+@given(st.integers(min_value=0, max_value=1), st.sampled_from(["", "\n", " \n"]))
+def test_oom_group_reads_the_kernels_two_values(value: int, tail: str) -> None:
+    assert parse_oom_group(f"{value}{tail}") is (value == 1)
+
+
+@given(st.text(max_size=8))
+def test_oom_group_rejects_anything_else(text: str) -> None:
+    if text.strip(" \t\n") in ("0", "1"):
+        return
+    with pytest.raises(ParseError):
+        parse_oom_group(text)
+
+
+@given(st.integers(0, 99), st.integers(0, 999), st.sampled_from(["", ".3", ".0-18-amd64", "-rc1+"]))
+def test_kernel_release_reads_major_minor(major: int, minor: int, tail: str) -> None:
+    assert parse_kernel_release(f"{major}.{minor}{tail}\n") == (major, minor)
+
+
+@pytest.mark.parametrize("text", ["", "linux", "6", "-5.9", "v6.1"])
+def test_kernel_release_refuses_what_is_not_one(text: str) -> None:
+    with pytest.raises(ParseError):
+        parse_kernel_release(text)

@@ -8,6 +8,7 @@ cgroup. A refusal must leave the cgroup tree and every limit exactly as they wer
 from __future__ import annotations
 
 import json
+import platform
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from click.testing import CliRunner
 from cgroup_util import KernelCgroup
 from dask_safe_worker import cli
 from dask_safe_worker.cgroup_write import WriteOptions, child_name_problem
-from start_util import NOOP_WORKER, cgroup_state, other_process, run_in
+from start_util import DSW, NOOP_WORKER, cgroup_state, other_process, run_in
 
 GiB = 2**30
 
@@ -184,3 +185,40 @@ def test_every_bad_worker_value_is_one_usage_error(bad: list[str]) -> None:
     assert proc.returncode == 2
     assert proc.stderr.startswith("dask-safe-worker: invalid dask worker arguments: ")
     assert bad[0] in proc.stderr and "Traceback" not in proc.stderr
+
+
+def _run_as_old_kernel(cg: KernelCgroup, args: list[str]) -> subprocess.CompletedProcess[str]:
+    # setarch's UNAME26 personality: the real kernel reports itself as 2.6.x to uname(2).
+    argv = ["setarch", platform.machine(), "--uname-2.6", *DSW, *args]
+    return subprocess.run(
+        cg.enter_command(argv), capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def test_memory_high_fraction_is_refused_before_linux_5_9(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    kernel_cgroup.set_limit(2 * GiB)
+    with other_process(kernel_cgroup, started_pids):
+        before = cgroup_state(kernel_cgroup.path)
+        args = ["--worker-command", NOOP_WORKER, "--memory-high-fraction", "0.9"]
+        proc = _run_as_old_kernel(kernel_cgroup, args)
+        after = cgroup_state(kernel_cgroup.path)
+    assert proc.returncode == 2, proc.stderr
+    assert after == before
+    human = [line for line in proc.stderr.splitlines() if not line.startswith("{")]
+    assert human == [
+        "dask-safe-worker: --memory-high-fraction needs Linux 5.9 or later (older kernels "
+        "can stall a worker held at memory.high); this kernel is 2.6: drop the option or "
+        "use --memory-high-fraction 0"
+    ]
+
+
+def test_memory_high_off_by_default_starts_on_an_old_kernel(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # The default (0 = off) never asks the kernel's version: old kernels start.
+    kernel_cgroup.set_limit(2 * GiB)
+    with other_process(kernel_cgroup, started_pids):
+        proc = _run_as_old_kernel(kernel_cgroup, ["--worker-command", NOOP_WORKER])
+    assert proc.returncode == 0, proc.stderr

@@ -133,6 +133,14 @@ class V2MemoryCgroup:
     def raw_limit(self) -> int | None:
         return cp.parse_v2_limit(self._read("memory.max"))
 
+    def high(self, mem_total: int) -> int | None:
+        """`memory.high`, the throttling ceiling; None for "max" or beyond the host's RAM."""
+        value = cp.parse_v2_limit(self._read("memory.high"), "memory.high")
+        return None if value is None or value >= mem_total else value
+
+    def oom_group(self) -> bool:
+        return cp.parse_oom_group(self._read("memory.oom.group"))
+
     def write(self, name: str, text: str) -> None:
         with open(self.directory / name, "w") as f:
             f.write(text)

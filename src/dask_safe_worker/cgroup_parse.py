@@ -34,15 +34,24 @@ def v1_limit(value: int, mem_total: int) -> int | None:
     return value
 
 
-def parse_v2_limit(text: str) -> int | None:
+def parse_v2_limit(text: str, what: str = "memory.max") -> int | None:
     """`memory.max` / `memory.high`: "max" or a byte count; None means no limit."""
     s = text.strip(_BLANK)
     if s == "max":
         return None
-    value = parse_int(s, "memory.max")
+    value = parse_int(s, what)
     if value < 0:
-        raise ParseError(f"memory.max is negative: {value}")
+        raise ParseError(f"{what} is negative: {value}")
     return value
+
+
+def parse_oom_group(text: str) -> bool:
+    """`memory.oom.group`: "0" or "1". With 1 the kernel's OOM killer takes every
+    process of the cgroup (and its descendants) at once, not just the largest one."""
+    s = text.strip(_BLANK)
+    if s not in ("0", "1"):
+        raise ParseError(f"memory.oom.group is not 0 or 1: {s[:40]!r}")
+    return s == "1"
 
 
 def parse_memory_stat(text: str) -> dict[str, int]:
@@ -68,3 +77,18 @@ def parse_controllers(text: str) -> frozenset[str]:
 def working_set(usage: int, inactive_file: int) -> int:
     """What the kernel cannot simply drop: usage minus the inactive page cache."""
     return max(0, usage - inactive_file)
+
+
+# Our own memory.high needs the throttling fixes of Linux 5.9: before them a cgroup held
+# above memory.high could stall for very long (kubernetes/kubernetes#118699).
+MEMORY_HIGH_MIN_KERNEL = (5, 9)
+
+_RELEASE = re.compile(r"([0-9]+)\.([0-9]+)")
+
+
+def parse_kernel_release(text: str) -> tuple[int, int]:
+    """(major, minor) of a release such as "5.4.0-150-generic" or "6.1.0-18-amd64"."""
+    match = _RELEASE.match(text.strip(_BLANK))
+    if match is None:
+        raise ParseError(f"kernel release is not major.minor...: {text[:40]!r}")
+    return int(match.group(1)), int(match.group(2))

@@ -265,6 +265,7 @@ class _Writer:
                 moved = True
                 self._enable_memory_controller()
                 outcome = self._write_limit(child_dir, path, "child")
+                self._oom_group_off(child_dir, path)
             self.audit("cgroup.moved", target=path, pid=self.m.pid)
             outcome.created_child = str(child_dir)
             outcome.parent_dir = str(self.own_dir)
@@ -282,6 +283,30 @@ class _Writer:
             return WriteOutcome(
                 enforced=False, written=False, reason=reason, strategy="child", target=path
             )
+
+    def _oom_group_off(self, child_dir: Path, path: str) -> None:
+        """memory.oom.group=0 on our child: an OOM inside our limit then kills one
+        worker, which its nanny restarts, not every process up to a parent that the
+        kubelet (1.28+) set to 1. The kernel takes the highest ancestor with the flag
+        only up to the cgroup whose limit was hit, and our limit is the child's.
+        Best effort: a kernel before 4.19 has no such file."""
+        cg = V2MemoryCgroup(child_dir)
+        try:
+            cg.write("memory.oom.group", "0")
+        except FileNotFoundError:
+            self.audit("cgroup.oom_group", target=path, outcome="absent")
+            return
+        except OSError as exc:
+            reason = errno_reason(exc)
+            self.audit("cgroup.write.failed", target=path, file="memory.oom.group", reason=reason)
+            return
+        try:
+            read_back: str | None = cg.read("memory.oom.group").strip()
+        except OSError:
+            read_back = None
+        self.audit(
+            "cgroup.oom_group", target=path, outcome="written", requested=0, read_back=read_back
+        )
 
     def _enable_memory_controller(self) -> None:
         control = self.own_dir / "cgroup.subtree_control"

@@ -145,6 +145,74 @@ def _fail(code: int, message: str, audit: Audit, event: str) -> NoReturn:
     sys.exit(code)
 
 
+def _check_memory_high_kernel(opts: WriteOptions, audit: Audit) -> None:
+    """Refuse our own memory.high on a kernel older than 5.9, before any write."""
+    if not opts.memory_high_fraction or opts.mode == "never":
+        return
+    from .cgroup_parse import MEMORY_HIGH_MIN_KERNEL, parse_kernel_release
+    from .proc_parse import ParseError
+
+    try:
+        # uname(2), as the kernel reports itself to this process (setarch's UNAME26
+        # personality included).
+        release = parse_kernel_release(os.uname().release)
+    except ParseError as exc:
+        message = f"--memory-high-fraction needs Linux 5.9 or later; cannot tell: {exc}"
+        _fail(EXIT_USAGE, message, audit, "cli.usage.error")
+    if release < MEMORY_HIGH_MIN_KERNEL:
+        _fail(
+            EXIT_USAGE,
+            f"--memory-high-fraction needs Linux 5.9 or later (older kernels can stall a "
+            f"worker held at memory.high); this kernel is {release[0]}.{release[1]}: "
+            "drop the option or use --memory-high-fraction 0",
+            audit,
+            "cli.usage.error",
+        )
+
+
+def _check_local_directory(
+    wargs: WorkerArgs, worker_command: str | None, prefix: Sequence[str], audit: Audit
+) -> None:
+    """Exit 2 with one line, before any write, when the worker has nowhere to write."""
+    from . import gpus
+    from .local_dir import scratch_problem
+
+    dask_default = _runs_dask_worker(worker_command, prefix) or gpus.is_dask_cuda(prefix)
+    problem = scratch_problem(wargs.local_directory, os.environ, dask_default)
+    if problem is not None:
+        _fail(EXIT_USAGE, problem, audit, "cli.usage.error")
+
+
+def _with_gpu_workers(
+    wargs: WorkerArgs, prefix: Sequence[str], worker_args: Sequence[str], audit: Audit
+) -> WorkerArgs:
+    """dask-cuda starts one worker per visible GPU, each with the whole --memory-limit:
+    count them, or refuse rather than give every GPU the node's budget."""
+    from . import gpus
+
+    if not gpus.is_dask_cuda(prefix):
+        return wargs
+    found = gpus.visible_gpus(worker_args, os.environ)
+    audit("worker.gpus", **found.as_dict())
+    if found.count is None:
+        _fail(
+            EXIT_USAGE,
+            f"{' '.join(prefix)} starts one worker per GPU, and the GPUs cannot be counted "
+            f"({found.source}): set CUDA_VISIBLE_DEVICES",
+            audit,
+            "cli.usage.error",
+        )
+    if found.count == 0:
+        _fail(
+            EXIT_USAGE,
+            f"{' '.join(prefix)} would start no worker: no GPU is visible ({found.source} "
+            "lists none)",
+            audit,
+            "cli.usage.error",
+        )
+    return dataclasses.replace(wargs, gpu_workers=found.count)
+
+
 def _worker_prefix(worker_command: str | None) -> list[str]:
     """The worker command as an argv prefix; ValueError for one that is not a command."""
     if worker_command is None:
@@ -365,6 +433,7 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
         write_options = opts.write_options()
     except ValueError as exc:
         _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
+    _check_memory_high_kernel(write_options, audit)
 
     if opts.worker_help:
         return PassThrough([*prefix, "--help"])
@@ -392,6 +461,8 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
             _fail(
                 EXIT_USAGE, "--follow needs a supervisor; drop --no-init", audit, "cli.usage.error"
             )
+        wargs = _with_gpu_workers(wargs, prefix, worker_args, audit)
+        _check_local_directory(wargs, opts.worker_command, prefix, audit)
         m = _measure(audit)
         resolve_worker_values(wargs, m)
     except dask_compat.WorkerArgsError as exc:

@@ -41,6 +41,9 @@ class ManagedLimit:
     original: int | None
     # What the kernel held right after our write (v1 rounds to pages).
     written: int
+    # v2 memory.high found there before our write: our own --memory-high-fraction is
+    # not a ceiling to plan under, or every budget would shrink to that fraction.
+    original_high: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,9 @@ class FollowSpec:
                 nthreads=a["nthreads"],
                 nanny=bool(a["nanny"]),
                 memory_limit=a["memory_limit"],
+                # dask-cuda's worker count, as counted at start.
+                gpu_workers=None if a.get("gpu_workers") is None else int(a["gpu_workers"]),
+                local_directory=a.get("local_directory"),
             )
             m = doc.get("managed")
             managed = (
@@ -91,6 +97,9 @@ class FollowSpec:
                     version=int(m["version"]),
                     original=None if m["original"] is None else int(m["original"]),
                     written=int(m["written"]),
+                    original_high=(
+                        None if m.get("original_high") is None else int(m["original_high"])
+                    ),
                 )
             )
             spec = cls(
@@ -132,7 +141,10 @@ def with_original_limit(
     for i, directory in enumerate(directories[: len(levels)]):
         if directory == managed.directory:
             levels[i] = dataclasses.replace(
-                levels[i], limit=managed.original, hierarchical_limit=None
+                levels[i],
+                limit=managed.original,
+                hierarchical_limit=None,
+                high=managed.original_high,
             )
     return dataclasses.replace(m, levels=tuple(levels))
 

@@ -59,14 +59,16 @@ def managed_limit(
     if outcome.strategy == "own":
         directory = str(m.location.directory(sys_root))
         original = m.levels[0].limit if m.levels else None
+        original_high = m.levels[0].high if m.levels else None
     elif outcome.strategy == "child" and outcome.parent_dir and outcome.target:
         directory = os.path.join(outcome.parent_dir, outcome.target.rsplit("/", 1)[-1])
         # A child we created had no limit; one we found had a higher one (a lower one
         # is never written over), and the start's budget caps every raise anyway.
         original = None
+        original_high = None
     else:
         return None
-    return ManagedLimit(directory, m.location.version, original, outcome.read_back)
+    return ManagedLimit(directory, m.location.version, original, outcome.read_back, original_high)
 
 
 def kernel_note(outcome: WriteOutcome) -> str:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dask_compat
-from .cgroup_files import open_memory_cgroup, read_kernel_text
+from .cgroup_files import V2MemoryCgroup, open_memory_cgroup, read_kernel_text
 from .cgroup_locate import CgroupLocation, cgroup2_mount, host_path, locate_memory_cgroup
 from .cgroup_parse import parse_controllers, working_set
 from .proc_parse import (
@@ -35,6 +35,11 @@ class LevelReading:
     usage: int | None
     inactive_file: int | None
     error: str | None = None
+    # v2 only. memory.high, set from outside (Kubernetes Memory QoS, systemd MemoryHigh=):
+    # above it the kernel throttles the cgroup, so it is as much a ceiling as the limit.
+    high: int | None = None
+    # memory.oom.group; None where the file does not exist (v1, the v2 root, kernels < 4.19).
+    oom_group: bool | None = None
 
     @property
     def working_set(self) -> int | None:
@@ -48,9 +53,15 @@ class LevelReading:
         return min(limits) if limits else None
 
     @property
+    def ceiling(self) -> int | None:
+        """The lower of the hard limit and memory.high: above either the worker stalls."""
+        values = [v for v in (self.effective_limit, self.high) if v is not None]
+        return min(values) if values else None
+
+    @property
     def headroom(self) -> int | None:
-        """limit - working set; None when this level sets no limit."""
-        limit = self.effective_limit
+        """ceiling - working set; None when this level sets no limit and no memory.high."""
+        limit = self.ceiling
         if limit is None:
             return None
         return max(0, limit - (self.working_set or 0))
@@ -71,6 +82,11 @@ class LevelReading:
             "working_set": self.working_set,
             "headroom": self.headroom,
         }
+        # Only where the kernel has the files (v2), so v1 lines stay as they were.
+        if self.high is not None:
+            out["high"] = self.high
+        if self.oom_group is not None:
+            out["oom_group"] = self.oom_group
         if self.error is not None:
             out["error"] = self.error
         return out
@@ -167,6 +183,23 @@ def _read_level(
             # The v2 root has no memory.max or memory.current: that is not an error.
             if not (version == 2 and is_root and isinstance(exc, FileNotFoundError)):
                 errors.append(f"{name}: {_describe(exc)}")
+    high: int | None = None
+    oom_group: bool | None = None
+    if isinstance(cg, V2MemoryCgroup):
+        # Optional files: the v2 root has neither, and memory.oom.group is new in 4.19.
+        # A missing one is an absent setting, not an error.
+        try:
+            high = cg.high(mem_total)
+        except FileNotFoundError:
+            pass
+        except (OSError, ParseError) as exc:
+            errors.append(f"high: {_describe(exc)}")
+        try:
+            oom_group = cg.oom_group()
+        except FileNotFoundError:
+            pass
+        except (OSError, ParseError) as exc:
+            errors.append(f"oom_group: {_describe(exc)}")
     return LevelReading(
         path=path,
         limit=values["limit"],
@@ -174,6 +207,8 @@ def _read_level(
         usage=values["usage"],
         inactive_file=values["inactive_file"],
         error="; ".join(errors) or None,
+        high=high,
+        oom_group=oom_group,
     )
 
 

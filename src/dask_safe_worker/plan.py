@@ -47,6 +47,8 @@ class WorkerValues:
     nthreads: int
     # The user's --memory-limit per worker in bytes; None when not given or no limit ("0").
     user_memory_limit_bytes: int | None
+    # What "auto" divides by: the CPUs for dask worker, the GPUs for dask cuda worker.
+    cores: int
 
 
 def resolve_worker_values(args: WorkerArgs, m: Measurement) -> WorkerValues:
@@ -55,17 +57,22 @@ def resolve_worker_values(args: WorkerArgs, m: Measurement) -> WorkerValues:
     n_workers, nthreads = dask_compat.resolve_nworkers_nthreads(
         args.nworkers, args.nthreads, m.cpu_count
     )
+    # dask-cuda starts one worker (1 thread by default) per GPU and reads "auto" as
+    # MEMORY_LIMIT * min(1, nthreads / GPUs): its "cores" are the GPUs.
+    cores = m.cpu_count
+    if args.gpu_workers is not None:
+        n_workers, nthreads, cores = args.gpu_workers, args.nthreads or 1, args.gpu_workers
     user_bytes: int | None = None
     if args.memory_limit is not None:
         try:
             user_bytes = resolve_user_memory_limit(
-                args.memory_limit, nthreads, m.cpu_count, m.dask_memory_limit
+                args.memory_limit, nthreads, cores, m.dask_memory_limit
             )
         except ValueError as exc:
             raise dask_compat.WorkerArgsError(
                 f"--memory-limit {args.memory_limit!r} is not a size dask understands: {exc}"
             ) from exc
-    return WorkerValues(n_workers, nthreads, user_bytes)
+    return WorkerValues(n_workers, nthreads, user_bytes, cores)
 
 
 MemoryLimitAction = Literal["keep", "set", "clamped"]
@@ -159,13 +166,15 @@ def make_plan(
     to them: their unused part comes off `available`, their limits off every limit."""
     values = resolve_worker_values(args, m)
     n_workers, nthreads = values.n_workers, values.nthreads
+    cores = values.cores
     committed = sum(s.limit for s in siblings)
     available = max(0, m.available - sum(s.unused for s in siblings))
     # own working set + headroom can exceed a limit: a cgroup's usage may be above its
     # limit (a limit lowered under usage), and VmRSS counts shared pages the cgroup
     # does not charge to us. No budget is ever above a limit that applies.
     gross = m.own_working_set + available
-    limits = [lvl.effective_limit for lvl in m.levels if lvl.effective_limit is not None]
+    # A level's ceiling: its hard limit, or an external memory.high below it.
+    limits = [lvl.ceiling for lvl in m.levels if lvl.ceiling is not None]
     if limits:
         gross = max(0, min(gross, min(limits) - committed))
     reserve = settings.reserve.of(gross)
@@ -176,7 +185,7 @@ def make_plan(
     )
     pool = max(0, budget - overhead)
     per_worker = min(
-        int(pool * min(1.0, nthreads / m.cpu_count)),
+        int(pool * min(1.0, nthreads / cores)),
         pool // n_workers,
         m.dask_memory_limit,
     )

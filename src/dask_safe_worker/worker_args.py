@@ -25,6 +25,10 @@ class WorkerArgs:
     nanny: bool = True
     memory_limit: str | None = None
     version_only: bool = False
+    # `dask cuda worker`: one worker (with its nanny) per visible GPU, each with the
+    # whole `--memory-limit`; None for distributed's own worker.
+    gpu_workers: int | None = None
+    local_directory: str | None = None
 
 
 def split_argv(
@@ -105,6 +109,7 @@ def parse_worker_args(
     nthreads: int | None = None
     nanny = True
     memory_limit: str | None = None
+    local_directory: str | None = None
     version_only = False
     for _, name, value in _options(args):
         if name in ("--nworkers", "--nprocs", "--nthreads", "--memory-limit") and value is None:
@@ -124,6 +129,8 @@ def parse_worker_args(
                 raise WorkerArgsError(f"--nthreads must not be negative, not {nthreads}")
         elif name == "--memory-limit":
             memory_limit = value
+        elif name == "--local-directory":
+            local_directory = value
         elif name == "--nanny":
             nanny = True
         elif name == "--no-nanny":
@@ -132,7 +139,9 @@ def parse_worker_args(
             version_only = True
     if len(given) > 1:
         raise WorkerArgsError("both --nprocs and --nworkers were given; use --nworkers only")
-    return WorkerArgs(nworkers, nthreads, nanny, memory_limit, version_only)
+    return WorkerArgs(
+        nworkers, nthreads, nanny, memory_limit, version_only, local_directory=local_directory
+    )
 
 
 def apply_memory_limit(args: Sequence[str], decision: MemoryLimitDecision) -> list[str]:

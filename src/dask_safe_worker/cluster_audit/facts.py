@@ -118,6 +118,11 @@ def facts_from_report(
     kernel_limit = smallest.limit if smallest is not None else None
     kernel_path = smallest.name if smallest is not None else None
     notes.extend(str(x) for x in report.get("warnings") or [])
+    oom_group = tuple(
+        str(lvl.get("path"))
+        for lvl in report.get("levels") or []
+        if isinstance(lvl, dict) and lvl.get("oom_group") is True
+    )
     return WorkerFacts(
         address,
         host,
@@ -132,4 +137,5 @@ def facts_from_report(
         kernel_limit_path=kernel_path,
         constraints=tuple(constraints),
         notes=tuple(notes),
+        oom_group=oom_group,
     )

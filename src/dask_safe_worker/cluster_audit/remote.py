@@ -171,6 +171,10 @@ def collect(dask_worker: Any = None) -> dict[str, Any]:
                 "hierarchical_limit": lvl.hierarchical_limit,
                 "working_set": lvl.working_set,
                 "headroom": lvl.headroom,
+                # cgroup v2 only (None elsewhere): an external memory.high, and whether one
+                # kernel OOM kill takes every process below this level.
+                "high": lvl.high,
+                "oom_group": lvl.oom_group,
                 "error": lvl.error,
             }
         )

@@ -29,6 +29,7 @@ def result_rows(facts: Sequence[WorkerFacts], verdicts: Sequence[Verdict]) -> li
                 "reasons": list(v.reasons),
                 "action": v.action,
                 "constraints": [asdict(c) for c in f.constraints],
+                "oom_group": list(f.oom_group),
             }
         )
     return rows
@@ -64,4 +65,10 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
             out.extend(f"  - {reason}" for reason in r["reasons"])
             if r.get("action"):
                 out.append(f"  what to do: {r['action']}")
+    for r in rows:
+        for path in r.get("oom_group") or []:
+            out.append(
+                f"{r['name'] or r['worker']}: memory.oom.group=1 at {path}: one kernel OOM "
+                "kill there takes every process below it, not one worker"
+            )
     return "\n".join(out)

@@ -54,6 +54,9 @@ class WorkerFacts:
     constraints: tuple[Constraint, ...] = ()
     error: str | None = None
     notes: tuple[str, ...] = ()
+    # The cgroups (as the worker sees them) with memory.oom.group=1: one kernel OOM
+    # kill there takes every worker below, nanny and PID 1 included.
+    oom_group: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
