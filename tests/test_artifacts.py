@@ -42,6 +42,7 @@ from artifacts_util import (
     parse_unit_file,
     unit_values,
 )
+from release_util import require_distributed_at_least
 
 COMPOSE = REPO_ROOT / "docker" / "compose.yaml"
 DOCKERIGNORE = REPO_ROOT / "docker" / "Dockerfile.dockerignore"
@@ -991,6 +992,7 @@ def _scheduler_manifest() -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def test_k8s_helm_values_replace_the_charts_scheduler_with_scheduler_yaml() -> None:
+    require_distributed_at_least(2026, 6, "dask-scheduler was removed in 2026.6")
     (values,) = _yaml_documents(K8S / "helm-values.yaml")
     # The chart's template runs `dask-scheduler`, which this distributed does not install.
     assert shutil.which("dask-scheduler", path=str(VENV_BIN)) is None
@@ -1059,6 +1061,7 @@ def _scheduler_starts(argv: list[str]) -> tuple[bool, str]:
 @needs_cli
 def test_every_command_a_manifest_names_exists_in_the_installed_environment() -> None:
     """The venv holds what the image installs (the same lock): each command must be there."""
+    require_distributed_at_least(2026, 6, "the manifests name the image's release's commands")
     for artifact, argv in _manifest_commands().items():
         program = shutil.which(argv[0], path=str(VENV_BIN))
         assert program is not None, f"{artifact}: {argv[0]} is not installed"

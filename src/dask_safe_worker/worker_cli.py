@@ -347,6 +347,14 @@ def _check_value(name: str, value: str, param: Param) -> None:
             float(value)
         except ValueError:
             raise WorkerArgsError(f"{name}: {value!r} is not a valid float") from None
-    elif param.type == "existing_path" and not os.path.exists(os.path.realpath(value)):
-        # realpath as dask's click.Path(resolve_path=True) does: "" is the cwd there.
+    elif param.type == "existing_path" and not _path_exists(value):
         raise WorkerArgsError(f"{name}: path {value!r} does not exist")
+
+
+def _path_exists(value: str) -> bool:
+    # realpath as dask's click.Path(resolve_path=True) does: "" is the cwd there. A NUL
+    # byte makes os.stat raise ValueError; no such path can exist.
+    try:
+        return os.path.exists(os.path.realpath(value))
+    except ValueError:
+        return False
