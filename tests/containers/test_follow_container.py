@@ -102,6 +102,16 @@ def test_runc_update_memory_is_followed_by_dask(
     assert int((c.host_cgroup_dir / "memory.oom_control").read_text().split()[-1]) == 0
     # The container's limit is the runtime's: we never wrote it.
     assert int((c.host_cgroup_dir / "memory.limit_in_bytes").read_text()) == 2 * GiB
+    # follow.applied is logged once every part has acknowledged, a tick after the views
+    # moved: wait for it before stopping the container.
+    wait_until(
+        lambda: (
+            [e["action"] for e in c.events() if e["event"] == "follow.applied"]
+            == ["lower", "raise"]
+        ),
+        5,
+        c,
+    )
     c.kill("TERM")
     assert c.wait() == 0
 
