@@ -93,10 +93,10 @@ def test_one_share_per_visible_gpu(tmp_path: Path, leading: list[str]) -> None:
     argv = json.loads(record.read_text())
     plan = _plan(proc.stderr)
     assert plan["n_workers"] == 3 and plan["nannies"] == 3
-    pool = plan["pool"]
-    assert isinstance(pool, int)
+    pool, system = plan["pool"], plan["dask_memory_limit"]
+    assert isinstance(pool, int) and isinstance(system, int)
     # Each of the three workers gets a third of the pool: three limits fit the budget.
-    assert _limit(argv) == plan["per_worker"] == min(pool // 3, plan["dask_memory_limit"])
+    assert _limit(argv) == plan["per_worker"] == min(pool // 3, system)
     (gpus,) = [e for e in audit_events(proc.stderr) if e["event"] == "worker.gpus"]
     assert (gpus["count"], gpus["source"]) == (3, "CUDA_VISIBLE_DEVICES")
 
