@@ -153,7 +153,11 @@ def _sequence(
 
     # (a) M's memory.max lowered by 256 MiB: Dask's side, then W's memory.max, follow.
     machine.write("memory.max", LOWERED)
-    _wait(lambda: _views(client) != _all(first), "Dask's side to follow M down")
+    # Every part has moved, and to one value (they move a moment apart).
+    _wait(
+        lambda: len({v for _, v in _views(client)}) == 1 and _views(client) != _all(first),
+        "Dask's side to follow M down",
+    )
     (lowered,) = {v for _, v in _views(client)}
     assert abs((first - lowered) - (MACHINE - LOWERED)) < 16 * MiB
     _wait(lambda: int(worker_cg.limit()) < first_kernel, "W's memory.max to follow down")
@@ -166,7 +170,10 @@ def _sequence(
 
     # (c) a neighbour grows by 128 MiB beside the worker: the budget shrinks by that much.
     neighbour = memory_hog(procs, agent_cg, NEIGHBOUR)
-    _wait(lambda: _views(client) != _all(first), "Dask's side to follow the neighbour")
+    _wait(
+        lambda: len({v for _, v in _views(client)}) == 1 and _views(client) != _all(first),
+        "Dask's side to follow the neighbour",
+    )
     (squeezed,) = {v for _, v in _views(client)}
     assert abs((first - squeezed) - NEIGHBOUR) < 24 * MiB
     neighbour.kill()
