@@ -134,6 +134,17 @@ def _all(value: int) -> set[tuple[str, int]]:
     return {("worker", value), ("nanny", value), ("scheduler", value)}
 
 
+def _agreed_near(client: Any, expected: int, tolerance: int, what: str) -> None:
+    """Wait until every worker, nanny and the scheduler show one value, within
+    `tolerance` of `expected`, in one snapshot (they move a moment apart)."""
+
+    def check() -> bool:
+        values = {v for _, v in _views(client)}
+        return len(values) == 1 and abs(next(iter(values)) - expected) < tolerance
+
+    _wait(check, f"Dask's side to follow {what}")
+
+
 def _sequence(
     client: Any,
     machine: Cgroup,
@@ -153,13 +164,8 @@ def _sequence(
 
     # (a) M's memory.max lowered by 256 MiB: Dask's side, then W's memory.max, follow.
     machine.write("memory.max", LOWERED)
-    # Every part has moved, and to one value (they move a moment apart).
-    _wait(
-        lambda: len({v for _, v in _views(client)}) == 1 and _views(client) != _all(first),
-        "Dask's side to follow M down",
-    )
-    (lowered,) = {v for _, v in _views(client)}
-    assert abs((first - lowered) - (MACHINE - LOWERED)) < 16 * MiB
+    # Every part moves, a moment apart, to one value about 256 MiB lower.
+    _agreed_near(client, first - (MACHINE - LOWERED), 16 * MiB, "M down")
     _wait(lambda: int(worker_cg.limit()) < first_kernel, "W's memory.max to follow down")
     assert abs((first_kernel - int(worker_cg.limit())) - (MACHINE - LOWERED)) < 16 * MiB
 
@@ -170,12 +176,7 @@ def _sequence(
 
     # (c) a neighbour grows by 128 MiB beside the worker: the budget shrinks by that much.
     neighbour = memory_hog(procs, agent_cg, NEIGHBOUR)
-    _wait(
-        lambda: len({v for _, v in _views(client)}) == 1 and _views(client) != _all(first),
-        "Dask's side to follow the neighbour",
-    )
-    (squeezed,) = {v for _, v in _views(client)}
-    assert abs((first - squeezed) - NEIGHBOUR) < 24 * MiB
+    _agreed_near(client, first - NEIGHBOUR, 24 * MiB, "the neighbour")
     neighbour.kill()
     neighbour.wait()
     _wait(lambda: _views(client) == _all(first), "Dask's side to recover")
