@@ -1,12 +1,15 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from hypothesis import settings
 
 from cgroup_util import KernelCgroup, kernel_cgroups_usable, make_test_cgroup
+from scheduler_util import scheduler
 
 # The machine is shared with other suites; timing deadlines would only make tests flaky.
 settings.register_profile("dsw", deadline=None)
@@ -29,3 +32,27 @@ def kernel_cgroup(started_pids: set[int]) -> Iterator[KernelCgroup]:
         pytest.skip(reason)
     with make_test_cgroup(started_pids) as cg:
         yield cg
+
+
+@pytest.fixture
+def scheduler_address() -> Iterator[str]:
+    """A fresh scheduler on 127.0.0.1 for the test (runc, podman and VM-free tests)."""
+    with scheduler() as address:
+        yield address
+
+
+@pytest.fixture
+def client(scheduler_address: str) -> Iterator[Any]:
+    from distributed import Client
+
+    with Client(scheduler_address, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture
+def closed_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that refuses connections: bound, never listening, held by us
+    for the whole test so that nothing else can take it."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        yield int(s.getsockname()[1])

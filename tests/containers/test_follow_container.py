@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,23 +15,8 @@ import pytest
 from oci import Container, GiB, MiB, worker_entrypoint_argv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scheduler_util import scheduler
 
 pytestmark = pytest.mark.container
-
-
-@pytest.fixture
-def scheduler_address() -> Iterator[str]:
-    with scheduler() as address:
-        yield address
-
-
-@pytest.fixture
-def client(scheduler_address: str) -> Iterator[Any]:
-    from distributed import Client
-
-    with Client(scheduler_address, timeout=30) as c:
-        yield c
 
 
 def wait_until(check: Callable[[], bool], timeout: float, c: Container) -> None:

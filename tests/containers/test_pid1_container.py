@@ -7,11 +7,10 @@ PATH. Schedulers and clients live on the host; the container has no network name
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import textwrap
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,36 +18,12 @@ import pytest
 from oci import Container, GiB, MiB, worker_entrypoint_argv
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scheduler_util import scheduler
 
 pytestmark = pytest.mark.container
 
 RESERVE = 256 * MiB
 # Guards against hangs only; no test asserts on how long anything took.
 HANG_GUARD_S = 120.0
-
-
-@pytest.fixture
-def scheduler_address() -> Iterator[str]:
-    with scheduler() as address:
-        yield address
-
-
-@pytest.fixture
-def client(scheduler_address: str) -> Iterator[Any]:
-    from distributed import Client
-
-    with Client(scheduler_address, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """A port on 127.0.0.1 that refuses connections: bound, never listening, held by us
-    for the whole test so that nothing else can take it."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield int(s.getsockname()[1])
 
 
 def worker_argv(scheduler: str, *ours: str, name: str = "w") -> list[str]:

@@ -10,7 +10,6 @@ registers with a plan inside the container's memory limit.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,8 +24,6 @@ from podman_engine import (
     build_mounts,
     import_base,
 )
-
-from scheduler_util import scheduler
 
 pytestmark = pytest.mark.image
 
@@ -59,12 +56,6 @@ def layered(podman: Engine) -> Built:
     return build_image(
         podman, LAYERED, REPO / "docker" / "Dockerfile.dask-image", (f"DASK_IMAGE={STANDIN}",)
     )
-
-
-@pytest.fixture
-def scheduler_address() -> Iterator[str]:
-    with scheduler() as address:
-        yield address
 
 
 def test_extra_pip_packages_are_installed_before_the_worker_measures(

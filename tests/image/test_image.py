@@ -7,7 +7,6 @@ is on what podman, the worker's own audit lines or the scheduler report.
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -15,36 +14,12 @@ from typing import Any
 import pytest
 from podman_engine import Built, Engine, Running, audit_events, run, start
 
-from scheduler_util import scheduler
-
 pytestmark = pytest.mark.image
 
 MiB = 2**20
 GiB = 2**30
 RESERVE = "256MiB"
 HANG_GUARD_S = 120.0
-
-
-@pytest.fixture
-def scheduler_address() -> Iterator[str]:
-    with scheduler() as address:
-        yield address
-
-
-@pytest.fixture
-def client(scheduler_address: str) -> Iterator[Any]:
-    from distributed import Client
-
-    with Client(scheduler_address, timeout=30) as c:
-        yield c
-
-
-@pytest.fixture
-def closed_port() -> Iterator[int]:
-    """Bound, never listening, held for the whole test: nothing answers there."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        yield int(s.getsockname()[1])
 
 
 @pytest.fixture
