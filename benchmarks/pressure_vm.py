@@ -42,6 +42,19 @@ WORKLOAD_TIMEOUT = 300.0
 START_TIMEOUT = 600.0
 RESTART_MEMORY_RE = re.compile(r"exceeded \d+% memory budget\. Restarting")
 KILLED_RE = re.compile(r"Worker process \d+ was killed by signal (\d+)")
+WORKLOADS = ("spill", "neighbour")
+CONTENDERS = {"spill": ("plain", "safe", "seed"), "neighbour": ("plain", "safe", "follow", "seed")}
+# "neighbour grows": the agent grows by half the worker's budget (MemAvailable measured
+# before the start, which is what every contender's budget is cut from) once W's charge has
+# reached GROW_AT of that budget, i.e. when the worker holds real data and its spill is under
+# way. A point in the spill's progress, not a time: the emulated guest runs two to three
+# times slower when the host is busy, and a fixed time would land at a different stage of
+# the workload in every run. GROW_FALLBACK_S bounds the wait for a worker that never gets
+# there.
+GROW_AT = 0.5
+GROW_FALLBACK_S = 90.0
+FOLLOW_INTERVAL = 1.0
+OOM_KILL_RE = re.compile(r"oom-kill:.*task_memcg=(\S*?),task=(\S+?),pid=(\d+)")
 
 
 # ----------------------------------------------------------------------------- guest
@@ -77,17 +90,23 @@ def protect_harness() -> None:
         pid = int(stat.rsplit(")", 1)[1].split()[1])
 
 
-def guest_main(contenders: list[str], round_no: int, results: Path) -> int:
+def run_tag(workload: str, contender: str, round_no: int) -> str:
+    """The name of a run's files; the spill runs keep the names they always had."""
+    prefix = "" if workload == "spill" else f"{workload}-"
+    return f"{prefix}{contender}-{round_no}"
+
+
+def guest_main(contenders: list[str], round_no: int, results: Path, workload: str) -> int:
     """The contenders one after the other in this boot, each in fresh cgroups."""
     for contender in contenders:
         try:
-            guest_run(contender, round_no, results)
+            guest_run(contender, round_no, results, workload)
         except Exception as exc:
             # One contender's failure (e.g. a start-up timeout on a starved host) must not
             # cost the round's other contenders: record it and go on.
-            doc_path = results / f"vm-{contender}-{round_no}.json"
+            doc_path = results / f"vm-{run_tag(workload, contender, round_no)}.json"
             doc = json.loads(doc_path.read_text()) if doc_path.exists() else {}
-            doc.update(contender=contender, round=round_no, outcome="run failed",
+            doc.update(contender=contender, round=round_no, workload=workload, outcome="run failed",
                        error=f"{type(exc).__name__}: {str(exc)[:300]}")  # fmt: skip
             doc_path.write_text(json.dumps(doc, default=str))
     return 0
@@ -104,9 +123,37 @@ def charge_snapshot(w: Any) -> dict[str, Any]:
     return charge(stat, int(w.read("memory.current")), kernel, read_procs(w.pids())).as_dict()
 
 
-def guest_run(contender: str, round_no: int, results: Path) -> int:
+def _cpu_seconds(pid: int) -> float | None:
+    """utime + stime of a process, from /proc/<pid>/stat."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _audit_events(text: str) -> list[dict[str, Any]]:
+    """The follow and kernel events of a safe worker's JSON audit log."""
+    out = []
+    for line in text.splitlines():
+        if not line.startswith("{"):
+            continue
+        with contextlib.suppress(json.JSONDecodeError):
+            event = json.loads(line)
+            if str(event.get("event", "")).startswith(("follow.", "kernel.")):
+                out.append(event)
+    return out
+
+
+def _oom_kill_lines() -> list[str]:
+    out = subprocess.run(["dmesg"], capture_output=True, text=True, check=False).stdout
+    return [line for line in out.splitlines() if "Killed process" in line or "oom-kill:" in line]
+
+
+def guest_run(contender: str, round_no: int, results: Path, workload: str = "spill") -> int:
     sys.path.insert(0, str(REPO / "tests" / "vm" / "guest"))
     sys.path.insert(0, str(REPO / "benchmarks"))
+    from dswbench.workloads import GROWING_AGENT_CODE, pickle_by_value, worker_stats
     from guest_cgroups import (
         CGROUP2,
         PYTHON,
@@ -119,15 +166,17 @@ def guest_run(contender: str, round_no: int, results: Path) -> int:
         memory_hog,
     )
 
+    neighbour = workload == "neighbour"
     root = Cgroup(CGROUP2)
     if "memory" not in root.read("cgroup.subtree_control").split():
         root.enable_memory()
     out: dict[str, Any] = {
         "contender": contender,
         "round": round_no,
-        "series": {"t": [], "used": [], "w": []},
+        "workload": workload,
+        "series": {"t": [], "used": [], "w": [], "agent": [], "w_max": []},
     }
-    tag = f"{contender}-{round_no}"
+    tag = run_tag(workload, contender, round_no)
     result_file = results / f"vm-{tag}.json"
 
     def save() -> None:
@@ -139,10 +188,22 @@ def guest_run(contender: str, round_no: int, results: Path) -> int:
         Path("/proc/self/oom_score_adj").write_text("0")
     procs = Processes()
     oom_before = _vmstat("oom_kill")
+    # The kernel's ring buffer spans the boot: only lines after this many are this run's.
+    dmesg_before = len(_oom_kill_lines())
     with make_cgroup_tree(procs, "bench") as base:
         agent_cg = base.child("agent")
         w = base.child("w")
-        agent = memory_hog(procs, agent_cg, AGENT_BYTES)
+        if neighbour:
+            agent = procs.popen(
+                enter(agent_cg, [PYTHON, "-c", GROWING_AGENT_CODE, str(AGENT_BYTES)]),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert agent.stdout is not None
+            assert agent.stdout.readline().strip() == "ready", "the agent did not start"
+        else:
+            agent = memory_hog(procs, agent_cg, AGENT_BYTES)
         from socket import socket
 
         with socket() as s:
@@ -170,18 +231,20 @@ def guest_run(contender: str, round_no: int, results: Path) -> int:
         mem = _meminfo()
         available = mem["MemAvailable"]
         out.update(mem_total=mem["MemTotal"], mem_available_before=available)
+        out["pids"] = {"agent": agent.pid, "scheduler": scheduler.pid}
         local = results / f"vm-{tag}-local"
         local.mkdir(exist_ok=True)
         args = [address, "--nthreads", "2", "--nworkers", "1", "--host", "127.0.0.1"]
         # --death-timeout also bounds the start of the worker process, which takes minutes
         # in the emulated guest when the host is busy.
         args += ["--no-dashboard", "--local-directory", str(local), "--death-timeout", "600"]
+        safe = [SAFE_WORKER, "--log-format", "json", "--plan-file",
+                str(results / f"vm-{tag}-plan.json")]  # fmt: skip
         if contender == "safe":
-            argv = enter(
-                w,
-                [SAFE_WORKER, "--log-format", "json", "--plan-file",
-                 str(results / f"vm-{tag}-plan.json"), *args],
-            )  # fmt: skip
+            argv = enter(w, [*safe, *args])
+        elif contender == "follow":
+            interval = ["--follow-interval", str(FOLLOW_INTERVAL)]
+            argv = enter(w, [*safe, "--follow", *interval, *args])
         elif contender == "seed":
             w.write("memory.max", available)
             argv = enter_container(w, [PYTHON, "-m", "distributed.cli.dask_worker", *args])
@@ -195,9 +258,14 @@ def guest_run(contender: str, round_no: int, results: Path) -> int:
             while not stop.is_set():
                 with contextlib.suppress(OSError, ValueError, KeyError):
                     m = _meminfo()
+                    w_now = int(w.read("memory.current"))
+                    agent_now = int(agent_cg.read("memory.current"))
+                    w_max = w.read("memory.max")
                     series["t"].append(round(time.monotonic() - t0, 2))
                     series["used"].append(m["MemTotal"] - m["MemAvailable"])
-                    series["w"].append(int(w.read("memory.current")))
+                    series["w"].append(w_now)
+                    series["agent"].append(agent_now)
+                    series["w_max"].append(None if w_max == "max" else int(w_max))
                 stop.wait(0.1)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -208,12 +276,15 @@ def guest_run(contender: str, round_no: int, results: Path) -> int:
         # Only now, with every process of the scenario started (they would inherit it),
         # keep the global OOM killer off the harness so that it can report.
         protect_harness()
+        grower: threading.Thread | None = None
+        done = threading.Event()
         try:
             client.wait_for_workers(1, timeout=START_TIMEOUT)
             out["register_s"] = time.monotonic() - launched
             limits = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
             out["dask_memory_limit"] = next(iter(limits.values()))
             out["w_memory_max"] = w.read("memory.max")
+            out["pids"]["w_at_start"] = w.pids()
             time.sleep(2)  # past the worker's start-up allocations
             with contextlib.suppress(OSError, ValueError):
                 out["charge_idle"] = charge_snapshot(w)
@@ -224,6 +295,39 @@ def guest_run(contender: str, round_no: int, results: Path) -> int:
             n = int(1.5 * available) // 8 // chunk * chunk
             out["workload_bytes"] = n * 8
             start = time.monotonic()
+            # The supervisor's CPU over the workload: the watch is all it does then.
+            cpu_start = _cpu_seconds(worker.pid) if contender == "follow" else None
+            if neighbour:
+                growth = available // 2
+                out["growth_bytes"] = growth
+                threshold = int(GROW_AT * available)
+                out["grow_threshold"] = threshold
+
+                def grow() -> None:
+                    deadline = start + GROW_FALLBACK_S
+                    out["grow_trigger"] = "fallback time"
+                    while time.monotonic() < deadline:
+                        if done.is_set():
+                            return
+                        with contextlib.suppress(OSError, ValueError):
+                            if int(w.read("memory.current")) >= threshold:
+                                out["grow_trigger"] = "W charge"
+                                break
+                        time.sleep(0.1)
+                    out["grow_at_s"] = round(time.monotonic() - t0, 2)
+                    out["grow_wall"] = time.time()
+                    out["grow_w_charge"] = int(w.read("memory.current"))
+                    assert agent.stdin is not None and agent.stdout is not None
+                    try:
+                        agent.stdin.write(f"{growth}\n")
+                        agent.stdin.flush()
+                        if agent.stdout.readline().strip() == "grown":
+                            out["grown_at_s"] = round(time.monotonic() - t0, 2)
+                    except (OSError, ValueError) as exc:
+                        out["grow_error"] = f"{type(exc).__name__}: {exc}"
+
+                grower = threading.Thread(target=grow, daemon=True)
+                grower.start()
             try:
                 x = client.persist(da.random.random(n, chunks=chunk))
                 client.compute(x.sum()).result(timeout=WORKLOAD_TIMEOUT)
@@ -237,6 +341,12 @@ def guest_run(contender: str, round_no: int, results: Path) -> int:
                 out["outcome"] = "Dask error"
                 out["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
             out["wall_s"] = time.monotonic() - start
+            done.set()
+            if cpu_start is not None:
+                cpu_end = _cpu_seconds(worker.pid)
+                if cpu_end is not None:
+                    out["supervisor_cpu_s"] = cpu_end - cpu_start
+                    out["supervisor_cpu_window_s"] = out["wall_s"]
             out["agent_alive"] = agent.poll() is None
             out["scheduler_alive"] = scheduler.poll() is None
             out["nanny_alive"] = worker.poll() is None
@@ -244,23 +354,36 @@ def guest_run(contender: str, round_no: int, results: Path) -> int:
             out["w_events"] = w.events()
             out["agent_events"] = agent_cg.events()
             out["base_events"] = base.events()
+            if neighbour:
+                with contextlib.suppress(Exception):
+                    pickle_by_value()
+                    stats = client.run(worker_stats, on_error="return")
+                    vals = [v for v in stats.values() if isinstance(v, dict)]
+                    out["spilled"] = sum(v["disk_write_bytes"] for v in vals) if vals else None
+                    out["dask_memory_limit_end"] = vals[0]["memory_limit"] if vals else None
             with contextlib.suppress(Exception):
                 client.close(timeout=10)
         finally:
             stop.set()
+            done.set()
             sampler.join(5)
+            if grower is not None:
+                grower.join(5)
             worker_log.close()
             sched_log.close()
             text = (results / f"vm-{tag}-worker.log").read_text(errors="replace")
             out["memory_restarts"] = len(RESTART_MEMORY_RE.findall(text))
             out["killed_by_signal"] = len(KILLED_RE.findall(text))
-            out["dmesg_oom"] = [
-                line
-                for line in subprocess.run(
-                    ["dmesg"], capture_output=True, text=True, check=False
-                ).stdout.splitlines()
-                if "Killed process" in line
-            ][-20:]
+            if contender in ("safe", "follow"):
+                out["audit"] = _audit_events(text)[:60]
+            lines = _oom_kill_lines()
+            out["dmesg_oom"] = [line for line in lines if "Killed process" in line][-20:]
+            # Who the kernel killed in this run: the cgroup and pid of each victim.
+            out["oom_victims"] = [
+                {"memcg": m.group(1), "task": m.group(2), "pid": int(m.group(3))}
+                for m in map(OOM_KILL_RE.search, lines[dmesg_before:])
+                if m
+            ]
             save()
     return 0
 
@@ -273,7 +396,7 @@ def _print(msg: str) -> None:
 
 
 def run_round(
-    round_no: int, order: list[str], results: Path, log: Any = _print
+    round_no: int, order: list[str], results: Path, log: Any = _print, workload: str = "spill"
 ) -> list[dict[str, Any]]:
     """One boot: the contenders in `order`, one after the other; a result per contender."""
     sys.path.insert(0, str(REPO / "tests" / "vm"))
@@ -289,7 +412,8 @@ def run_round(
     }
     command = (
         f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))} "
-        f"--guest {','.join(order)} --round {round_no} --results {shlex.quote(str(results))}"
+        f"--guest {','.join(order)} --round {round_no} --results {shlex.quote(str(results))} "
+        f"--workload {workload}"
     )
     t = time.monotonic()
     try:
@@ -300,7 +424,7 @@ def run_round(
             warm_python=True,
         )  # fmt: skip
     except VMUnavailable as exc:
-        return [{"contender": c, "round": round_no, "outcome": "not run",
+        return [{"contender": c, "round": round_no, "workload": workload, "outcome": "not run",
                  "error": str(exc)[:400]} for c in order]  # fmt: skip
     except VMBootError as exc:
         # The guest may have died under memory pressure: keep what it saved so far.
@@ -308,8 +432,8 @@ def run_round(
     boot_s = time.monotonic() - t
     docs = []
     for position, contender in enumerate(order):
-        doc: dict[str, Any] = {"contender": contender, "round": round_no}
-        result_file = results / f"vm-{contender}-{round_no}.json"
+        doc: dict[str, Any] = {"contender": contender, "round": round_no, "workload": workload}
+        result_file = results / f"vm-{run_tag(workload, contender, round_no)}.json"
         if result_file.exists():
             doc = json.loads(result_file.read_text())
         doc.setdefault("outcome", "VM ended before the run finished")
@@ -330,14 +454,22 @@ def run_round(
 
 
 def run_rounds(
-    contenders: list[str], rounds: int, results: Path, first: int = 0, log: Any = _print
+    contenders: list[str],
+    rounds: int,
+    results: Path,
+    first: int = 0,
+    log: Any = _print,
+    workload: str = "spill",
+    json_out: Path | None = None,
 ) -> list[dict[str, Any]]:
     """`rounds` boots; each runs every contender once, the order rotated per round so that
     each contender goes first, second and third as often (interleaved)."""
     docs: list[dict[str, Any]] = []
     for r in range(first, first + rounds):
         k = r % len(contenders)
-        docs += run_round(r, contenders[k:] + contenders[:k], results, log)
+        docs += run_round(r, contenders[k:] + contenders[:k], results, log, workload)
+        if json_out is not None:  # after every round: a cut-short series keeps what finished
+            json_out.write_text(json.dumps(docs, default=str))
     return docs
 
 
@@ -346,14 +478,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guest", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, default=REPO / ".tmp" / "pressure-vm")
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--contenders", default="plain,safe,seed")
+    parser.add_argument("--workload", choices=WORKLOADS, default="spill")
+    parser.add_argument(
+        "--contenders", default=None, help="comma-separated; default: all of the workload's"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="boots; each runs all contenders")
     parser.add_argument("--first-round", type=int, default=0, help="number of the first round")
     parser.add_argument("--json", type=Path, default=None)
     ns = parser.parse_args(argv)
     if ns.guest:
-        return guest_main(ns.guest.split(","), ns.round, ns.results)
-    docs = run_rounds(ns.contenders.split(","), ns.rounds, ns.results.resolve(), ns.first_round)
+        return guest_main(ns.guest.split(","), ns.round, ns.results, ns.workload)
+    contenders = ns.contenders.split(",") if ns.contenders else list(CONTENDERS[ns.workload])
+    docs = run_rounds(
+        contenders, ns.rounds, ns.results.resolve(), ns.first_round, _print, ns.workload, ns.json
+    )
     if ns.json:
         ns.json.write_text(json.dumps(docs, default=str))
     return 0

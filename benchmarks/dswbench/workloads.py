@@ -22,6 +22,22 @@ while True:
     time.sleep(3600)
 """
 
+# An agent that holds argv[1] bytes, then grows by the number of bytes on each line of its
+# stdin (answering "grown" on stdout), every page touched: the neighbour that grows.
+GROWING_AGENT_CODE = """
+import sys
+held = []
+def grow(n):
+    b = bytearray(n)
+    b[::4096] = b"\\x01" * len(range(0, n, 4096))
+    held.append(b)
+grow(int(sys.argv[1]))
+print("ready", flush=True)
+for line in sys.stdin:
+    grow(int(line))
+    print("grown", flush=True)
+"""
+
 
 def burst_task(nbytes: int) -> int:
     import numpy as np
