@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -39,18 +37,25 @@ for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.p
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-from dswbench.common import AGENT_BYTES, M_LIMIT, PY, SAFE, GiB, MiB, fmt_bytes  # noqa: E402
+from dswbench.common import AGENT_BYTES, M_LIMIT, PY, GiB, fmt_bytes  # noqa: E402
 from dswbench.harness import (  # noqa: E402
     RESTART_MEMORY_RE,
     Sampler,
     call_with_timeout,
+    contender_argv,
     end_process,
+    end_run,
     scheduler,
-    tree_pids,
     worker_args,
 )
 from dswbench.main import log as say  # noqa: E402
-from dswbench.workloads import pickle_by_value, run_workload, worker_stats  # noqa: E402
+from dswbench.neighbour import plot_v1  # noqa: E402
+from dswbench.workloads import (  # noqa: E402
+    GROWING_AGENT_CODE,
+    pickle_by_value,
+    run_workload,
+    worker_stats,
+)
 
 from cgroup_util import kernel_cgroups_usable, make_test_cgroup  # noqa: E402
 
@@ -58,29 +63,13 @@ GROW_AFTER_S = 4.0
 CONTENDERS = ("plain", "safe", "follow", "seed")
 TIMEOUT = 240.0
 
-# An agent that holds argv[1] bytes, and argv[2] bytes more on SIGUSR1, every page touched.
-AGENT_CODE = """
-import signal, sys, time
-held = []
-def grow(n):
-    b = bytearray(n)
-    b[::4096] = b"\\x01" * len(range(0, n, 4096))
-    held.append(b)
-grow(int(sys.argv[1]))
-signal.signal(signal.SIGUSR1, lambda *_: grow(int(sys.argv[2])))
-print("ready", flush=True)
-while True:
-    time.sleep(3600)
-"""
 
-
-def argv_for(contender: str, args: list[str], run_dir: Path) -> list[str]:
-    plan = ["--log-format", "json", "--plan-file", str(run_dir / "plan.json")]
-    if contender == "safe":
-        return [SAFE, *plan, *args]
-    if contender == "follow":
-        return [SAFE, *plan, "--follow", *args]
-    return [PY, "-m", "distributed.cli.dask_worker", *args]
+def grow_agent(agent: subprocess.Popen[bytes], growth: int) -> None:
+    """Tell the agent (GROWING_AGENT_CODE) to allocate `growth` bytes more."""
+    assert agent.stdin is not None
+    with contextlib.suppress(OSError, ValueError):
+        agent.stdin.write(f"{growth}\n".encode())
+        agent.stdin.flush()
 
 
 def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
@@ -93,10 +82,9 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
     with make_test_cgroup(started, prefix="dsw-bench") as m:
         m.set_limit(M_LIMIT)
         w = m.child("w")
-        headroom = M_LIMIT - AGENT_BYTES - 64 * MiB
-        growth = headroom // 2
         agent = subprocess.Popen(
-            m.enter_command([PY, "-c", AGENT_CODE, str(AGENT_BYTES), str(growth)]),
+            m.enter_command([PY, "-c", GROWING_AGENT_CODE, str(AGENT_BYTES)]),
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
         )
@@ -118,7 +106,7 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
                 sampler.start()
                 log = open(run_dir / "worker.log", "wb")  # noqa: SIM115
                 worker = subprocess.Popen(
-                    w.enter_command(argv_for(contender, args, run_dir)),
+                    w.enter_command(contender_argv(contender, args, run_dir / "plan.json")),
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
@@ -131,7 +119,7 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
                     time.sleep(1.0)
                     t_start = time.monotonic()
                     res["grow_at_s"] = t_start - t0 + GROW_AFTER_S
-                    timer = threading.Timer(GROW_AFTER_S, os.kill, (agent.pid, signal.SIGUSR1))
+                    timer = threading.Timer(GROW_AFTER_S, grow_agent, (agent, growth))
                     timer.start()
                     try:
                         run_workload(client, "spill", headroom, TIMEOUT)
@@ -160,16 +148,7 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
                     res["agent_alive"] = agent.poll() is None
                     res["scheduler_alive"] = sched.poll() is None
                 finally:
-                    with contextlib.suppress(Exception):
-                        call_with_timeout(lambda: client.close(timeout=5), 10)
-                    end_process(worker, 20)
-                    log.close()
-                    sampler.stop_event.set()
-                    sampler.join(5)
-                    for pid in tree_pids(w):
-                        if pid in started:
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(pid, signal.SIGKILL)
+                    end_run(client, worker, log, sampler, w, started)
             res["oom_kills_w"], res["oom_kills_m"] = w.oom_kills(), m.oom_kills()
             s = sampler.series
             res["series"] = {"t": s.t, "m_ws": s.m_working_set, "w_limit": s.w_limit}
@@ -195,26 +174,6 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
     return res
 
 
-def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(CONTENDERS), figsize=(16, 4), sharey=True)
-    for ax, contender in zip(axes, CONTENDERS, strict=True):
-        for r in (r for r in runs if r["contender"] == contender):
-            s = r["series"]
-            ax.plot(s["t"], [v / GiB for v in s["m_ws"]], lw=1, label=f"#{r['repeat']} M ws")
-            ax.axvline(r.get("grow_at_s", 0), color="red", ls="--", lw=0.8)
-        ax.axhline(M_LIMIT / GiB, color="black", lw=0.8)
-        ax.set_title(contender)
-        ax.set_xlabel("s")
-    axes[0].set_ylabel("GiB (M's working set; red: agent grows)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
@@ -230,7 +189,7 @@ def main() -> None:
     work = opts.work / time.strftime("%Y%m%d-%H%M%S")
     runs = [run_once(c, r, work) for r in range(opts.repeat) for c in CONTENDERS]
     if opts.plot:
-        plot(runs, opts.plot)
+        plot_v1(runs, opts.plot, M_LIMIT)
     summary: dict[str, Any] = {}
     for c in CONTENDERS:
         mine = [r for r in runs if r["contender"] == c]

@@ -39,13 +39,20 @@ for _path in (_HERE, _HERE.parent / "tests"):
 from dswbench.charge import charge, parse_stat, read_procs  # noqa: E402
 from dswbench.common import PY, SAFE, GiB, MiB  # noqa: E402
 from dswbench.harness import bench_env, end_process, scheduler, tree_pids  # noqa: E402
-from dswbench.workloads import pickle_by_value, worker_stats  # noqa: E402
+from dswbench.workloads import (  # noqa: E402
+    persist_and_sum,
+    pickle_by_value,
+    spill_bytes,
+    worker_stats,
+)
 
 from cgroup_util import kernel_cgroups_usable, make_test_cgroup  # noqa: E402
 
 AUDIT = str(Path(PY).parent / "dask-safe-audit")
 M_LIMIT = 4 * GiB
 NWORKERS = 8
+# The spill's chunks: as in the small VM (benchmarks/pressure_vm.py).
+CHUNK = 32 * MiB
 
 
 def log(msg: str) -> None:
@@ -61,7 +68,6 @@ def common_args(address: str, local: Path) -> list[str]:
 
 
 def part_nworkers(work: Path) -> dict[str, Any]:
-    import dask.array as da
     from distributed import Client
 
     out: dict[str, Any] = {"m_limit": M_LIMIT, "nworkers": NWORKERS}
@@ -94,15 +100,11 @@ def part_nworkers(work: Path) -> dict[str, Any]:
                     stat, w.usage(), None, read_procs(tree_pids(w))
                 ).as_dict()
                 out["plan"] = json.loads((work / "plan.json").read_text())
-                chunk = 32 * MiB // 8
-                n = int(1.5 * headroom) // 8 // chunk * chunk
-                out["workload_bytes"] = n * 8
+                out["workload_bytes"] = spill_bytes(headroom, 1.5, CHUNK)
                 t = time.monotonic()
                 try:
-                    x = client.persist(da.random.random(n, chunks=chunk))
-                    client.compute(x.sum()).result(timeout=600)
+                    persist_and_sum(client, out["workload_bytes"], CHUNK, 600)
                     out["outcome"] = "completed"
-                    del x
                 except Exception as exc:
                     out["outcome"] = f"{type(exc).__name__}: {str(exc)[:200]}"
                 out["wall_s"] = time.monotonic() - t

@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 MiB = 2**20
 VM_MEMORY = "1536M"
 AGENT_BYTES = 350 * MiB
+CHUNK = 32 * MiB
 WORKLOAD_TIMEOUT = 300.0
 START_TIMEOUT = 600.0
 RESTART_MEMORY_RE = re.compile(r"exceeded \d+% memory budget\. Restarting")
@@ -151,9 +152,15 @@ def _oom_kill_lines() -> list[str]:
 
 
 def guest_run(contender: str, round_no: int, results: Path, workload: str = "spill") -> int:
-    sys.path.insert(0, str(REPO / "tests" / "vm" / "guest"))
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from dswbench.workloads import GROWING_AGENT_CODE, pickle_by_value, worker_stats
+    for path in ("tests", "tests/vm/guest", "benchmarks"):
+        sys.path.insert(0, str(REPO / path))
+    from dswbench.workloads import (
+        GROWING_AGENT_CODE,
+        persist_and_sum,
+        pickle_by_value,
+        spill_bytes,
+        worker_stats,
+    )
     from guest_cgroups import (
         CGROUP2,
         PYTHON,
@@ -165,6 +172,8 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
         make_cgroup_tree,
         memory_hog,
     )
+
+    from scheduler_util import free_port, scheduler_argv
 
     neighbour = workload == "neighbour"
     root = Cgroup(CGROUP2)
@@ -204,24 +213,11 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
             assert agent.stdout.readline().strip() == "ready", "the agent did not start"
         else:
             agent = memory_hog(procs, agent_cg, AGENT_BYTES)
-        from socket import socket
-
-        with socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         address = f"tcp://127.0.0.1:{port}"
         sched_log = open(results / f"vm-{tag}-scheduler.log", "wb")  # noqa: SIM115
         scheduler = procs.popen(
-            [
-                PYTHON,
-                "-m",
-                "distributed.cli.dask_scheduler",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--no-dashboard",
-            ],
+            scheduler_argv(port),
             stdout=sched_log,
             stderr=subprocess.STDOUT,
         )
@@ -289,12 +285,9 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
             with contextlib.suppress(OSError, ValueError):
                 out["charge_idle"] = charge_snapshot(w)
             save()
-            import dask.array as da
-
-            chunk = 32 * MiB // 8
-            n = int(1.5 * available) // 8 // chunk * chunk
-            out["workload_bytes"] = n * 8
+            out["workload_bytes"] = spill_bytes(available, 1.5, CHUNK)
             start = time.monotonic()
+            out["workload_start_s"] = round(start - t0, 2)
             # The supervisor's CPU over the workload: the watch is all it does then.
             cpu_start = _cpu_seconds(worker.pid) if contender == "follow" else None
             if neighbour:
@@ -316,7 +309,8 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
                         time.sleep(0.1)
                     out["grow_at_s"] = round(time.monotonic() - t0, 2)
                     out["grow_wall"] = time.time()
-                    out["grow_w_charge"] = int(w.read("memory.current"))
+                    with contextlib.suppress(OSError, ValueError):
+                        out["grow_w_charge"] = int(w.read("memory.current"))
                     assert agent.stdin is not None and agent.stdout is not None
                     try:
                         agent.stdin.write(f"{growth}\n")
@@ -328,13 +322,16 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
 
                 grower = threading.Thread(target=grow, daemon=True)
                 grower.start()
-            try:
-                x = client.persist(da.random.random(n, chunks=chunk))
-                client.compute(x.sum()).result(timeout=WORKLOAD_TIMEOUT)
-                out["outcome"] = "completed"
+
+            def charge_spilled() -> None:
                 with contextlib.suppress(OSError, ValueError):
                     out["charge_spilled"] = charge_snapshot(w)
-                del x
+
+            try:
+                persist_and_sum(
+                    client, out["workload_bytes"], CHUNK, WORKLOAD_TIMEOUT, charge_spilled
+                )
+                out["outcome"] = "completed"
             except TimeoutError:
                 out["outcome"] = f"hung (>{WORKLOAD_TIMEOUT:.0f} s)"
             except Exception as exc:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from cgroup_util import KernelCgroup, make_test_cgroup
 from scheduler_util import free_port
@@ -95,6 +95,28 @@ def end_process(proc: subprocess.Popen[Any], grace: float) -> None:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         proc.wait(10)
+
+
+def end_run(
+    client: Any,
+    worker: subprocess.Popen[Any],
+    worker_log: IO[bytes],
+    sampler: Sampler,
+    w: KernelCgroup,
+    started: set[int],
+) -> None:
+    """The end of every run: the client closed, the worker ended, the sampler stopped, and
+    what is left in W killed (only pids this run started or saw in M, see Sampler)."""
+    with contextlib.suppress(Exception):
+        call_with_timeout(lambda: client.close(timeout=5), 10)
+    end_process(worker, 20)
+    worker_log.close()
+    sampler.stop_event.set()
+    sampler.join(5)
+    for pid in tree_pids(w):
+        if pid in started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 # ----------------------------------------------------------------------- sampling
@@ -200,6 +222,8 @@ def contender_argv(contender: str, args: list[str], plan_file: Path) -> list[str
         allowance = allowance_of(contender)
         extra = ["--nanny-allowance", str(allowance)] if allowance is not None else []
         return [SAFE, "--log-format", "json", "--plan-file", str(plan_file), *extra, *args]
+    if contender == "follow":
+        return [SAFE, "--log-format", "json", "--plan-file", str(plan_file), "--follow", *args]
     return [PY, "-m", "distributed.cli.dask_worker", *args]
 
 
@@ -380,16 +404,7 @@ def run_once(
                     res.nanny_alive = worker.poll() is None
                     res.scheduler_alive = sched.poll() is None
                 finally:
-                    with contextlib.suppress(Exception):
-                        call_with_timeout(lambda: client.close(timeout=5), 10)
-                    end_process(worker, 20)
-                    worker_log.close()
-                    sampler.stop_event.set()
-                    sampler.join(5)
-                    for pid in tree_pids(w):
-                        if pid in started:
-                            with contextlib.suppress(ProcessLookupError):
-                                os.kill(pid, signal.SIGKILL)
+                    end_run(client, worker, worker_log, sampler, w, started)
             res.series = sampler.series
             res.oom_kills_m, res.oom_kills_w = m.oom_kills(), w.oom_kills()
             res.failcnt_m = read_int(m.path / "memory.failcnt") or 0

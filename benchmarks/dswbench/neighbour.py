@@ -340,6 +340,10 @@ def v2_lines(docs: Sequence[Doc], img: Path | None, report: Path) -> list[str]:
     return lines
 
 
+def _gib(values: Sequence[int | None]) -> list[float | None]:
+    return [None if v is None else v / GiB for v in values]
+
+
 def plot_v2(docs: Sequence[Doc], path: Path) -> bool:
     """One panel per contender, its first run: the VM's used memory, W's and the agent's
     charge, W's memory.max, the moment of growth."""
@@ -356,14 +360,13 @@ def plot_v2(docs: Sequence[Doc], path: Path) -> bool:
     for ax, d in zip(axes[:, 0], firsts, strict=True):
         s = d["series"]
         total = d.get("mem_total") or 0
-        gib = lambda vs: [None if v is None else v / GiB for v in vs]  # noqa: E731
-        ax.plot(s["t"], gib(s["used"]), color="black", label="VM used (MemTotal − MemAvailable)")
-        ax.plot(s["t"], gib(s["w"]), color=COLOURS[d["contender"]],
+        ax.plot(s["t"], _gib(s["used"]), color="black", label="VM used (MemTotal − MemAvailable)")
+        ax.plot(s["t"], _gib(s["w"]), color=COLOURS[d["contender"]],
                 label="W memory.current (worker + nanny)")  # fmt: skip
-        ax.plot(s["t"], gib(s.get("agent", [])) if s.get("agent") else [], color="tab:orange",
+        ax.plot(s["t"], _gib(s.get("agent", [])) if s.get("agent") else [], color="tab:orange",
                 label="agent's cgroup memory.current")  # fmt: skip
         if any(v is not None for v in s.get("w_max", [])):
-            ax.plot(s["t"], gib(s["w_max"]), color="tab:red", ls="--", lw=1,
+            ax.plot(s["t"], _gib(s["w_max"]), color="tab:red", ls="--", lw=1,
                     label="W memory.max")  # fmt: skip
         if total:
             ax.axhline(total / GiB, color="red", lw=1.2, label="MemTotal")

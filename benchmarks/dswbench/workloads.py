@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from .common import CHUNK_BYTES, PROBE_BYTES, SHARES
@@ -105,9 +106,6 @@ def run_workload(
 ) -> tuple[str, Any]:
     """Run one workload sized from `budget`; `info` receives measurements made on the way
     (the fast burst's probe time), kept even when the workload then fails."""
-    import dask.array as da
-
-    chunk = CHUNK_BYTES // 8
     if workload == "fastburst":
         # First the achieved rate, on a size that fits (no kill); then the burst itself.
         # Huge pages come fast only when free ones exist; on a busy host the kernel first
@@ -123,12 +121,32 @@ def run_workload(
     if workload == "burst":
         fut = client.submit(burst_task, int(SHARES["burst"] * budget), pure=False)
         return "burst", fut.result(timeout=timeout)
-    share = SHARES[workload]
-    n = int(share * budget) // 8 // chunk * chunk
-    x = da.random.random(n, chunks=chunk)
-    persisted = client.persist(x)
-    total = client.compute(persisted.sum())
+    nbytes = spill_bytes(budget, SHARES[workload], CHUNK_BYTES)
+    return workload, persist_and_sum(client, nbytes, CHUNK_BYTES, timeout)
+
+
+def spill_bytes(budget: int, share: float, chunk_bytes: int) -> int:
+    """The spill workload's size: `share` times `budget`, in whole chunks of float64."""
+    chunk = chunk_bytes // 8
+    return int(share * budget) // 8 // chunk * chunk * 8
+
+
+def persist_and_sum(
+    client: Any,
+    nbytes: int,
+    chunk_bytes: int,
+    timeout: float,
+    while_held: Callable[[], None] | None = None,
+) -> Any:
+    """Random float64 arrays of `nbytes` persisted on the cluster, then summed: beyond the
+    workers' memory they spill. `while_held` runs after the sum, before the data is let go."""
+    import dask.array as da
+
+    persisted = client.persist(da.random.random(nbytes // 8, chunks=chunk_bytes // 8))
     try:
-        return workload, total.result(timeout=timeout)
+        total = client.compute(persisted.sum()).result(timeout=timeout)
+        if while_held is not None:
+            while_held()
+        return total
     finally:
         del persisted
