@@ -450,6 +450,18 @@ def run_round(
     return docs
 
 
+def collect(results: Path, workload: str) -> list[dict[str, Any]]:
+    """The runs the guest has saved so far, in round order: for a series cut short (its
+    current run, still without an outcome, left out)."""
+    docs = []
+    for path in results.glob("vm-*.json"):
+        doc = json.loads(path.read_text())
+        # Plan files have no contender; spill runs of older versions no workload.
+        if "contender" in doc and "outcome" in doc and doc.get("workload", "spill") == workload:
+            docs.append(doc)
+    return sorted(docs, key=lambda d: (int(d.get("round", 0)), str(d.get("contender"))))
+
+
 def run_rounds(
     contenders: list[str],
     rounds: int,
@@ -482,9 +494,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="boots; each runs all contenders")
     parser.add_argument("--first-round", type=int, default=0, help="number of the first round")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--collect",
+        action="store_true",
+        help="no run: write the runs saved in --results so far to --json",
+    )
     ns = parser.parse_args(argv)
     if ns.guest:
         return guest_main(ns.guest.split(","), ns.round, ns.results, ns.workload)
+    if ns.collect:
+        if ns.json is None:
+            parser.error("--collect needs --json")
+        ns.json.write_text(json.dumps(collect(ns.results, ns.workload), default=str))
+        return 0
     contenders = ns.contenders.split(",") if ns.contenders else list(CONTENDERS[ns.workload])
     docs = run_rounds(
         contenders, ns.rounds, ns.results.resolve(), ns.first_round, _print, ns.workload, ns.json

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import AGENT_BYTES, M_LIMIT, GiB, fmt_bytes, fmt_med_range
+from .plots import save_vm_figure, style_vm_axis
 
 CONTENDERS = ("plain", "safe", "follow", "seed")
 HEADINGS = {
@@ -372,19 +373,11 @@ def plot_v2(docs: Sequence[Doc], path: Path) -> bool:
             ax.axhline(total / GiB, color="red", lw=1.2, label="MemTotal")
         if "grow_at_s" in d:
             ax.axvline(d["grow_at_s"], color="red", ls=":", lw=1.5, label="agent grows")
-        ax.set_ylim(0, (total / GiB if total else 2) * 1.12)
-        ax.set_title(
+        style_vm_axis(
+            ax,
+            total,
             f"{HEADINGS[d['contender']].replace('`', '')} — {d.get('outcome')}, kernel OOM "
             f"kills: {', '.join(victims(d)) or 'none'}, wall {d.get('wall_s') or 0:.0f} s",
-            fontsize=9,
         )
-        ax.set_ylabel("GiB")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    axes[-1, 0].set_xlabel("seconds since the worker was launched (in the VM)")
-    fig.suptitle("'small VM' on cgroup v2 — neighbour grows during a spill", fontsize=11)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
+    save_vm_figure(fig, axes, "'small VM' on cgroup v2 — neighbour grows during a spill", path)
     return True

@@ -119,19 +119,33 @@ def plot_vm(docs: list[dict[str, Any]], path: Path) -> bool:
             dl = d["dask_memory_limit"] / GiB
             ax.axhline(dl, color="purple", ls="-.", lw=1, label="Dask memory limit")
             ax.axhline(0.95 * dl, color="purple", ls=":", lw=0.8, label="Dask terminate (95%)")
-        ax.set_ylim(0, (total / GiB if total else 2) * 1.12)
-        ax.set_title(
+        style_vm_axis(
+            ax,
+            total,
             f"{VM_LABELS.get(d['contender'], d['contender'])} — {d.get('outcome')}, "
             f"global OOM kills {d.get('global_oom_kills')}, wall {d.get('wall_s') or 0:.0f} s",
-            fontsize=9,
         )
-        ax.set_ylabel("GiB")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    save_vm_figure(
+        fig, axes, "'small VM' on cgroup v2 (virtme-ng, software-emulated) — spill", path
+    )
+    return True
+
+
+def style_vm_axis(ax: Any, total: int, title: str) -> None:
+    """A small-VM panel's scale (up to MemTotal and a bit), title, grid and legend."""
+    ax.set_ylim(0, (total / GiB if total else 2) * 1.12)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel("GiB")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def save_vm_figure(fig: Any, axes: Any, title: str, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     axes[-1, 0].set_xlabel("seconds since the worker was launched (in the VM)")
-    fig.suptitle("'small VM' on cgroup v2 (virtme-ng, software-emulated) — spill", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
-    return True
