@@ -341,6 +341,24 @@ def v2_lines(docs: Sequence[Doc], img: Path | None, report: Path) -> list[str]:
     return lines
 
 
+def dask_limit_steps(run: Doc, end: float) -> tuple[list[float], list[float]] | None:
+    """Dask's limit against the plot's time: the start's, then every follow.applied (the
+    guest's wall clock mapped to the plot's through the moment of growth)."""
+    start = run.get("dask_memory_limit")
+    if not start or "register_s" not in run:
+        return None
+    ts, values = [float(run["register_s"])], [start / GiB]
+    grow_wall, grow_at = run.get("grow_wall"), run.get("grow_at_s")
+    if grow_wall is not None and grow_at is not None:
+        for event in run.get("audit", []):
+            if event.get("event") == "follow.applied" and event.get("per_worker"):
+                ts.append(grow_at + _iso(event["timestamp"]) - grow_wall)
+                values.append(event["per_worker"] / GiB)
+    ts.append(end)
+    values.append(values[-1])
+    return ts, values
+
+
 def _gib(values: Sequence[int | None]) -> list[float | None]:
     return [None if v is None else v / GiB for v in values]
 
@@ -369,6 +387,10 @@ def plot_v2(docs: Sequence[Doc], path: Path) -> bool:
         if any(v is not None for v in s.get("w_max", [])):
             ax.plot(s["t"], _gib(s["w_max"]), color="tab:red", ls="--", lw=1,
                     label="W memory.max")  # fmt: skip
+        steps = dask_limit_steps(d, s["t"][-1])
+        if steps:
+            ax.step(*steps, where="post", color="tab:purple", ls="-.", lw=1,
+                    label="Dask memory limit")  # fmt: skip
         if total:
             ax.axhline(total / GiB, color="red", lw=1.2, label="MemTotal")
         if "grow_at_s" in d:
