@@ -177,6 +177,7 @@ def run_once(contender: str, repeat: int, work: Path) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--contenders", default=",".join(CONTENDERS), help="comma-separated")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
     parser.add_argument("--work", type=Path, default=Path("/var/tmp/dsw-follow-bench"))
@@ -187,11 +188,15 @@ def main() -> None:
     # pressure's task functions must reach the worker by value, as in pressure's own main.
     pickle_by_value()
     work = opts.work / time.strftime("%Y%m%d-%H%M%S")
-    runs = [run_once(c, r, work) for r in range(opts.repeat) for c in CONTENDERS]
+    contenders = [c for c in opts.contenders.split(",") if c]
+    unknown = set(contenders) - set(CONTENDERS)
+    if unknown:
+        parser.error(f"unknown contenders: {', '.join(sorted(unknown))}")
+    runs = [run_once(c, r, work) for r in range(opts.repeat) for c in contenders]
     if opts.plot:
         plot_v1(runs, opts.plot, M_LIMIT)
     summary: dict[str, Any] = {}
-    for c in CONTENDERS:
+    for c in contenders:
         mine = [r for r in runs if r["contender"] == c]
         walls = [r["wall_s"] for r in mine if r["outcome"] == "completed"]
         lat = [r["follow_latency_s"] for r in mine if "follow_latency_s" in r]
