@@ -12,6 +12,11 @@ and the supervisor's RSS with the watch loaded.
   VmRSS. A share of one CPU is CPU seconds over wall seconds.
 
     uv run python benchmarks/follow_cost.py [--ticks N] [--seconds S]
+    uv run python benchmarks/follow_cost.py --in-vm --warmup 30   # in the cgroup v2 VM
+
+`--in-vm` runs the same measurements in the software-emulated guest of tests/vm/vmrun.py
+(root cgroup of a real cgroup v2 kernel), to set the supervisor's CPU during
+`benchmarks/pressure_vm.py --workload neighbour` against the guest's own idle cost.
 
 Prints one JSON document on stdout.
 """
@@ -107,7 +112,7 @@ def vmrss_mib(pid: int) -> float:
     return 0.0
 
 
-def supervisor(interval: float, seconds: float) -> dict[str, float]:
+def supervisor(interval: float, seconds: float, warmup: float = 2.0) -> dict[str, float]:
     entry = str(Path(sys.executable).parent / "dask-safe-worker")
     with tempfile.TemporaryDirectory() as tmp:
         argv = [
@@ -134,7 +139,7 @@ def supervisor(interval: float, seconds: float) -> dict[str, float]:
             env={**os.environ, "TMPDIR": tmp},
         )
         try:
-            time.sleep(2.0)  # start-up, imports, first tick
+            time.sleep(warmup)  # start-up, imports, first tick
             c0, t0 = stat_cpu_s(proc.pid), time.monotonic()
             time.sleep(seconds)
             c1, t1 = stat_cpu_s(proc.pid), time.monotonic()
@@ -154,14 +159,52 @@ def supervisor(interval: float, seconds: float) -> dict[str, float]:
     }
 
 
+def in_vm(ticks: int, seconds: float, intervals: str, warmup: float) -> int:
+    """This script in the VM of tests/vm/vmrun.py; its JSON on stdout."""
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo / "tests" / "vm"))
+    from vmrun import run_in_vm
+
+    results = repo / ".tmp" / "follow-cost-vm"
+    results.mkdir(parents=True, exist_ok=True)
+    out = results / "follow_cost.json"
+    out.unlink(missing_ok=True)
+    me = Path(__file__).resolve()
+    command = (
+        f"{sys.executable} {me} --ticks {ticks} --seconds {seconds} --intervals {intervals} "
+        f"--warmup {warmup} > {out}"
+    )
+    n = len(intervals.split(","))
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/sbin:/usr/bin:/sbin:/bin"}
+    completed = run_in_vm(
+        command,
+        memory="1536M",
+        timeout=600 + n * (seconds + warmup) * 2,
+        rwdirs=[results],
+        env=env,
+        warm_python=True,
+    )
+    if completed.returncode or not out.exists():
+        print(completed.stdout[-2000:], completed.stderr[-2000:], file=sys.stderr)
+        return 1
+    doc = json.loads(out.read_text())
+    doc["where"] = "cgroup v2 VM (virtme-ng, software-emulated, tests/vm/vmrun.py)"
+    print(json.dumps(doc, indent=2))
+    return 0
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ticks", type=int, default=200)
     parser.add_argument("--seconds", type=float, default=60)
     parser.add_argument("--intervals", default="0.25,0.5,1,2")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
+    parser.add_argument("--in-vm", action="store_true", help="run in the cgroup v2 VM")
     opts = parser.parse_args()
+    if opts.in_vm:
+        sys.exit(in_vm(opts.ticks, opts.seconds, opts.intervals, opts.warmup))
     local = in_process(opts.ticks)
-    runs = [supervisor(float(i), opts.seconds) for i in opts.intervals.split(",")]
+    runs = [supervisor(float(i), opts.seconds, opts.warmup) for i in opts.intervals.split(",")]
     for interval in (0.25, 0.5, 1.0, 2.0, 5.0):
         local[f"estimated_share_at_{interval}s_percent"] = round(
             100 * local["tick_ms"] / 1e3 / interval, 3
