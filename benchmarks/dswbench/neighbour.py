@@ -274,7 +274,10 @@ def v2_lines(docs: Sequence[Doc], img: Path | None, report: Path) -> list[str]:
                 parts.append("–")
                 continue
             grown = r.get("grown_at_s")
-            took = f", allocated in {grown - r['grow_at_s']:.1f} s" if grown else ", not done"
+            if grown:
+                took = f", allocated in {grown - r['grow_at_s']:.1f} s"
+            else:
+                took = ", killed while allocating" if r.get("agent_alive") is False else ""
             parts.append(f"{r['grow_at_s']:.0f} s ({r.get('grow_trigger', '?')}{took})")
         return " / ".join(parts)
 
