@@ -335,7 +335,8 @@ def v2_lines(docs: Sequence[Doc], img: Path | None, report: Path) -> list[str]:
             [r.get("spilled") for r in rs], fmt_bytes)),
         ("follow: growth requested → first lower limit held by every worker and nanny",
          per_run("first_s")),
-        ("follow: agent's allocation done → last lower limit held", per_run("settled_s")),
+        ("follow: last lower limit held, after the agent's allocation was done (− = before)",
+         per_run("settled_s")),
         ("follow, each lowering: change seen → every worker and nanny hold it (`latency_s`)",
          lambda rs: pooled("latency_s")(rs) if rs[0]["contender"] == "follow" else "–"),
         ("follow, each lowering: change seen → W's `memory.max` lowered (`kernel_latency_s`)",
@@ -366,7 +367,8 @@ def v2_lines(docs: Sequence[Doc], img: Path | None, report: Path) -> list[str]:
     if errors:
         lines += ["Errors seen:", "", *(f"- `{e}`" for e in errors), ""]
     if img is not None:
-        lines += [f"![memory against time, small VM, neighbour grows, first round]"
+        lines += [f"![memory against time, small VM, neighbour grows: each contender's first "
+                  f"round and every round of --follow]"
                   f"({os.path.relpath(img, report.parent)})", ""]  # fmt: skip
     return lines
 
@@ -401,7 +403,9 @@ def plot_v2(docs: Sequence[Doc], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    firsts = [rs[0] for rs in _by_contender(docs).values()]
+    by = _by_contender(docs)
+    # Every contender's first round, and every round of --follow: its runs differ.
+    firsts = [rs[0] for rs in by.values()] + by.get("follow", [])[1:]
     firsts = [d for d in firsts if d.get("series", {}).get("t")]
     if not firsts:
         return False
@@ -428,7 +432,8 @@ def plot_v2(docs: Sequence[Doc], path: Path) -> bool:
         style_vm_axis(
             ax,
             total,
-            f"{HEADINGS[d['contender']].replace('`', '')} — {d.get('outcome')}, kernel OOM "
+            f"{HEADINGS[d['contender']].replace('`', '')}, round {d.get('round')} — "
+            f"{d.get('outcome')}, kernel OOM "
             f"kills: {', '.join(victims(d)) or 'none'}, wall {d.get('wall_s') or 0:.0f} s",
         )
     save_vm_figure(fig, axes, "'small VM' on cgroup v2 — neighbour grows during a spill", path)

@@ -145,7 +145,7 @@ def save_vm_figure(fig: Any, axes: Any, title: str, path: Path) -> None:
 
     axes[-1, 0].set_xlabel("seconds since the worker was launched (in the VM)")
     fig.suptitle(title, fontsize=11)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
