@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .common import AGENT_BYTES, M_LIMIT, GiB, fmt_bytes, fmt_med_range
-from .plots import save_vm_figure, style_vm_axis
+from .plots import plot_vm_usage, save_vm_figure, style_vm_axis, vm_figure
 
 CONTENDERS = ("plain", "safe", "follow", "seed")
 HEADINGS = {
@@ -398,24 +398,16 @@ def _gib(values: Sequence[int | None]) -> list[float | None]:
 def plot_v2(docs: Sequence[Doc], path: Path) -> bool:
     """One panel per contender, its first run: the VM's used memory, W's and the agent's
     charge, W's memory.max, the moment of growth."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     by = _by_contender(docs)
     # Every contender's first round, and every round of --follow: its runs differ.
-    firsts = [rs[0] for rs in by.values()] + by.get("follow", [])[1:]
-    firsts = [d for d in firsts if d.get("series", {}).get("t")]
-    if not firsts:
+    made = vm_figure([rs[0] for rs in by.values()] + by.get("follow", [])[1:])
+    if made is None:
         return False
-    fig, axes = plt.subplots(len(firsts), 1, figsize=(12.5, 3.1 * len(firsts)), squeeze=False)
-    for ax, d in zip(axes[:, 0], firsts, strict=True):
+    fig, axes, runs = made
+    for ax, d in zip(axes[:, 0], runs, strict=True):
         s = d["series"]
         total = d.get("mem_total") or 0
-        ax.plot(s["t"], _gib(s["used"]), color="black", label="VM used (MemTotal − MemAvailable)")
-        ax.plot(s["t"], _gib(s["w"]), color=COLOURS[d["contender"]],
-                label="W memory.current (worker + nanny)")  # fmt: skip
+        plot_vm_usage(ax, d, COLOURS[d["contender"]])
         ax.plot(s["t"], _gib(s.get("agent", [])) if s.get("agent") else [], color="tab:orange",
                 label="agent's cgroup memory.current")  # fmt: skip
         if any(v is not None for v in s.get("w_max", [])):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -92,24 +93,39 @@ VM_LABELS = {
 }
 
 
-def plot_vm(docs: list[dict[str, Any]], path: Path) -> bool:
+def vm_figure(
+    docs: Sequence[dict[str, Any]],
+) -> tuple[Any, Any, list[dict[str, Any]]] | None:
+    """A panel per small-VM run that has samples: (figure, axes, those runs), or None."""
+    runs = [d for d in docs if d.get("series", {}).get("t")]
+    if not runs:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    docs = [d for d in docs if d.get("series", {}).get("t")]
-    if not docs:
+    fig, axes = plt.subplots(len(runs), 1, figsize=(12.5, 3.1 * len(runs)), squeeze=False)
+    return fig, axes, runs
+
+
+def plot_vm_usage(ax: Any, run: dict[str, Any], colour: str) -> None:
+    """The VM's used memory and W's charge against time."""
+    s = run["series"]
+    ax.plot(s["t"], [v / GiB for v in s["used"]], color="black",
+            label="VM used (MemTotal − MemAvailable)")  # fmt: skip
+    ax.plot(s["t"], [v / GiB for v in s["w"]], color=colour,
+            label="W memory.current (worker + nanny)")  # fmt: skip
+
+
+def plot_vm(docs: list[dict[str, Any]], path: Path) -> bool:
+    made = vm_figure(docs)
+    if made is None:
         return False
-    fig, axes = plt.subplots(len(docs), 1, figsize=(12.5, 3.1 * len(docs)), squeeze=False)
+    fig, axes, docs = made
     for ax, d in zip(axes[:, 0], docs, strict=True):
-        s = d["series"]
         total = d.get("mem_total") or 0
-        colour = COLOURS.get(d["contender"], "tab:blue")
-        ax.plot(s["t"], [v / GiB for v in s["used"]], color="black",
-                label="VM used (MemTotal − MemAvailable)")  # fmt: skip
-        ax.plot(s["t"], [v / GiB for v in s["w"]], color=colour,
-                label="W memory.current (worker + nanny)")  # fmt: skip
+        plot_vm_usage(ax, d, COLOURS.get(d["contender"], "tab:blue"))
         if total:
             ax.axhline(total / GiB, color="red", lw=1.2, label="MemTotal")
         if d.get("w_memory_max") not in (None, "max"):
