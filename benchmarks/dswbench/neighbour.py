@@ -199,8 +199,9 @@ def follow_latencies(run: Doc) -> dict[str, Any]:
 
     `latency_s` / `kernel_latency_s`: per lowering, the tick that saw the change → every
     worker and nanny holding the new limit / → W's memory.max lowered (follow.applied);
-    `first_s`: the growth requested → the first lowering held by every worker;
-    `settled_s`: the agent's allocation complete → the last lowering held."""
+    `first_s`: the growth requested → the first lowering held by every worker (later
+    steps follow the agent's allocation, or page-cache drift, or wait for a worker that
+    its nanny restarted, so only the first one times the reaction)."""
     steps = lowerings(run)
     out: dict[str, Any] = {
         "latency_s": [float(e["latency_s"]) for e in steps if e.get("latency_s") is not None],
@@ -210,11 +211,7 @@ def follow_latencies(run: Doc) -> dict[str, Any]:
         "steps": len(steps),
     }
     if steps:
-        grow_wall = float(run["grow_wall"])
-        out["first_s"] = _iso(steps[0]["timestamp"]) - grow_wall
-        if run.get("grown_at_s") is not None:
-            grown_wall = grow_wall + run["grown_at_s"] - run["grow_at_s"]
-            out["settled_s"] = _iso(steps[-1]["timestamp"]) - grown_wall
+        out["first_s"] = _iso(steps[0]["timestamp"]) - float(run["grow_wall"])
     return out
 
 
@@ -335,8 +332,6 @@ def v2_lines(docs: Sequence[Doc], img: Path | None, report: Path) -> list[str]:
             [r.get("spilled") for r in rs], fmt_bytes)),
         ("follow: growth requested → first lower limit held by every worker and nanny",
          per_run("first_s")),
-        ("follow: last lower limit held, after the agent's allocation was done (− = before)",
-         per_run("settled_s")),
         ("follow, each lowering: change seen → every worker and nanny hold it (`latency_s`)",
          lambda rs: pooled("latency_s")(rs) if rs[0]["contender"] == "follow" else "–"),
         ("follow, each lowering: change seen → W's `memory.max` lowered (`kernel_latency_s`)",
