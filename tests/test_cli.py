@@ -135,7 +135,7 @@ def test_environment_variables_configure_and_stay_out_of_the_log() -> None:
     assert proc.returncode == 0, proc.stderr
     events = audit_events(proc.stderr)
     started = next(e for e in events if e["event"] == "cli.started")
-    assert started["options"]["reserve"] == "<from environment>"  # type: ignore[index]
+    assert started["options"]["reserve"] == "<from environment>"
     plan = next(e for e in events if e["event"] == "plan.made")
     assert plan["reserve"] == pytest.approx(plan["budget"], rel=0.01)
 
