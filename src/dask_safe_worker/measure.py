@@ -226,9 +226,9 @@ def _read_level(
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
-        import errno
+        from .event_line import errno_name
 
-        return f"{errno.errorcode.get(exc.errno, exc.errno)} {exc.strerror or ''}".strip()
+        return f"{errno_name(exc.errno)} {exc.strerror or ''}".strip()
     return str(exc)
 
 

@@ -63,10 +63,10 @@ class _Pending:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        import errno
+    if isinstance(exc, OSError) and exc.errno is not None:
+        from .event_line import errno_name
 
-        return errno.errorcode.get(exc.errno or 0, str(exc))
+        return errno_name(exc.errno)
     return str(exc)
 
 
