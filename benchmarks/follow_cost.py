@@ -57,8 +57,8 @@ def cpu_per_call(fn: object, n: int) -> float:
 
 
 def in_process(ticks: int) -> dict[str, float]:
-    proc, sys_root = Path("/proc"), Path("/sys")
-    location = locate(proc, sys_root)
+    proc, root = Path("/proc"), Path("/")
+    location = locate(proc, root)
     m = measure()
     args = WorkerArgs(nworkers="2", nthreads=1)
     settings = Settings(supervised=True)
@@ -77,7 +77,7 @@ def in_process(ticks: int) -> dict[str, float]:
         )
         watch = Watch(spec, no_audit)
         tick = cpu_per_call(watch.tick, ticks)
-        re = cpu_per_call(lambda: remeasure(location, proc, sys_root, tree_root=os.getpid()), ticks)
+        re = cpu_per_call(lambda: remeasure(location, proc, root, tree_root=os.getpid()), ticks)
         full = cpu_per_call(measure, ticks)
         follower = follow_dask.Follower(live, "worker", None)  # type: ignore[arg-type]
         follower.changed()

@@ -307,10 +307,10 @@ def test_remeasure_does_not_read_mountinfo(tmp_path: Path) -> None:
 
     root = tmp_path / "t"
     shutil.copytree(roots[0], root, symlinks=True)
-    proc, sys_ = root / "proc", root / "sys"
-    loc = locate(proc, sys_)
-    first = measure(proc, sys_, own_pid=1)
+    proc = root / "proc"
+    loc = locate(proc, root)
+    first = measure(proc, root, own_pid=1)
     (proc / "self" / "mountinfo").unlink()
-    again = remeasure(loc, proc, sys_, own_pid=1)
+    again = remeasure(loc, proc, root, own_pid=1)
     assert again.levels == first.levels and again.location == loc
     assert again.available == first.available

@@ -10,7 +10,7 @@ Module map (docs/design.md explains the design):
                    and `act` (kernel limit, plan file, exec or supervisor)
     worker_args    split our options from the worker's; read the ones the plan needs
     worker_cli     check the worker's arguments against dask worker's own click options
-    measure        host memory and every cgroup level (over proc_root/sys_root)
+    measure        host memory and every cgroup level (below proc_root and root)
     proc_parse, cgroup_parse, cgroup_locate, cgroup_files
                    pure parsers of /proc and cgroup files; locating our cgroup; file access
     cgroup_leave   move back to the parent, then rmdir a child (stdlib only)

@@ -149,5 +149,5 @@ class V2MemoryCgroup:
         return self._read(name)
 
 
-def open_memory_cgroup(version: int, directory: Path) -> V1MemoryCgroup | V2MemoryCgroup:
+def open_memory_cgroup(version: int, directory: Path) -> MemoryCgroupFiles:
     return V1MemoryCgroup(directory) if version == 1 else V2MemoryCgroup(directory)

@@ -125,7 +125,7 @@ def errno_reason(exc: BaseException) -> str:
 
 class _Writer:
     def __init__(
-        self, m: Measurement, budget: int, sys_root: Path, opts: WriteOptions, audit: Audit
+        self, m: Measurement, budget: int, root: Path, opts: WriteOptions, audit: Audit
     ) -> None:
         assert m.location is not None
         self.m = m
@@ -133,7 +133,7 @@ class _Writer:
         self.budget = budget
         self.opts = opts
         self.audit = audit
-        self.own_dir = m.location.directory(sys_root)
+        self.own_dir = m.location.directory(root)
         self.own_path = m.location.cgroup_path
         # Computed now, so that no value can fail between two writes.
         self.extras = opts.extra_values(budget)
@@ -342,7 +342,7 @@ def intended_strategy(m: Measurement, mode: WriteMode) -> Strategy | None:
 def apply_limit(
     m: Measurement,
     budget: int,
-    sys_root: Path = Path("/sys"),
+    root: Path = Path("/"),
     opts: WriteOptions | None = None,
     audit: Audit = no_audit,
 ) -> WriteOutcome:
@@ -356,7 +356,7 @@ def apply_limit(
     if m.location is None:
         audit("cgroup.write.skipped", reason="no_memory_cgroup")
         return WriteOutcome(enforced=False, written=False, reason="no_memory_cgroup")
-    writer = _Writer(m, budget, sys_root, opts, audit)
+    writer = _Writer(m, budget, root, opts, audit)
     attempts: list[WriteOutcome] = []
     if intended_strategy(m, opts.mode) == "own":
         outcome = writer.own()

@@ -38,12 +38,12 @@ def is_instance_child(name: str, base: str) -> bool:
     return name == base or name.startswith(base + "-")
 
 
-def read_siblings(m: Measurement, base: str, sys_root: Path = Path("/sys")) -> tuple[Sibling, ...]:
+def read_siblings(m: Measurement, base: str, root: Path = Path("/")) -> tuple[Sibling, ...]:
     """The limited, occupied instance children of our own cgroup. Unreadable ones are
     skipped: a sibling we cannot read is one we cannot count either way."""
     if m.location is None:
         return ()
-    own_dir = m.location.directory(sys_root)
+    own_dir = m.location.directory(root)
     try:
         names = sorted(os.listdir(own_dir))
     except OSError:

@@ -151,7 +151,7 @@ def collect(dask_worker: Any = None) -> dict[str, Any]:
         report["error"] = f"cannot measure memory: {type(exc).__name__}: {exc}"
         return report
     levels: list[dict[str, Any]] = []
-    directories = m.location.levels(Path("/sys")) if m.location is not None else []
+    directories = m.location.level_paths(Path("/")) if m.location is not None else []
     for i, lvl in enumerate(m.levels):
         key = None
         if i < len(directories):
