@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from dask_safe_worker.follow import (
     HYSTERESIS_FLOOR,
+    Decision,
     FollowSpec,
     ManagedLimit,
     decide,
@@ -113,8 +114,24 @@ def test_after_a_squeeze_the_start_plan_comes_back_exactly(
 ) -> None:
     low = decide(first, int(first * squeeze), ceiling=first)
     assume(low.action == "lower")
+    # A recovery that stays within the band of the lowered limit is noise by the band
+    # rule (a squeeze just past the band, then a proposal a byte higher, must not flap);
+    # every recovery that counts lands exactly on the start's plan.
+    assume(first - shortfall > low.target + hysteresis(low.target))
     back = decide(low.target, first - shortfall, ceiling=first)
     assert back.action == "raise" and back.target == first
+
+
+def test_a_squeeze_just_past_the_band_does_not_flap_back() -> None:
+    # Found by hypothesis: the limit went down by one byte more than the band; a
+    # proposal one byte below the start's plan is then within the band of the new limit.
+    first = 320 * MiB + 1
+    low = decide(first, first - HYSTERESIS_FLOOR - 1, ceiling=first)
+    assert low.action == "lower"
+    assert decide(low.target, first - 1, ceiling=first).action == "keep"
+    assert decide(low.target, first, ceiling=first) == Decision(
+        "raise", low.target, first, first, hysteresis(low.target)
+    )
 
 
 # --- the kernel rules ---------------------------------------------------------------

@@ -562,8 +562,9 @@ def test_module_main_reports_a_cgroup_it_cannot_remove(
     assert child.path.exists()
 
 
-# A worker that closes on TERM at once and leaves nothing behind in its cgroup.
-QUICK_WORKER = "trap 'exit 0' TERM; while :; do sleep 0.05; done"
+# A worker that closes on TERM at once and leaves nothing behind in its cgroup. It says
+# when its trap is set ($1): a forked worker is a descendant before it can catch TERM.
+QUICK_WORKER = "trap 'exit 0' TERM; : > \"$1\"; while :; do sleep 0.05; done"
 
 
 def _subdirs(path: Path) -> list[str]:
@@ -590,6 +591,7 @@ def test_sigterm_early_in_init_leaves_no_child_cgroup(
     import shlex
 
     kernel_cgroup.set_limit(2**30)
+    ready = tmp_path / "worker-ready"
     neighbour = subprocess.Popen(kernel_cgroup.enter_command(["sleep", "600"]))
     started_pids.add(neighbour.pid)
     wait_for(lambda: neighbour.pid in kernel_cgroup.pids(), "neighbour in the cgroup")
@@ -603,7 +605,7 @@ def test_sigterm_early_in_init_leaves_no_child_cgroup(
         "--plan-file",
         str(tmp_path / "plan.json"),
         "--worker-command",
-        f"sh -c {shlex.quote(QUICK_WORKER)} sh",
+        f"sh -c {shlex.quote(QUICK_WORKER)} sh {shlex.quote(str(ready))}",
         "tcp://127.0.0.1:1",
     ]
     proc = subprocess.Popen(
@@ -615,7 +617,7 @@ def test_sigterm_early_in_init_leaves_no_child_cgroup(
     elif when == "supervisor-exec":
         wait_for(lambda: b"dask_safe_worker.supervise" in _cmdline(proc.pid), "the exec")
     elif when == "worker-running":
-        wait_for(lambda: descendants(proc.pid) != [], "the worker")
+        wait_for(ready.exists, "the worker's TERM trap")
     else:
         assert isinstance(when, float)
         time.sleep(when)
