@@ -11,10 +11,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import dask_compat
 from .cgroup_files import V2MemoryCgroup, open_memory_cgroup, read_kernel_text
 from .cgroup_locate import CgroupLocation, cgroup2_mount, host_path, locate_memory_cgroup
 from .cgroup_parse import parse_controllers, working_set
+from .dask_compat.dask_system import cpu_count
+from .dask_compat.distributed_system import memory_limit
+from .dask_compat.release import Release
 from .proc_parse import (
     HostMemory,
     ParseError,
@@ -296,6 +298,7 @@ def remeasure(
     proc_root: Path = Path("/proc"),
     sys_root: Path = Path("/sys"),
     *,
+    release: Release,
     pid: str = "self",
     affinity: int | None = None,
     rlimit_rss: int | None = None,
@@ -339,8 +342,10 @@ def remeasure(
         # cgroup.procs lists pids as seen in our pid namespace, as getpid() does.
         pid=me,
         own_rss=own_rss,
-        cpu_count=dask_compat.cpu_count(proc_root, sys_root, affinity),
-        dask_memory_limit=dask_compat.dask_system_memory_limit(host.total, sys_root, rlimit_rss),
+        cpu_count=cpu_count(proc_root, sys_root, affinity, dask=release.dask),
+        dask_memory_limit=memory_limit(
+            host.total, sys_root, rlimit_rss, distributed=release.distributed
+        ),
         warnings=tuple(notes),
         ours=ours,
         zombies=zombies,
@@ -351,12 +356,14 @@ def measure(
     proc_root: Path = Path("/proc"),
     sys_root: Path = Path("/sys"),
     *,
+    release: Release,
     pid: str = "self",
     affinity: int | None = None,
     rlimit_rss: int | None = None,
     own_pid: int | None = None,
 ) -> Measurement:
-    """Everything the plan needs. Raises OSError/ParseError only for /proc/meminfo."""
+    """Everything the plan needs; CPU_COUNT and MEMORY_LIMIT as `release` computes them.
+    Raises OSError/ParseError only for /proc/meminfo."""
     warnings: list[str] = []
     try:
         location, locate_warnings = _locate(proc_root, sys_root, pid)
@@ -370,6 +377,7 @@ def measure(
         location,
         proc_root,
         sys_root,
+        release=release,
         pid=pid,
         affinity=affinity,
         rlimit_rss=rlimit_rss,
