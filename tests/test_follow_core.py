@@ -10,6 +10,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from dask_safe_worker.dask_compat.release import installed_release
 from dask_safe_worker.follow import (
     HYSTERESIS_FLOOR,
     Decision,
@@ -326,8 +327,9 @@ def test_remeasure_does_not_read_mountinfo(tmp_path: Path) -> None:
     shutil.copytree(roots[0], root, symlinks=True)
     proc = root / "proc"
     loc = locate(proc, root)
-    first = measure(proc, root, own_pid=1)
+    release = installed_release()
+    first = measure(proc, root, release=release, own_pid=1)
     (proc / "self" / "mountinfo").unlink()
-    again = remeasure(loc, proc, root, own_pid=1)
+    again = remeasure(loc, proc, root, release=release, own_pid=1)
     assert again.levels == first.levels and again.location == loc
     assert again.available == first.available

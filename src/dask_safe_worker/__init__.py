@@ -23,7 +23,13 @@ Module map (docs/design.md explains the design):
     supervise      the tini-like supervisor (stdlib only) exec'd for --init / PID 1
     events, event_line
                    the audit log of one start: one JSON line per decision
-    dask_compat    what depends on the installed distributed release
+    dask_compat/   what depends on the installed dask/distributed release, one module
+                   per upstream file it mirrors (no import of dask or distributed):
+                   release (the installed `Release`, resolved once per start and passed
+                   in; the supported range), dask_worker (distributed/cli/dask_worker.py:
+                   options, --nworkers/--nthreads), distributed_system (distributed/
+                   system.py: MEMORY_LIMIT), dask_system (dask/system.py: CPU_COUNT),
+                   features (the per-release facts for the audit log)
 
 `--follow` (a live budget, run by the supervisor)
     follow (pure core), follow_setup (at start), watch (each tick), live_limit (the

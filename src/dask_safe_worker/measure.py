@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import dask_compat
 from .cgroup_files import V2MemoryCgroup, open_memory_cgroup, read_kernel_text
 from .cgroup_locate import CgroupLocation, cgroup2_mount, host_path, locate_memory_cgroup
 from .cgroup_parse import parse_controllers, working_set
+from .dask_compat.dask_system import cpu_count
+from .dask_compat.distributed_system import memory_limit
+from .dask_compat.release import Release
 from .proc_parse import (
     HostMemory,
     ParseError,
@@ -308,6 +310,7 @@ def remeasure(
     proc_root: Path = Path("/proc"),
     root: Path = Path("/"),
     *,
+    release: Release,
     affinity: int | None = None,
     rlimit_rss: int | None = None,
     own_pid: int | None = None,
@@ -351,9 +354,9 @@ def remeasure(
         pid=me,
         own_rss=own_rss,
         # distributed reads /sys/fs/cgroup literally, whatever the mount table says.
-        cpu_count=dask_compat.cpu_count(proc_root, root / "sys", affinity),
-        dask_memory_limit=dask_compat.dask_system_memory_limit(
-            host.total, root / "sys", rlimit_rss
+        cpu_count=cpu_count(proc_root, root / "sys", affinity, dask=release.dask),
+        dask_memory_limit=memory_limit(
+            host.total, root / "sys", rlimit_rss, distributed=release.distributed
         ),
         warnings=tuple(notes),
         ours=ours,
@@ -362,9 +365,14 @@ def remeasure(
 
 
 def measure(
-    proc_root: Path = Path("/proc"), root: Path = Path("/"), **pins: Unpack[Pins]
+    proc_root: Path = Path("/proc"),
+    root: Path = Path("/"),
+    *,
+    release: Release,
+    **pins: Unpack[Pins],
 ) -> Measurement:
-    """Everything the plan needs: locate the memory cgroup, then `remeasure` it.
+    """Everything the plan needs: locate the memory cgroup, then `remeasure` it; CPU_COUNT
+    and MEMORY_LIMIT as `release` computes them.
     Raises OSError/ParseError only for /proc/meminfo."""
     warnings: list[str] = []
     try:
@@ -375,4 +383,4 @@ def measure(
         warnings.append(f"cannot locate the memory cgroup: {_describe(exc)}")
     if location is not None:
         warnings.extend(location.warnings)
-    return remeasure(location, proc_root, root, warnings=warnings, **pins)
+    return remeasure(location, proc_root, root, release=release, warnings=warnings, **pins)

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from . import dask_compat
+from .dask_compat.dask_worker import WorkerArgsError, resolve_nworkers_nthreads
 from .measure import Measurement
 from .sizes import Amount, parse_bytes
 from .worker_args import WorkerArgs
@@ -54,9 +54,7 @@ class WorkerValues:
 def resolve_worker_values(args: WorkerArgs, m: Measurement) -> WorkerValues:
     """Every worker argument the plan reads, resolved as dask would; WorkerArgsError for a
     value dask rejects. Called before planning, so that a plan never refuses an argument."""
-    n_workers, nthreads = dask_compat.resolve_nworkers_nthreads(
-        args.nworkers, args.nthreads, m.cpu_count
-    )
+    n_workers, nthreads = resolve_nworkers_nthreads(args.nworkers, args.nthreads, m.cpu_count)
     # dask-cuda starts one worker (1 thread by default) per GPU and reads "auto" as
     # MEMORY_LIMIT * min(1, nthreads / GPUs): its "cores" are the GPUs.
     cores = m.cpu_count
@@ -69,7 +67,7 @@ def resolve_worker_values(args: WorkerArgs, m: Measurement) -> WorkerValues:
                 args.memory_limit, nthreads, cores, m.dask_memory_limit
             )
         except ValueError as exc:
-            raise dask_compat.WorkerArgsError(
+            raise WorkerArgsError(
                 f"--memory-limit {args.memory_limit!r} is not a size dask understands: {exc}"
             ) from exc
     return WorkerValues(n_workers, nthreads, user_bytes, cores)

@@ -21,6 +21,7 @@ from typing import Any
 
 from .cgroup_files import open_memory_cgroup
 from .cgroup_parse import parse_memory_stat
+from .dask_compat.release import Release, installed_release
 from .follow import (
     FollowSpec,
     ManagedLimit,
@@ -78,9 +79,12 @@ class Watch:
         proc_root: Path = Path("/proc"),
         root: Path = Path("/"),
         clock: Callable[[], float] = time.monotonic,
+        *,
+        release: Release,
     ) -> None:
         self.spec = spec
         self.audit = audit
+        self.release = release
         self.proc_root = proc_root
         self.root = root
         self.clock = clock
@@ -153,7 +157,12 @@ class Watch:
         counters = self._read_counters()
         try:
             m = remeasure(
-                self.location, self.proc_root, self.root, tree_root=self.pid, own_pid=self.pid
+                self.location,
+                self.proc_root,
+                self.root,
+                release=self.release,
+                tree_root=self.pid,
+                own_pid=self.pid,
             )
         except (OSError, ParseError) as exc:
             self._failed("measure", reason=_describe(exc))
@@ -475,7 +484,8 @@ def start_watch(spec_path: str, audit: Audit) -> Watch | None:
     try:
         with open(spec_path, encoding="utf-8") as f:
             spec = FollowSpec.from_json(json.load(f))
-        watch = Watch(spec, audit)
+        # The release the worker runs: the supervisor shares its Python.
+        watch = Watch(spec, audit, release=installed_release())
     except (OSError, ValueError) as exc:
         audit("follow.disabled", reason=_describe(exc), spec=spec_path)
         return None
