@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import dask_compat
@@ -23,9 +22,10 @@ from .proc_parse import (
     parse_proc_cgroup,
     parse_stat,
 )
+from .records import field, record
 
 
-@dataclass(frozen=True)
+@record
 class LevelReading:
     """One cgroup on the way from our own up to the visible root."""
 
@@ -92,7 +92,7 @@ class LevelReading:
         return out
 
 
-@dataclass(frozen=True)
+@record
 class Measurement:
     host: HostMemory
     location: CgroupLocation | None

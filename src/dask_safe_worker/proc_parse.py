@@ -9,10 +9,11 @@ including those `str.splitlines` would take for a line break.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+
+from .records import record
 
 
-@dataclass(frozen=True)
+@record
 class HostMemory:
     total: int
     available: int
@@ -60,7 +61,7 @@ def parse_meminfo(text: str) -> HostMemory:
     return HostMemory(total, min(estimate, total), True)
 
 
-@dataclass(frozen=True)
+@record
 class Mount:
     mount_id: int
     parent_id: int
@@ -131,7 +132,7 @@ def parse_mountinfo(text: str) -> tuple[list[Mount], list[str]]:
     return mounts, skipped
 
 
-@dataclass(frozen=True)
+@record
 class CgroupEntry:
     hierarchy_id: int
     controllers: tuple[str, ...]
