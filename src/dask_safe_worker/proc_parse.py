@@ -8,8 +8,6 @@ including those `str.splitlines` would take for a line break.
 
 from __future__ import annotations
 
-import re
-
 from .records import record
 
 
@@ -75,17 +73,20 @@ class Mount:
         return option in self.super_options.split(",")
 
 
-# Three octal digits up to \377: one byte.
-_OCTAL = re.compile(r"\\([0-3][0-7]{2})")
-
-
 def unescape_octal(field: str) -> str:
     r"""The kernel writes space, tab, newline and backslash in paths as \040 etc.
 
     An escape stands for one byte, decoded as `read_kernel_text` decodes the rest.
     """
-    return _OCTAL.sub(
-        lambda m: bytes([int(m.group(1), 8)]).decode("utf-8", "surrogateescape"), field
+    if "\\" not in field:
+        return field  # the usual case, answered without importing `re`
+    import re
+
+    # Three octal digits up to \377: one byte. re caches the compiled pattern.
+    return re.sub(
+        r"\\([0-3][0-7]{2})",
+        lambda m: bytes([int(m.group(1), 8)]).decode("utf-8", "surrogateescape"),
+        field,
     )
 
 

@@ -88,31 +88,59 @@ def _build(cls: type[T], frozen: bool) -> type[T]:
     setattr(cls, _FIELDS, fields)
     names = tuple(fields)
 
-    # __init__ is compiled from source, as dataclasses does, so that it has a real
-    # signature (hypothesis' st.builds reads it) and costs no more per call.
-    params, body, env = [], [], {"_MISSING": _MISSING, "_set": object.__setattr__}
-    seen_default = False
-    for name, spec in fields.items():
-        if spec.default_factory is not None:
-            env[f"_f_{name}"] = spec.default_factory
-            params.append(f"{name}=_MISSING")
-            body.append(f"_set(self, {name!r}, _f_{name}() if {name} is _MISSING else {name})")
-            seen_default = True
-            continue
-        if spec.default is not _MISSING:
-            env[f"_d_{name}"] = spec.default
-            params.append(f"{name}=_d_{name}")
-            seen_default = True
-        elif seen_default:
+    # One generic __init__ instead of one compiled per class (as dataclasses does): a
+    # compile costs more per class than this costs over every instance of a start.
+    defaults = {n: spec.default for n, spec in fields.items() if spec.default is not _MISSING}
+    factories = {
+        n: spec.default_factory for n, spec in fields.items() if spec.default_factory is not None
+    }
+    with_default = False
+    for name in names:
+        if name in defaults or name in factories:
+            with_default = True
+        elif with_default:
             raise TypeError(f"non-default argument {name!r} follows default argument")
-        else:
-            params.append(name)
-        body.append(f"_set(self, {name!r}, {name})")
-    if hasattr(cls, "__post_init__"):
-        body.append("self.__post_init__()")
-    source = f"def __init__(self, {', '.join(params)}):\n    " + "\n    ".join(body or ["pass"])
-    exec(source, env)
-    init = env["__init__"]
+    post_init = getattr(cls, "__post_init__", None)
+    count = len(names)
+
+    def init(self: object, *args: object, **kwargs: object) -> None:
+        if len(args) > count:
+            raise TypeError(
+                f"{cls.__name__}() takes {count} positional arguments but {len(args)} were given"
+            )
+        if len(args) == count and not kwargs:  # parsers build records positionally
+            self.__dict__.update(zip(names, args, strict=True))
+            if post_init is not None:
+                post_init(self)
+            return
+        values = dict(zip(names, args, strict=False))
+        for key, value in kwargs.items():
+            if key not in fields:
+                raise TypeError(f"{cls.__name__}() got an unexpected keyword argument {key!r}")
+            if key in values:
+                raise TypeError(f"{cls.__name__}() got multiple values for argument {key!r}")
+            values[key] = value
+        if len(values) < count:
+            for name in names:
+                if name in values:
+                    continue
+                if name in factories:
+                    values[name] = factories[name]()
+                elif name in defaults:
+                    values[name] = defaults[name]
+                else:
+                    missing = [
+                        n for n in names if n not in values and n not in {**defaults, **factories}
+                    ]
+                    raise TypeError(
+                        f"{cls.__name__}() missing required argument(s): "
+                        + ", ".join(map(repr, missing))
+                    )
+        # In field order, as dataclasses assigns them (vars() and as_dict read it).
+        self.__dict__.update((n, values[n]) for n in names)
+        if post_init is not None:
+            post_init(self)
+
     init.__qualname__ = f"{cls.__qualname__}.__init__"
 
     def __repr__(self: object) -> str:
