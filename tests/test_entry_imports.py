@@ -1,0 +1,110 @@
+"""The click-free `--print-limit` path stays light: its start-up goal (within 3 times
+`python -c pass`, docs/benchmarks.md) is measured by benchmarks/prestart_fast_path.py;
+this test keeps the modules that would break it off the path.
+
+`python -X importtime` prints the import tree, a child before its parent, so each heavy
+module found there can be traced to the module of ours that imported it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+# Modules the fast path must not import, with what each costs here (roughly, with
+# compiled bytecode): dataclasses brings inspect, ast, dis and tokenize (~6 ms), typing
+# ~2 ms, click ~13 ms, json and importlib.metadata (zipfile, email, csv) ~12 ms;
+# distributed and dask are what the entrypoint never imports before exec (~330 ms).
+HEAVY = (
+    "dataclasses",
+    "inspect",
+    "ast",
+    "typing",
+    "click",
+    "json",
+    "importlib.metadata",
+    "structlog",
+    "psutil",
+    "distributed",
+    "dask",
+)
+# dask_compat is being split into one module per upstream file (issue 12); until that
+# lands, its own imports (dataclasses, typing) are not counted here.
+EXEMPT = ("dask_safe_worker.dask_compat",)
+
+# entrypoints/host-prestart.sh's call; a tiny minimum, so that the plan is never refused
+# and the fast path really answers (a refusal would go to the full command).
+ARGS = ["--print-limit", "--cgroup-write", "never"]
+ENV = {"DASK_SAFE_WORKER_RESERVE": "512MiB", "DASK_SAFE_WORKER_MIN_WORKER_MEMORY": "1"}
+PROGRAM = f"""
+import sys
+from dask_safe_worker.entry import fast_print_limit
+budget = fast_print_limit({ARGS!r}, {{**__import__("os").environ}})
+assert budget is not None and budget > 0, budget
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def import_tree(stderr: str) -> list[tuple[int, str]]:
+    """(depth, module) per `-X importtime` line, in the order printed."""
+    tree = []
+    for line in stderr.splitlines():
+        if not line.startswith("import time:") or line.endswith("imported package"):
+            continue
+        name = line.rsplit("|", 1)[1]
+        tree.append(((len(name) - len(name.lstrip())) // 2, name.strip()))
+    return tree
+
+
+def importers(tree: list[tuple[int, str]], index: int) -> list[str]:
+    """The chain of modules that imported tree[index], innermost first: each parent is
+    the next line below with a smaller depth."""
+    depth, chain = tree[index][0], []
+    for d, name in tree[index + 1 :]:
+        if d < depth:
+            chain.append(name)
+            depth = d
+    return chain
+
+
+def test_the_print_limit_fast_path_imports_nothing_heavy() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-X", "importtime", "-c", PROGRAM],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **ENV},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(proc.stdout.split())
+    assert "dask_safe_worker.measure" in loaded  # it measured, not only parsed
+    tree = import_tree(proc.stderr)
+    assert tree, "no -X importtime output"
+    offenders = []
+    for i, (_, name) in enumerate(tree):
+        if not any(name == h or name.startswith(f"{h}.") for h in HEAVY):
+            continue
+        chain = importers(tree, i)
+        if any(module in EXEMPT for module in chain):
+            continue
+        offenders.append(" <- ".join([name, *chain]))
+    assert not offenders, "\n".join(offenders)
+    # Also what a later import did (importtime lists each module once, at its first).
+    assert not loaded & {"click", "distributed", "dask", "structlog", "psutil"}
+
+
+def test_the_tree_reader_finds_an_importer() -> None:
+    """The check above can fail: a heavy module under one of ours is reported with it."""
+    stderr = "\n".join(
+        [
+            "import time: self [us] | cumulative | imported package",
+            "import time:       100 |        100 |     inspect",
+            "import time:       100 |        200 |   dataclasses",
+            "import time:       100 |        300 | dask_safe_worker.plan",
+        ]
+    )
+    tree = import_tree(stderr)
+    assert tree == [(2, "inspect"), (1, "dataclasses"), (0, "dask_safe_worker.plan")]
+    assert importers(tree, 0) == ["dataclasses", "dask_safe_worker.plan"]
