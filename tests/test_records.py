@@ -3,7 +3,9 @@ record class here is compared with the same class declared as a dataclass."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import pickle
 from typing import Any
 
 import pytest
@@ -118,6 +120,12 @@ def test_frozen_and_mutable() -> None:
     assert outcome == Outcome(True, ["x"])
     with pytest.raises(TypeError):
         hash(outcome)
+
+
+def test_copies_and_pickles_are_equal() -> None:
+    rec = Outer("a", Inner(1, ("x",)), 5, [Inner(2)])
+    assert pickle.loads(pickle.dumps(rec)) == rec
+    assert copy.deepcopy(rec) == rec and copy.copy(rec) == rec
 
 
 def test_replace_goes_through_init_and_post_init() -> None:
