@@ -157,17 +157,17 @@ def test_wrong_arguments_are_refused(
 
 
 def test_a_field_without_default_after_one_with_is_refused() -> None:
-    with pytest.raises(TypeError, match="non-default argument"):
+    class Bad:
+        a: int = 0
+        b: int
 
-        @record
-        class Bad:
-            a: int = 0
-            b: int  # type: ignore[misc]
+    with pytest.raises(TypeError, match="non-default argument"):
+        record(Bad)
 
 
 def test_a_mutable_default_needs_a_factory() -> None:
-    with pytest.raises(ValueError, match="default_factory"):
+    class Bad:
+        a: list[int] = []  # noqa: RUF012
 
-        @record
-        class Bad:
-            a: list[int] = []  # noqa: RUF012
+    with pytest.raises(ValueError, match="default_factory"):
+        record(Bad)
