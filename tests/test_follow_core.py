@@ -42,7 +42,7 @@ def spec(**kw: object) -> FollowSpec:
         interval=1.0,
         channel="/run/x/live.json",
     )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return replace(base, **kw)
 
 
 def measurement(levels: tuple[LevelReading, ...], available: int = 20 * GiB) -> Measurement:
