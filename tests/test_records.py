@@ -18,6 +18,7 @@ from dask_safe_worker.records import (
     field,
     fields,
     mutable_record,
+    ordered_record,
     record,
     replace,
 )
@@ -53,6 +54,20 @@ class OuterDC:
     inner: InnerDC
     limit: int | None = None
     items: list[InnerDC] = dataclasses.field(default_factory=list)
+
+
+@ordered_record
+class Version:
+    major: int
+    minor: int
+    patch: int = 0
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class VersionDC:
+    major: int
+    minor: int
+    patch: int = 0
 
 
 @mutable_record
@@ -99,6 +114,23 @@ def test_equal_only_with_the_same_class_and_fields(a: int, b: int) -> None:
     assert rec != InnerDC(a)
     assert rec != (a, ())  # not a tuple, unlike a NamedTuple
     assert rec != Checked(abs(a))
+
+
+versions = st.tuples(st.integers(0, 3), st.integers(0, 3), st.integers(0, 3))
+
+
+@given(a=versions, b=versions)
+def test_an_ordered_record_orders_as_its_dataclass(
+    a: tuple[int, int, int], b: tuple[int, int, int]
+) -> None:
+    mine, theirs = (Version(*a), Version(*b)), (VersionDC(*a), VersionDC(*b))
+    assert (mine[0] < mine[1]) == (theirs[0] < theirs[1])
+    assert (mine[0] <= mine[1]) == (theirs[0] <= theirs[1])
+    assert (mine[0] > mine[1]) == (theirs[0] > theirs[1])
+    assert (mine[0] >= mine[1]) == (theirs[0] >= theirs[1])
+    assert max(mine) == Version(*max(a, b))
+    with pytest.raises(TypeError):
+        _ = Inner(1) < Inner(2)  # type: ignore[operator]  # a plain record has no order
 
 
 def test_defaults_and_factories() -> None:

@@ -3,13 +3,14 @@
 `dataclasses` imports `inspect`, and with it `ast`, `dis`, `tokenize` and `enum`: about
 5.5 ms here, plus ~0.3 ms to build each class, on a start-up whose goal is 3 times a bare
 interpreter (`--print-limit` for entrypoints/host-prestart.sh; docs/benchmarks.md). The
-modules on that path declare their classes with `@record` (frozen) or `@mutable_record`
-as they would with `@dataclass`: annotated fields in order, defaults, `field(default=...)`
-or `field(default_factory=...)`, `__post_init__`. Instances behave like dataclass
-instances: keyword or positional `__init__`, equality and (frozen) hash over the fields,
-only between instances of the same class, the dataclass repr, no iteration or ordering.
-mypy reads both decorators as dataclasses (PEP 681). `replace` and `as_dict` stand in
-for `dataclasses.replace` and `dataclasses.asdict`.
+modules on that path declare their classes with `@record` (frozen), `@ordered_record`
+or `@mutable_record` as they would with `@dataclass`: annotated fields in order,
+defaults, `field(default=...)` or `field(default_factory=...)`, `__post_init__`.
+Instances behave like dataclass instances: keyword or positional `__init__`, equality
+and (frozen) hash over the fields, only between instances of the same class, the
+dataclass repr, no iteration, and no ordering but an ordered record's. mypy reads the
+decorators as dataclasses (PEP 681). `replace` and `as_dict` stand in for
+`dataclasses.replace` and `dataclasses.asdict`.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def _frozen_delattr(self: object, name: str) -> None:
     raise FrozenInstanceError(f"cannot delete field {name!r}")
 
 
-def _build(cls: type[T], frozen: bool) -> type[T]:
+def _build(cls: type[T], frozen: bool, order: bool = False) -> type[T]:
     inherited: dict[str, _Field] = {}
     for base in reversed(cls.__mro__[1:]):
         inherited.update(getattr(base, _FIELDS, {}))
@@ -160,15 +161,45 @@ def _build(cls: type[T], frozen: bool) -> type[T]:
         methods.update(__hash__=__hash__, __setattr__=_frozen_setattr, __delattr__=_frozen_delattr)
     else:
         methods["__hash__"] = None  # mutable and compared by value: unhashable, as dataclasses
+    if order:
+        methods.update(_ordering(names))
     for name, method in methods.items():
         setattr(cls, name, method)
     return cls
+
+
+def _ordering(names: tuple[str, ...]) -> dict[str, object]:
+    """<, <=, >, >= over the fields as a tuple, only between instances of one class."""
+
+    def compare(op: Callable[[tuple[Any, ...], tuple[Any, ...]], bool]) -> object:
+        def method(self: object, other: object) -> object:
+            if other.__class__ is not self.__class__:
+                return NotImplemented
+            return op(
+                tuple(getattr(self, n) for n in names), tuple(getattr(other, n) for n in names)
+            )
+
+        return method
+
+    return {
+        "__lt__": compare(tuple.__lt__),
+        "__le__": compare(tuple.__le__),
+        "__gt__": compare(tuple.__gt__),
+        "__ge__": compare(tuple.__ge__),
+    }
 
 
 @dataclass_transform(frozen_default=True, field_specifiers=(field,))
 def record(cls: type[T]) -> type[T]:
     """A frozen value class, as `@dataclass(frozen=True)`."""
     return _build(cls, frozen=True)
+
+
+@dataclass_transform(frozen_default=True, order_default=True, field_specifiers=(field,))
+def ordered_record(cls: type[T]) -> type[T]:
+    """A frozen value class ordered by its fields in turn, as
+    `@dataclass(frozen=True, order=True)` (a release version, for one)."""
+    return _build(cls, frozen=True, order=True)
 
 
 @dataclass_transform(field_specifiers=(field,))
