@@ -151,7 +151,8 @@ def _build(cls: type[T], frozen: bool, order: bool = False) -> type[T]:
     def __eq__(self: object, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in names)
+        # As tuples, like dataclasses: a field that is itself (a NaN) counts as equal.
+        return tuple(getattr(self, n) for n in names) == tuple(getattr(other, n) for n in names)
 
     def __hash__(self: object) -> int:
         return hash(tuple(getattr(self, n) for n in names))
