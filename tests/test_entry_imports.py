@@ -3,14 +3,20 @@
 this test keeps the modules that would break it off the path.
 
 `python -X importtime` prints the import tree, a child before its parent, so each heavy
-module found there can be traced to the module of ours that imported it.
+module found there can be traced to the module of ours that imported it. It shows only a
+module's first import, so each of our modules on the path is also read for module-level
+imports of a heavy module (imports under `if TYPE_CHECKING:` and in functions are not
+run at start).
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 # Modules the fast path must not import, with what each costs here (roughly, with
 # compiled bytecode): dataclasses brings inspect, ast, dis and tokenize (~6 ms), typing
@@ -76,7 +82,8 @@ def importers(tree: list[tuple[int, str]], index: int) -> list[str]:
     return chain
 
 
-def test_the_print_limit_fast_path_imports_nothing_heavy() -> None:
+def fast_path_modules() -> tuple[set[str], str]:
+    """The modules loaded by the fast path, and its `-X importtime` output."""
     proc = subprocess.run(
         [sys.executable, "-X", "importtime", "-c", PROGRAM],
         capture_output=True,
@@ -88,7 +95,12 @@ def test_the_print_limit_fast_path_imports_nothing_heavy() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     loaded = set(proc.stdout.split())
     assert "dask_safe_worker.measure" in loaded  # it measured, not only parsed
-    tree = import_tree(proc.stderr)
+    return loaded, proc.stderr
+
+
+def test_the_print_limit_fast_path_imports_nothing_heavy() -> None:
+    loaded, stderr = fast_path_modules()
+    tree = import_tree(stderr)
     assert tree, "no -X importtime output"
     offenders = []
     for i, (_, name) in enumerate(tree):
@@ -120,3 +132,69 @@ def test_the_tree_reader_finds_an_importer() -> None:
     tree = import_tree(stderr)
     assert tree == [(2, "inspect"), (1, "dataclasses"), (0, "dask_safe_worker.plan")]
     assert importers(tree, 0) == ["dataclasses", "dask_safe_worker.plan"]
+
+
+def module_level_imports(source: str) -> list[str]:
+    """The modules a file imports when it is imported: top-level and conditional imports,
+    not those under `if TYPE_CHECKING:` or inside a function or class."""
+    found: list[str] = []
+
+    def visit(body: list[ast.stmt]) -> None:
+        for node in body:
+            if isinstance(node, ast.Import):
+                found.extend(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                found.append(node.module)
+            elif isinstance(node, ast.If):
+                test = node.test
+                checking = isinstance(test, ast.Name) and test.id == "TYPE_CHECKING"
+                if not checking:
+                    visit(node.body)
+                visit(node.orelse)
+            elif isinstance(node, ast.Try):
+                visit(node.body)
+                for handler in node.handlers:
+                    visit(handler.body)
+                visit(node.orelse)
+                visit(node.finalbody)
+
+    visit(ast.parse(source).body)
+    return found
+
+
+def test_no_module_of_the_fast_path_imports_a_heavy_one() -> None:
+    loaded, _ = fast_path_modules()
+    offenders = []
+    for module in sorted(m for m in loaded if is_one_of(m, ("dask_safe_worker",))):
+        spec = importlib.util.find_spec(module)
+        assert spec is not None and spec.origin is not None, module
+        path = Path(spec.origin)
+        allowed = tuple(
+            name
+            for owner, names in ALLOWED_UNDER.items()
+            if is_one_of(module, (owner,))
+            for name in names
+        )
+        for name in module_level_imports(path.read_text()):
+            if is_one_of(name, HEAVY) and not is_one_of(name, allowed):
+                offenders.append(f"{module} imports {name}")
+    assert not offenders, "\n".join(offenders)
+
+
+def test_the_source_reader_skips_type_checking_and_functions() -> None:
+    source = """
+import os
+from typing import TYPE_CHECKING
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import dataclasses
+else:
+    import json
+def f():
+    import click
+try:
+    import structlog
+except ImportError:
+    import psutil
+"""
+    assert module_level_imports(source) == ["os", "typing", "json", "structlog", "psutil"]
