@@ -151,7 +151,7 @@ def _build(cls: type[T], frozen: bool, order: bool = False) -> type[T]:
     def __eq__(self: object, other: object) -> bool:
         if other.__class__ is not self.__class__:
             return NotImplemented
-        # As tuples, like dataclasses: a field that is itself (a NaN) counts as equal.
+        # As tuples (as dataclasses before Python 3.13), consistent with __hash__.
         return tuple(getattr(self, n) for n in names) == tuple(getattr(other, n) for n in names)
 
     def __hash__(self: object) -> int:
