@@ -2,7 +2,7 @@
 
 host-prestart.sh runs `dask-safe-worker --print-limit --cgroup-write never` before every
 container start, configured through `DASK_SAFE_WORKER_*` variables. Both it and the bare
-call take the click-free fast path (entry.py). The three commands run round-robin in one
+call take the click-free fast path (entry.py). The commands run round-robin in one
 run, so a busy moment on a shared machine costs each of them alike. Neither call writes a
 cgroup file: `--print-limit` only measures.
 
@@ -15,11 +15,19 @@ of the child) is reported: other jobs on a shared machine stretch wall time by w
 CPU time much less. `python -c 'import pathlib'` is a reference: every reader that takes
 its root as a `Path` pays it.
 
-    uv run python benchmarks/prestart_fast_path.py [RUNS]
+`--tree LABEL=SRC` adds host-prestart.sh's call with another source tree first on
+PYTHONPATH (the console script imports the package from there), so that two versions of
+the code are timed side by side in one run, e.g. the code before a change:
+
+    git archive <commit> src | tar -x -C /tmp/before
+    uv run python benchmarks/prestart_fast_path.py 60 --tree before=/tmp/before/src
+
+    uv run python benchmarks/prestart_fast_path.py [RUNS] [--tree LABEL=SRC ...]
 """
 
 from __future__ import annotations
 
+import argparse
 import compileall
 import os
 import resource
@@ -31,7 +39,6 @@ import sysconfig
 import time
 from pathlib import Path
 
-RUNS = int(sys.argv[1]) if len(sys.argv) > 1 else 60
 DSW = shutil.which("dask-safe-worker") or "dask-safe-worker"
 PRESTART_ENV = {"DASK_SAFE_WORKER_RESERVE": "512MiB", "DASK_SAFE_WORKER_NANNY_ALLOWANCE": "96MiB"}
 CLICK = [sys.executable, "-c", "from dask_safe_worker.cli import main; main()"]
@@ -48,9 +55,9 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str]]] = {
 }
 
 
-def compile_bytecode() -> None:
+def compile_bytecode(trees: list[str]) -> None:
     src = Path(__file__).resolve().parent.parent / "src"
-    for directory in (sysconfig.get_paths()["purelib"], str(src)):
+    for directory in (sysconfig.get_paths()["purelib"], str(src), *trees):
         compileall.compile_dir(directory, quiet=1, workers=0)
 
 
@@ -60,10 +67,21 @@ def children_cpu() -> float:
 
 
 def main() -> None:
-    compile_bytecode()
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("runs", nargs="?", type=int, default=60)
+    parser.add_argument("--tree", action="append", default=[], metavar="LABEL=SRC")
+    args = parser.parse_args()
+    trees = dict(t.partition("=")[::2] for t in args.tree)
+    for label, src in trees.items():
+        COMMANDS[f"host-prestart.sh's call ({label})"] = (
+            COMMANDS["host-prestart.sh's call"][0],
+            {**PRESTART_ENV, "PYTHONPATH": src},
+        )
+    compile_bytecode(list(trees.values()))
+    runs = args.runs
     times: dict[str, list[float]] = {label: [] for label in COMMANDS}
     cpu: dict[str, list[float]] = {label: [] for label in COMMANDS}
-    for i in range(RUNS + 1):  # the first round warms the page cache and is discarded
+    for i in range(runs + 1):  # the first round warms the page cache and is discarded
         for label, (argv, extra) in COMMANDS.items():
             cpu_start, start = children_cpu(), time.perf_counter()
             subprocess.run(argv, capture_output=True, check=True, env={**os.environ, **extra})
@@ -75,7 +93,7 @@ def main() -> None:
     base, bare = medians["python -c pass"], medians["--print-limit (bare)"]
     cpu_base = cpu_medians["python -c pass"]
     load = os.getloadavg()[0]
-    print(f"{RUNS} rounds, round-robin; load average {load:.1f} at the end")
+    print(f"{runs} rounds, round-robin; load average {load:.1f} at the end")
     print(
         "| command | median | min | vs bare `--print-limit` | vs `python -c pass` "
         "| CPU median | CPU vs `python -c pass` |"
