@@ -73,7 +73,7 @@ def _build(cls: type[T], frozen: bool, order: bool = False) -> type[T]:
     # inspect.get_annotations would import inspect, the cost this module avoids.
     annotations = cls.__dict__.get("__annotations__", {})  # noqa: RUF063
     for name, annotation in annotations.items():
-        if isinstance(annotation, str) and annotation.startswith("ClassVar"):
+        if isinstance(annotation, str) and annotation.startswith(("ClassVar", "typing.ClassVar")):
             continue
         value = cls.__dict__.get(name, _MISSING)
         spec = value if isinstance(value, _Field) else _Field(value, None)
@@ -101,7 +101,8 @@ def _build(cls: type[T], frozen: bool, order: bool = False) -> type[T]:
             with_default = True
         elif with_default:
             raise TypeError(f"non-default argument {name!r} follows default argument")
-    post_init = getattr(cls, "__post_init__", None)
+    # Looked up on the instance when called, as dataclasses does: a subclass may override it.
+    has_post_init = hasattr(cls, "__post_init__")
     count = len(names)
 
     def init(self: object, *args: object, **kwargs: object) -> None:
@@ -111,8 +112,8 @@ def _build(cls: type[T], frozen: bool, order: bool = False) -> type[T]:
             )
         if len(args) == count and not kwargs:  # parsers build records positionally
             self.__dict__.update(zip(names, args, strict=True))
-            if post_init is not None:
-                post_init(self)
+            if has_post_init:
+                getattr(self, "__post_init__")()  # noqa: B009 - object has no such method
             return
         values = dict(zip(names, args, strict=False))
         for key, value in kwargs.items():
@@ -139,8 +140,8 @@ def _build(cls: type[T], frozen: bool, order: bool = False) -> type[T]:
                     )
         # In field order, as dataclasses assigns them (vars() and as_dict read it).
         self.__dict__.update((n, values[n]) for n in names)
-        if post_init is not None:
-            post_init(self)
+        if has_post_init:
+            getattr(self, "__post_init__")()  # noqa: B009 - object has no such method
 
     init.__qualname__ = f"{cls.__qualname__}.__init__"
 
