@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from dask_safe_worker.follow import (
 from dask_safe_worker.measure import LevelReading, Measurement, descendants_among, remeasure
 from dask_safe_worker.plan import Settings, make_plan
 from dask_safe_worker.proc_parse import HostMemory, ParseError, parse_stat_ppid
+from dask_safe_worker.records import replace
 from dask_safe_worker.sizes import Amount
 from dask_safe_worker.worker_args import WorkerArgs
 
@@ -44,7 +44,7 @@ def spec(**kw: object) -> FollowSpec:
         interval=1.0,
         channel="/run/x/live.json",
     )
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+    return replace(base, **kw)
 
 
 def measurement(levels: tuple[LevelReading, ...], available: int = 20 * GiB) -> Measurement:
@@ -207,7 +207,7 @@ def test_workers_memory_in_our_cgroup_is_ours() -> None:
     m = measurement((LevelReading("/m", 2 * GiB, None, 1536 * MiB, 0),))
     assert m.sole_occupant
     assert replan(spec(), m).budget == 2 * GiB - 64 * MiB
-    stranger = dataclasses.replace(m, own_procs=(10, 11, 12, 99))
+    stranger = replace(m, own_procs=(10, 11, 12, 99))
     assert not stranger.sole_occupant
 
 

@@ -17,6 +17,7 @@ Module map (docs/design.md explains the design):
     siblings       other instances' child cgroups beside ours
     plan           measurement + worker values -> budget and per-worker --memory-limit (pure)
     sizes          byte sizes and fractions as users type them
+    records        frozen value classes without importing dataclasses (start-up cost)
     cgroup_write   the one place that writes cgroup files
     plan_file      the plan as JSON in a private runtime directory
     run_worker     the exec edge

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .proc_parse import CgroupEntry, Mount
+from .records import record
 
 
-@dataclass(frozen=True)
+@record
 class CgroupLocation:
     version: int
     # The path /proc/<pid>/cgroup reports, relative to the hierarchy (or namespace) root.

@@ -7,7 +7,6 @@ It must not import dask or distributed: the worker does that after exec.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -38,6 +37,7 @@ from .events import SCHEMA_VERSION, Audit, make_audit
 from .measure import Measurement, measure
 from .options import FLAG_NAMES, OPTIONS, PLAN_FILE_ENV, VALUE_NAMES, Options, OptionSpec
 from .plan import Plan, PlanError, make_plan, resolve_worker_values
+from .records import replace
 from .siblings import read_siblings, with_siblings
 from .worker_args import WorkerArgs, apply_memory_limit, parse_worker_args, split_argv
 
@@ -219,7 +219,7 @@ def _with_gpu_workers(
             audit,
             "cli.usage.error",
         )
-    return dataclasses.replace(wargs, gpu_workers=found.count)
+    return replace(wargs, gpu_workers=found.count)
 
 
 def _worker_prefix(worker_command: str | None) -> list[str]:
@@ -431,7 +431,7 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
                 audit,
                 "cli.usage.error",
             )
-        opts = dataclasses.replace(opts, worker_command=LEADING_WORKER_COMMANDS[leading])
+        opts = replace(opts, worker_command=LEADING_WORKER_COMMANDS[leading])
         audit(
             "worker.command.leading",
             given=list(leading),

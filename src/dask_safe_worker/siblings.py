@@ -10,18 +10,17 @@ part is taken off, and no budget goes above a level's limit minus the siblings' 
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from .cgroup_files import open_memory_cgroup
 from .cgroup_parse import working_set
 from .measure import Measurement
 from .proc_parse import ParseError
+from .records import record, replace
 
 
-@dataclass(frozen=True)
+@record
 class Sibling:
     name: str
     limit: int
@@ -72,4 +71,4 @@ def with_siblings(m: Measurement, siblings: tuple[Sibling, ...]) -> Measurement:
     if not siblings or m.own_procs is None:
         return m
     pids = tuple(p for s in siblings for p in s.pids)
-    return dataclasses.replace(m, own_procs=(*m.own_procs, *pids))
+    return replace(m, own_procs=(*m.own_procs, *pids))
