@@ -37,10 +37,8 @@ HEAVY = (
     "distributed",
     "dask",
 )
-# What dask_compat imports today: it declares its classes with dataclasses (typing's
-# NamedTuple once it is split by upstream file, issue 12). Declared with `records`
-# instead, it would import none of these (docs/benchmarks.md has the cost).
-ALLOWED_UNDER = {"dask_safe_worker.dask_compat": ("dataclasses", "inspect", "ast", "typing")}
+# Heavy imports a module of ours may keep on the fast path, by module: none today.
+ALLOWED_UNDER: dict[str, tuple[str, ...]] = {}
 
 # entrypoints/host-prestart.sh's call; a tiny minimum, so that the plan is never refused
 # and the fast path really answers (a refusal would go to the full command).

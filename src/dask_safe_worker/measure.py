@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
+
 from .cgroup_files import V2MemoryCgroup, open_memory_cgroup, read_kernel_text
 from .cgroup_locate import CgroupLocation, cgroup2_mount, host_path, locate_memory_cgroup
 from .cgroup_parse import parse_controllers, working_set

@@ -9,8 +9,8 @@ every matrix cell (tests/test_parity.py).
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
+from ..records import record
 from .release import Version
 
 # Removed `--nprocs` (and `--bokeh*`, `--reconnect`); added the `dask worker` subcommand
@@ -77,7 +77,8 @@ _MULTIPLE: frozenset[str] = frozenset({"--preload", "--preload-nanny"})
 _HELP = "--help"
 
 
-class WorkerOptions(NamedTuple):
+@record
+class WorkerOptions:
     """The long options one release's `dask worker` accepts.
 
     Anything else is not an error for `dask worker`: it runs click with

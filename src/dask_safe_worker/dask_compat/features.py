@@ -7,18 +7,22 @@ alias in `distributed/worker.py`) are parity-tested against the installed releas
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
-
+from ..records import record
 from .dask_system import CPU_QUOTA_V2
 from .dask_worker import NPROCS_REMOVED
 from .distributed_system import memory_limit_paths
 from .release import NEWEST_TESTED, Release, Version
 
+TYPE_CHECKING = False  # typing costs ~2 ms to import; mypy knows this name
+if TYPE_CHECKING:
+    from typing import Any
+
 # The `dask-worker` script and the `Worker.memory_limit` alias are gone from here on.
 SCRIPT_AND_ALIAS_REMOVED = Version(2026, 6, 0)
 
 
-class ReleaseFeatures(NamedTuple):
+@record
+class ReleaseFeatures:
     """What the `dask_compat` modules replicate differently per release, for the audit log."""
 
     distributed: Version | None

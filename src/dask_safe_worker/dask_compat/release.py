@@ -12,10 +12,12 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import NamedTuple
+
+from ..records import ordered_record, record
 
 
-class Version(NamedTuple):
+@ordered_record
+class Version:
     """A release as (major, minor, patch); tuple order is release order."""
 
     major: int
@@ -42,7 +44,8 @@ class Version(NamedTuple):
         return f"{self.major}.{self.minor}.{self.patch}"
 
 
-class Release(NamedTuple):
+@record
+class Release:
     """The distributed and dask releases one start predicts, resolved once and passed on.
 
     None where a package is not installed: then each rule applies its newest release's
