@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 from dask_safe_worker import follow_dask
+from dask_safe_worker.dask_compat.release import installed_release
 from dask_safe_worker.events import no_audit
 from dask_safe_worker.follow import FollowSpec
 from dask_safe_worker.live_limit import LiveLimit, prepare_channel, write_live_limit
@@ -62,9 +63,10 @@ def cpu_per_call(fn: object, n: int) -> float:
 
 
 def in_process(ticks: int) -> dict[str, float]:
-    proc, sys_root = Path("/proc"), Path("/sys")
-    location = locate(proc, sys_root)
-    m = measure()
+    proc, root = Path("/proc"), Path("/")
+    location = locate(proc, root)
+    release = installed_release()
+    m = measure(release=release)
     args = WorkerArgs(nworkers="2", nthreads=1)
     settings = Settings(supervised=True)
     plan = make_plan(m, args, settings)
@@ -80,10 +82,13 @@ def in_process(ticks: int) -> dict[str, float]:
             interval=1.0,
             channel=live,
         )
-        watch = Watch(spec, no_audit)
+        watch = Watch(spec, no_audit, release=release)
         tick = cpu_per_call(watch.tick, ticks)
-        re = cpu_per_call(lambda: remeasure(location, proc, sys_root, tree_root=os.getpid()), ticks)
-        full = cpu_per_call(measure, ticks)
+        re = cpu_per_call(
+            lambda: remeasure(location, proc, root, release=release, tree_root=os.getpid()),
+            ticks,
+        )
+        full = cpu_per_call(lambda: measure(release=release), ticks)
         follower = follow_dask.Follower(live, "worker", None)  # type: ignore[arg-type]
         follower.changed()
         poll = cpu_per_call(follower.changed, ticks * 20)

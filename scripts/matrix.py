@@ -37,7 +37,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 NEWEST = "2026.8.0"
-OLDEST = "2022.9.2"  # dask_compat.OLDEST_SUPPORTED: the first release with v2 detection
+OLDEST = "2022.9.2"  # dask_compat.release.OLDEST_SUPPORTED: the first release with v2 detection
 # Each supported Python with the newest release; the newest Python with the oldest
 # release (2022.9.2 installs and runs on 3.13), 2024.12 and a 2025 release.
 DEFAULT_CELLS: tuple[tuple[str, str], ...] = (
@@ -50,13 +50,13 @@ DEFAULT_CELLS: tuple[tuple[str, str], ...] = (
     ("3.13", "2025.12.0"),
 )
 # Releases below the range, expected to fail at start-up with one clear line. Empty until
-# the CLI calls dask_compat.check_supported(); then add ("3.13", "2022.9.1").
+# the CLI calls dask_compat.release.check_supported(); then add ("3.13", "2022.9.1").
 DEFAULT_UNSUPPORTED: tuple[tuple[str, str], ...] = (("3.13", "2022.9.1"),)
 UNIT_MARKERS = "not kernel and not e2e and not container and not vm and not image"
 E2E_TEST = "tests/test_e2e.py::test_worker_limit_equals_plan[1]"
 # Unit tests that assume the locked environment or the newest release, not the cell's.
 # Each is deselected in every cell with its reason printed; remove an entry once its test
-# is gated on dask_compat.release_features() / the installed release.
+# is gated on dask_compat.features.release_features() / the installed release.
 NOT_PORTABLE: dict[str, str] = {}
 REPORTED = ("distributed", "dask", "click", "structlog", "cgroupspy", "psutil", "tornado")
 
@@ -243,7 +243,7 @@ def run_unsupported_cell(
     python_version: str, dist: str, workdir: Path, env0: dict[str, str]
 ) -> Result:
     """A release below the supported range must fail at start-up with one clear line
-    naming the range (dask_compat.check_supported), not a traceback."""
+    naming the range (dask_compat.release.check_supported), not a traceback."""
     res = Result(python_version, f"{dist} (unsupported)")
     name = f"py{python_version}-distributed{dist}-unsupported"
     venv, log, env = cell_paths_and_env(name, workdir, env0)

@@ -22,10 +22,10 @@ V1_ROOT = Path("/sys/fs/cgroup/memory")
 
 def own_memory_cgroup() -> Path | None:
     """The directory of this process's v1 memory cgroup, or None without one."""
-    loc = locate(Path("/proc"), Path("/sys"))
+    loc = locate(Path("/proc"), Path("/"))
     if loc is None or loc.version != 1:
         return None
-    return loc.directory(Path("/sys"))
+    return loc.directory(Path("/"))
 
 
 def kernel_cgroups_usable() -> str | None:

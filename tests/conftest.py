@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 from collections.abc import Iterator
 from typing import Any
 
@@ -14,6 +16,22 @@ from scheduler_util import scheduler
 # The machine is shared with other suites; timing deadlines would only make tests flaky.
 settings.register_profile("dsw", deadline=None)
 settings.load_profile("dsw")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_runtime_dir() -> Iterator[None]:
+    """Every tool the tests start writes its default plan file into a runtime directory
+    of this session, removed at the end. As root the default would be
+    /run/dask-safe-worker, where an exec'd worker's file stays until the next start."""
+    runtime = tempfile.mkdtemp(prefix="dsw-test-run-")
+    before = os.environ.get("XDG_RUNTIME_DIR")
+    os.environ["XDG_RUNTIME_DIR"] = runtime
+    yield
+    if before is None:
+        del os.environ["XDG_RUNTIME_DIR"]
+    else:
+        os.environ["XDG_RUNTIME_DIR"] = before
+    shutil.rmtree(runtime, ignore_errors=True)
 
 
 @pytest.fixture

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import pytest
 
-from dask_safe_worker.dask_compat import Version, installed_distributed_version
+from dask_safe_worker.dask_compat.release import Version, installed_release
 
 
 def require_distributed_at_least(major: int, minor: int, why: str) -> None:
     """Skip unless the installed distributed is at least `major.minor`."""
-    release = installed_distributed_version()
+    release = installed_release().distributed
     if release is None or release < Version(major, minor):
         pytest.skip(f"distributed {release} is older than {major}.{minor}: {why}")

@@ -81,7 +81,7 @@ def wait_for_workers(address: str, n: int, timeout: float = 90) -> dict[str, int
         return limits
 
 
-def audit_events(stderr: str) -> list[dict[str, object]]:
+def audit_events(stderr: str) -> list[dict[str, Any]]:
     """The JSON audit lines in a stderr capture (other lines are the worker's logs)."""
     events = []
     for line in stderr.splitlines():
@@ -89,3 +89,21 @@ def audit_events(stderr: str) -> list[dict[str, object]]:
             with contextlib.suppress(json.JSONDecodeError):
                 events.append(json.loads(line))
     return events
+
+
+def dask_views(client: Any) -> set[tuple[str, int]]:
+    """Every place a running cluster keeps a worker's memory limit: the workers' and the
+    nannies' memory managers and the scheduler's WorkerState, as (where, limit) pairs."""
+    workers = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
+    nannies = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit, nanny=True)
+    info = client.scheduler_info()["workers"]
+    return (
+        {("worker", v) for v in workers.values()}
+        | {("nanny", v) for v in nannies.values()}
+        | {("scheduler", w["memory_limit"]) for w in info.values()}
+    )
+
+
+def agreed_views(value: int) -> set[tuple[str, int]]:
+    """`dask_views` of a cluster in which every place holds `value`."""
+    return {("worker", value), ("nanny", value), ("scheduler", value)}

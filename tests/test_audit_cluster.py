@@ -22,7 +22,11 @@ from hypothesis import strategies as st
 
 from cgroup_util import KernelCgroup
 from dask_safe_worker import options
-from dask_safe_worker.cluster_audit import (
+from dask_safe_worker.cluster_audit import remote as audit_remote
+from dask_safe_worker.cluster_audit.client import scheduler_file_address
+from dask_safe_worker.cluster_audit.facts import facts_from_report
+from dask_safe_worker.cluster_audit.render import render_table, result_rows
+from dask_safe_worker.cluster_audit.verdicts import (
     AT_RISK,
     EXIT_AT_RISK,
     EXIT_SAFE,
@@ -36,13 +40,8 @@ from dask_safe_worker.cluster_audit import (
     Verdict,
     WorkerFacts,
     exit_code,
-    facts_from_report,
     judge,
-    render_table,
-    result_rows,
-    scheduler_file_address,
 )
-from dask_safe_worker.cluster_audit import remote as audit_remote
 from dask_safe_worker.sizes import format_bytes
 from scheduler_util import free_port, scheduler_argv, wait_listening
 
@@ -590,37 +589,18 @@ class Cluster:
         self.procs.append(proc)
         return proc
 
+    def _worker(
+        self, cg: KernelCgroup, command: list[str], name: str, args: tuple[str, ...]
+    ) -> None:
+        worker_args = [self.address, "--name", name, "--host", "127.0.0.1", "--no-dashboard"]
+        self._spawn(cg.enter_command([*command, *worker_args, *args]), name)
+
     def safe_worker(self, cg: KernelCgroup, name: str, *args: str) -> None:
-        argv = [
-            *DSW,
-            "--log-format",
-            "json",
-            "--plan-file",
-            str(self.tmp / f"{name}.plan.json"),
-            self.address,
-            "--name",
-            name,
-            "--host",
-            "127.0.0.1",
-            "--no-dashboard",
-            *args,
-        ]
-        self._spawn(cg.enter_command(argv), name)
+        plan_file = str(self.tmp / f"{name}.plan.json")
+        self._worker(cg, [*DSW, "--log-format", "json", "--plan-file", plan_file], name, args)
 
     def plain_worker(self, cg: KernelCgroup, name: str, *args: str) -> None:
-        argv = [
-            sys.executable,
-            "-m",
-            "distributed.cli.dask_worker",
-            self.address,
-            "--name",
-            name,
-            "--host",
-            "127.0.0.1",
-            "--no-dashboard",
-            *args,
-        ]
-        self._spawn(cg.enter_command(argv), name)
+        self._worker(cg, [sys.executable, "-m", "distributed.cli.dask_worker"], name, args)
 
     def agent(self, cg: KernelCgroup, nbytes: int) -> None:
         proc = self._spawn(

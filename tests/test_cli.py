@@ -135,7 +135,7 @@ def test_environment_variables_configure_and_stay_out_of_the_log() -> None:
     assert proc.returncode == 0, proc.stderr
     events = audit_events(proc.stderr)
     started = next(e for e in events if e["event"] == "cli.started")
-    assert started["options"]["reserve"] == "<from environment>"  # type: ignore[index]
+    assert started["options"]["reserve"] == "<from environment>"
     plan = next(e for e in events if e["event"] == "plan.made")
     assert plan["reserve"] == pytest.approx(plan["budget"], rel=0.01)
 
@@ -170,9 +170,10 @@ def test_worker_argument_errors_point_to_worker_help() -> None:
 
 
 def test_dask_subcommand_entry_point() -> None:
-    from dask_safe_worker.dask_compat import release_features
+    from dask_safe_worker.dask_compat.features import release_features
+    from dask_safe_worker.dask_compat.release import installed_release
 
-    if not release_features().dask_cli_worker:
+    if not release_features(installed_release()).dask_cli_worker:
         pytest.skip("dask < 2022.10 has no `dask` command line to plug into")
     proc = subprocess.run(
         [

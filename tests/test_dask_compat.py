@@ -1,4 +1,5 @@
-"""Unit tests for the per-release rules in dask_compat (no dask or distributed import)."""
+"""Unit tests for the per-release rules of the dask_compat modules (no dask or distributed
+import): one section per module, and the import cost of each."""
 
 from __future__ import annotations
 
@@ -11,8 +12,33 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dask_safe_worker import dask_compat as dc
-from dask_safe_worker.dask_compat import Version
+from dask_safe_worker.dask_compat.dask_system import cpu_count
+from dask_safe_worker.dask_compat.dask_worker import (
+    WORKER_FLAG_OPTIONS,
+    WORKER_VALUE_OPTIONS,
+    WorkerArgsError,
+    nprocesses_nthreads,
+    nworkers_options,
+    resolve_nworkers_nthreads,
+    worker_command,
+    worker_options,
+)
+from dask_safe_worker.dask_compat.distributed_system import (
+    DASK_MEMORY_LIMIT_PATHS,
+    memory_limit,
+    memory_limit_paths,
+)
+from dask_safe_worker.dask_compat.features import release_features
+from dask_safe_worker.dask_compat.release import (
+    NEWEST_TESTED,
+    OLDEST_SUPPORTED,
+    Release,
+    UnsupportedDistributedError,
+    Version,
+    check_supported,
+    installed_release,
+    is_tested,
+)
 from dask_safe_worker.worker_args import parse_worker_args
 
 V = Version.parse
@@ -57,39 +83,39 @@ def test_version_parse_short_and_prerelease() -> None:
 
 @pytest.mark.parametrize("text", ["2022.9.2", "2022.10.0", "2024.12.1", "2026.8.0", "2031.1.0"])
 def test_supported_releases_pass(text: str) -> None:
-    dc.check_supported(V(text))
+    check_supported(V(text))
 
 
 @pytest.mark.parametrize("text", ["2022.9.1", "2022.9.0", "2022.8.1", "2.30.1"])
 def test_old_releases_fail_naming_the_range(text: str) -> None:
-    with pytest.raises(dc.UnsupportedDistributedError) as info:
-        dc.check_supported(V(text))
+    with pytest.raises(UnsupportedDistributedError) as info:
+        check_supported(V(text))
     message = str(info.value)
     assert text in message or str(V(text)) in message
-    assert str(dc.OLDEST_SUPPORTED) in message
-    assert str(dc.NEWEST_TESTED) in message
+    assert str(OLDEST_SUPPORTED) in message
+    assert str(NEWEST_TESTED) in message
 
 
 def test_missing_distributed_fails_naming_the_range() -> None:
-    with pytest.raises(dc.UnsupportedDistributedError, match="not installed") as info:
-        dc.check_supported(None)
-    assert str(dc.OLDEST_SUPPORTED) in str(info.value)
+    with pytest.raises(UnsupportedDistributedError, match="not installed") as info:
+        check_supported(None)
+    assert str(OLDEST_SUPPORTED) in str(info.value)
 
 
 def test_is_tested() -> None:
-    assert dc.is_tested(dc.NEWEST_TESTED)
-    assert dc.is_tested(dc.OLDEST_SUPPORTED)
-    assert not dc.is_tested(Version(2099, 1, 0))
+    assert is_tested(NEWEST_TESTED)
+    assert is_tested(OLDEST_SUPPORTED)
+    assert not is_tested(Version(2099, 1, 0))
 
 
 def test_installed_versions_come_from_metadata_without_importing_dask() -> None:
     code = (
-        "import sys; from dask_safe_worker import dask_compat as dc; "
-        "v = dc.installed_distributed_version(); k = dc.installed_dask_version(); "
-        "dc.release_features(); dc.worker_options(); "
+        "import sys; from dask_safe_worker.dask_compat import dask_worker, features, release; "
+        "r = release.installed_release(); "
+        "features.release_features(r); dask_worker.worker_options(r.distributed); "
         "assert 'distributed' not in sys.modules and 'dask' not in sys.modules, "
         "sorted(m for m in sys.modules if m.startswith(('dask', 'distributed'))); "
-        "print(v, k)"
+        "print(r.distributed, r.dask)"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
@@ -100,52 +126,80 @@ def test_installed_versions_come_from_metadata_without_importing_dask() -> None:
         str(V(metadata.version("distributed"))),
         str(V(metadata.version("dask"))),
     ]
+    assert installed_release() == Release(V(out[0]), V(out[1]))
+
+
+# The siblings each module may load: an importer pays only for the rules it uses
+# (`--print-limit`'s start-up time is a goal), and nothing loads dask or distributed.
+SIBLINGS: dict[str, set[str]] = {
+    "release": set(),
+    "dask_worker": {"release"},
+    "distributed_system": {"release"},
+    "dask_system": {"release"},
+    "features": {"release", "dask_worker", "distributed_system", "dask_system"},
+}
+
+
+@pytest.mark.parametrize("module", sorted(SIBLINGS))
+def test_each_module_loads_only_what_it_needs(module: str) -> None:
+    code = (
+        f"import sys, dask_safe_worker.dask_compat.{module}; print(' '.join(sorted(sys.modules)))"
+    )
+    loaded = set(
+        subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        ).stdout.split()
+    )
+    package = "dask_safe_worker.dask_compat."
+    ours = {name[len(package) :] for name in loaded if name.startswith(package)}
+    assert ours == SIBLINGS[module] | {module}
+    assert not loaded & {"dask", "distributed", "dataclasses", "inspect", "importlib.metadata"}
 
 
 # --- options -------------------------------------------------------------------------------
 
 
 def test_option_tables_per_release() -> None:
-    old, new = dc.worker_options(V("2022.9.2")), dc.worker_options(V("2022.10.0"))
+    old, new = worker_options(V("2022.9.2")), worker_options(V("2022.10.0"))
     assert {"--nprocs", "--bokeh-port"} <= old.values
     assert {"--bokeh", "--no-bokeh", "--reconnect", "--no-reconnect"} <= old.flags
     assert "--scheduler-sni" not in old.all
     assert "--nprocs" not in new.all and "--bokeh-port" not in new.all
     assert "--scheduler-sni" in new.values
-    assert dc.worker_options(V("2026.8.0")) == new
+    assert worker_options(V("2026.8.0")) == new
     for table in (old, new):
         assert not table.values & table.flags
         assert "--help" in table.flags
         assert table.multiple <= table.values
         assert table.takes_value("--memory-limit") and not table.takes_value("--no-nanny")
-        assert table.all <= (dc.WORKER_VALUE_OPTIONS | dc.WORKER_FLAG_OPTIONS)
-        assert table.values <= dc.WORKER_VALUE_OPTIONS
-        assert table.flags <= dc.WORKER_FLAG_OPTIONS
-    assert old.all | new.all == (dc.WORKER_VALUE_OPTIONS | dc.WORKER_FLAG_OPTIONS)
+        assert table.all <= (WORKER_VALUE_OPTIONS | WORKER_FLAG_OPTIONS)
+        assert table.values <= WORKER_VALUE_OPTIONS
+        assert table.flags <= WORKER_FLAG_OPTIONS
+    assert old.all | new.all == (WORKER_VALUE_OPTIONS | WORKER_FLAG_OPTIONS)
 
 
 def test_nworkers_options() -> None:
-    assert dc.nworkers_options(V("2022.9.2")) == ("--nworkers", "--nprocs")
-    assert dc.nworkers_options(V("2022.10.0")) == ("--nworkers",)
+    assert nworkers_options(V("2022.9.2")) == ("--nworkers", "--nprocs")
+    assert nworkers_options(V("2022.10.0")) == ("--nworkers",)
 
 
 def test_release_features() -> None:
-    old = dc.release_features(V("2022.9.2"), V("2022.9.2"))
+    old = release_features(Release(V("2022.9.2"), V("2022.9.2")))
     assert old.nprocs_alias and not old.dask_cli_worker and not old.cpu_quota_reads_v2
     assert old.dask_worker_script and old.worker_memory_limit_alias
     assert "fs/cgroup/memory.low" not in old.memory_limit_paths
-    new = dc.release_features(V("2026.8.0"), V("2026.8.0"))
+    new = release_features(Release(V("2026.8.0"), V("2026.8.0")))
     assert not new.nprocs_alias and new.dask_cli_worker and new.cpu_quota_reads_v2
     assert not new.dask_worker_script and not new.worker_memory_limit_alias
-    assert new.memory_limit_paths == dc.DASK_MEMORY_LIMIT_PATHS
-    last_alias = dc.release_features(V("2026.3.0"), V("2026.3.0"))
+    assert new.memory_limit_paths == DASK_MEMORY_LIMIT_PATHS
+    last_alias = release_features(Release(V("2026.3.0"), V("2026.3.0")))
     assert last_alias.worker_memory_limit_alias and last_alias.dask_worker_script
     d = new.as_dict()
     assert d["distributed"] == "2026.8.0" and isinstance(d["memory_limit_paths"], list)
 
 
 def test_worker_command_needs_nothing_on_path() -> None:
-    assert dc.worker_command("/x/python") == ["/x/python", "-m", "distributed.cli.dask_worker"]
+    assert worker_command("/x/python") == ["/x/python", "-m", "distributed.cli.dask_worker"]
 
 
 # --- nworkers / nthreads --------------------------------------------------------------------
@@ -153,10 +207,10 @@ def test_worker_command_needs_nothing_on_path() -> None:
 
 def test_nprocesses_nthreads_known_values() -> None:
     # The examples in distributed's own docstring.
-    assert dc.nprocesses_nthreads(4) == (4, 1)
-    assert dc.nprocesses_nthreads(32) == (8, 4)
-    assert dc.nprocesses_nthreads(7) == (7, 1)
-    assert dc.nprocesses_nthreads(12) == (4, 3)
+    assert nprocesses_nthreads(4) == (4, 1)
+    assert nprocesses_nthreads(32) == (8, 4)
+    assert nprocesses_nthreads(7) == (7, 1)
+    assert nprocesses_nthreads(12) == (4, 3)
 
 
 cpus = st.integers(min_value=1, max_value=512)
@@ -173,8 +227,8 @@ def test_resolve_nworkers_nthreads_invariants(
     nworkers: str | None, nthreads: int | None, cpu: int
 ) -> None:
     try:
-        n, t = dc.resolve_nworkers_nthreads(nworkers, nthreads, cpu)
-    except dc.WorkerArgsError:
+        n, t = resolve_nworkers_nthreads(nworkers, nthreads, cpu)
+    except WorkerArgsError:
         if nworkers in (None, "auto"):
             raise
         try:
@@ -185,7 +239,7 @@ def test_resolve_nworkers_nthreads_invariants(
         return
     assert n >= 1 and t >= 1
     if nworkers == "auto":
-        assert (n, t) == dc.nprocesses_nthreads(cpu)
+        assert (n, t) == nprocesses_nthreads(cpu)
         assert n * t <= cpu
     elif nthreads:
         assert t == nthreads
@@ -210,19 +264,19 @@ def test_resolve_nworkers_nthreads_invariants(
 def test_resolve_nworkers_nthreads_examples(
     nworkers: str | None, nthreads: int | None, cpu: int, expected: tuple[int, int]
 ) -> None:
-    assert dc.resolve_nworkers_nthreads(nworkers, nthreads, cpu) == expected
+    assert resolve_nworkers_nthreads(nworkers, nthreads, cpu) == expected
 
 
 @pytest.mark.parametrize("bad", ["0", "-9", "two", "1.5", ""])
 def test_resolve_nworkers_rejects(bad: str) -> None:
-    with pytest.raises(dc.WorkerArgsError):
-        dc.resolve_nworkers_nthreads(bad, None, 8)
+    with pytest.raises(WorkerArgsError):
+        resolve_nworkers_nthreads(bad, None, 8)
 
 
 def test_nprocs_alias() -> None:
-    old = dc.nworkers_options(dc.Version(2022, 9, 2))
+    old = nworkers_options(Version(2022, 9, 2))
     assert parse_worker_args(["--nprocs", "4"], old).nworkers == "4"
-    with pytest.raises(dc.WorkerArgsError, match="both --nprocs and --nworkers"):
+    with pytest.raises(WorkerArgsError, match="both --nprocs and --nworkers"):
         parse_worker_args(["--nprocs", "4", "--nworkers", "2"], old)
 
 
@@ -252,8 +306,8 @@ def test_cpu_count_v1_quota(tmp_path: Path, dirname: str) -> None:
     put(sys_, f"fs/cgroup/{dirname}/cpu.cfs_quota_us", "150000\n")
     put(sys_, f"fs/cgroup/{dirname}/cpu.cfs_period_us", "100000\n")
     for version in (OLD, NEW):
-        assert dc.cpu_count(proc, sys_, affinity=8, dask_version=version) == 2
-        assert dc.cpu_count(proc, sys_, affinity=1, dask_version=version) == 1
+        assert cpu_count(proc, sys_, affinity=8, dask=version) == 2
+        assert cpu_count(proc, sys_, affinity=1, dask=version) == 1
 
 
 def test_cpu_count_v1_unlimited(tmp_path: Path) -> None:
@@ -261,23 +315,23 @@ def test_cpu_count_v1_unlimited(tmp_path: Path) -> None:
     put(sys_, "fs/cgroup/cpu,cpuacct/cpu.cfs_quota_us", "-1\n")
     put(sys_, "fs/cgroup/cpu,cpuacct/cpu.cfs_period_us", "100000\n")
     put(sys_, "fs/cgroup/cpu.max", "100000 100000\n")  # never reached: v1 answered
-    assert dc.cpu_count(proc, sys_, affinity=8, dask_version=NEW) == 8
+    assert cpu_count(proc, sys_, affinity=8, dask=NEW) == 8
 
 
 def test_cpu_count_v2_from_the_last_line_only_since_2022_10(tmp_path: Path) -> None:
     proc, sys_ = make_roots(tmp_path, "1:cpu:/a\n0::/kubepods/pod1/c1\n")
     put(sys_, "fs/cgroup/kubepods/pod1/c1/cpu.max", "250000 100000\n")
-    assert dc.cpu_count(proc, sys_, affinity=8, dask_version=NEW) == 3
-    assert dc.cpu_count(proc, sys_, affinity=8, dask_version=V("2022.10.0")) == 3
+    assert cpu_count(proc, sys_, affinity=8, dask=NEW) == 3
+    assert cpu_count(proc, sys_, affinity=8, dask=V("2022.10.0")) == 3
     # dask 2022.9.x had no v2 branch.
-    assert dc.cpu_count(proc, sys_, affinity=8, dask_version=OLD) == 8
+    assert cpu_count(proc, sys_, affinity=8, dask=OLD) == 8
 
 
 @pytest.mark.parametrize("content", ["max 100000\n", "garbage", "", "0 100000", "1 2 3"])
 def test_cpu_count_v2_no_quota(tmp_path: Path, content: str) -> None:
     proc, sys_ = make_roots(tmp_path)
     put(sys_, "fs/cgroup/cpu.max", content)
-    assert dc.cpu_count(proc, sys_, affinity=4, dask_version=NEW) == 4
+    assert cpu_count(proc, sys_, affinity=4, dask=NEW) == 4
 
 
 @given(
@@ -291,7 +345,7 @@ def test_cpu_count_v2_property(affinity: int, quota: int, period: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         proc, sys_ = make_roots(Path(tmp))
         put(sys_, "fs/cgroup/cpu.max", f"{quota} {period}\n")
-        got = dc.cpu_count(proc, sys_, affinity=affinity, dask_version=NEW)
+        got = cpu_count(proc, sys_, affinity=affinity, dask=NEW)
     cap = math.ceil(quota / period)
     assert got == (min(affinity, cap) if cap > 0 else affinity)
 
@@ -302,12 +356,12 @@ GiB = 2**30
 
 
 def test_memory_limit_paths_per_release() -> None:
-    assert dc.memory_limit_paths(V("2022.9.1")) == ("fs/cgroup/memory/memory.limit_in_bytes",)
-    four = dc.memory_limit_paths(V("2022.9.2"))
+    assert memory_limit_paths(V("2022.9.1")) == ("fs/cgroup/memory/memory.limit_in_bytes",)
+    four = memory_limit_paths(V("2022.9.2"))
     assert len(four) == 4 and "fs/cgroup/memory.max" in four
-    assert dc.memory_limit_paths(V("2023.9.3")) == four
-    assert dc.memory_limit_paths(V("2023.10.0")) == (*four, "fs/cgroup/memory.low")
-    assert dc.memory_limit_paths(V("2026.8.0")) == dc.DASK_MEMORY_LIMIT_PATHS
+    assert memory_limit_paths(V("2023.9.3")) == four
+    assert memory_limit_paths(V("2023.10.0")) == (*four, "fs/cgroup/memory.low")
+    assert memory_limit_paths(V("2026.8.0")) == DASK_MEMORY_LIMIT_PATHS
 
 
 def test_memory_low_counts_from_2023_10(tmp_path: Path) -> None:
@@ -315,15 +369,15 @@ def test_memory_low_counts_from_2023_10(tmp_path: Path) -> None:
     put(sys_, "fs/cgroup/memory.max", "max\n")
     put(sys_, "fs/cgroup/memory.low", f"{GiB}\n")
     total = 16 * GiB
-    assert dc.dask_system_memory_limit(total, sys_, -1, V("2023.9.3")) == total
-    assert dc.dask_system_memory_limit(total, sys_, -1, V("2023.10.0")) == GiB
+    assert memory_limit(total, sys_, -1, distributed=V("2023.9.3")) == total
+    assert memory_limit(total, sys_, -1, distributed=V("2023.10.0")) == GiB
 
 
 def test_v2_is_invisible_before_2022_9_2(tmp_path: Path) -> None:
     _, sys_ = make_roots(tmp_path)
     put(sys_, "fs/cgroup/memory.max", f"{GiB}\n")
-    assert dc.dask_system_memory_limit(8 * GiB, sys_, -1, V("2022.9.1")) == 8 * GiB
-    assert dc.dask_system_memory_limit(8 * GiB, sys_, -1, V("2022.9.2")) == GiB
+    assert memory_limit(8 * GiB, sys_, -1, distributed=V("2022.9.1")) == 8 * GiB
+    assert memory_limit(8 * GiB, sys_, -1, distributed=V("2022.9.2")) == GiB
 
 
 file_content = st.one_of(
@@ -347,8 +401,8 @@ def test_dask_memory_limit_property(
     with tempfile.TemporaryDirectory() as tmp:
         _, sys_ = make_roots(Path(tmp))
         expected = total
-        read = dc.memory_limit_paths(V(version))
-        for rel, content in zip(dc.DASK_MEMORY_LIMIT_PATHS, contents, strict=True):
+        read = memory_limit_paths(V(version))
+        for rel, content in zip(DASK_MEMORY_LIMIT_PATHS, contents, strict=True):
             if content is None:
                 continue
             put(sys_, rel, content)
@@ -361,6 +415,6 @@ def test_dask_memory_limit_property(
                     expected = min(expected, value)
         if 0 < rlimit < expected:
             expected = rlimit
-        got = dc.dask_system_memory_limit(total, sys_, rlimit, V(version))
+        got = memory_limit(total, sys_, rlimit, distributed=V(version))
     assert got == expected
     assert 0 < got <= total

@@ -13,7 +13,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dask_safe_worker.dask_compat import WORKER_VALUE_OPTIONS
+from dask_safe_worker.dask_compat.dask_worker import WORKER_VALUE_OPTIONS
 from dask_safe_worker.event_line import (
     Stamp,
     console_line,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
@@ -10,8 +9,10 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
+from dask_safe_worker.dask_compat.release import installed_release
 from dask_safe_worker.follow import (
     HYSTERESIS_FLOOR,
+    Decision,
     FollowSpec,
     ManagedLimit,
     decide,
@@ -24,6 +25,7 @@ from dask_safe_worker.follow import (
 from dask_safe_worker.measure import LevelReading, Measurement, descendants_among, remeasure
 from dask_safe_worker.plan import Settings, make_plan
 from dask_safe_worker.proc_parse import HostMemory, ParseError, parse_stat_ppid
+from dask_safe_worker.records import replace
 from dask_safe_worker.sizes import Amount
 from dask_safe_worker.worker_args import WorkerArgs
 
@@ -42,7 +44,7 @@ def spec(**kw: object) -> FollowSpec:
         interval=1.0,
         channel="/run/x/live.json",
     )
-    return dataclasses.replace(base, **kw)  # type: ignore[arg-type]
+    return replace(base, **kw)
 
 
 def measurement(levels: tuple[LevelReading, ...], available: int = 20 * GiB) -> Measurement:
@@ -113,8 +115,24 @@ def test_after_a_squeeze_the_start_plan_comes_back_exactly(
 ) -> None:
     low = decide(first, int(first * squeeze), ceiling=first)
     assume(low.action == "lower")
+    # A recovery that stays within the band of the lowered limit is noise by the band
+    # rule (a squeeze just past the band, then a proposal a byte higher, must not flap);
+    # every recovery that counts lands exactly on the start's plan.
+    assume(first - shortfall > low.target + hysteresis(low.target))
     back = decide(low.target, first - shortfall, ceiling=first)
     assert back.action == "raise" and back.target == first
+
+
+def test_a_squeeze_just_past_the_band_does_not_flap_back() -> None:
+    # Found by hypothesis: the limit went down by one byte more than the band; a
+    # proposal one byte below the start's plan is then within the band of the new limit.
+    first = 320 * MiB + 1
+    low = decide(first, first - HYSTERESIS_FLOOR - 1, ceiling=first)
+    assert low.action == "lower"
+    assert decide(low.target, first - 1, ceiling=first).action == "keep"
+    assert decide(low.target, first, ceiling=first) == Decision(
+        "raise", low.target, first, first, hysteresis(low.target)
+    )
 
 
 # --- the kernel rules ---------------------------------------------------------------
@@ -189,7 +207,7 @@ def test_workers_memory_in_our_cgroup_is_ours() -> None:
     m = measurement((LevelReading("/m", 2 * GiB, None, 1536 * MiB, 0),))
     assert m.sole_occupant
     assert replan(spec(), m).budget == 2 * GiB - 64 * MiB
-    stranger = dataclasses.replace(m, own_procs=(10, 11, 12, 99))
+    stranger = replace(m, own_procs=(10, 11, 12, 99))
     assert not stranger.sole_occupant
 
 
@@ -307,10 +325,11 @@ def test_remeasure_does_not_read_mountinfo(tmp_path: Path) -> None:
 
     root = tmp_path / "t"
     shutil.copytree(roots[0], root, symlinks=True)
-    proc, sys_ = root / "proc", root / "sys"
-    loc = locate(proc, sys_)
-    first = measure(proc, sys_, own_pid=1)
+    proc = root / "proc"
+    loc = locate(proc, root)
+    release = installed_release()
+    first = measure(proc, root, release=release, own_pid=1)
     (proc / "self" / "mountinfo").unlink()
-    again = remeasure(loc, proc, sys_, own_pid=1)
+    again = remeasure(loc, proc, root, release=release, own_pid=1)
     assert again.levels == first.levels and again.location == loc
     assert again.available == first.available

@@ -23,11 +23,12 @@ APPLY = textwrap.dedent(
     """
     import json, sys
     from dask_safe_worker.cgroup_write import WriteOptions, apply_limit
+    from dask_safe_worker.dask_compat.release import installed_release
     from dask_safe_worker.measure import measure
     budget, margin, hold = (int(a) for a in sys.argv[1:4])
     ballast = bytearray(hold)  # touched: counted by the kernel as ours
     events = []
-    m = measure()
+    m = measure(release=installed_release())
     out = apply_limit(m, budget, opts=WriteOptions(margin=margin),
                       audit=lambda e, **f: events.append([e, f]))
     print(json.dumps({"outcome": out.as_dict(), "events": events,

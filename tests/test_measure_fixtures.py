@@ -7,15 +7,18 @@ from pathlib import Path
 
 import pytest
 
+from dask_safe_worker.dask_compat.release import installed_release
 from dask_safe_worker.measure import Measurement, measure
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MiB, GiB = 2**20, 2**30
+# The installed release's CPU_COUNT and MEMORY_LIMIT rules, as a start applies them.
+RELEASE = installed_release()
 
 
 def at(scenario: str, own_pid: int = 4242) -> Measurement:
     root = FIXTURES / scenario
-    return measure(root / "proc", root / "sys", affinity=4, rlimit_rss=-1, own_pid=own_pid)
+    return measure(root / "proc", root, release=RELEASE, affinity=4, rlimit_rss=-1, own_pid=own_pid)
 
 
 def test_hybrid_nested_takes_the_ancestor_scope_limit() -> None:
@@ -166,7 +169,7 @@ def test_a_cgroup_path_with_a_non_utf8_byte_is_measured(tmp_path: Path) -> None:
     odd = os.fsdecode(b"worker\xff\xc3.scope")
     (slice_dir / "worker.scope").rename(slice_dir / odd)
     (root / "proc/self/cgroup").write_bytes(b"0::/system.slice/dask.slice/worker\xff\xc3.scope\n")
-    m = measure(root / "proc", root / "sys", affinity=4, rlimit_rss=-1, own_pid=4242)
+    m = measure(root / "proc", root, release=RELEASE, affinity=4, rlimit_rss=-1, own_pid=4242)
     assert m.location is not None
     leaf = m.levels[0]
     assert os.fsencode(leaf.path) == b"/system.slice/dask.slice/worker\xff\xc3.scope"
@@ -252,7 +255,9 @@ def test_any_bytes_in_any_kernel_file_never_escape_measure(scenario: str) -> Non
             for rel, data in changes.items():
                 (root / rel).write_bytes(data)
             try:
-                m = measure(root / "proc", root / "sys", affinity=4, rlimit_rss=-1, own_pid=4242)
+                m = measure(
+                    root / "proc", root, release=RELEASE, affinity=4, rlimit_rss=-1, own_pid=4242
+                )
             except (OSError, ParseError):
                 assert "proc/meminfo" in changes
                 return

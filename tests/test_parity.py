@@ -23,16 +23,32 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dask_safe_worker import dask_compat as dc
+from dask_safe_worker.dask_compat.dask_system import cpu_count
+from dask_safe_worker.dask_compat.dask_worker import (
+    WORKER_FLAG_OPTIONS,
+    WORKER_VALUE_OPTIONS,
+    WorkerArgsError,
+    nprocesses_nthreads,
+    nworkers_options,
+    resolve_nworkers_nthreads,
+    worker_command,
+    worker_options,
+)
+from dask_safe_worker.dask_compat.distributed_system import memory_limit
+from dask_safe_worker.dask_compat.features import release_features
+from dask_safe_worker.dask_compat.release import check_supported, installed_release
 from dask_safe_worker.plan import resolve_user_memory_limit
 from dask_safe_worker.worker_args import parse_worker_args
 
-INSTALLED = dc.installed_distributed_version()
+# Resolved once, as a start does.
+RELEASE = installed_release()
+INSTALLED = RELEASE.distributed
+NWORKERS = nworkers_options(INSTALLED)
 GiB, MiB = 2**30, 2**20
 
 
 def test_installed_release_is_supported() -> None:
-    dc.check_supported(INSTALLED)
+    check_supported(INSTALLED)
 
 
 # --- the option table --------------------------------------------------------------------
@@ -57,13 +73,13 @@ def click_option_table() -> tuple[set[str], set[str], set[str]]:
 
 def test_option_table_matches_click() -> None:
     values, flags, multiple = click_option_table()
-    table = dc.worker_options(INSTALLED)
+    table = worker_options(INSTALLED)
     assert set(table.values) == values
     assert set(table.flags) == flags | {"--help"}
     assert set(table.multiple) == multiple
     # With the release unknown, the union must still cover this release.
-    assert values <= dc.WORKER_VALUE_OPTIONS
-    assert flags <= dc.WORKER_FLAG_OPTIONS
+    assert values <= WORKER_VALUE_OPTIONS
+    assert flags <= WORKER_FLAG_OPTIONS
 
 
 def test_worker_argv_table_read_from_source_matches_click() -> None:
@@ -82,7 +98,7 @@ def test_worker_argv_table_read_from_source_matches_click() -> None:
 
 def test_nworkers_options_match_click() -> None:
     values, _, _ = click_option_table()
-    assert set(dc.nworkers_options(INSTALLED)) == values & {"--nworkers", "--nprocs"}
+    assert set(nworkers_options(INSTALLED)) == values & {"--nworkers", "--nprocs"}
 
 
 def test_unknown_options_are_rejected_by_dask_worker() -> None:
@@ -91,14 +107,14 @@ def test_unknown_options_are_rejected_by_dask_worker() -> None:
     import click
     from distributed.cli.dask_worker import main
 
-    for name in sorted(dc.WORKER_VALUE_OPTIONS - dc.worker_options(INSTALLED).values):
+    for name in sorted(WORKER_VALUE_OPTIONS - worker_options(INSTALLED).values):
         with pytest.raises(click.UsageError):
             main.make_context("dask-worker", ["tcp://127.0.0.1:1", name, "2"])
 
 
 def test_worker_command_runs_this_release() -> None:
     out = subprocess.run(
-        [*dc.worker_command(sys.executable), "--version"],
+        [*worker_command(sys.executable), "--version"],
         capture_output=True,
         text=True,
         check=True,
@@ -110,7 +126,7 @@ def test_release_features_match_the_installed_release() -> None:
     import distributed
     from distributed import Worker
 
-    features = dc.release_features()
+    features = release_features(RELEASE)
     assert features.worker_memory_limit_alias == ("memory_limit" in vars(Worker))
     scripts = {
         e.name
@@ -127,10 +143,10 @@ def test_release_features_match_the_installed_release() -> None:
 
 
 def test_nprocesses_nthreads_matches_distributed() -> None:
-    from distributed.deploy.utils import nprocesses_nthreads
+    from distributed.deploy.utils import nprocesses_nthreads as theirs
 
     for n in range(1, 257):
-        assert dc.nprocesses_nthreads(n) == nprocesses_nthreads(n), n
+        assert nprocesses_nthreads(n) == theirs(n), n
 
 
 def click_params(args: list[str]) -> dict[str, Any] | None:
@@ -156,7 +172,7 @@ def option(name: str, values: st.SearchStrategy[str]) -> st.SearchStrategy[list[
 
 
 def argv_strategy() -> st.SearchStrategy[list[str]]:
-    names = dc.nworkers_options(INSTALLED)
+    names = nworkers_options(INSTALLED)
     pieces = st.one_of(
         st.sampled_from(names).flatmap(lambda n: option(n, values_nworkers)),
         option("--nthreads", values_nthreads),
@@ -183,10 +199,10 @@ def test_worker_args_and_resolution_match_click(args: list[str]) -> None:
     nprocs = params.get("nprocs")
     if nprocs is not None and params["n_workers"] is not None:
         # dask itself exits: "Both --nprocs and --nworkers were specified"; so do we.
-        with pytest.raises(dc.WorkerArgsError, match="both"):
-            parse_worker_args(args)
+        with pytest.raises(WorkerArgsError, match="both"):
+            parse_worker_args(args, NWORKERS)
         return
-    ours = parse_worker_args(args)
+    ours = parse_worker_args(args, NWORKERS)
     theirs_nworkers = nprocs if nprocs is not None else params["n_workers"]
     assert ours.nworkers == theirs_nworkers
     assert (ours.nthreads or 0) == params["nthreads"]
@@ -209,26 +225,26 @@ def test_worker_args_and_resolution_match_click(args: list[str]) -> None:
     if n_workers < 0:
         n_workers = CPU_COUNT + 1 + n_workers
     if n_workers <= 0:
-        with pytest.raises(dc.WorkerArgsError):
-            dc.resolve_nworkers_nthreads(ours.nworkers, ours.nthreads, CPU_COUNT)
+        with pytest.raises(WorkerArgsError):
+            resolve_nworkers_nthreads(ours.nworkers, ours.nthreads, CPU_COUNT)
         return
     if not nthreads:
         nthreads = CPU_COUNT // n_workers
     nthreads = nthreads or CPU_COUNT  # Nanny and Worker: `nthreads or CPU_COUNT`
-    assert dc.resolve_nworkers_nthreads(ours.nworkers, ours.nthreads, CPU_COUNT) == (
+    assert resolve_nworkers_nthreads(ours.nworkers, ours.nthreads, CPU_COUNT) == (
         n_workers,
         nthreads,
     )
 
 
 def test_scanner_ignores_nprocs_where_dask_worker_rejects_it() -> None:
-    if "--nprocs" in dc.worker_options(INSTALLED).values:
+    if "--nprocs" in worker_options(INSTALLED).values:
         pytest.skip("--nprocs is an alias of --nworkers in this release")
     args = ["tcp://127.0.0.1:1", "--nprocs", "2"]
     assert click_params(args) is None
     try:
-        parsed = parse_worker_args(args)
-    except dc.WorkerArgsError:
+        parsed = parse_worker_args(args, NWORKERS)
+    except WorkerArgsError:
         return  # refusing up front, as dask worker would, is right too
     assert parsed.nworkers is None
 
@@ -257,13 +273,13 @@ def test_real_dask_worker_processes_and_threads(args: list[str]) -> None:
     from scheduler_util import scheduler
 
     args = [a.format(cpus_plus_one=CPU_COUNT + 1) for a in args]
-    parsed = parse_worker_args(args)
+    parsed = parse_worker_args(args, NWORKERS)
     nworkers, nthreads = parsed.nworkers, parsed.nthreads
-    expected_n, expected_t = dc.resolve_nworkers_nthreads(nworkers, nthreads, CPU_COUNT)
+    expected_n, expected_t = resolve_nworkers_nthreads(nworkers, nthreads, CPU_COUNT)
     with scheduler() as address:
         proc = subprocess.Popen(
             [
-                *dc.worker_command(sys.executable),
+                *worker_command(sys.executable),
                 address,
                 "--host",
                 "127.0.0.1",
@@ -298,15 +314,15 @@ def test_real_dask_worker_processes_and_threads(args: list[str]) -> None:
 def test_cpu_count_matches_dask_here() -> None:
     import dask.system
 
-    assert dc.cpu_count() == dask.system.cpu_count()
+    assert cpu_count(dask=RELEASE.dask) == dask.system.cpu_count()
 
 
 def test_memory_limit_matches_distributed_here() -> None:
+    import distributed.system
     import psutil  # type: ignore[import-untyped,unused-ignore]
-    from distributed.system import MEMORY_LIMIT, memory_limit
 
-    ours = dc.dask_system_memory_limit(psutil.virtual_memory().total)
-    assert ours == memory_limit() == MEMORY_LIMIT
+    ours = memory_limit(psutil.virtual_memory().total, distributed=INSTALLED)
+    assert ours == distributed.system.memory_limit() == distributed.system.MEMORY_LIMIT
 
 
 def namespace_unusable() -> str | None:
@@ -428,8 +444,9 @@ def test_cpu_count_and_memory_limit_match_in_a_namespace(
     real = real_over_scenarios["real"][scenario]
     sys_root = real_over_scenarios["roots"][scenario].parent.parent
     affinity = len(os.sched_getaffinity(0))
-    assert dc.cpu_count(Path("/proc"), sys_root, affinity) == real["cpu"]
-    assert dc.dask_system_memory_limit(real["total"], sys_root) == real["memory"]
+    assert cpu_count(Path("/proc"), sys_root, affinity, dask=RELEASE.dask) == real["cpu"]
+    got = memory_limit(real["total"], sys_root, distributed=INSTALLED)
+    assert got == real["memory"]
 
 
 # --- a user's --memory-limit -------------------------------------------------------------------

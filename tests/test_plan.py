@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dask_safe_worker.dask_compat import WorkerArgsError
+from dask_safe_worker.dask_compat.dask_worker import WorkerArgsError
 from dask_safe_worker.measure import LevelReading, Measurement
 from dask_safe_worker.plan import (
     DEFAULT_NANNY_ALLOWANCE,

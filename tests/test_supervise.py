@@ -125,6 +125,21 @@ def py(code: str, *args: str) -> list[str]:
     return [PY, "-c", textwrap.dedent(code), *args]
 
 
+SupervisePy = Callable[..., tuple[Path, Supervisor]]
+
+
+@pytest.fixture
+def supervise_py(run_supervisor: Callable[..., Supervisor], tmp_path: Path) -> SupervisePy:
+    """Supervise a Python child whose one argument is the base of the files it writes
+    (`<base>.ready`, ...); returns that base and the supervisor."""
+
+    def start(code: str, **kwargs: Any) -> tuple[Path, Supervisor]:
+        base = tmp_path / "child"
+        return base, run_supervisor(py(code, str(base)), **kwargs)
+
+    return start
+
+
 STAMPS = ("schema", "host", "start_id", "level", "timestamp")
 
 
@@ -203,11 +218,8 @@ TRAP_CHILD = """
         signal.SIGWINCH,
     ],
 )
-def test_signals_are_forwarded_to_the_child(
-    run_supervisor: Callable[..., Supervisor], tmp_path: Path, sig: signal.Signals
-) -> None:
-    out = tmp_path / "got"
-    sup = run_supervisor(py(TRAP_CHILD, str(out)))
+def test_signals_are_forwarded_to_the_child(supervise_py: SupervisePy, sig: signal.Signals) -> None:
+    out, sup = supervise_py(TRAP_CHILD)
     wait_for(lambda: Path(f"{out}.ready").exists(), "child ready")
     os.kill(sup.pid, sig)
     wait_for(lambda: out.exists() and out.read_text() == f"{sig.name}\n", f"{sig.name} in child")
@@ -238,11 +250,8 @@ DISTRIBUTED_LIKE_CHILD = """
 """
 
 
-def test_second_sigterm_is_forwarded_and_ends_the_child(
-    run_supervisor: Callable[..., Supervisor], tmp_path: Path
-) -> None:
-    out = tmp_path / "got"
-    sup = run_supervisor(py(DISTRIBUTED_LIKE_CHILD, str(out)))
+def test_second_sigterm_is_forwarded_and_ends_the_child(supervise_py: SupervisePy) -> None:
+    out, sup = supervise_py(DISTRIBUTED_LIKE_CHILD)
     wait_for(lambda: Path(f"{out}.ready").exists(), "child ready")
     os.kill(sup.pid, signal.SIGTERM)
     wait_for(lambda: out.exists() and out.read_text() == "closing\n", "first TERM handled")
@@ -272,11 +281,8 @@ GROUP_CHILD = """
 
 
 @pytest.mark.parametrize("group", [True, False])
-def test_process_group_forwarding(
-    run_supervisor: Callable[..., Supervisor], tmp_path: Path, group: bool
-) -> None:
-    base = tmp_path / "got"
-    sup = run_supervisor(py(GROUP_CHILD, str(base)), group=group)
+def test_process_group_forwarding(supervise_py: SupervisePy, group: bool) -> None:
+    base, sup = supervise_py(GROUP_CHILD, group=group)
     for role in ("child", "grandchild"):
         # Written with a plain open: the file exists a moment before its pid is in it.
         wait_for(
@@ -334,11 +340,8 @@ DOUBLE_FORK_CHILD = """
 """
 
 
-def test_orphans_are_reaped_while_the_worker_runs(
-    run_supervisor: Callable[..., Supervisor], tmp_path: Path
-) -> None:
-    base = tmp_path / "x"
-    sup = run_supervisor(py(DOUBLE_FORK_CHILD, str(base)))
+def test_orphans_are_reaped_while_the_worker_runs(supervise_py: SupervisePy) -> None:
+    base, sup = supervise_py(DOUBLE_FORK_CHILD)
     wait_for(
         lambda: Path(f"{base}.orphan").exists() and Path(f"{base}.orphan").stat().st_size > 0,
         "orphan",
@@ -394,11 +397,8 @@ sys.exit(rc)
 """
 
 
-def test_lingering_orphans_are_reaped_after_the_worker_exits(
-    run_supervisor: Callable[..., Supervisor], tmp_path: Path
-) -> None:
-    out = tmp_path / "orphan"
-    sup = run_supervisor(py(LINGERING_ORPHAN_CHILD, str(out)), script=SUPERVISE_SCRIPT % 60)
+def test_lingering_orphans_are_reaped_after_the_worker_exits(supervise_py: SupervisePy) -> None:
+    out, sup = supervise_py(LINGERING_ORPHAN_CHILD, script=SUPERVISE_SCRIPT % 60)
     rc, events, _ = sup.finish()
     assert rc == 4
     orphan = int(out.read_text())
@@ -433,11 +433,8 @@ STAYING_ORPHAN_CHILD = """
 """
 
 
-def test_an_orphan_that_stays_does_not_keep_the_supervisor(
-    run_supervisor: Callable[..., Supervisor], tmp_path: Path
-) -> None:
-    out = tmp_path / "orphan"
-    sup = run_supervisor(py(STAYING_ORPHAN_CHILD, str(out)), script=SUPERVISE_SCRIPT % 0.2)
+def test_an_orphan_that_stays_does_not_keep_the_supervisor(supervise_py: SupervisePy) -> None:
+    out, sup = supervise_py(STAYING_ORPHAN_CHILD, script=SUPERVISE_SCRIPT % 0.2)
     try:
         rc, events, _ = sup.finish()
     finally:
@@ -456,12 +453,9 @@ sys.exit(supervise(sys.argv[1:], env={"ONLY_THIS": "yes"}))
 """
 
 
-def test_env_replaces_the_environment(
-    run_supervisor: Callable[..., Supervisor], tmp_path: Path
-) -> None:
-    out = tmp_path / "env"
+def test_env_replaces_the_environment(supervise_py: SupervisePy) -> None:
     code = "import os, sys, json; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"
-    sup = run_supervisor([PY, "-c", code, str(out)], script=ENV_SCRIPT)
+    out, sup = supervise_py(code, script=ENV_SCRIPT)
     rc, _, _ = sup.finish()
     assert rc == 0
     env = json.loads(out.read_text())
@@ -522,6 +516,19 @@ def test_fields_survive_the_project_audit_log(run_supervisor: Callable[..., Supe
     assert {"init.start", "init.exit"} <= set(names(events))
 
 
+def _supervise_in(
+    child: Any, parent: Any, started_pids: set[int], *command: str
+) -> tuple[int, list[dict[str, Any]]]:
+    """Run `python -m dask_safe_worker.supervise` inside `child`, told to move back to
+    `parent` and remove `child` at the end: (exit code, its audit lines)."""
+    argv = [PY, "-m", "dask_safe_worker.supervise", "--remove-cgroup", str(child.path)]
+    argv += ["--parent-cgroup", str(parent.path), *command]
+    proc = subprocess.Popen(child.enter_command(argv), stderr=subprocess.PIPE)
+    started_pids.add(proc.pid)
+    _, err = proc.communicate(timeout=DEADLINE_S)
+    return proc.returncode, [json.loads(line) for line in err.decode().splitlines()]
+
+
 @pytest.mark.kernel
 def test_module_main_removes_the_child_cgroup_after_the_worker(
     kernel_cgroup: Any, started_pids: set[int], tmp_path: Path
@@ -531,26 +538,10 @@ def test_module_main_removes_the_child_cgroup_after_the_worker(
     child = kernel_cgroup.child("worker")
     out = tmp_path / "cgroup"
     worker = f"grep memory /proc/self/cgroup > {out}"
-    argv = [
-        PY,
-        "-m",
-        "dask_safe_worker.supervise",
-        "--remove-cgroup",
-        str(child.path),
-        "--parent-cgroup",
-        str(kernel_cgroup.path),
-        "--",
-        "sh",
-        "-c",
-        worker,
-    ]
-    proc = subprocess.Popen(child.enter_command(argv), stderr=subprocess.PIPE)
-    started_pids.add(proc.pid)
-    _, err = proc.communicate(timeout=DEADLINE_S)
-    assert proc.returncode == 0
+    rc, events = _supervise_in(child, kernel_cgroup, started_pids, "--", "sh", "-c", worker)
+    assert rc == 0
     assert out.read_text().rstrip().endswith("/" + child.path.name), "worker ran in child"
     assert not child.path.exists()
-    events = [json.loads(line) for line in err.decode().splitlines()]
     removed = next(e for e in events if e["event"] == "cgroup.child.removed")
     assert removed["target"] == child.relative() and "error" not in removed
     assert names(events)[-2:] == ["cgroup.child.removed", "init.exit"]
@@ -563,30 +554,17 @@ def test_module_main_reports_a_cgroup_it_cannot_remove(
     # A cgroup with a sub-cgroup cannot be removed: EBUSY, logged, exit code kept.
     child = kernel_cgroup.child("worker")
     child.child("busy")
-    argv = [
-        PY,
-        "-m",
-        "dask_safe_worker.supervise",
-        "--remove-cgroup",
-        str(child.path),
-        "--parent-cgroup",
-        str(kernel_cgroup.path),
-        "sh",
-        "-c",
-        "exit 5",
-    ]
-    proc = subprocess.Popen(child.enter_command(argv), stderr=subprocess.PIPE)
-    started_pids.add(proc.pid)
-    _, err = proc.communicate(timeout=DEADLINE_S)
-    assert proc.returncode == 5
-    events = [json.loads(line) for line in err.decode().splitlines()]
+    # Without "--": the command starts at the first argument that is no option.
+    rc, events = _supervise_in(child, kernel_cgroup, started_pids, "sh", "-c", "exit 5")
+    assert rc == 5
     removed = next(e for e in events if e["event"] == "cgroup.child.removed")
     assert removed["error"] == "EBUSY"
     assert child.path.exists()
 
 
-# A worker that closes on TERM at once and leaves nothing behind in its cgroup.
-QUICK_WORKER = "trap 'exit 0' TERM; while :; do sleep 0.05; done"
+# A worker that closes on TERM at once and leaves nothing behind in its cgroup. It says
+# when its trap is set ($1): a forked worker is a descendant before it can catch TERM.
+QUICK_WORKER = "trap 'exit 0' TERM; : > \"$1\"; while :; do sleep 0.05; done"
 
 
 def _subdirs(path: Path) -> list[str]:
@@ -613,6 +591,7 @@ def test_sigterm_early_in_init_leaves_no_child_cgroup(
     import shlex
 
     kernel_cgroup.set_limit(2**30)
+    ready = tmp_path / "worker-ready"
     neighbour = subprocess.Popen(kernel_cgroup.enter_command(["sleep", "600"]))
     started_pids.add(neighbour.pid)
     wait_for(lambda: neighbour.pid in kernel_cgroup.pids(), "neighbour in the cgroup")
@@ -626,7 +605,7 @@ def test_sigterm_early_in_init_leaves_no_child_cgroup(
         "--plan-file",
         str(tmp_path / "plan.json"),
         "--worker-command",
-        f"sh -c {shlex.quote(QUICK_WORKER)} sh",
+        f"sh -c {shlex.quote(QUICK_WORKER)} sh {shlex.quote(str(ready))}",
         "tcp://127.0.0.1:1",
     ]
     proc = subprocess.Popen(
@@ -638,7 +617,7 @@ def test_sigterm_early_in_init_leaves_no_child_cgroup(
     elif when == "supervisor-exec":
         wait_for(lambda: b"dask_safe_worker.supervise" in _cmdline(proc.pid), "the exec")
     elif when == "worker-running":
-        wait_for(lambda: descendants(proc.pid) != [], "the worker")
+        wait_for(ready.exists, "the worker's TERM trap")
     else:
         assert isinstance(when, float)
         time.sleep(when)

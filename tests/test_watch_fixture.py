@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from dask_safe_worker.dask_compat.release import installed_release
 from dask_safe_worker.follow import FollowSpec, ManagedLimit, replan, with_original_limit
 from dask_safe_worker.live_limit import (
     LiveLimit,
@@ -32,13 +33,13 @@ FIXTURE = Path(__file__).parent / "fixtures" / "systemd-v2-nest"
 SCOPE = "sys/fs/cgroup/system.slice/dask.slice/worker.scope"
 SLICE = "sys/fs/cgroup/system.slice/dask.slice"
 NANNY, WORKER = 900001, 900002
+RELEASE = installed_release()
 
 
 class Tree:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.proc = root / "proc"
-        self.sys = root / "sys"
 
     def write(self, rel: str, text: str | int) -> None:
         (self.root / rel).write_text(f"{text}\n")
@@ -71,9 +72,11 @@ def start(tree: Tree, tmp_path: Path) -> tuple[Watch, list[tuple[str, dict[str, 
     args = WorkerArgs(nworkers="1", nthreads=2)
     scope_dir = str(tree.root / SCOPE)
     managed = ManagedLimit(scope_dir, 2, original=int(tree.read(f"{SCOPE}/memory.max")), written=0)
-    loc = locate(tree.proc, tree.sys)
-    dirs = [str(d) for _, d in loc.levels(tree.sys)] if loc else []
-    m = remeasure(loc, tree.proc, tree.sys, own_pid=os.getpid(), tree_root=os.getpid())
+    loc = locate(tree.proc, tree.root)
+    dirs = [str(d) for _, d in loc.level_paths(tree.root)] if loc else []
+    m = remeasure(
+        loc, tree.proc, tree.root, release=RELEASE, own_pid=os.getpid(), tree_root=os.getpid()
+    )
     plan = replan(
         FollowSpec(settings, args, 0, 0, 1.0, "", managed), with_original_limit(m, managed, dirs)
     )
@@ -91,7 +94,9 @@ def start(tree: Tree, tmp_path: Path) -> tuple[Watch, list[tuple[str, dict[str, 
         managed=ManagedLimit(scope_dir, 2, managed.original, plan.budget),
     )
     log: list[tuple[str, dict[str, Any]]] = []
-    watch = Watch(spec, lambda event, **f: log.append((event, f)), tree.proc, tree.sys)
+    watch = Watch(
+        spec, lambda event, **f: log.append((event, f)), tree.proc, tree.root, release=RELEASE
+    )
     return watch, log
 
 

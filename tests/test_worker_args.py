@@ -7,7 +7,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dask_safe_worker.cli import OUR_FLAG_OPTIONS, OUR_VALUE_OPTIONS
-from dask_safe_worker.dask_compat import WORKER_FLAG_OPTIONS, WORKER_VALUE_OPTIONS, WorkerArgsError
+from dask_safe_worker.dask_compat.dask_worker import (
+    WORKER_FLAG_OPTIONS,
+    WORKER_VALUE_OPTIONS,
+    WorkerArgsError,
+)
 from dask_safe_worker.worker_args import (
     parse_worker_args,
     split_argv,
@@ -73,7 +77,7 @@ def test_parse_worker_args_last_wins_and_equals_form() -> None:
     args = parse_worker_args([*argv, "--memory-limit=1G"], ("--nworkers",))
     assert args.nworkers == "2" and args.nthreads == 3
     assert not args.nanny and args.memory_limit == "1G"
-    assert parse_worker_args(["--", "--nthreads", "x"]).nthreads is None
+    assert parse_worker_args(["--", "--nthreads", "x"], ("--nworkers",)).nthreads is None
 
 
 def test_nprocs_counts_only_where_it_is_an_alias() -> None:
@@ -89,7 +93,7 @@ def test_nprocs_counts_only_where_it_is_an_alias() -> None:
 )
 def test_invalid_worker_args(argv: list[str]) -> None:
     with pytest.raises(WorkerArgsError):
-        parse_worker_args(argv)
+        parse_worker_args(argv, ("--nworkers",))
 
 
 def test_with_memory_limit_adds_before_double_dash_or_replaces() -> None:

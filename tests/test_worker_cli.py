@@ -16,11 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dask_safe_worker import worker_cli
-from dask_safe_worker.dask_compat import (
-    WorkerArgsError,
-    installed_distributed_version,
-    nworkers_options,
-)
+from dask_safe_worker.dask_compat.dask_worker import WorkerArgsError, nworkers_options
+from dask_safe_worker.dask_compat.release import installed_release
 
 
 def imported_table() -> worker_cli.OptionTable:
@@ -143,7 +140,7 @@ def _positionals(args: Sequence[str]) -> list[str]:
     ],
 )
 def test_what_dask_worker_refuses_is_refused(args: list[str]) -> None:
-    if "--nprocs" in args and "--nprocs" in nworkers_options(installed_distributed_version()):
+    if "--nprocs" in args and "--nprocs" in nworkers_options(installed_release().distributed):
         pytest.skip("this release still takes --nprocs as an alias of --nworkers")
     assert we_refuse(args)
 

@@ -10,20 +10,27 @@ Module map (docs/design.md explains the design):
                    and `act` (kernel limit, plan file, exec or supervisor)
     worker_args    split our options from the worker's; read the ones the plan needs
     worker_cli     check the worker's arguments against dask worker's own click options
-    measure        host memory and every cgroup level (over proc_root/sys_root)
+    measure        host memory and every cgroup level (below proc_root and root)
     proc_parse, cgroup_parse, cgroup_locate, cgroup_files
                    pure parsers of /proc and cgroup files; locating our cgroup; file access
     cgroup_leave   move back to the parent, then rmdir a child (stdlib only)
     siblings       other instances' child cgroups beside ours
     plan           measurement + worker values -> budget and per-worker --memory-limit (pure)
     sizes          byte sizes and fractions as users type them
+    records        frozen value classes without importing dataclasses (start-up cost)
     cgroup_write   the one place that writes cgroup files
     plan_file      the plan as JSON in a private runtime directory
     run_worker     the exec edge
     supervise      the tini-like supervisor (stdlib only) exec'd for --init / PID 1
     events, event_line
                    the audit log of one start: one JSON line per decision
-    dask_compat    what depends on the installed distributed release
+    dask_compat/   what depends on the installed dask/distributed release, one module
+                   per upstream file it mirrors (no import of dask or distributed):
+                   release (the installed `Release`, resolved once per start and passed
+                   in; the supported range), dask_worker (distributed/cli/dask_worker.py:
+                   options, --nworkers/--nthreads), distributed_system (distributed/
+                   system.py: MEMORY_LIMIT), dask_system (dask/system.py: CPU_COUNT),
+                   features (the per-release facts for the audit log)
 
 `--follow` (a live budget, run by the supervisor)
     follow (pure core), follow_setup (at start), watch (each tick), live_limit (the

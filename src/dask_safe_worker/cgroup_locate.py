@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from .proc_parse import CgroupEntry, Mount
+from .records import record
 
 
-@dataclass(frozen=True)
+@record
 class CgroupLocation:
     version: int
     # The path /proc/<pid>/cgroup reports, relative to the hierarchy (or namespace) root.
@@ -19,30 +19,31 @@ class CgroupLocation:
     relative: str
     warnings: tuple[str, ...] = ()
 
-    def directory(self, sys_root: Path) -> Path:
-        return host_path(sys_root, self.mount_point) / self.relative
+    def directory(self, root: Path) -> Path:
+        return host_path(root, self.mount_point) / self.relative
 
-    def root_directory(self, sys_root: Path) -> Path:
-        return host_path(sys_root, self.mount_point)
+    def root_directory(self, root: Path) -> Path:
+        return host_path(root, self.mount_point)
 
-    def levels(self, sys_root: Path) -> list[tuple[str, Path]]:
-        """Own cgroup first, then each ancestor up to the visible root."""
-        root = self.root_directory(sys_root)
+    def level_paths(self, root: Path) -> list[tuple[str, Path]]:
+        """(cgroup path, directory) of the own cgroup, then of each ancestor up to the
+        visible root: the levels a `Measurement` reads, in the same order."""
+        top = self.root_directory(root)
         parts = [p for p in self.relative.split("/") if p]
         out: list[tuple[str, Path]] = []
         for depth in range(len(parts), -1, -1):
             rel = "/".join(parts[:depth])
-            out.append(("/" + rel, root / rel if rel else root))
+            out.append(("/" + rel, top / rel if rel else top))
         return out
 
 
-def host_path(sys_root: Path, mount_point: str) -> Path:
-    """Mount points are absolute; place them below the root that holds `sys_root`.
+def host_path(root: Path, mount_point: str) -> Path:
+    """Mount points are absolute; place them below the filesystem root `root`.
 
-    Tests point `sys_root` at `<fixture>/sys`, so `/sys/fs/cgroup/memory` becomes
-    `<fixture>/sys/fs/cgroup/memory`.
+    `root` is `/` on a host; tests point it at a fixture tree, so `/sys/fs/cgroup/memory`
+    becomes `<fixture>/sys/fs/cgroup/memory`.
     """
-    return sys_root.parent / mount_point.lstrip("/")
+    return root / mount_point.lstrip("/")
 
 
 def _relative_to_root(path: str, root: str) -> str | None:

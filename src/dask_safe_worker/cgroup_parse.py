@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import re
-
 from .proc_parse import ParseError, lines
 
-# What the kernel writes for a number. int() alone would also take "1_000", " ١٢ " or "+5".
-_INTEGER = re.compile(r"-?[0-9]+")
 # str.strip() would also take Unicode spaces and the \x1c-\x1f separators for blanks.
 _BLANK = " \t\n"
 
@@ -16,9 +12,16 @@ _BLANK = " \t\n"
 V1_UNLIMITED_FLOOR = 2**62
 
 
+def _is_integer(s: str) -> bool:
+    """What the kernel writes for a number, `-?[0-9]+`. int() alone would also take
+    "1_000", " ١٢ " or "+5". (No `re`: the --print-limit path does not import it.)"""
+    digits = s[1:] if s.startswith("-") else s
+    return bool(digits) and not digits.strip("0123456789")
+
+
 def parse_int(text: str, what: str = "value") -> int:
     s = text.strip(_BLANK)
-    if not _INTEGER.fullmatch(s):
+    if not _is_integer(s):
         raise ParseError(f"{what} is not an integer: {s[:40]!r}")
     return int(s)
 
@@ -59,7 +62,7 @@ def parse_memory_stat(text: str) -> dict[str, int]:
     stat: dict[str, int] = {}
     for line in lines(text):
         parts = [p for p in line.split(" ") if p]
-        if len(parts) == 2 and _INTEGER.fullmatch(parts[1]):
+        if len(parts) == 2 and _is_integer(parts[1]):
             stat[parts[0]] = int(parts[1])
     return stat
 
@@ -83,12 +86,12 @@ def working_set(usage: int, inactive_file: int) -> int:
 # above memory.high could stall for very long (kubernetes/kubernetes#118699).
 MEMORY_HIGH_MIN_KERNEL = (5, 9)
 
-_RELEASE = re.compile(r"([0-9]+)\.([0-9]+)")
-
 
 def parse_kernel_release(text: str) -> tuple[int, int]:
     """(major, minor) of a release such as "5.4.0-150-generic" or "6.1.0-18-amd64"."""
-    match = _RELEASE.match(text.strip(_BLANK))
+    import re  # only the full command checks the kernel release
+
+    match = re.match(r"([0-9]+)\.([0-9]+)", text.strip(_BLANK))
     if match is None:
         raise ParseError(f"kernel release is not major.minor...: {text[:40]!r}")
     return int(match.group(1)), int(match.group(2))

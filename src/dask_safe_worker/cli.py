@@ -7,7 +7,6 @@ It must not import dask or distributed: the worker does that after exec.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from collections.abc import Sequence
@@ -17,18 +16,28 @@ from typing import Any, NoReturn
 
 import click
 
-from . import __version__, dask_compat
+from . import __version__
 from .cgroup_write import (
     WriteOptions,
     WriteOutcome,
     apply_limit,
     intended_strategy,
 )
+from .dask_compat import dask_worker
+from .dask_compat.features import release_features
+from .dask_compat.release import (
+    Release,
+    UnsupportedDistributedError,
+    check_supported,
+    installed_release,
+    is_tested,
+)
 from .event_line import worker_name
 from .events import SCHEMA_VERSION, Audit, make_audit
 from .measure import Measurement, measure
 from .options import FLAG_NAMES, OPTIONS, PLAN_FILE_ENV, VALUE_NAMES, Options, OptionSpec
 from .plan import Plan, PlanError, make_plan, resolve_worker_values
+from .records import replace
 from .siblings import read_siblings, with_siblings
 from .worker_args import WorkerArgs, apply_memory_limit, parse_worker_args, split_argv
 
@@ -133,9 +142,9 @@ def _warn_memory_limit(plan: Plan, audit: Audit) -> None:
 
 
 def _print_version(ctx: click.Context) -> None:
-    release = dask_compat.installed_distributed_version()
+    distributed = installed_release().distributed
     click.echo(f"dask-safe-worker {__version__}")
-    click.echo(f"distributed {release if release is not None else 'not installed'}")
+    click.echo(f"distributed {distributed if distributed is not None else 'not installed'}")
     ctx.exit(0)
 
 
@@ -210,13 +219,13 @@ def _with_gpu_workers(
             audit,
             "cli.usage.error",
         )
-    return dataclasses.replace(wargs, gpu_workers=found.count)
+    return replace(wargs, gpu_workers=found.count)
 
 
 def _worker_prefix(worker_command: str | None) -> list[str]:
     """The worker command as an argv prefix; ValueError for one that is not a command."""
     if worker_command is None:
-        return dask_compat.worker_command(sys.executable)
+        return dask_worker.worker_command(sys.executable)
     import shlex  # only here: every import counts against --print-limit's start-up
 
     try:
@@ -319,7 +328,7 @@ def supervisor_argv(
     cmd = [sys.executable, "-m", "dask_safe_worker.supervise"]
     # Same format and start id as our lines, so that one start reads as one log.
     cmd += ["--log-format", opts.log_format, "--start-id", start_id()]
-    name = worker_name(argv, dask_compat.WORKER_VALUE_OPTIONS)
+    name = worker_name(argv, dask_worker.WORKER_VALUE_OPTIONS)
     if name is not None:
         cmd += ["--worker-name", name]
     if opts.init_process_group:
@@ -397,9 +406,9 @@ class PassThrough:
     argv: list[str]
 
 
-def _measure(audit: Audit) -> Measurement:
+def _measure(audit: Audit, release: Release) -> Measurement:
     try:
-        m = measure()
+        m = measure(release=release)
     except (OSError, ValueError) as exc:
         _fail(
             EXIT_MEASURE_FAILED, f"cannot read memory information: {exc}", audit, "measure.failed"
@@ -422,7 +431,7 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
                 audit,
                 "cli.usage.error",
             )
-        opts = dataclasses.replace(opts, worker_command=LEADING_WORKER_COMMANDS[leading])
+        opts = replace(opts, worker_command=LEADING_WORKER_COMMANDS[leading])
         audit(
             "worker.command.leading",
             given=list(leading),
@@ -438,23 +447,23 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
     if opts.worker_help:
         return PassThrough([*prefix, "--help"])
 
-    release = dask_compat.installed_distributed_version()
+    # Resolved once: every rule below predicts this release pair.
+    release = installed_release()
     try:
-        dask_compat.check_supported(release)
-    except dask_compat.UnsupportedDistributedError as exc:
+        check_supported(release.distributed)
+    except UnsupportedDistributedError as exc:
         _fail(EXIT_UNSUPPORTED, str(exc), audit, "cli.unsupported_distributed")
-    features = dask_compat.release_features(release)
     audit(
         "dask.release",
-        tested=release is not None and dask_compat.is_tested(release),
-        **features.as_dict(),
+        tested=release.distributed is not None and is_tested(release.distributed),
+        **release_features(release).as_dict(),
     )
 
     # Every worker argument is checked here, before planning: the ones dask's click
     # command refuses, then the values the plan reads (some need the measurement).
     try:
         _check_worker_args(worker_args, opts.worker_command, prefix, audit)
-        wargs = parse_worker_args(worker_args, dask_compat.nworkers_options(release))
+        wargs = parse_worker_args(worker_args, dask_worker.nworkers_options(release.distributed))
         if wargs.version_only:
             return PassThrough([*prefix, *worker_args])
         if opts.follow and opts.init is False:
@@ -463,9 +472,9 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
             )
         wargs = _with_gpu_workers(wargs, prefix, worker_args, audit)
         _check_local_directory(wargs, opts.worker_command, prefix, audit)
-        m = _measure(audit)
+        m = _measure(audit, release)
         resolve_worker_values(wargs, m)
-    except dask_compat.WorkerArgsError as exc:
+    except dask_worker.WorkerArgsError as exc:
         _fail(
             EXIT_USAGE,
             f"invalid dask worker arguments: {exc} (see `dask-safe-worker --worker-help`)",
@@ -578,7 +587,7 @@ def run(ctx: click.Context, opts: Options) -> None:
     query = opts.print_limit or opts.dry_run
     audit = make_audit(
         "none" if query and opts.log_format == "auto" else opts.log_format,
-        worker_name=worker_name(worker_args, dask_compat.WORKER_VALUE_OPTIONS),
+        worker_name=worker_name(worker_args, dask_worker.WORKER_VALUE_OPTIONS),
     )
     audit("cli.started", version=__version__, options=_params_for_log(ctx), argv=worker_args)
     prepared = prepare(worker_args, opts, audit)

@@ -38,7 +38,8 @@ def _plainly_valid(args: Sequence[str], values: frozenset[str], flags: frozenset
 
 def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | None:
     """The budget for a plain `--print-limit`, or None where the full command must decide."""
-    from . import dask_compat
+    from .dask_compat.dask_worker import nworkers_options, worker_options
+    from .dask_compat.release import UnsupportedDistributedError, check_supported, installed_release
     from .measure import measure
     from .options import FLAG_NAMES, VALUE_NAMES, fast_options
     from .plan import PlanError, make_plan
@@ -50,19 +51,19 @@ def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | N
     opts = fast_options(ours, environ)
     if opts is None:
         return None
-    release = dask_compat.installed_distributed_version()
+    release = installed_release()
     try:
-        dask_compat.check_supported(release)
-        options = dask_compat.worker_options(release)
+        check_supported(release.distributed)
+        options = worker_options(release.distributed)
         if not _plainly_valid(theirs, options.values, options.flags - {"--help", "--version"}):
             return None
-        wargs = parse_worker_args(theirs, dask_compat.nworkers_options(release))
+        wargs = parse_worker_args(theirs, nworkers_options(release.distributed))
         if wargs.version_only:
             return None
-        m = measure()
+        m = measure(release=release)
         siblings = read_siblings(m, opts.cgroup_child)
         plan = make_plan(with_siblings(m, siblings), wargs, opts.settings(os.getpid()), siblings)
-    except (dask_compat.UnsupportedDistributedError, PlanError, OSError, ValueError):
+    except (UnsupportedDistributedError, PlanError, OSError, ValueError):
         # WorkerArgsError is a ValueError. The full command reports each of these.
         return None
     return plan.budget

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, MutableMapping
-from typing import Any, TextIO
 
 from .event_line import SCHEMA_VERSION, Stamp, console_line, json_line, new_start_id, record
+
+TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
+if TYPE_CHECKING:
+    from typing import Any, TextIO
 
 __all__ = ["LOG_FORMATS", "SCHEMA_VERSION", "Audit", "make_audit", "no_audit", "start_id"]
 

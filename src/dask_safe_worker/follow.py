@@ -7,13 +7,12 @@ from `plan.make_plan`, the very function the start used: there is no second form
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any
 
 from .measure import LevelReading, Measurement
 from .plan import Plan, PlanError, Settings, make_plan
+from .records import as_dict, record, replace
 from .sizes import Amount
 from .worker_args import WorkerArgs
 
@@ -31,7 +30,7 @@ HYSTERESIS_FRACTION = 0.02
 KERNEL_MARGIN = 32 * MiB
 
 
-@dataclass(frozen=True)
+@record
 class ManagedLimit:
     """A kernel limit that this process wrote at start, and may therefore move."""
 
@@ -46,7 +45,7 @@ class ManagedLimit:
     original_high: int | None = None
 
 
-@dataclass(frozen=True)
+@record
 class FollowSpec:
     """Everything the start knew that the watch needs; passed to the supervisor as JSON."""
 
@@ -62,7 +61,7 @@ class FollowSpec:
     kernel_note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        doc = dataclasses.asdict(self)
+        doc = as_dict(self)
         return doc
 
     @classmethod
@@ -140,13 +139,13 @@ def with_original_limit(
     levels = list(m.levels)
     for i, directory in enumerate(directories[: len(levels)]):
         if directory == managed.directory:
-            levels[i] = dataclasses.replace(
+            levels[i] = replace(
                 levels[i],
                 limit=managed.original,
                 hierarchical_limit=None,
                 high=managed.original_high,
             )
-    return dataclasses.replace(m, levels=tuple(levels))
+    return replace(m, levels=tuple(levels))
 
 
 def replan(spec: FollowSpec, m: Measurement) -> Plan:
@@ -160,7 +159,7 @@ def replan(spec: FollowSpec, m: Measurement) -> Plan:
     try:
         return make_plan(m, spec.args, spec.settings)
     except PlanError:
-        return make_plan(m, spec.args, dataclasses.replace(spec.settings, min_worker_memory=1))
+        return make_plan(m, spec.args, replace(spec.settings, min_worker_memory=1))
 
 
 def hysteresis(current: int) -> int:
@@ -168,7 +167,7 @@ def hysteresis(current: int) -> int:
     return max(HYSTERESIS_FLOOR, int(current * HYSTERESIS_FRACTION))
 
 
-@dataclass(frozen=True)
+@record
 class Decision:
     action: str  # "keep" | "lower" | "raise"
     current: int

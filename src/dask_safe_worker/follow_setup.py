@@ -51,13 +51,13 @@ def with_preloads(args: Sequence[str], nanny: bool) -> list[str]:
 
 
 def managed_limit(
-    m: Measurement, outcome: WriteOutcome, sys_root: Path = Path("/sys")
+    m: Measurement, outcome: WriteOutcome, root: Path = Path("/")
 ) -> ManagedLimit | None:
     """The kernel limit this start wrote, with what was there before; None if none."""
     if not outcome.written or m.location is None or outcome.read_back is None:
         return None
     if outcome.strategy == "own":
-        directory = str(m.location.directory(sys_root))
+        directory = str(m.location.directory(root))
         original = m.levels[0].limit if m.levels else None
         original_high = m.levels[0].high if m.levels else None
     elif outcome.strategy == "child" and outcome.parent_dir and outcome.target:

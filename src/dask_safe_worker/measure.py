@@ -1,20 +1,21 @@
 """Measure what memory is really free for this process: host and every cgroup level.
 
-Read-only. Every path is below `proc_root` or `sys_root`, so tests point the whole
-measurement at a fixture tree.
+Read-only. Every path is below `proc_root` or the filesystem root `root` (cgroup mount
+points, and `root/sys`), so tests point the whole measurement at a fixture tree.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import dask_compat
 from .cgroup_files import V2MemoryCgroup, open_memory_cgroup, read_kernel_text
 from .cgroup_locate import CgroupLocation, cgroup2_mount, host_path, locate_memory_cgroup
 from .cgroup_parse import parse_controllers, working_set
+from .dask_compat.dask_system import cpu_count
+from .dask_compat.distributed_system import memory_limit
+from .dask_compat.release import Release
 from .proc_parse import (
     HostMemory,
     ParseError,
@@ -23,9 +24,22 @@ from .proc_parse import (
     parse_proc_cgroup,
     parse_stat,
 )
+from .records import field, record
+
+TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
+if TYPE_CHECKING:
+    from typing_extensions import TypedDict, Unpack
+
+    class Pins(TypedDict, total=False):
+        """What a test pins instead of asking this process: the CPU affinity,
+        RLIMIT_RSS and `os.getpid()`."""
+
+        affinity: int | None
+        rlimit_rss: int | None
+        own_pid: int | None
 
 
-@dataclass(frozen=True)
+@record
 class LevelReading:
     """One cgroup on the way from our own up to the visible root."""
 
@@ -92,7 +106,7 @@ class LevelReading:
         return out
 
 
-@dataclass(frozen=True)
+@record
 class Measurement:
     host: HostMemory
     location: CgroupLocation | None
@@ -214,9 +228,9 @@ def _read_level(
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
-        import errno
+        from .event_line import errno_name
 
-        return f"{errno.errorcode.get(exc.errno, exc.errno)} {exc.strerror or ''}".strip()
+        return f"{errno_name(exc.errno)} {exc.strerror or ''}".strip()
     return str(exc)
 
 
@@ -230,11 +244,11 @@ def read_own_rss(proc_root: Path, pid: str) -> int:
     return 0
 
 
-def locate(proc_root: Path, sys_root: Path, pid: str = "self") -> CgroupLocation | None:
-    return _locate(proc_root, sys_root, pid)[0]
+def locate(proc_root: Path, root: Path, pid: str = "self") -> CgroupLocation | None:
+    return _locate(proc_root, root, pid)[0]
 
 
-def _locate(proc_root: Path, sys_root: Path, pid: str) -> tuple[CgroupLocation | None, list[str]]:
+def _locate(proc_root: Path, root: Path, pid: str) -> tuple[CgroupLocation | None, list[str]]:
     """The memory cgroup, and a warning for each mountinfo line that had to be skipped."""
     entries = parse_proc_cgroup(read_kernel_text(proc_root / pid / "cgroup"))
     mounts, skipped = parse_mountinfo(read_kernel_text(proc_root / pid / "mountinfo"))
@@ -244,7 +258,7 @@ def _locate(proc_root: Path, sys_root: Path, pid: str) -> tuple[CgroupLocation |
     if v2 is not None:
         try:
             controllers = parse_controllers(
-                read_kernel_text(host_path(sys_root, v2.mount_point) / "cgroup.controllers")
+                read_kernel_text(host_path(root, v2.mount_point) / "cgroup.controllers")
             )
         except OSError as exc:
             warnings.append(f"cannot read cgroup.controllers of cgroup2: {_describe(exc)}")
@@ -294,9 +308,9 @@ def descendants_among(
 def remeasure(
     location: CgroupLocation | None,
     proc_root: Path = Path("/proc"),
-    sys_root: Path = Path("/sys"),
+    root: Path = Path("/"),
     *,
-    pid: str = "self",
+    release: Release,
     affinity: int | None = None,
     rlimit_rss: int | None = None,
     own_pid: int | None = None,
@@ -315,19 +329,19 @@ def remeasure(
     levels: list[LevelReading] = []
     own_procs: tuple[int, ...] | None = None
     if location is not None:
-        all_levels = location.levels(sys_root)
-        for i, (path, directory) in enumerate(all_levels):
+        paths = location.level_paths(root)
+        for i, (path, directory) in enumerate(paths):
             levels.append(
-                _read_level(location.version, path, directory, host.total, i == len(all_levels) - 1)
+                _read_level(location.version, path, directory, host.total, i == len(paths) - 1)
             )
         try:
-            own_procs = tuple(open_memory_cgroup(location.version, all_levels[0][1]).procs())
+            own_procs = tuple(open_memory_cgroup(location.version, paths[0][1]).procs())
         except (OSError, ParseError) as exc:
             notes.append(f"cannot list the own cgroup's processes: {_describe(exc)}")
     me = os.getpid() if own_pid is None else own_pid
     ours: frozenset[int] = frozenset()
     zombies: frozenset[int] = frozenset()
-    own_rss = read_own_rss(proc_root, pid)
+    own_rss = read_own_rss(proc_root, "self")
     if tree_root is not None and own_procs is not None:
         ours, zombies = descendants_among(proc_root, own_procs, tree_root)
         own_rss += sum(read_own_rss(proc_root, str(p)) for p in ours if p != me)
@@ -339,8 +353,11 @@ def remeasure(
         # cgroup.procs lists pids as seen in our pid namespace, as getpid() does.
         pid=me,
         own_rss=own_rss,
-        cpu_count=dask_compat.cpu_count(proc_root, sys_root, affinity),
-        dask_memory_limit=dask_compat.dask_system_memory_limit(host.total, sys_root, rlimit_rss),
+        # distributed reads /sys/fs/cgroup literally, whatever the mount table says.
+        cpu_count=cpu_count(proc_root, root / "sys", affinity, dask=release.dask),
+        dask_memory_limit=memory_limit(
+            host.total, root / "sys", rlimit_rss, distributed=release.distributed
+        ),
         warnings=tuple(notes),
         ours=ours,
         zombies=zombies,
@@ -349,30 +366,21 @@ def remeasure(
 
 def measure(
     proc_root: Path = Path("/proc"),
-    sys_root: Path = Path("/sys"),
+    root: Path = Path("/"),
     *,
-    pid: str = "self",
-    affinity: int | None = None,
-    rlimit_rss: int | None = None,
-    own_pid: int | None = None,
+    release: Release,
+    **pins: Unpack[Pins],
 ) -> Measurement:
-    """Everything the plan needs. Raises OSError/ParseError only for /proc/meminfo."""
+    """Everything the plan needs: locate the memory cgroup, then `remeasure` it; CPU_COUNT
+    and MEMORY_LIMIT as `release` computes them.
+    Raises OSError/ParseError only for /proc/meminfo."""
     warnings: list[str] = []
     try:
-        location, locate_warnings = _locate(proc_root, sys_root, pid)
+        location, locate_warnings = _locate(proc_root, root, "self")
         warnings.extend(locate_warnings)
     except (OSError, ParseError) as exc:
         location = None
         warnings.append(f"cannot locate the memory cgroup: {_describe(exc)}")
     if location is not None:
         warnings.extend(location.warnings)
-    return remeasure(
-        location,
-        proc_root,
-        sys_root,
-        pid=pid,
-        affinity=affinity,
-        rlimit_rss=rlimit_rss,
-        own_pid=own_pid,
-        warnings=warnings,
-    )
+    return remeasure(location, proc_root, root, release=release, warnings=warnings, **pins)

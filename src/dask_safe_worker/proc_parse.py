@@ -8,11 +8,10 @@ including those `str.splitlines` would take for a line break.
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
+from .records import record
 
 
-@dataclass(frozen=True)
+@record
 class HostMemory:
     total: int
     available: int
@@ -60,7 +59,7 @@ def parse_meminfo(text: str) -> HostMemory:
     return HostMemory(total, min(estimate, total), True)
 
 
-@dataclass(frozen=True)
+@record
 class Mount:
     mount_id: int
     parent_id: int
@@ -74,17 +73,20 @@ class Mount:
         return option in self.super_options.split(",")
 
 
-# Three octal digits up to \377: one byte.
-_OCTAL = re.compile(r"\\([0-3][0-7]{2})")
-
-
 def unescape_octal(field: str) -> str:
     r"""The kernel writes space, tab, newline and backslash in paths as \040 etc.
 
     An escape stands for one byte, decoded as `read_kernel_text` decodes the rest.
     """
-    return _OCTAL.sub(
-        lambda m: bytes([int(m.group(1), 8)]).decode("utf-8", "surrogateescape"), field
+    if "\\" not in field:
+        return field  # the usual case, answered without importing `re`
+    import re
+
+    # Three octal digits up to \377: one byte. re caches the compiled pattern.
+    return re.sub(
+        r"\\([0-3][0-7]{2})",
+        lambda m: bytes([int(m.group(1), 8)]).decode("utf-8", "surrogateescape"),
+        field,
     )
 
 
@@ -131,7 +133,7 @@ def parse_mountinfo(text: str) -> tuple[list[Mount], list[str]]:
     return mounts, skipped
 
 
-@dataclass(frozen=True)
+@record
 class CgroupEntry:
     hierarchy_id: int
     controllers: tuple[str, ...]

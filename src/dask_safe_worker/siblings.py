@@ -10,18 +10,17 @@ part is taken off, and no budget goes above a level's limit minus the siblings' 
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from .cgroup_files import open_memory_cgroup
 from .cgroup_parse import working_set
 from .measure import Measurement
 from .proc_parse import ParseError
+from .records import record, replace
 
 
-@dataclass(frozen=True)
+@record
 class Sibling:
     name: str
     limit: int
@@ -38,12 +37,12 @@ def is_instance_child(name: str, base: str) -> bool:
     return name == base or name.startswith(base + "-")
 
 
-def read_siblings(m: Measurement, base: str, sys_root: Path = Path("/sys")) -> tuple[Sibling, ...]:
+def read_siblings(m: Measurement, base: str, root: Path = Path("/")) -> tuple[Sibling, ...]:
     """The limited, occupied instance children of our own cgroup. Unreadable ones are
     skipped: a sibling we cannot read is one we cannot count either way."""
     if m.location is None:
         return ()
-    own_dir = m.location.directory(sys_root)
+    own_dir = m.location.directory(root)
     try:
         names = sorted(os.listdir(own_dir))
     except OSError:
@@ -72,4 +71,4 @@ def with_siblings(m: Measurement, siblings: tuple[Sibling, ...]) -> Measurement:
     if not siblings or m.own_procs is None:
         return m
     pids = tuple(p for s in siblings for p in s.pids)
-    return dataclasses.replace(m, own_procs=(*m.own_procs, *pids))
+    return replace(m, own_procs=(*m.own_procs, *pids))

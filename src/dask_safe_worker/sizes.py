@@ -7,7 +7,8 @@ options accept the same spellings so that one value can be moved between the two
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+
+from .records import record
 
 _BASE_SIZES: dict[str, int] = {
     "kB": 10**3,
@@ -71,7 +72,7 @@ def format_bytes(n: int) -> str:
     raise AssertionError("unreachable")
 
 
-@dataclass(frozen=True)
+@record
 class Amount:
     """A size given either in bytes or as a fraction of something else."""
 

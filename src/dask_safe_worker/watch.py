@@ -21,6 +21,7 @@ from typing import Any
 
 from .cgroup_files import open_memory_cgroup
 from .cgroup_parse import parse_memory_stat
+from .dask_compat.release import Release, installed_release
 from .follow import (
     FollowSpec,
     ManagedLimit,
@@ -63,10 +64,10 @@ class _Pending:
 
 
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, OSError):
-        import errno
+    if isinstance(exc, OSError) and exc.errno is not None:
+        from .event_line import errno_name
 
-        return errno.errorcode.get(exc.errno or 0, str(exc))
+        return errno_name(exc.errno)
     return str(exc)
 
 
@@ -76,19 +77,22 @@ class Watch:
         spec: FollowSpec,
         audit: Audit,
         proc_root: Path = Path("/proc"),
-        sys_root: Path = Path("/sys"),
+        root: Path = Path("/"),
         clock: Callable[[], float] = time.monotonic,
+        *,
+        release: Release,
     ) -> None:
         self.spec = spec
         self.audit = audit
+        self.release = release
         self.proc_root = proc_root
-        self.sys_root = sys_root
+        self.root = root
         self.clock = clock
         self.pid = os.getpid()
         # Located once: mountinfo can be long (docs/follow.md, costs).
-        self.location = locate(proc_root, sys_root)
+        self.location = locate(proc_root, root)
         self.directories = (
-            [str(d) for _, d in self.location.levels(sys_root)] if self.location else []
+            [str(d) for _, d in self.location.level_paths(root)] if self.location else []
         )
         first = read_live_limit(spec.channel)
         if first is None:
@@ -153,7 +157,12 @@ class Watch:
         counters = self._read_counters()
         try:
             m = remeasure(
-                self.location, self.proc_root, self.sys_root, tree_root=self.pid, own_pid=self.pid
+                self.location,
+                self.proc_root,
+                self.root,
+                release=self.release,
+                tree_root=self.pid,
+                own_pid=self.pid,
             )
         except (OSError, ParseError) as exc:
             self._failed("measure", reason=_describe(exc))
@@ -475,7 +484,8 @@ def start_watch(spec_path: str, audit: Audit) -> Watch | None:
     try:
         with open(spec_path, encoding="utf-8") as f:
             spec = FollowSpec.from_json(json.load(f))
-        watch = Watch(spec, audit)
+        # The release the worker runs: the supervisor shares its Python.
+        watch = Watch(spec, audit, release=installed_release())
     except (OSError, ValueError) as exc:
         audit("follow.disabled", reason=_describe(exc), spec=spec_path)
         return None

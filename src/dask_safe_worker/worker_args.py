@@ -7,18 +7,17 @@ named "--dry-run") from our own `--dry-run`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from .dask_compat.dask_worker import WORKER_VALUE_OPTIONS, WorkerArgsError
+from .records import record
 
-from . import dask_compat
-from .dask_compat import WORKER_VALUE_OPTIONS, WorkerArgsError
-
+TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from .plan import MemoryLimitDecision
 
 
-@dataclass(frozen=True)
+@record
 class WorkerArgs:
     nworkers: str | None = None
     nthreads: int | None = None
@@ -91,19 +90,16 @@ def _options(args: Sequence[str]) -> list[tuple[int, str, str | None]]:
     return found
 
 
-def parse_worker_args(
-    args: Sequence[str], nworkers_options: Sequence[str] | None = None
-) -> WorkerArgs:
+def parse_worker_args(args: Sequence[str], nworkers_options: Sequence[str]) -> WorkerArgs:
     """The values `dask worker` will see for the options the plan depends on.
 
     Later occurrences win, as in click. Raises WorkerArgsError for values `dask worker`
     would reject, so that we fail before touching anything. `nworkers_options` are the
-    names that set the worker count in the installed release: `--nprocs` only before
-    2022.10, after which `dask worker` rejects it, so it must not count.
+    names that set the worker count in the installed release
+    (`dask_compat.dask_worker.nworkers_options`): `--nprocs` only before 2022.10, after
+    which `dask worker` rejects it, so it must not count.
     """
-    counting = (
-        dask_compat.nworkers_options() if nworkers_options is None else tuple(nworkers_options)
-    )
+    counting = tuple(nworkers_options)
     given: dict[str, str] = {}
     nworkers: str | None = None
     nthreads: int | None = None

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .dask_compat import WorkerArgsError
+from .dask_compat.dask_worker import WorkerArgsError
 
 
 @dataclass(frozen=True)

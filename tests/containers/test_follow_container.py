@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 from oci import Container, GiB, MiB, worker_entrypoint_argv
 
+from scheduler_util import agreed_views, dask_views
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 pytestmark = pytest.mark.container
@@ -27,17 +29,6 @@ def wait_until(check: Callable[[], bool], timeout: float, c: Container) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s:\n{c.stderr()[-3000:]}")
         time.sleep(0.1)
-
-
-def views(client: Any) -> set[tuple[str, int]]:
-    workers = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
-    nannies = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit, nanny=True)
-    info = client.scheduler_info()["workers"]
-    return (
-        {("worker", v) for v in workers.values()}
-        | {("nanny", v) for v in nannies.values()}
-        | {("scheduler", w["memory_limit"]) for w in info.values()}
-    )
 
 
 def test_runc_update_memory_is_followed_by_dask(
@@ -70,19 +61,21 @@ def test_runc_update_memory_is_followed_by_dask(
     wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, 120, c)
     plan = next(e for e in c.events() if e["event"] == "plan.made")
     first = plan["effective_per_worker"]
-    assert views(client) == {("worker", first), ("nanny", first), ("scheduler", first)}
+    assert dask_views(client) == agreed_views(first)
 
     # The in-place resize: the runtime rewrites the running container's limit.
     subprocess.run(c._runc("update", "--memory", str(1536 * MiB), c.id), check=True)
     lowered = (1536 * MiB - 64 * MiB - plan["overhead"]) // 2
     wait_until(
-        lambda: views(client) == {("worker", lowered), ("nanny", lowered), ("scheduler", lowered)},
+        lambda: dask_views(client) == agreed_views(lowered),
         5,
         c,
     )
     subprocess.run(c._runc("update", "--memory", str(2 * GiB), c.id), check=True)
     wait_until(
-        lambda: views(client) == {("worker", first), ("nanny", first), ("scheduler", first)}, 5, c
+        lambda: dask_views(client) == agreed_views(first),
+        5,
+        c,
     )
     assert int((c.host_cgroup_dir / "memory.oom_control").read_text().split()[-1]) == 0
     # The container's limit is the runtime's: we never wrote it.

@@ -23,6 +23,11 @@ def _option(name: str, *dest: str, **kwargs: Any) -> click.Option:
     return env_option(ENV_PREFIX, name, *dest, **kwargs)
 
 
+def _file_option(name: str, help: str) -> click.Option:
+    """An existing file, no default."""
+    return _option(name, type=click.Path(exists=True, dir_okay=False), default=None, help=help)
+
+
 class Seconds(click.ParamType):  # type: ignore[type-arg]
     """A finite number of seconds above zero: nan and inf are no timeout one can wait for."""
 
@@ -40,45 +45,25 @@ class Seconds(click.ParamType):  # type: ignore[type-arg]
         return seconds
 
 
+def _seconds_option(name: str, default: float, wait_for: str) -> click.Option:
+    return _option(
+        name,
+        type=Seconds(),
+        default=default,
+        show_default=True,
+        help=f"Seconds (finite, above 0) to wait for {wait_for}.",
+    )
+
+
 AUDIT_OPTIONS: list[click.Parameter] = [
-    _option(
-        "scheduler-file",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        help="Read the scheduler's address (and TLS settings) from this file instead.",
+    _file_option(
+        "scheduler-file", "Read the scheduler's address (and TLS settings) from this file instead."
     ),
-    _option(
-        "tls-ca-file",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        help="CA certificate(s) to verify the scheduler with (TLS).",
-    ),
-    _option(
-        "tls-cert",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        help="Client certificate (may include the key) for a TLS scheduler.",
-    ),
-    _option(
-        "tls-key",
-        type=click.Path(exists=True, dir_okay=False),
-        default=None,
-        help="Client private key, if not in --tls-cert.",
-    ),
-    _option(
-        "connect-timeout",
-        type=Seconds(),
-        default=10.0,
-        show_default=True,
-        help="Seconds (finite, above 0) to wait for the scheduler before giving up (exit 2).",
-    ),
-    _option(
-        "timeout",
-        type=Seconds(),
-        default=60.0,
-        show_default=True,
-        help="Seconds (finite, above 0) to wait for the workers' answers (exit 2 when exceeded).",
-    ),
+    _file_option("tls-ca-file", "CA certificate(s) to verify the scheduler with (TLS)."),
+    _file_option("tls-cert", "Client certificate (may include the key) for a TLS scheduler."),
+    _file_option("tls-key", "Client private key, if not in --tls-cert."),
+    _seconds_option("connect-timeout", 10.0, "the scheduler before giving up (exit 2)"),
+    _seconds_option("timeout", 60.0, "the workers' answers (exit 2 when exceeded)"),
     _option("json", "as_json", is_flag=True, help="Print machine-readable JSON instead."),
 ]
 

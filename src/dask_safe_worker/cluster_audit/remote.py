@@ -140,18 +140,19 @@ def collect(dask_worker: Any = None) -> dict[str, Any]:
         from pathlib import Path
 
         from dask_safe_worker import __version__
+        from dask_safe_worker.dask_compat.release import installed_release
         from dask_safe_worker.measure import measure
     except ImportError as exc:
         report["error"] = f"dask-safe-worker is not installed on this worker ({exc})"
         return report
     report["dsw_version"] = __version__
     try:
-        m = measure()
+        m = measure(release=installed_release())
     except Exception as exc:
         report["error"] = f"cannot measure memory: {type(exc).__name__}: {exc}"
         return report
     levels: list[dict[str, Any]] = []
-    directories = m.location.levels(Path("/sys")) if m.location is not None else []
+    directories = m.location.level_paths(Path("/")) if m.location is not None else []
     for i, lvl in enumerate(m.levels):
         key = None
         if i < len(directories):

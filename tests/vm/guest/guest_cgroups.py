@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from scheduler_util import audit_events, free_port
+
 CGROUP2 = Path("/sys/fs/cgroup")
 MiB = 2**20
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -220,13 +222,50 @@ class SafeRun:
         return f"exit {self.returncode}\n--- stdout\n{self.stdout}\n--- stderr\n{self.stderr}"
 
 
-def parse_audit(stderr: str) -> list[dict[str, Any]]:
-    events = []
-    for line in stderr.splitlines():
-        if line.startswith("{"):
-            with contextlib.suppress(json.JSONDecodeError):
-                events.append(json.loads(line))
-    return events
+def start_scheduler(procs: Processes, log: Path) -> tuple[subprocess.Popen[Any], str]:
+    """A scheduler on 127.0.0.1, and its address. The first death of a worker running a
+    task ends that task (KilledWorker), instead of three more OOM kills and restarts."""
+    port = free_port()
+    env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
+    with open(log, "wb") as out:
+        proc = procs.popen(
+            [
+                *(PYTHON, "-m", "distributed.cli.dask_scheduler"),
+                *("--host", "127.0.0.1", "--port", str(port), "--no-dashboard"),
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    return proc, f"tcp://127.0.0.1:{port}"
+
+
+def start_safe_worker(
+    procs: Processes,
+    cg: Cgroup,
+    address: str,
+    plan_file: Path,
+    log: Path,
+    options: Sequence[str] = (),
+) -> subprocess.Popen[Any]:
+    """dask-safe-worker in `cg` with JSON audit lines and a plan file, 2 threads. The
+    nanny must not terminate first: these tests are about the kernel's kill, whose race
+    with the nanny's 100 ms RSS poll would make them flaky."""
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE": "False"}
+    with open(log, "wb") as out:
+        return procs.popen(
+            enter(
+                cg,
+                [
+                    *(SAFE_WORKER, "--log-format", "json", "--plan-file", str(plan_file)),
+                    *options,
+                    *(address, "--nthreads", "2", "--no-dashboard"),
+                ],
+            ),
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
 
 
 def run_safe_worker(
@@ -266,4 +305,4 @@ def run_safe_worker(
     elif plan_file.exists():
         document = json.loads(plan_file.read_text())
     lines = report.read_text().splitlines() if report.exists() else []
-    return SafeRun(proc.returncode, stdout, stderr, parse_audit(stderr), document, lines)
+    return SafeRun(proc.returncode, stdout, stderr, audit_events(stderr), document, lines)

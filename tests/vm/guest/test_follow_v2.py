@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,15 +15,16 @@ from typing import Any
 
 import pytest
 from guest_cgroups import (
-    PYTHON,
-    SAFE_WORKER,
     Cgroup,
     MiB,
     Processes,
-    enter,
     make_cgroup_tree,
     memory_hog,
+    start_safe_worker,
+    start_scheduler,
 )
+
+from scheduler_util import agreed_views, dask_views
 
 MACHINE = 896 * MiB
 LOWERED = 640 * MiB
@@ -34,13 +33,6 @@ NEIGHBOUR = 128 * MiB
 # Guards against hangs in a software-emulated guest; not measurements.
 START_TIMEOUT = 300.0
 FOLLOW_TIMEOUT = 60.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _events(log: Path) -> list[dict[str, Any]]:
@@ -78,37 +70,17 @@ def test_follow_on_cgroup_v2(cgroup2_root: Cgroup) -> None:
             memory_hog(procs, agent_cg, AGENT)
             worker_cg = machine.child("worker")
 
-            port = _free_port()
-            address = f"tcp://127.0.0.1:{port}"
-            scheduler_env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"}
-            with open(logs / "follow-scheduler.log", "wb") as log:
-                procs.popen(
-                    [
-                        *(PYTHON, "-m", "distributed.cli.dask_scheduler"),
-                        *("--host", "127.0.0.1", "--port", str(port), "--no-dashboard"),
-                    ],
-                    env=scheduler_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
-            # The nanny must not terminate first in step (d): that is the kernel's kill.
-            worker_env = {**os.environ, "DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE": "False"}
+            _, address = start_scheduler(procs, logs / "follow-scheduler.log")
             worker_log = logs / "follow-worker.log"
             plan_file = logs / "follow-plan.json"
-            with open(worker_log, "wb") as log:
-                procs.popen(
-                    enter(
-                        worker_cg,
-                        [
-                            *(SAFE_WORKER, "--log-format", "json", "--plan-file", str(plan_file)),
-                            *("--follow", "--follow-interval", "1"),
-                            *(address, "--nthreads", "2", "--no-dashboard"),
-                        ],
-                    ),
-                    env=worker_env,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                )
+            start_safe_worker(
+                procs,
+                worker_cg,
+                address,
+                plan_file,
+                worker_log,
+                ("--follow", "--follow-interval", "1"),
+            )
             client = Client(address, timeout=START_TIMEOUT)  # type: ignore[no-untyped-call,unused-ignore]
             try:
                 client.wait_for_workers(1, timeout=START_TIMEOUT)
@@ -119,27 +91,12 @@ def test_follow_on_cgroup_v2(cgroup2_root: Cgroup) -> None:
         procs.end_all()
 
 
-def _views(client: Any) -> set[tuple[str, int]]:
-    workers = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
-    nannies = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit, nanny=True)
-    info = client.scheduler_info()["workers"]
-    return (
-        {("worker", v) for v in workers.values()}
-        | {("nanny", v) for v in nannies.values()}
-        | {("scheduler", w["memory_limit"]) for w in info.values()}
-    )
-
-
-def _all(value: int) -> set[tuple[str, int]]:
-    return {("worker", value), ("nanny", value), ("scheduler", value)}
-
-
 def _agreed_near(client: Any, expected: int, tolerance: int, what: str) -> None:
     """Wait until every worker, nanny and the scheduler show one value, within
     `tolerance` of `expected`, in one snapshot (they move a moment apart)."""
 
     def check() -> bool:
-        values = {v for _, v in _views(client)}
+        values = {v for _, v in dask_views(client)}
         return len(values) == 1 and abs(next(iter(values)) - expected) < tolerance
 
     _wait(check, f"Dask's side to follow {what}")
@@ -160,7 +117,7 @@ def _sequence(
     first_kernel = int(worker_cg.limit())
     # W was ours alone: the budget is its memory.max, which --follow may move.
     assert outcome["strategy"] == "own" and outcome["written"]
-    assert _views(client) == _all(first)
+    assert dask_views(client) == agreed_views(first)
 
     # (a) M's memory.max lowered by 256 MiB: Dask's side, then W's memory.max, follow.
     machine.write("memory.max", LOWERED)
@@ -171,7 +128,7 @@ def _sequence(
 
     # (b) raised back: up again, kernel first, never above the start's values.
     machine.write("memory.max", MACHINE)
-    _wait(lambda: _views(client) == _all(first), "Dask's side to follow M back up")
+    _wait(lambda: dask_views(client) == agreed_views(first), "Dask's side to follow M back up")
     assert int(worker_cg.limit()) == first_kernel
 
     # (c) a neighbour grows by 128 MiB beside the worker: the budget shrinks by that much.
@@ -179,7 +136,7 @@ def _sequence(
     _agreed_near(client, first - NEIGHBOUR, 24 * MiB, "the neighbour")
     neighbour.kill()
     neighbour.wait()
-    _wait(lambda: _views(client) == _all(first), "Dask's side to recover")
+    _wait(lambda: dask_views(client) == agreed_views(first), "Dask's side to recover")
     _wait(lambda: int(worker_cg.limit()) == first_kernel, "W's memory.max to recover")
 
     # (d) an allocation past W's memory.max: the kernel kills the worker, and the

@@ -11,7 +11,6 @@ a minute in this software-emulated guest.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,15 +20,14 @@ from typing import Any
 
 import pytest
 from guest_cgroups import (
-    PYTHON,
-    SAFE_WORKER,
     Cgroup,
     MiB,
     Processes,
-    enter,
     make_cgroup_tree,
     memory_hog,
     page_floor,
+    start_safe_worker,
+    start_scheduler,
 )
 
 MACHINE_LIMIT = 640 * MiB
@@ -61,13 +59,6 @@ class Cluster:
         return list(self.client.run(fn).values())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
 def _cgroup_of(pid: int) -> str:
     return Path(f"/proc/{pid}/cgroup").read_text().strip().removeprefix("0::")
 
@@ -84,41 +75,9 @@ def cluster(cgroup2_root: Cgroup) -> Iterator[Cluster]:
         agent = memory_hog(procs, agent_cg, AGENT_MEMORY)
         worker_cg = machine.child("worker")
 
-        port = _free_port()
-        address = f"tcp://127.0.0.1:{port}"
-        scheduler_env = dict(os.environ)
-        # The first death of a worker running the task ends it (KilledWorker), instead of
-        # three more OOM kills and restarts.
-        scheduler_env["DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES"] = "0"
-        with open(logs / "scheduler.log", "wb") as log:
-            scheduler = procs.popen(
-                [
-                    *(PYTHON, "-m", "distributed.cli.dask_scheduler"),
-                    *("--host", "127.0.0.1", "--port", str(port), "--no-dashboard"),
-                ],
-                env=scheduler_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-        worker_env = dict(os.environ)
-        # The nanny's 100 ms RSS poll would race the kernel for the allocation of test 7;
-        # containment is about the kernel limit, so the nanny must not terminate first.
-        worker_env["DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE"] = "False"
+        scheduler, address = start_scheduler(procs, logs / "scheduler.log")
         plan_file = logs / "e2e-plan.json"
-        with open(logs / "worker.log", "wb") as log:
-            worker = procs.popen(
-                enter(
-                    worker_cg,
-                    [
-                        *(SAFE_WORKER, "--log-format", "json", "--plan-file", str(plan_file)),
-                        *(address, "--nthreads", "2", "--no-dashboard"),
-                    ],
-                ),
-                env=worker_env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
+        worker = start_safe_worker(procs, worker_cg, address, plan_file, logs / "worker.log")
 
         from distributed import Client
 
