@@ -10,12 +10,21 @@ scheduler in the root cgroup, and the worker in a cgroup W without a limit. Cont
   read just before the start, and the plain worker started in a private cgroup namespace
   with cgroup2 remounted, so that dask itself reads that limit at /sys/fs/cgroup.
 
-Workload: spill (random arrays of 1.5 x MemAvailable measured before the worker starts,
-persisted, then summed). Three rounds (VM boots); each runs plain, safe and seed one after
-the other, in fresh cgroups, the order rotated per round (interleaved). The guest is
-software-emulated, so a round takes many minutes.
+Workload "spill" (the default): random arrays of 1.5 x MemAvailable measured before the
+worker starts, persisted, then summed. Three rounds (VM boots); each runs plain, safe and
+seed one after the other, in fresh cgroups, the order rotated per round (interleaved). The
+guest is software-emulated, so a round takes many minutes.
 
-Host side:  uv run python benchmarks/pressure_vm.py [--rounds 3] [--contenders plain,safe,seed]
+Workload "neighbour" (`--workload neighbour`, issue 10): the same spill, and partway through
+it the agent grows by half the worker's budget (GROW_AT below). A fourth contender, follow:
+`dask-safe-worker --follow`. Per run also: who the kernel killed (its log's oom-kill lines
+and the cgroups' memory.events), the agent's memory and W's memory.max against time, the
+spill, the follow audit events (latencies) and the supervisor's CPU over the workload.
+benchmarks/neighbour_report.py renders the results into docs/benchmarks.md.
+
+Host side:  uv run python benchmarks/pressure_vm.py [--workload spill|neighbour] [--rounds 3]
+            [--contenders plain,safe,seed] [--json out.json]
+            uv run python benchmarks/pressure_vm.py --collect --json out.json  # cut short
 Guest side: run by the host side through run_in_vm (`--guest C1,C2,C3 --round N`).
 """
 
@@ -47,11 +56,11 @@ WORKLOADS = ("spill", "neighbour")
 CONTENDERS = {"spill": ("plain", "safe", "seed"), "neighbour": ("plain", "safe", "follow", "seed")}
 # "neighbour grows": the agent grows by half the worker's budget (MemAvailable measured
 # before the start, which is what every contender's budget is cut from) once W's charge has
-# reached GROW_AT of that budget, i.e. when the worker holds real data and its spill is under
-# way. A point in the spill's progress, not a time: the emulated guest runs two to three
-# times slower when the host is busy, and a fixed time would land at a different stage of
-# the workload in every run. GROW_FALLBACK_S bounds the wait for a worker that never gets
-# there.
+# reached GROW_AT of that budget, i.e. when the worker holds real data, shortly before it
+# starts to spill. A point in the spill's progress, not a time: the emulated guest runs
+# several times slower when the host is busy (a worker registered in 23-174 s), and a fixed
+# time would land at a different stage of the workload in every run. GROW_FALLBACK_S
+# bounds the wait for a worker that never gets there.
 GROW_AT = 0.5
 GROW_FALLBACK_S = 90.0
 FOLLOW_INTERVAL = 1.0
