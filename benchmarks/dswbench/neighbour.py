@@ -229,8 +229,9 @@ def victims(run: Doc) -> list[str]:
     return out
 
 
-def v2_lines(docs: Sequence[Doc], img: Path | None, report: Path) -> list[str]:
-    """The v2 small-VM runs (pressure_vm.py --workload neighbour --json)."""
+def v2_lines(docs: Sequence[Doc], img: Path | None, report: Path, series: str = "") -> list[str]:
+    """The v2 small-VM runs (pressure_vm.py --workload neighbour --json); `series` names
+    one series of rounds when there are several."""
     by = _by_contender(docs)
     rounds = len({d.get("round") for d in docs})
 
@@ -339,7 +340,7 @@ def v2_lines(docs: Sequence[Doc], img: Path | None, report: Path) -> list[str]:
         ("follow: supervisor CPU during the workload (the watch)", cpu),
     ]  # fmt: skip
     lines = [
-        '### Workload "neighbour grows" (cgroup v2, small VM)',
+        f'### Workload "neighbour grows" (cgroup v2, small VM){series}',
         "",
         '`benchmarks/pressure_vm.py --workload neighbour`, the "small VM" scenario above '
         "(virtme-ng, software-emulated): an agent of 350 MiB in its own cgroup, the worker in "
