@@ -70,6 +70,13 @@ def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | N
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    if os.getpid() == 1:
+        # PID 1 drops a signal it has no handler for; blocked, it waits instead, for the
+        # supervisor or for the check before the worker's exec (run_worker). Later,
+        # planning would leave a window in which `docker stop` is ignored for 10 s.
+        from .supervise import defer_signals
+
+        defer_signals()
     args = list(sys.argv[1:] if argv is None else argv)
     budget = fast_print_limit(args, dict(os.environ))
     if budget is not None:

@@ -15,7 +15,17 @@ EXIT_EXEC_FAILED = 127
 def exec_worker(
     argv: Sequence[str], env: Mapping[str, str], audit: Audit, event: str = "worker.exec"
 ) -> NoReturn:
-    """Replace this process with the worker (or its supervisor); exit 127 if impossible."""
+    """Replace this process with the worker, or with its supervisor (`event`
+    "init.exec"); exit 127 if impossible."""
+    if event != "init.exec":
+        from .supervise import release_signals_for_exec, signal_name
+
+        # As PID 1 the signals were deferred from the first line (entry.main); a stop
+        # that arrived since means the worker must not start.
+        stop = release_signals_for_exec()
+        if stop is not None:
+            audit("worker.exec.cancelled", signal=signal_name(stop), code=128 + stop)
+            sys.exit(128 + stop)
     audit(event, argv=list(argv))
     # execvpe discards Python's buffers; what we printed must reach the pipe first.
     sys.stdout.flush()

@@ -24,7 +24,14 @@ from typing import Any
 from .cgroup_leave import leave_and_remove
 from .event_line import Stamp, console_line, errno_name, json_line, record
 
-__all__ = ["FORWARDED_SIGNALS", "defer_signals", "is_pid1", "main", "supervise"]
+__all__ = [
+    "FORWARDED_SIGNALS",
+    "defer_signals",
+    "is_pid1",
+    "main",
+    "release_signals_for_exec",
+    "supervise",
+]
 
 FORWARDED_SIGNALS: tuple[signal.Signals, ...] = (
     signal.SIGTERM,
@@ -81,6 +88,16 @@ def defer_signals() -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED_SIGNALS)
 
 
+def release_signals_for_exec() -> int | None:
+    """Before this process execs the worker itself (no supervisor): the stopping signal
+    that arrived while the forwarded signals were deferred (consumed; do not start the
+    worker), else None with them unblocked, since the worker would inherit the mask."""
+    stop = _pending_stop()
+    if stop is None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED_SIGNALS)
+    return stop
+
+
 def _set_child_subreaper() -> str | None:
     """Become the reaper of orphaned descendants; returns an error reason or None."""
     # ctypes only here, so that importing this module stays cheap when we are PID 1 anyway.
@@ -126,14 +143,14 @@ def _status_fields(status: int) -> tuple[int, dict[str, Any]]:
     """Exit code as a shell reports it, plus audit fields."""
     if os.WIFSIGNALED(status):
         signum = os.WTERMSIG(status)
-        return 128 + signum, {"signal": _signal_name(signum), "code": 128 + signum}
+        return 128 + signum, {"signal": signal_name(signum), "code": 128 + signum}
     if os.WIFEXITED(status):
         code = os.WEXITSTATUS(status)
         return code, {"code": code}
     return 128 + signal.SIGKILL, {"raw_status": status}
 
 
-def _signal_name(signum: int) -> str:
+def signal_name(signum: int) -> str:
     try:
         return signal.Signals(signum).name
     except ValueError:
@@ -180,7 +197,7 @@ def _worker_has_it(info: signal.struct_siginfo, child: int, process_group: bool)
 
 
 def _forward(signum: int, child: int, process_group: bool, audit: Callable[..., None]) -> None:
-    name = _signal_name(signum)
+    name = signal_name(signum)
     target: dict[str, int] = {"target_pgid": child} if process_group else {"target_pid": child}
     try:
         if process_group:
@@ -270,7 +287,7 @@ def _start_and_wait(
         # signals, so a Ctrl-C from just before the fork would reach nobody.
         stop = _pending_stop()
     if stop is not None:
-        audit("init.start.cancelled", signal=_signal_name(stop), code=128 + stop)
+        audit("init.start.cancelled", signal=signal_name(stop), code=128 + stop)
         return 128 + stop
     child_env = os.environ if env is None else env
     child = os.fork()
@@ -311,7 +328,7 @@ def _wait_for_main(
             if _worker_has_it(info, child, process_group):
                 audit(
                     "init.signal.shared",
-                    signal=_signal_name(info.si_signo),
+                    signal=signal_name(info.si_signo),
                     target_pgid=os.getpgrp(),
                 )
             else:
