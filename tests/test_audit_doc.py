@@ -9,7 +9,7 @@ from pathlib import Path
 from dask_safe_worker.event_line import SCHEMA_VERSION, STAMP_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
-# audit("name", ...), cli._fail(code, message, audit, "name") and exec_worker(..., event="name").
+# audit("name", ...), cli._fail(code, message, audit, "name") and _exec(..., event="name").
 EMIT = re.compile(
     r'(?<![\w])audit\(\s*"([a-z_.]+)"|audit,\s*"([a-z_.]+)",?\s*\)|event(?::\s*str)?\s*=\s*"([a-z_.]+)"'
 )

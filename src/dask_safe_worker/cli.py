@@ -570,15 +570,13 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
         env[PLAN_FILE_ENV] = plan_file
     audit("worker.argv", argv=argv, supervised=prepared.supervised)
 
-    from .run_worker import exec_worker
+    from .run_worker import exec_supervisor, exec_worker
 
     if prepared.supervised:
         # Exec a bare supervisor rather than supervising from here: as PID 1 it lives as
         # long as the container, and this process carries click and structlog (~27 MiB
         # RSS against ~11 MiB for the bare one, benchmarks/supervisor_rss.py).
-        exec_worker(
-            supervisor_argv(argv, outcome, opts, follow_spec), env, audit, event="init.exec"
-        )
+        exec_supervisor(supervisor_argv(argv, outcome, opts, follow_spec), env, audit)
     exec_worker(argv, env, audit)
 
 
