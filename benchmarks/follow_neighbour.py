@@ -32,13 +32,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-# dswbench beside this file; the tests' cgroup helpers, as benchmarks/pressure.py does.
-for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from dswbench.common import AGENT_BYTES, M_LIMIT, PY, GiB, fmt_bytes  # noqa: E402
-from dswbench.harness import (  # noqa: E402
+# dswbench is found beside this file (a script's directory leads sys.path).
+from dswbench.common import AGENT_BYTES, M_LIMIT, PY, GiB, fmt_bytes
+from dswbench.harness import (
     RESTART_MEMORY_RE,
     Sampler,
     call_with_timeout,
@@ -48,16 +44,15 @@ from dswbench.harness import (  # noqa: E402
     scheduler,
     worker_args,
 )
-from dswbench.main import log as say  # noqa: E402
-from dswbench.neighbour import plot_v1  # noqa: E402
-from dswbench.workloads import (  # noqa: E402
+from dswbench.main import log as say
+from dswbench.neighbour import plot_v1
+from dswbench.support import kernel_cgroups_usable, make_test_cgroup
+from dswbench.workloads import (
     GROWING_AGENT_CODE,
     pickle_by_value,
     run_workload,
     worker_stats,
 )
-
-from cgroup_util import kernel_cgroups_usable, make_test_cgroup  # noqa: E402
 
 GROW_AFTER_S = 4.0
 CONTENDERS = ("plain", "safe", "follow", "seed")

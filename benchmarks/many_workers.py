@@ -31,22 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-_HERE = Path(__file__).resolve().parent
-for _path in (_HERE, _HERE.parent / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from dswbench.charge import charge, parse_stat, read_procs  # noqa: E402
-from dswbench.common import PY, SAFE, GiB, MiB  # noqa: E402
-from dswbench.harness import bench_env, end_process, scheduler, tree_pids  # noqa: E402
-from dswbench.workloads import (  # noqa: E402
+from dswbench.charge import charge, parse_stat, read_procs
+from dswbench.common import PY, SAFE, GiB, MiB
+from dswbench.harness import bench_env, end_process, scheduler, tree_pids
+from dswbench.support import kernel_cgroups_usable, make_test_cgroup
+from dswbench.workloads import (
     persist_and_sum,
     pickle_by_value,
     spill_bytes,
     worker_stats,
 )
-
-from cgroup_util import kernel_cgroups_usable, make_test_cgroup  # noqa: E402
 
 AUDIT = str(Path(PY).parent / "dask-safe-audit")
 M_LIMIT = 4 * GiB

@@ -30,16 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-_HERE = Path(__file__).resolve().parent
-for _path in (_HERE, _HERE.parent / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from dswbench.charge import charge, parse_stat, read_procs  # noqa: E402
-from dswbench.harness import end_process, tree_pids  # noqa: E402
-
-from cgroup_util import KernelCgroup, kernel_cgroups_usable, make_test_cgroup  # noqa: E402
-from scheduler_util import free_port  # noqa: E402
+from dswbench.charge import charge, parse_stat, read_procs
+from dswbench.harness import end_process, tree_pids
+from dswbench.support import KernelCgroup, free_port, kernel_cgroups_usable, make_test_cgroup
 
 MiB = 2**20
 WORKER_LIMIT = 512 * MiB

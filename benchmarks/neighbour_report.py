@@ -25,14 +25,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-# dswbench beside this file; the tests' helpers, which dswbench imports.
-for _path in (Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from dswbench.common import M_LIMIT, REPO  # noqa: E402
-from dswbench.neighbour import compact, plot_v1, plot_v2, v1_lines, v2_lines  # noqa: E402
-from dswbench.report import NOTES_DIR, refresh_appendix  # noqa: E402
+# dswbench is found beside this file (a script's directory leads sys.path).
+from dswbench.common import M_LIMIT, REPO
+from dswbench.neighbour import compact, plot_v1, plot_v2, v1_lines, v2_lines
+from dswbench.report import NOTES_DIR, refresh_appendix
 
 DATA = REPO / "benchmarks" / "data"
 V1_DATA = DATA / "neighbour-v1.json"

@@ -10,17 +10,12 @@ plots, report); this file keeps the documented command and the smoke test's impo
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-_HERE = Path(__file__).resolve().parent
-# The benchmark shares the tests' cgroup helpers, and runs as a script from any directory.
-for _path in (_HERE, _HERE.parent / "tests"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
-
-from dswbench.common import M_LIMIT  # noqa: E402
-from dswbench.harness import RunResult, run_pressure  # noqa: E402
-from dswbench.main import main  # noqa: E402
+# dswbench is found beside this file (a script's directory leads sys.path); it reaches
+# the tests' helpers itself (dswbench.support).
+from dswbench.common import M_LIMIT
+from dswbench.harness import RunResult, run_pressure
+from dswbench.main import main
 
 __all__ = ["M_LIMIT", "RunResult", "main", "run_pressure"]
 

@@ -5,5 +5,6 @@
 - harness: one run (cgroups, agent, scheduler, worker, sampler) and the interleaved series;
 - startup: start-up cost (registration pairs, query modes, import profile);
 - plots, report (with report_header.md, the fixed prose): docs/benchmarks.md;
-- main: the command line.
+- main: the command line;
+- support: the tests' cgroup and port helpers, the one place that puts tests/ on the path.
 """

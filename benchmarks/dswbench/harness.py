@@ -17,9 +17,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from cgroup_util import KernelCgroup, make_test_cgroup
-from scheduler_util import free_port
-
 from .common import (
     AGENT_BYTES,
     CONTENDERS,
@@ -36,6 +33,7 @@ from .common import (
     KiB,
     fmt_bytes,
 )
+from .support import KernelCgroup, free_port, make_test_cgroup
 from .workloads import AGENT_CODE, pickle_by_value, run_workload, worker_stats
 
 RESTART_MEMORY_RE = re.compile(r"exceeded \d+% memory budget\. Restarting")

@@ -31,13 +31,12 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from cgroup_util import kernel_cgroups_usable
-
 from .common import CONTENDERS, REPO, WORKLOADS
 from .harness import RunResult, Series, run_frontier, run_pressure
 from .plots import plot_workload
 from .report import vm_scenario_note, vm_tools_ok, write_report
 from .startup import StartupResult, measure_startup
+from .support import kernel_cgroups_usable
 
 
 def runs_of(dicts: list[dict[str, Any]]) -> list[RunResult]:

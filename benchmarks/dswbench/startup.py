@@ -12,8 +12,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cgroup_util import make_test_cgroup
-
 from .common import NTHREADS, PY, REPO, SAFE
 from .harness import (
     contender_argv,
@@ -24,6 +22,7 @@ from .harness import (
     wait_registered,
     worker_args,
 )
+from .support import make_test_cgroup
 
 
 @dataclass
