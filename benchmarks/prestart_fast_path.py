@@ -28,16 +28,15 @@ the code are timed side by side in one run, e.g. the code before a change:
 from __future__ import annotations
 
 import argparse
-import compileall
 import os
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
-import sysconfig
 import time
-from pathlib import Path
+
+from dswbench.common import compile_bytecode
 
 DSW = shutil.which("dask-safe-worker") or "dask-safe-worker"
 PRESTART_ENV = {"DASK_SAFE_WORKER_RESERVE": "512MiB", "DASK_SAFE_WORKER_NANNY_ALLOWANCE": "96MiB"}
@@ -53,12 +52,6 @@ COMMANDS: dict[str, tuple[list[str], dict[str, str]]] = {
         PRESTART_ENV,
     ),
 }
-
-
-def compile_bytecode(trees: list[str]) -> None:
-    src = Path(__file__).resolve().parent.parent / "src"
-    for directory in (sysconfig.get_paths()["purelib"], str(src), *trees):
-        compileall.compile_dir(directory, quiet=1, workers=0)
 
 
 def children_cpu() -> float:

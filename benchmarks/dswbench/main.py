@@ -34,7 +34,7 @@ from typing import Any
 from .common import CONTENDERS, REPO, WORKLOADS
 from .harness import RunResult, Series, run_frontier, run_pressure
 from .plots import plot_workload
-from .report import vm_scenario_note, vm_tools_ok, write_report
+from .report import refresh_startup, vm_scenario_note, vm_tools_ok, write_report
 from .startup import StartupResult, measure_startup
 from .support import kernel_cgroups_usable
 
@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--remeasure-startup",
         action="store_true",
-        help="with --from-json: measure the start-up cost again (current code), keep the runs",
+        help="measure the start-up cost again (current code): with --from-json, keep its "
+        "runs; without, replace only the start-up section of --out (and dump it to --json)",
     )
     parser.add_argument(
         "--no-vm",
@@ -144,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             + "\n"
             "# `uv run python benchmarks/pressure.py` alone runs all three steps in one go"
         )
+    if ns.remeasure_startup and not ns.from_json:
+        return remeasure_startup_only(ns.pairs, ns.loops, ns.out, ns.json)
     if ns.from_json:
         runs, startup, meta = load_raw(ns.from_json)
         started_at = meta.get("started_at", "?")
@@ -230,6 +233,22 @@ def main(argv: list[str] | None = None) -> int:
         frontier,
     )
     log(f"wrote {ns.out} and plots in {ns.img_dir}")
+    return 0
+
+
+def remeasure_startup_only(pairs: int, loops: int, out: Path, dump: Path | None) -> int:
+    """The start-up section of an existing report, measured again on the current code."""
+    reason = kernel_cgroups_usable()
+    if reason:
+        print(f"pressure.py: cannot create test cgroups: {reason}", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="dsw-bench-") as tmp:
+        startup = measure_startup(pairs, loops, Path(tmp), log)
+    if dump:
+        dump.parent.mkdir(parents=True, exist_ok=True)
+        dump.write_text(json.dumps({"startup": asdict(startup)}, indent=1, default=str) + "\n")
+    refresh_startup(out, startup)
+    log(f"replaced the start-up section of {out}")
     return 0
 
 

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .common import NTHREADS, PY, REPO, SAFE
+from .common import NTHREADS, PY, REPO, SAFE, compile_bytecode
 from .harness import (
     contender_argv,
     end_process,
@@ -83,6 +83,7 @@ def measure_startup(
     from distributed import Client
 
     out = StartupResult()
+    compile_bytecode()
     started: set[int] = set()
     with make_test_cgroup(started, prefix="dsw-bench-startup") as parent:
         with scheduler(work / "startup-scheduler.log", started) as (address, _sched):
