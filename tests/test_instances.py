@@ -7,6 +7,7 @@ child cgroup it made until the test ends it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -164,6 +165,62 @@ def test_a_leftover_child_of_an_exited_instance_is_removed(
             assert live.path.exists()
         finally:
             stop([proc])
+
+
+def claimed(directory: Path) -> bool:
+    """Another process holds the instance claim (an flock) on `directory`."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def test_an_exec_d_instance_claims_its_plain_child_and_the_next_start_removes_it(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # The plain `dask-safe-worker` child carries no pid to judge it by. The instance's
+    # flock, held through the exec into the worker, tells a running instance's child
+    # from a leftover; the kernel releases it when the worker ends.
+    leftover = kernel_cgroup.child("dask-safe-worker")
+    leftover.set_limit(512 * MiB)
+    kernel_cgroup.set_limit(GiB)
+    with other_process(kernel_cgroup, started_pids):
+        for _ in range(2):
+            assert leftover.path.exists() and not claimed(leftover.path)
+            proc = start_instance(kernel_cgroup, started_pids, "--min-worker-memory", "1MiB")
+            try:
+                # Removed, then made again by this start under the same name.
+                assert wait_settled(proc, kernel_cgroup) == "dask-safe-worker", proc.stderr
+                assert claimed(leftover.path), "the worker does not hold the claim"
+            finally:
+                stop([proc])
+            assert not claimed(leftover.path)
+        assert [p.name for p in kernel_cgroup.path.iterdir() if p.is_dir()] == ["dask-safe-worker"]
+
+
+def test_a_claimed_plain_child_is_kept_even_when_empty(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # Between its mkdir and its move, a starting instance's child is empty but claimed.
+    starting = kernel_cgroup.child("dask-safe-worker")
+    kernel_cgroup.set_limit(GiB)
+    fd = os.open(starting.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with other_process(kernel_cgroup, started_pids):
+            proc = start_instance(kernel_cgroup, started_pids, "--min-worker-memory", "1MiB")
+            try:
+                name = wait_settled(proc, kernel_cgroup)
+                assert name == f"dask-safe-worker-{proc.pid}", proc.stderr
+                assert starting.path.exists()
+            finally:
+                stop([proc])
+    finally:
+        os.close(fd)
 
 
 def test_the_supervisor_removes_the_child_it_was_named(

@@ -6,7 +6,9 @@ below its own, so only cgroups made by the test are ever written.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -100,12 +102,15 @@ def test_a_taken_child_name_gets_the_pid_then_a_random_suffix(
     kernel_cgroup: KernelCgroup, started_pids: set[int]
 ) -> None:
     # Issue 13 row 12b: mkdir fails when the name exists, then the next name; a child
-    # that exists is never reused (another instance may be about to move into it).
+    # that exists is never reused. This one is claimed (cgroup_claim), as another
+    # instance's is between its mkdir and its move into it.
     kernel_cgroup.set_limit(GiB)
     kernel_cgroup.child("dask-safe-worker")
     other = subprocess.Popen(kernel_cgroup.enter_command(["sleep", "120"]))
     started_pids.add(other.pid)
+    claim = os.open(kernel_cgroup.path / "dask-safe-worker", os.O_RDONLY | os.O_DIRECTORY)
     try:
+        fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
         while other.pid not in kernel_cgroup.pids():
             assert other.poll() is None
         result = run_policy(kernel_cgroup, 400 * MiB)
@@ -117,6 +122,7 @@ def test_a_taken_child_name_gets_the_pid_then_a_random_suffix(
         taken = KernelCgroup(kernel_cgroup.path / "dask-safe-worker")
         assert taken.pids() == [] and taken.limit() > GiB
     finally:
+        os.close(claim)
         other.kill()
         other.wait()
 

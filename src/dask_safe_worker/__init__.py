@@ -14,6 +14,7 @@ Module map (docs/design.md explains the design):
     proc_parse, cgroup_parse, cgroup_locate, cgroup_files
                    pure parsers of /proc and cgroup files; locating our cgroup; file access
     cgroup_leave   move back to the parent, then rmdir a child (stdlib only)
+    cgroup_claim   an flock that marks a child cgroup as a running instance's
     siblings       other instances' child cgroups beside ours
     plan           measurement + worker values -> budget and per-worker --memory-limit (pure)
     sizes          byte sizes and fractions as users type them

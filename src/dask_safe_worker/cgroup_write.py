@@ -16,6 +16,7 @@ import math
 import os
 from pathlib import Path
 
+from .cgroup_claim import claim_new, remove_if_unclaimed
 from .cgroup_files import V2MemoryCgroup, open_memory_cgroup
 from .cgroup_leave import leave_and_remove, move_pid
 from .cgroup_parse import parse_controllers
@@ -142,6 +143,8 @@ class _Writer:
         self.own_path = m.location.cgroup_path
         # Computed now, so that no value can fail between two writes.
         self.extras = opts.extra_values(budget)
+        # The descriptor that claims the child we create, held until this process ends.
+        self.claim: int | None = None
 
     def _write_limit(self, directory: Path, path: str, strategy: Strategy) -> WriteOutcome:
         cg = open_memory_cgroup(self.version, directory)
@@ -212,9 +215,10 @@ class _Writer:
             )
 
     def _remove_stale_children(self) -> None:
-        """Remove instance children whose pid has exited and that hold no process (an
-        exec'd worker cannot remove its child when it ends). rmdir fails on a cgroup
-        with processes, and a live instance's pid still runs: neither is touched."""
+        """Remove instance children that no running instance claims (cgroup_claim) and
+        that hold no process: an exec'd worker cannot remove its child when it ends.
+        `<name>-<pid>*` children whose pid still runs are kept even when unclaimed (an
+        instance of an older release, between its mkdir and its move)."""
         base = self.opts.child_name
         try:
             names = os.listdir(self.own_dir)
@@ -222,20 +226,17 @@ class _Writer:
             return
         for name in names:
             pid = name[len(base) + 1 :].split("-", 1)[0]
-            if not (name.startswith(base + "-") and pid.isdigit()):
+            if name != base and not (name.startswith(base + "-") and pid.isdigit()):
                 continue
-            if int(pid) == self.m.pid or os.path.exists(f"/proc/{pid}"):
+            if name != base and (int(pid) == self.m.pid or os.path.exists(f"/proc/{pid}")):
                 continue
-            try:
-                os.rmdir(self.own_dir / name)
-            except OSError:
-                continue
-            self.audit("cgroup.child.removed", target=str(self.own_dir / name), error=None)
+            if remove_if_unclaimed(self.own_dir / name):
+                self.audit("cgroup.child.removed", target=str(self.own_dir / name), error=None)
 
     def _make_child(self) -> str:
-        """Create a child no other instance uses, atomically: mkdir fails when the name
-        exists (another instance's child, or a leftover), then the next name: `<name>`,
-        `<name>-<pid>`, then `<name>-<pid>-<random>`."""
+        """Create and claim a child no other instance uses, atomically: mkdir fails when
+        the name exists (another instance's child, or a leftover), then the next name:
+        `<name>`, `<name>-<pid>`, then `<name>-<pid>-<random>`."""
         import secrets
 
         name = self.opts.child_name
@@ -246,6 +247,9 @@ class _Writer:
                 (self.own_dir / name).mkdir()
             except FileExistsError:
                 continue
+            self.claim = claim_new(self.own_dir / name)
+            if self.claim is None:
+                continue  # removed by another start's clean-up before we held it
             return name
         raise FileExistsError(errno.EEXIST, "every child cgroup name tried exists")
 
@@ -327,6 +331,9 @@ class _Writer:
             leave_and_remove(child_dir, self.own_dir, self.m.pid, moved=moved, created=created)
         except OSError as exc:
             return errno_reason(exc)
+        if self.claim is not None:
+            os.close(self.claim)
+            self.claim = None
         return None
 
 
