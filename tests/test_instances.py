@@ -191,7 +191,9 @@ def test_an_exec_d_instance_claims_its_plain_child_and_the_next_start_removes_it
     with other_process(kernel_cgroup, started_pids):
         for _ in range(2):
             assert leftover.path.exists() and not claimed(leftover.path)
-            proc = start_instance(kernel_cgroup, started_pids, "--min-worker-memory", "1MiB")
+            proc = start_instance(
+                kernel_cgroup, started_pids, "--min-worker-memory", "1MiB", "--log-format", "json"
+            )
             try:
                 # Removed, then made again by this start under the same name.
                 assert wait_settled(proc, kernel_cgroup) == "dask-safe-worker", proc.stderr
@@ -199,6 +201,16 @@ def test_an_exec_d_instance_claims_its_plain_child_and_the_next_start_removes_it
             finally:
                 stop([proc])
             assert not claimed(leftover.path)
+            events = [json.loads(line) for line in proc.stderr.read().splitlines()]  # type: ignore[union-attr]
+            child = kernel_cgroup.relative() + "/dask-safe-worker"
+            assert [
+                (e["event"], e.get("target"), e.get("error"))
+                for e in events
+                if e["event"] in ("cgroup.child.removed", "cgroup.child.created")
+            ] == [
+                ("cgroup.child.removed", child, None),
+                ("cgroup.child.created", child, None),
+            ]
         assert [p.name for p in kernel_cgroup.path.iterdir() if p.is_dir()] == ["dask-safe-worker"]
 
 

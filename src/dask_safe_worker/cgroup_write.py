@@ -231,7 +231,7 @@ class _Writer:
             if name != base and (int(pid) == self.m.pid or os.path.exists(f"/proc/{pid}")):
                 continue
             if remove_if_unclaimed(self.own_dir / name):
-                self.audit("cgroup.child.removed", target=str(self.own_dir / name), error=None)
+                self.audit("cgroup.child.removed", target=self.own_path.rstrip("/") + "/" + name)
 
     def _make_child(self) -> str:
         """Create and claim a child no other instance uses, atomically: mkdir fails when
