@@ -154,6 +154,29 @@ def test_container_root_gets_the_limit_on_a_child(
     assert "memory" in container.read("cgroup.subtree_control").split()
 
 
+def test_a_leftover_child_is_removed_and_made_again(
+    base: Cgroup, procs: Processes, tmp_path: Path
+) -> None:
+    # An exec'd worker cannot remove its child when it ends. The next start removes a
+    # child that no running instance claims (an flock on its directory, which cgroup2
+    # takes like any directory) and that holds no process, then makes its own.
+    container = base.child("container")
+    container.write("memory.max", 700 * MiB)
+    container.child("dask-safe-worker")
+    run = run_safe_worker(procs, container, ["--reserve", "64MiB"], tmp_path, container=True)
+    assert run.returncode == 0, run.explain()
+    moves = [
+        (e["event"], e["target"])
+        for e in run.events
+        if e["event"] in ("cgroup.child.removed", "cgroup.child.created")
+    ]
+    assert moves[:2] == [
+        ("cgroup.child.removed", "/dask-safe-worker"),
+        ("cgroup.child.created", "/dask-safe-worker"),
+    ], run.events
+    assert run.worker_cgroup == "/dask-safe-worker"
+
+
 # 3b. A plain VM without systemd: everything in the root cgroup
 
 
