@@ -237,11 +237,9 @@ class _Writer:
         """Create and claim a child no other instance uses, atomically: mkdir fails when
         the name exists (another instance's child, or a leftover), then the next name:
         `<name>`, `<name>-<pid>`, then `<name>-<pid>-<random>`."""
-        import secrets
-
         name = self.opts.child_name
         own = f"{name}-{self.m.pid}"
-        candidates = [name, own, *(f"{own}-{secrets.token_hex(4)}" for _ in range(8))]
+        candidates = [name, own, *(f"{own}-{os.urandom(4).hex()}" for _ in range(8))]
         for name in candidates:
             try:
                 (self.own_dir / name).mkdir()

@@ -9,8 +9,6 @@ pure; `visible_gpus` reads the driver's files below `proc_root` and asks `nvidia
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +80,10 @@ def visible_gpus(
         found = []
     if found:
         return GpuCount(len(found), "/proc/driver/nvidia/gpus")
+    # Only for dask-cuda without a device list: every other start is spared their import.
+    import shutil
+    import subprocess
+
     program = shutil.which(nvidia_smi) if nvidia_smi else None
     if program is None:
         return GpuCount(None, "no CUDA_VISIBLE_DEVICES, no NVIDIA driver in /proc, no nvidia-smi")
