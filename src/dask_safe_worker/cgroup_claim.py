@@ -67,9 +67,8 @@ def remove_if_unclaimed(directory: Path) -> bool:
     try:
         if held:
             os.rmdir(directory)
-            return True
+        return bool(held)
     except OSError:
-        pass
+        return False
     finally:
         os.close(fd)
-    return False

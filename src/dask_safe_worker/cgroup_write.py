@@ -225,13 +225,18 @@ class _Writer:
         except OSError:
             return
         for name in names:
-            pid = name[len(base) + 1 :].split("-", 1)[0]
-            if name != base and not (name.startswith(base + "-") and pid.isdigit()):
-                continue
-            if name != base and (int(pid) == self.m.pid or os.path.exists(f"/proc/{pid}")):
-                continue
+            if name != base:
+                pid = name[len(base) + 1 :].split("-", 1)[0]
+                if not (name.startswith(base + "-") and pid.isdigit()):
+                    continue
+                if int(pid) == self.m.pid or os.path.exists(f"/proc/{pid}"):
+                    continue
             if remove_if_unclaimed(self.own_dir / name):
-                self.audit("cgroup.child.removed", target=self.own_path.rstrip("/") + "/" + name)
+                self.audit("cgroup.child.removed", target=self._child_path(name))
+
+    def _child_path(self, name: str) -> str:
+        """The cgroup path of our child `name`, as the audit log names cgroups."""
+        return self.own_path.rstrip("/") + "/" + name
 
     def _make_child(self) -> str:
         """Create and claim a child no other instance uses, atomically: mkdir fails when
@@ -253,13 +258,13 @@ class _Writer:
 
     def child(self) -> WriteOutcome:
         self._remove_stale_children()
-        path = self.own_path.rstrip("/") + "/" + self.opts.child_name
+        path = self._child_path(self.opts.child_name)
         child_dir: Path | None = None
         moved = False
         try:
             name = self._make_child()
             child_dir = self.own_dir / name
-            path = self.own_path.rstrip("/") + "/" + name
+            path = self._child_path(name)
             self.audit("cgroup.child.created", target=path)
             if self.version == 1:
                 outcome = self._write_limit(child_dir, path, "child")
