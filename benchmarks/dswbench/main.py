@@ -104,9 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if ns.only_frontier:
         if ns.frontier_json is None or ns.frontier < 1:
             parser.error("--only-frontier needs --frontier-json and --frontier >= 1")
-        reason = kernel_cgroups_usable()
-        if reason:
-            print(f"pressure.py: cannot create test cgroups: {reason}", file=sys.stderr)
+        if no_test_cgroups():
             return 2
         with tempfile.TemporaryDirectory(prefix="dsw-bench-") as tmp:
             path = ns.frontier_json
@@ -116,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
 
             dump_frontier(run_frontier(ns.frontier, Path(tmp), log, dump_frontier))
         return 0
+    if ns.remeasure_startup and not ns.from_json:
+        return remeasure_startup_only(ns.pairs, ns.loops, ns.out, ns.json)
     # The command as given, so that the report names the options it was generated with.
     given = [a for a in (sys.argv[1:] if argv is None else argv)]
     command = " ".join(["uv run python benchmarks/pressure.py", *given])
@@ -145,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
             + "\n"
             "# `uv run python benchmarks/pressure.py` alone runs all three steps in one go"
         )
-    if ns.remeasure_startup and not ns.from_json:
-        return remeasure_startup_only(ns.pairs, ns.loops, ns.out, ns.json)
     if ns.from_json:
         runs, startup, meta = load_raw(ns.from_json)
         started_at = meta.get("started_at", "?")
@@ -161,9 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             doc.setdefault("meta", {})["startup_remeasured"] = True
             ns.from_json.write_text(json.dumps(doc, default=str))
     else:
-        reason = kernel_cgroups_usable()
-        if reason:
-            print(f"pressure.py: cannot create test cgroups: {reason}", file=sys.stderr)
+        if no_test_cgroups():
             return 2
         started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         quick = ns.quick
@@ -238,9 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def remeasure_startup_only(pairs: int, loops: int, out: Path, dump: Path | None) -> int:
     """The start-up section of an existing report, measured again on the current code."""
-    reason = kernel_cgroups_usable()
-    if reason:
-        print(f"pressure.py: cannot create test cgroups: {reason}", file=sys.stderr)
+    if no_test_cgroups():
         return 2
     with tempfile.TemporaryDirectory(prefix="dsw-bench-") as tmp:
         startup = measure_startup(pairs, loops, Path(tmp), log)
@@ -250,6 +244,14 @@ def remeasure_startup_only(pairs: int, loops: int, out: Path, dump: Path | None)
     refresh_startup(out, startup)
     log(f"replaced the start-up section of {out}")
     return 0
+
+
+def no_test_cgroups() -> bool:
+    """True, with the reason on stderr, when this machine cannot give us test cgroups."""
+    reason = kernel_cgroups_usable()
+    if reason:
+        print(f"pressure.py: cannot create test cgroups: {reason}", file=sys.stderr)
+    return bool(reason)
 
 
 def log(msg: str) -> None:
