@@ -8,6 +8,7 @@ every cgroup here is created below the test process's own memory cgroup (read fr
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import time
@@ -122,6 +123,27 @@ def _remove_tree(path: Path, parking: Path, started: set[int]) -> None:
         time.sleep(0.1)
     with contextlib.suppress(OSError):
         path.rmdir()
+
+
+@contextlib.contextmanager
+def held_claim(directory: Path) -> Iterator[None]:
+    """Hold the instance claim on a child cgroup (an flock on its directory, as
+    dask_safe_worker.cgroup_claim takes it), as a running or starting instance does."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        yield
+    finally:
+        os.close(fd)
+
+
+def claimed(directory: Path) -> bool:
+    """Another process holds the instance claim on `directory`."""
+    try:
+        with held_claim(directory):
+            return False
+    except BlockingIOError:
+        return True
 
 
 @contextlib.contextmanager

@@ -7,7 +7,6 @@ child cgroup it made until the test ends it.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cgroup_util import KernelCgroup
+from cgroup_util import KernelCgroup, claimed, held_claim
 from start_util import DSW, cgroup_state, other_process
 
 MiB, GiB = 2**20, 2**30
@@ -167,18 +166,6 @@ def test_a_leftover_child_of_an_exited_instance_is_removed(
             stop([proc])
 
 
-def claimed(directory: Path) -> bool:
-    """Another process holds the instance claim (an flock) on `directory`."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
-
-
 def test_an_exec_d_instance_claims_its_plain_child_and_the_next_start_removes_it(
     kernel_cgroup: KernelCgroup, started_pids: set[int]
 ) -> None:
@@ -220,19 +207,14 @@ def test_a_claimed_plain_child_is_kept_even_when_empty(
     # Between its mkdir and its move, a starting instance's child is empty but claimed.
     starting = kernel_cgroup.child("dask-safe-worker")
     kernel_cgroup.set_limit(GiB)
-    fd = os.open(starting.path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with other_process(kernel_cgroup, started_pids):
-            proc = start_instance(kernel_cgroup, started_pids, "--min-worker-memory", "1MiB")
-            try:
-                name = wait_settled(proc, kernel_cgroup)
-                assert name == f"dask-safe-worker-{proc.pid}", proc.stderr
-                assert starting.path.exists()
-            finally:
-                stop([proc])
-    finally:
-        os.close(fd)
+    with held_claim(starting.path), other_process(kernel_cgroup, started_pids):
+        proc = start_instance(kernel_cgroup, started_pids, "--min-worker-memory", "1MiB")
+        try:
+            name = wait_settled(proc, kernel_cgroup)
+            assert name == f"dask-safe-worker-{proc.pid}", proc.stderr
+            assert starting.path.exists()
+        finally:
+            stop([proc])
 
 
 def test_the_supervisor_removes_the_child_it_was_named(

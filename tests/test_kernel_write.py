@@ -6,16 +6,14 @@ below its own, so only cgroups made by the test are ever written.
 
 from __future__ import annotations
 
-import fcntl
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-from cgroup_util import KernelCgroup
+from cgroup_util import KernelCgroup, held_claim
 
 MiB, GiB = 2**20, 2**30
 
@@ -108,12 +106,11 @@ def test_a_taken_child_name_gets_the_pid_then_a_random_suffix(
     kernel_cgroup.child("dask-safe-worker")
     other = subprocess.Popen(kernel_cgroup.enter_command(["sleep", "120"]))
     started_pids.add(other.pid)
-    claim = os.open(kernel_cgroup.path / "dask-safe-worker", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        fcntl.flock(claim, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        while other.pid not in kernel_cgroup.pids():
-            assert other.poll() is None
-        result = run_policy(kernel_cgroup, 400 * MiB)
+        with held_claim(kernel_cgroup.path / "dask-safe-worker"):
+            while other.pid not in kernel_cgroup.pids():
+                assert other.poll() is None
+            result = run_policy(kernel_cgroup, 400 * MiB)
         outcome = result["outcome"]
         assert isinstance(outcome, dict)
         name = str(outcome["created_child"]).rsplit("/", 1)[1]
@@ -122,7 +119,6 @@ def test_a_taken_child_name_gets_the_pid_then_a_random_suffix(
         taken = KernelCgroup(kernel_cgroup.path / "dask-safe-worker")
         assert taken.pids() == [] and taken.limit() > GiB
     finally:
-        os.close(claim)
         other.kill()
         other.wait()
 
