@@ -61,8 +61,7 @@ class FollowSpec:
     kernel_note: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        doc = as_dict(self)
-        return doc
+        return as_dict(self)
 
     @classmethod
     def from_json(cls, doc: Any) -> FollowSpec:
