@@ -78,4 +78,9 @@ fi
 
 log "pytest"
 uv run pytest -ra -p no:cacheprovider "$@" || status=$?
+# No test may replace a host path: /dev/null above all (issue 24 row 0).
+if [ ! -c /dev/null ]; then
+    echo "FAILED: /dev/null is no longer a character device after the tests" >&2
+    status=1
+fi
 exit "$status"

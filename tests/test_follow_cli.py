@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -86,7 +87,7 @@ def test_bad_follow_input_exits_2_and_writes_nothing(
 @pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
 )
-def test_read_only_channel_disables_follow_and_the_worker_starts() -> None:
+def test_read_only_channel_disables_follow_and_the_worker_starts(tmp_path: Path) -> None:
     # Read-only filesystems in a private mount namespace over every directory Python's
     # tempfile would try (it skips an unwritable TMPDIR and falls back to /tmp, /var/tmp
     # and the working directory): a container with a read-only root and no scratch /tmp.
@@ -96,6 +97,10 @@ def test_read_only_channel_disables_follow_and_the_worker_starts() -> None:
         f"mount --bind {d} {d} && mount -o remount,bind,ro {d}" for d in ("/tmp", "/var/tmp")
     )
     script = f'{mounts} && cd /tmp && exec "$@"'
+    # A null device of this test's own: written into, it works on the read-only /tmp.
+    null = tmp_path / "null"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    null.chmod(0o666)  # mknod applies the umask
     proc = run(
         [
             "--follow",
@@ -103,7 +108,7 @@ def test_read_only_channel_disables_follow_and_the_worker_starts() -> None:
             "never",
             # The plan file is another helper's; only the channel is under test here.
             "--plan-file",
-            "/dev/null",
+            str(null),
             "--log-format",
             "json",
             "--worker-command",
@@ -124,3 +129,4 @@ def test_read_only_channel_disables_follow_and_the_worker_starts() -> None:
     assert "follow.started" not in names
     assert "dask_safe_worker.follow_worker" not in proc.stdout
     assert "tcp://127.0.0.1:1" in proc.stdout
+    assert stat.S_ISCHR(null.lstat().st_mode)

@@ -84,17 +84,84 @@ def test_planted_symlink_at_the_default_path_is_replaced_not_followed(tmp_path: 
     assert not exported.is_symlink() and json.loads(exported.read_text())["plan"]
 
 
-def test_planted_symlink_at_a_given_plan_file_is_replaced_not_followed(tmp_path: Path) -> None:
+def test_a_symlink_given_as_plan_file_is_refused_before_any_write(tmp_path: Path) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious\n")
     link = tmp_path / "plan.json"
     link.symlink_to(victim)
     proc = start(["--plan-file", str(link)], {})
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.count("dask-safe-worker:") == 1 and "is a symlink" in proc.stderr
     assert victim.read_text() == "precious\n"
-    assert not link.is_symlink()
-    assert stat.S_IMODE(link.stat().st_mode) == 0o600
-    assert proc.stdout.strip() == str(link)
+    assert link.is_symlink() and sorted(os.listdir(tmp_path)) == ["plan.json", "victim"]
+    # Refused before the worker ran: it printed nothing.
+    assert proc.stdout == ""
+
+
+def test_a_null_device_given_as_plan_file_stays_a_device(tmp_path: Path) -> None:
+    # Issue 24 row 0: renaming over /dev/null replaced the host's null device. A node of
+    # this test's own (c 1 3, as /dev/null is) stands in for it.
+    null = tmp_path / "null"
+    os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    null.chmod(0o666)  # mknod applies the umask
+    proc = start(["--plan-file", str(null)], {})
+    assert proc.returncode == 0, proc.stderr
+    info = null.lstat()
+    assert stat.S_ISCHR(info.st_mode) and info.st_rdev == os.makedev(1, 3)
+    assert stat.S_IMODE(info.st_mode) == 0o666
+    assert os.listdir(tmp_path) == ["null"]  # no temporary file beside it
+    assert proc.stdout.strip() == str(null)
+    written = [e for e in audit_events(proc.stderr) if e["event"] == "plan.file.written"]
+    assert written and written[0]["path"] == str(null)
+
+
+def test_a_fifo_given_as_plan_file_receives_the_plan(tmp_path: Path) -> None:
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo, 0o600)
+    # A reader holds the FIFO open before the start, as a log collector would.
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        proc = start(["--plan-file", str(fifo)], {})
+        assert proc.returncode == 0, proc.stderr
+        received = b""
+        while chunk := os.read(reader, 1 << 16):
+            received += chunk
+    finally:
+        os.close(reader)
+    assert json.loads(received)["plan"]["budget"] > 0
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+def test_a_fifo_without_reader_is_a_logged_failure_not_a_hang(tmp_path: Path) -> None:
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo, 0o600)
+    proc = start(["--plan-file", str(fifo)], {})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "-"
+    failed = [e for e in audit_events(proc.stderr) if e["event"] == "plan.file.failed"]
+    assert failed and failed[0]["path"] == str(fifo)
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+
+
+@pytest.mark.parametrize("kind", ["directory", "socket"])
+def test_what_is_neither_file_nor_stream_is_refused(kind: str, tmp_path: Path) -> None:
+    import socket
+
+    target = tmp_path / "target"
+    if kind == "directory":
+        target.mkdir()
+        expected = "directory"
+    else:
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(str(target))
+        sock.close()
+        expected = "is a socket"
+    proc = start(["--plan-file", str(target)], {})
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr and expected in proc.stderr
+    assert proc.stdout == ""
+    assert os.listdir(tmp_path) == ["target"]
 
 
 def test_planted_file_is_replaced_atomically(tmp_path: Path) -> None:

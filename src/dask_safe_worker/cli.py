@@ -179,6 +179,16 @@ def _check_memory_high_kernel(opts: WriteOptions, audit: Audit) -> None:
         )
 
 
+def _check_plan_file(path: Path, audit: Audit) -> None:
+    """Exit 2 before any write when --plan-file names what must not be written."""
+    from .plan_file import PlanFileError, given_kind
+
+    try:
+        given_kind(path)
+    except PlanFileError as exc:
+        _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
+
+
 def _check_local_directory(
     wargs: WorkerArgs, worker_command: str | None, prefix: Sequence[str], audit: Audit
 ) -> None:
@@ -347,18 +357,17 @@ def _write_plan_file(path: str | None, document: dict[str, Any], audit: Audit) -
     # and its start-up time is a goal (docs/benchmarks.md).
     import json
 
-    from .plan_file import default_path, write_atomic
+    from .plan_file import default_path, write_atomic, write_given
 
     target: Path | None = None
+    text = json.dumps(document, indent=2) + "\n"
     try:
-        private: int | None = None
         if path:
-            target = Path(path)
-            stale = 0
+            target, stale = Path(path), 0
+            write_given(target, text)
         else:
             target, stale = default_path(os.environ, os.getpid())
-            private = os.geteuid()
-        write_atomic(target, json.dumps(document, indent=2) + "\n", private)
+            write_atomic(target, text, os.geteuid())
     except OSError as exc:
         reason = str(exc) if exc.strerror is None else exc.strerror
         audit("plan.file.failed", path=None if target is None else str(target), reason=reason)
@@ -443,6 +452,8 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
     except ValueError as exc:
         _fail(EXIT_USAGE, str(exc), audit, "cli.usage.error")
     _check_memory_high_kernel(write_options, audit)
+    if opts.plan_file:
+        _check_plan_file(Path(opts.plan_file), audit)
 
     if opts.worker_help:
         return PassThrough([*prefix, "--help"])

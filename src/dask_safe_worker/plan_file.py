@@ -7,6 +7,12 @@ every file, default or `--plan-file`, is created under a random name with
 O_CREAT|O_EXCL|O_NOFOLLOW and mode 0600, then renamed into place: rename replaces a
 planted link or file instead of following it.
 
+A given `--plan-file` is renamed over only when it is a regular file or missing. A
+character device or FIFO (`/dev/null`, a pipe to a collector) is written into as it is:
+renaming over /dev/null would replace the host's null device with a 0600 file, and every
+other user's writes to it would fail. A symlink, directory or socket is refused before
+anything is written.
+
 Default names carry the host name and the pid that becomes the worker (exec keeps it),
 so a restarted container (always pid 1) reuses its path, and files whose pid is gone are
 removed at the next start: nothing accumulates.
@@ -71,6 +77,52 @@ def _check_private(info: os.stat_result, path: Path, euid: int) -> None:
         raise PlanFileError(f"{path} is open to others (mode {stat.S_IMODE(info.st_mode):o})")
 
 
+def given_kind(path: Path) -> str:
+    """How a given `--plan-file` is written: "replace" (a regular file, or nothing there
+    yet) or "stream" (a character device or FIFO, written into); PlanFileError for what
+    must not be written at all. A path that cannot be looked at counts as "replace": the
+    write then fails and is logged, as for a missing directory."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return "replace"
+    return _kind_of(info.st_mode, path)
+
+
+def _kind_of(mode: int, path: Path) -> str:
+    if stat.S_ISREG(mode):
+        return "replace"
+    if stat.S_ISCHR(mode) or stat.S_ISFIFO(mode):
+        return "stream"
+    if stat.S_ISLNK(mode):
+        what = "a symlink (give the path it points to)"
+    elif stat.S_ISDIR(mode):
+        what = "a directory"
+    elif stat.S_ISSOCK(mode):
+        what = "a socket"
+    else:
+        what = "a block device"
+    raise PlanFileError(f"--plan-file {path} is {what}; name a regular file, a FIFO or /dev/null")
+
+
+def write_given(target: Path, text: str) -> None:
+    """`text` at a path the user gave: into a character device or FIFO as it is, else
+    replacing a regular file (or creating one) atomically; never over anything else."""
+    if given_kind(target) == "replace":
+        write_atomic(target, text)
+        return
+    # O_NONBLOCK: a FIFO without a reader fails at once (ENXIO) instead of holding the
+    # start; without O_CREAT, nothing is made if the node vanished since it was looked at.
+    fd = os.open(target, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        _kind_of(os.fstat(fd).st_mode, target)
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "w", encoding="utf-8", closefd=False) as f:
+            f.write(text)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(target: Path, text: str, private_euid: int | None = None) -> None:
     """`text` at `target`, mode 0600, appearing whole or not at all.
 
@@ -92,6 +144,13 @@ def write_atomic(target: Path, text: str, private_euid: int | None = None) -> No
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
+            if private_euid is None:
+                # Checked again through the directory just before the rename: a device
+                # or directory put there since `given_kind` looked is never replaced.
+                with contextlib.suppress(FileNotFoundError):
+                    mode = os.lstat(target.name, dir_fd=dfd).st_mode
+                    if _kind_of(mode, target) != "replace":
+                        raise PlanFileError(f"--plan-file {target} changed while it was written")
             os.rename(tmp, target.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         except BaseException:
             with contextlib.suppress(OSError):

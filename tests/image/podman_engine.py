@@ -177,6 +177,9 @@ def containers_conf(scratch: Path) -> str:
             "[containers]",
             f"default_ulimits = {json.dumps(ulimits())}",
             "[engine]",
+            # crun refuses hybrid cgroups (v1 controllers beside a cgroup2 mount), and
+            # podman picks it whenever it is installed.
+            'runtime = "runc"',
             'cgroup_manager = "cgroupfs"',
             'events_logger = "file"',
             f'events_logfile_path = "{scratch}/events.log"',
