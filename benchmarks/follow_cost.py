@@ -36,14 +36,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from dask_safe_worker import follow_dask
 from dask_safe_worker.dask_compat.release import installed_release
 from dask_safe_worker.events import no_audit
-from dask_safe_worker.follow import FollowSpec
-from dask_safe_worker.live_limit import LiveLimit, prepare_channel, write_live_limit
+from dask_safe_worker.follow import preload as follow_dask
+from dask_safe_worker.follow.decide import FollowSpec
+from dask_safe_worker.follow.live_limit import LiveLimit, prepare_channel, write_live_limit
+from dask_safe_worker.follow.watch import Watch
 from dask_safe_worker.measure import locate, measure, remeasure
 from dask_safe_worker.plan import Settings, make_plan
-from dask_safe_worker.watch import Watch
 from dask_safe_worker.worker_args import WorkerArgs
 
 SLEEP = shutil.which("sleep") or "/bin/sleep"

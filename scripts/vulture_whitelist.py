@@ -20,7 +20,7 @@ _.memory_dir  # tests/image/podman_engine.py: used when a test fails, to explain
 _.leftovers
 
 # Dataclass fields that only reach JSON (asdict: the audit log, the plan file, reports).
-requested  # cgroup_write.WriteOutcome
+requested  # cgroup.write.WriteOutcome
 siblings_committed  # plan.Plan
 mount_root  # cgroup_locate.CgroupLocation
 headroom_before  # benchmarks/dswbench/harness.RunResult

@@ -128,7 +128,7 @@ def _remove_tree(path: Path, parking: Path, started: set[int]) -> None:
 @contextlib.contextmanager
 def held_claim(directory: Path) -> Iterator[None]:
     """Hold the instance claim on a child cgroup (an flock on its directory, as
-    dask_safe_worker.cgroup_claim takes it), as a running or starting instance does."""
+    dask_safe_worker.cgroup.claim takes it), as a running or starting instance does."""
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -300,13 +300,15 @@ def test_the_images_install_recipe_replayed_offline_gives_working_commands(
 
     With --require-hashes every transitive dependency must be pinned and hashed in the export,
     so a lock that misses one fails here as it would in `docker build`. (uv stands in for pip
-    and this interpreter for the image's; no network is used.)
+    and this interpreter for the image's.) The install may use the package index: on a
+    fresh machine `uv sync` builds sdist-only packages (cgroupspy) into a cache entry that a
+    hash-checked offline install does not find.
     """
     uv = shutil.which("uv")
     if uv is None:
         pytest.skip("uv is not on PATH")
     dist, venv = tmp_path / "dist", tmp_path / "venv"
-    env = {**os.environ, "UV_OFFLINE": "1", "VIRTUAL_ENV": str(venv)}
+    env = {**os.environ, "VIRTUAL_ENV": str(venv)}
     env.pop("UV_PROJECT_ENVIRONMENT", None)
     steps = [
         [uv, "build", "--wheel", "--out-dir", str(dist), str(REPO_ROOT)],
@@ -328,8 +330,6 @@ def test_the_images_install_recipe_replayed_offline_gives_working_commands(
         result = subprocess.run(
             step, env=env, cwd=REPO_ROOT, capture_output=True, text=True, timeout=600
         )
-        if result.returncode != 0 and "offline" in result.stderr.lower():
-            pytest.skip(f"not in uv's cache: {result.stderr.strip()[-300:]}")
         assert result.returncode == 0, (step, result.stderr)
     (wheel,) = dist.glob("dask_safe_worker-*.whl")
     result = _run([uv, "pip", "install", "--no-deps", str(wheel)], env=env)
@@ -708,20 +708,20 @@ def test_unit_memory_and_stop_settings() -> None:
 
 
 def test_unit_does_not_restart_on_the_tools_own_refusals() -> None:
-    from dask_safe_worker import cli  # type: ignore[import-untyped,unused-ignore]
+    from dask_safe_worker import exits  # type: ignore[import-untyped,unused-ignore]
 
     refusals = {
-        cli.EXIT_USAGE,
-        cli.EXIT_PLAN_REFUSED,
-        cli.EXIT_WRITE_REQUIRED,
-        cli.EXIT_UNSUPPORTED,
+        exits.EXIT_USAGE,
+        exits.EXIT_PLAN_REFUSED,
+        exits.EXIT_WRITE_REQUIRED,
+        exits.EXIT_UNSUPPORTED,
     }
     assert refusals == {2, 3, 4, 5}
     prevented = {int(word) for word in _one("Service", "RestartPreventExitStatus").split()}
     assert prevented == refusals
     # A crash (exit 1, a signal) still restarts.
     assert _one("Service", "Restart") == "on-failure"
-    assert cli.EXIT_MEASURE_FAILED not in prevented
+    assert exits.EXIT_MEASURE_FAILED not in prevented
 
 
 def test_unit_install_story_matches_the_readme() -> None:

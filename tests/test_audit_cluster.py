@@ -410,7 +410,7 @@ def test_collect_reads_the_plan_file_and_measures(
 def test_a_followed_worker_is_judged_by_its_live_limit(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dask_safe_worker.live_limit import LIVE_FILE_ENV, LiveLimit, write_live_limit
+    from dask_safe_worker.follow.live_limit import LIVE_FILE_ENV, LiveLimit, write_live_limit
 
     assert audit_remote.LIVE_FILE_ENV == LIVE_FILE_ENV
     plan_file = tmp_path / "plan.json"

@@ -9,7 +9,7 @@ from pathlib import Path
 from dask_safe_worker.event_line import SCHEMA_VERSION, STAMP_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
-# audit("name", ...), cli._fail(code, message, audit, "name") and _exec(..., event="name").
+# audit("name", ...), Refused(code, message, event="name") and _exec(..., event="name").
 EMIT = re.compile(
     r'(?<![\w])audit\(\s*"([a-z_.]+)"|audit,\s*"([a-z_.]+)",?\s*\)|event(?::\s*str)?\s*=\s*"([a-z_.]+)"'
 )
@@ -17,7 +17,7 @@ EMIT = re.compile(
 
 def emitted() -> set[str]:
     names: set[str] = set()
-    for path in (ROOT / "src/dask_safe_worker").glob("*.py"):
+    for path in (ROOT / "src/dask_safe_worker").rglob("*.py"):
         if path.name.startswith("audit_"):
             continue
         for match in EMIT.finditer(path.read_text()):

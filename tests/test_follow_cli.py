@@ -127,6 +127,6 @@ def test_read_only_channel_disables_follow_and_the_worker_starts(tmp_path: Path)
     # Still supervised, and the worker ran without our preloads.
     assert "init.exec" in names and "init.start" in names
     assert "follow.started" not in names
-    assert "dask_safe_worker.follow_worker" not in proc.stdout
+    assert "dask_safe_worker.follow.worker" not in proc.stdout
     assert "tcp://127.0.0.1:1" in proc.stdout
     assert stat.S_ISCHR(null.lstat().st_mode)

@@ -10,7 +10,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from dask_safe_worker.dask_compat.release import installed_release
-from dask_safe_worker.follow import (
+from dask_safe_worker.follow.decide import (
     HYSTERESIS_FLOOR,
     Decision,
     FollowSpec,

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from dask_safe_worker.live_limit import (
+from dask_safe_worker.follow.live_limit import (
     LIVE_FILE_ENV,
     LiveLimit,
     prepare_channel,
@@ -31,9 +31,9 @@ pytestmark = [pytest.mark.e2e]
 MiB = 2**20
 PRELOADS = [
     "--preload",
-    "dask_safe_worker.follow_worker",
+    "dask_safe_worker.follow.worker",
     "--preload-nanny",
-    "dask_safe_worker.follow_nanny",
+    "dask_safe_worker.follow.nanny",
 ]
 
 

@@ -221,7 +221,7 @@ def test_the_supervisor_removes_the_child_it_was_named(
     kernel_cgroup: KernelCgroup, started_pids: set[int]
 ) -> None:
     # The child's name is unique per instance, so the planning process must hand that
-    # name to the supervisor (cli.supervisor_argv): with --init, the child is gone once
+    # name to the supervisor (run_worker.supervisor_argv): with --init, the child is gone once
     # the worker has exited, and nothing else was removed.
     kernel_cgroup.set_limit(GiB)
     kept = kernel_cgroup.child("dask-safe-worker-keep")

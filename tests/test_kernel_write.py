@@ -22,7 +22,7 @@ pytestmark = pytest.mark.kernel
 APPLY = textwrap.dedent(
     """
     import json, sys
-    from dask_safe_worker.cgroup_write import WriteOptions, apply_limit
+    from dask_safe_worker.cgroup.write import WriteOptions, apply_limit
     from dask_safe_worker.dask_compat.release import installed_release
     from dask_safe_worker.measure import measure
     budget, margin, hold = (int(a) for a in sys.argv[1:4])

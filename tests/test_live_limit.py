@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dask_safe_worker.live_limit import (
+from dask_safe_worker.follow.live_limit import (
     LiveLimit,
     parse_live_limit,
     prepare_channel,

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dask_safe_worker.cgroup_parse import (
+from dask_safe_worker.cgroup.parse import (
     V1_UNLIMITED_FLOOR,
     parse_controllers,
     parse_int,

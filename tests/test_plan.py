@@ -220,8 +220,7 @@ def test_user_limit_parity_with_distributed(
 
 
 def test_memory_limit_decision_is_keep_set_or_clamped() -> None:
-    from dask_safe_worker.plan import MemoryLimitDecision
-    from dask_safe_worker.worker_args import apply_memory_limit
+    from dask_safe_worker.worker_args import MemoryLimitDecision, apply_memory_limit
 
     m = measurement(levels=(level(GiB, 100 * MiB),))
     args = ["tcp://127.0.0.1:1", "--memory-limit", "4GiB", "--", "--memory-limit"]

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from cgroup_util import KernelCgroup
 from dask_safe_worker import cli
-from dask_safe_worker.cgroup_write import WriteOptions, child_name_problem
+from dask_safe_worker.cgroup.write import WriteOptions, child_name_problem
 from start_util import DSW, NOOP_WORKER, cgroup_state, other_process, run_in
 
 GiB = 2**30

@@ -7,7 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from dask_safe_worker import cli
+from dask_safe_worker import exits
+from dask_safe_worker.cgroup import write as cgroup_write
 from dask_safe_worker.cluster_audit import verdicts
 from release_util import require_distributed_at_least
 
@@ -48,10 +49,10 @@ def test_the_nanny_and_kernel_lines_are_dasks_own_wording() -> None:
 
 
 def test_the_required_refusal_is_the_clis_exit_code_and_message() -> None:
-    assert cli.EXIT_WRITE_REQUIRED == 4
+    assert exits.EXIT_WRITE_REQUIRED == 4
     assert "--cgroup-write required, but the kernel limit could not be set (EROFS)" in DOC
     assert "$ echo $?\n4\n" in DOC
-    source = inspect.getsource(cli)
+    source = inspect.getsource(cgroup_write)
     assert "--cgroup-write required, but the kernel limit could not be set" in source
 
 

@@ -15,17 +15,17 @@ from typing import Any
 import pytest
 
 from dask_safe_worker.dask_compat.release import installed_release
-from dask_safe_worker.follow import FollowSpec, ManagedLimit, replan, with_original_limit
-from dask_safe_worker.live_limit import (
+from dask_safe_worker.follow.decide import FollowSpec, ManagedLimit, replan, with_original_limit
+from dask_safe_worker.follow.live_limit import (
     LiveLimit,
     prepare_channel,
     read_live_limit,
     write_ack,
     write_live_limit,
 )
+from dask_safe_worker.follow.watch import Watch
 from dask_safe_worker.measure import locate, remeasure
 from dask_safe_worker.plan import Settings
-from dask_safe_worker.watch import Watch
 from dask_safe_worker.worker_args import WorkerArgs
 
 MiB = 2**20

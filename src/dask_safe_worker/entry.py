@@ -38,12 +38,12 @@ def _plainly_valid(args: Sequence[str], values: frozenset[str], flags: frozenset
 
 def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | None:
     """The budget for a plain `--print-limit`, or None where the full command must decide."""
+    from .cgroup.siblings import read_siblings, with_siblings
     from .dask_compat.dask_worker import nworkers_options, worker_options
     from .dask_compat.release import UnsupportedDistributedError, check_supported, installed_release
     from .measure import measure
     from .options import FLAG_NAMES, VALUE_NAMES, fast_options
     from .plan import PlanError, make_plan
-    from .siblings import read_siblings, with_siblings
     from .worker_args import parse_worker_args, split_argv
 
     # The same split the full command makes, so `--name --print-limit` stays a worker name.

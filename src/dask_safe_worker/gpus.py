@@ -13,6 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from .events import Audit
+from .exits import EXIT_USAGE, Refused
+
 CUDA_OPTION = "--CUDA_VISIBLE_DEVICES"
 
 
@@ -96,3 +99,26 @@ def visible_gpus(
     if out.returncode != 0:
         return GpuCount(None, f"nvidia-smi -L exited {out.returncode}")
     return GpuCount(count_nvidia_smi_list(out.stdout), "nvidia-smi -L")
+
+
+def gpu_workers(prefix: Sequence[str], worker_args: Sequence[str], audit: Audit) -> int | None:
+    """How many workers dask-cuda starts (None: not dask-cuda). It gives every GPU's
+    worker the whole --memory-limit, so the GPUs are counted, or the start is Refused
+    rather than give each of them the node's budget."""
+    if not is_dask_cuda(prefix):
+        return None
+    found = visible_gpus(worker_args, os.environ)
+    audit("worker.gpus", **found.as_dict())
+    if found.count is None:
+        raise Refused(
+            EXIT_USAGE,
+            f"{' '.join(prefix)} starts one worker per GPU, and the GPUs cannot be counted "
+            f"({found.source}): set CUDA_VISIBLE_DEVICES",
+        )
+    if found.count == 0:
+        raise Refused(
+            EXIT_USAGE,
+            f"{' '.join(prefix)} would start no worker: no GPU is visible ({found.source} "
+            "lists none)",
+        )
+    return found.count

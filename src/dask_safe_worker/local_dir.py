@@ -13,6 +13,8 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
+from .exits import EXIT_USAGE, Refused
+
 FIX = (
     "mount a tmpfs or emptyDir at /tmp, set TMPDIR to a writable directory, "
     "or pass --local-directory"
@@ -61,3 +63,12 @@ def scratch_problem(
     except OSError:
         return f"no writable temporary directory for the worker's files: {FIX}"
     return None
+
+
+def require_scratch(
+    local_directory: str | None, environ: Mapping[str, str], dask_default: bool
+) -> None:
+    """Refused (exit 2, one line) when the worker will have nowhere to write."""
+    problem = scratch_problem(local_directory, environ, dask_default)
+    if problem is not None:
+        raise Refused(EXIT_USAGE, problem)

@@ -10,9 +10,9 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-from .cgroup_files import V2MemoryCgroup, open_memory_cgroup, read_kernel_text
-from .cgroup_locate import CgroupLocation, cgroup2_mount, host_path, locate_memory_cgroup
-from .cgroup_parse import parse_controllers, working_set
+from .cgroup.files import V2MemoryCgroup, open_memory_cgroup, read_kernel_text
+from .cgroup.locate import CgroupLocation, cgroup2_mount, host_path, locate_memory_cgroup
+from .cgroup.parse import parse_controllers, working_set
 from .dask_compat.dask_system import cpu_count
 from .dask_compat.distributed_system import memory_limit
 from .dask_compat.release import Release

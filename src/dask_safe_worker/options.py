@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 
-from .cgroup_write import DEFAULT_CHILD_NAME, MAX_LIMIT, child_name_problem
+from .cgroup.write import DEFAULT_CHILD_NAME, MAX_LIMIT, child_name_problem
 from .events import LOG_FORMATS
 from .plan import DEFAULT_MIN_WORKER_MEMORY, DEFAULT_NANNY_ALLOWANCE
 from .records import record
@@ -22,7 +22,7 @@ TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy kno
 if TYPE_CHECKING:
     from typing import Any, Literal
 
-    from .cgroup_write import WriteMode, WriteOptions
+    from .cgroup.write import WriteMode, WriteOptions
     from .plan import Settings
 
     LogFormat = Literal["auto", "json", "console", "none"]
@@ -144,7 +144,7 @@ class Options:
 
     def write_options(self) -> WriteOptions:
         """ValueError for a value `apply_limit` would refuse."""
-        from .cgroup_write import WriteOptions
+        from .cgroup.write import WriteOptions
 
         return WriteOptions(
             mode=self.cgroup_write,
@@ -155,7 +155,8 @@ class Options:
 
 
 def parse_interval(text: str) -> float:
-    from .follow import validate_interval  # only for --follow-interval: not on the fast path
+    # only for --follow-interval: not on the fast path
+    from .follow.decide import validate_interval
 
     try:
         return validate_interval(float(text))

@@ -11,16 +11,13 @@ from .dask_compat.dask_worker import WorkerArgsError, resolve_nworkers_nthreads
 from .measure import Measurement
 from .records import as_dict, field, record
 from .sizes import Amount, parse_bytes
-from .worker_args import WorkerArgs
+from .worker_args import MemoryLimitDecision, WorkerArgs
 
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from typing import Literal
 
-    from .siblings import Sibling
-
-    MemoryLimitAction = Literal["keep", "set", "clamped"]
+    from .cgroup.siblings import Sibling
 
 MiB = 2**20
 
@@ -75,16 +72,6 @@ def resolve_worker_values(args: WorkerArgs, m: Measurement) -> WorkerValues:
                 f"--memory-limit {args.memory_limit!r} is not a size dask understands: {exc}"
             ) from exc
     return WorkerValues(n_workers, nthreads, user_bytes, cores)
-
-
-@record
-class MemoryLimitDecision:
-    """What happens to `--memory-limit` on the worker's command line: keep the user's
-    value, set the planned one (none given), or clamp the user's to the planned one."""
-
-    action: MemoryLimitAction
-    # The bytes that go on the command line; None for keep.
-    value: int | None = None
 
 
 @record
@@ -230,4 +217,19 @@ def make_plan(
         effective_per_worker=effective,
         siblings=len(siblings),
         siblings_committed=committed,
+    )
+
+
+def user_limit_warning(plan: Plan) -> str:
+    """A --memory-limit above the budget passes through (dask keeps it), so the kernel
+    limit, not Dask's spilling, may be what stops the worker: the line that says so,
+    with the way out."""
+    from .sizes import format_bytes
+
+    given = plan.user_memory_limit_bytes or 0
+    return (
+        f"--memory-limit {plan.user_memory_limit} "
+        f"({format_bytes(given)} per worker, {plan.n_workers} worker(s)) does not fit the "
+        f"budget of {format_bytes(plan.budget)}; Dask may not spill before the kernel "
+        f"limit; add --clamp-memory-limit to use {format_bytes(plan.per_worker)} instead"
     )

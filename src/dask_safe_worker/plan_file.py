@@ -23,8 +23,15 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .cgroup.write import WriteMode, WriteOutcome
+    from .events import Audit
+    from .measure import Measurement
+    from .plan import Plan
 
 DIR_NAME = "dask-safe-worker"
 
@@ -203,3 +210,51 @@ def default_path(environ: Mapping[str, str], pid: int) -> tuple[Path, int]:
             continue
         return directory / default_name(pid), remove_stale(directory)
     raise PlanFileError("no private directory for the plan file: " + "; ".join(reasons))
+
+
+def plan_document(
+    m: Measurement,
+    plan: Plan,
+    argv: Sequence[str],
+    write: WriteOutcome | None,
+    mode: WriteMode,
+) -> dict[str, Any]:
+    """The plan as `--dry-run` prints it and the plan file holds it."""
+    from . import __version__
+    from .cgroup.write import intended_strategy
+    from .event_line import SCHEMA_VERSION
+
+    return {
+        "schema": SCHEMA_VERSION,
+        "version": __version__,
+        "measurement": m.as_dict(),
+        "plan": plan.as_dict(),
+        "cgroup_write": {
+            "mode": mode,
+            "intended_strategy": intended_strategy(m, mode),
+            "outcome": None if write is None else write.as_dict(),
+        },
+        "argv": list(argv),
+    }
+
+
+def record_plan(path: str | None, document: dict[str, Any], audit: Audit) -> str | None:
+    """The plan as JSON at `path` (default: a private runtime directory), or None after a
+    logged failure: the worker starts either way, without a plan file to point to."""
+    import json
+
+    target: Path | None = None
+    text = json.dumps(document, indent=2) + "\n"
+    try:
+        if path:
+            target, stale = Path(path), 0
+            write_given(target, text)
+        else:
+            target, stale = default_path(os.environ, os.getpid())
+            write_atomic(target, text, os.geteuid())
+    except OSError as exc:
+        reason = str(exc) if exc.strerror is None else exc.strerror
+        audit("plan.file.failed", path=None if target is None else str(target), reason=reason)
+        return None
+    audit("plan.file.written", path=str(target), stale_removed=stale)
+    return str(target)

@@ -5,11 +5,40 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from .events import Audit
+from .exits import EXIT_EXEC_FAILED
 
-EXIT_EXEC_FAILED = 127
+if TYPE_CHECKING:
+    from .cgroup.write import WriteOutcome
+
+
+def supervisor_argv(
+    argv: Sequence[str],
+    outcome: WriteOutcome,
+    log_format: str,
+    process_group: bool,
+    follow_spec: str | None = None,
+) -> list[str]:
+    """`python -m dask_safe_worker.supervise ... -- <worker argv>`."""
+    from .dask_compat import dask_worker
+    from .event_line import worker_name
+    from .events import start_id
+
+    cmd = [sys.executable, "-m", "dask_safe_worker.supervise"]
+    # Same format and start id as our lines, so that one start reads as one log.
+    cmd += ["--log-format", log_format, "--start-id", start_id()]
+    name = worker_name(argv, dask_worker.WORKER_VALUE_OPTIONS)
+    if name is not None:
+        cmd += ["--worker-name", name]
+    if process_group:
+        cmd.append("-g")
+    if outcome.created_child and outcome.parent_dir:
+        cmd += ["--remove-cgroup", outcome.created_child, "--parent-cgroup", outcome.parent_dir]
+    if follow_spec:
+        cmd += ["--follow", follow_spec]
+    return [*cmd, "--", *argv]
 
 
 def exec_worker(argv: Sequence[str], env: Mapping[str, str], audit: Audit) -> NoReturn:

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from .cgroup_leave import leave_and_remove
+from .cgroup.leave import leave_and_remove
 from .event_line import Stamp, console_line, errno_name, json_line, record
 
 __all__ = [
@@ -475,7 +475,7 @@ def main(args: Sequence[str] | None = None) -> int:
     ticker = None
     if follow_spec is not None:
         # Imported only with --follow: the bare supervisor stays stdlib only.
-        from .watch import start_watch
+        from .follow.watch import start_watch
 
         ticker = start_watch(follow_spec, audit)
         if ticker is not None:

@@ -13,8 +13,19 @@ from .records import record
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
 if TYPE_CHECKING:
     from collections.abc import Sequence
+    from typing import Literal
 
-    from .plan import MemoryLimitDecision
+    MemoryLimitAction = Literal["keep", "set", "clamped"]
+
+
+@record
+class MemoryLimitDecision:
+    """What happens to `--memory-limit` on the worker's command line: keep the user's
+    value, set the planned one (none given), or clamp the user's to the planned one."""
+
+    action: MemoryLimitAction
+    # The bytes that go on the command line; None for keep.
+    value: int | None = None
 
 
 @record

@@ -262,7 +262,7 @@ _WARM_MODULES = (
     "distributed.cli.dask_scheduler",
     "distributed.cli.dask_worker",
     "dask_safe_worker.cli",
-    "dask_safe_worker.cgroup_write",
+    "dask_safe_worker.cgroup.write",
     "pytest",
     "pytest_timeout",
 )

@@ -16,16 +16,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .cgroup_write import WriteOutcome
-from .follow import FollowSpec, ManagedLimit
+from ..cgroup.write import WriteOutcome
+from ..events import Audit
+from ..measure import Measurement
+from ..plan import Plan, Settings
+from ..worker_args import WorkerArgs
+from .decide import FollowSpec, ManagedLimit
 from .live_limit import LIVE_FILE_ENV, LiveLimit, prepare_channel, write_live_limit
-from .measure import Measurement
-from .plan import Plan, Settings
 from .watch import SPEC_FILE
-from .worker_args import WorkerArgs
 
-WORKER_PRELOAD = "dask_safe_worker.follow_worker"
-NANNY_PRELOAD = "dask_safe_worker.follow_nanny"
+WORKER_PRELOAD = "dask_safe_worker.follow.worker"
+NANNY_PRELOAD = "dask_safe_worker.follow.nanny"
 
 
 @dataclass(frozen=True)
@@ -121,3 +122,24 @@ def prepare(
             f"cannot write the live-limit channel: {exc.strerror or exc}"
         ) from exc
     return FollowSetup(spec_file, live, {LIVE_FILE_ENV: live})
+
+
+def attach(
+    m: Measurement,
+    plan: Plan,
+    wargs: WorkerArgs,
+    settings: Settings,
+    outcome: WriteOutcome,
+    interval: float,
+    worker_args: Sequence[str],
+    audit: Audit,
+) -> tuple[list[str], dict[str, str], str | None]:
+    """(the worker's arguments, the variables it gets, the spec file for the supervisor)
+    with following set up; the arguments as given and no spec when it cannot be
+    (`follow.disabled` says why), so the worker starts either way."""
+    try:
+        setup = prepare(m, plan, wargs, settings, outcome, interval)
+    except FollowUnavailable as exc:
+        audit("follow.disabled", reason=str(exc))
+        return list(worker_args), {}, None
+    return with_preloads(worker_args, wargs.nanny), setup.env, setup.spec_file

@@ -13,11 +13,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .cgroup_files import open_memory_cgroup
-from .cgroup_parse import working_set
-from .measure import Measurement
-from .proc_parse import ParseError
-from .records import record, replace
+from ..measure import Measurement
+from ..proc_parse import ParseError
+from ..records import record, replace
+from .files import open_memory_cgroup
+from .parse import working_set
 
 
 @record

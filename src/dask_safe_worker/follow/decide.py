@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .measure import LevelReading, Measurement
-from .plan import Plan, PlanError, Settings, make_plan
-from .records import as_dict, record, replace
-from .sizes import Amount
-from .worker_args import WorkerArgs
+from ..measure import LevelReading, Measurement
+from ..plan import Plan, PlanError, Settings, make_plan
+from ..records import as_dict, record, replace
+from ..sizes import Amount
+from ..worker_args import WorkerArgs
 
 MiB = 2**20
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import cgroup_parse as cp
+from . import parse as cp
 
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
 if TYPE_CHECKING:

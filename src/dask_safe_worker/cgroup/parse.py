@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .proc_parse import ParseError, lines
+from ..proc_parse import ParseError, lines
 
 # str.strip() would also take Unicode spaces and the \x1c-\x1f separators for blanks.
 _BLANK = " \t\n"

@@ -1,4 +1,4 @@
-"""`--preload dask_safe_worker.follow_worker`: the worker follows the live memory limit.
+"""`--preload dask_safe_worker.follow.worker`: the worker follows the live memory limit.
 
 Added to the worker's argv by `dask-safe-worker --follow`. On every new generation of
 the live-limit file it sets, in this order:
@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import _scheduler_side, follow_dask
+from . import preload as follow_dask
+from . import scheduler as _scheduler_side
 from .live_limit import LiveLimit, read_live_limit
 
 logger = logging.getLogger("dask_safe_worker.follow")

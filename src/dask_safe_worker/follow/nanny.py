@@ -1,4 +1,4 @@
-"""`--preload-nanny dask_safe_worker.follow_nanny`: the nanny follows the live limit.
+"""`--preload-nanny dask_safe_worker.follow.nanny`: the nanny follows the live limit.
 
 The nanny restarts its worker when the worker's RSS passes 95 % of
 `memory_manager.memory_limit`, and passes that same value to every worker it (re)starts
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from . import follow_dask
+from . import preload as follow_dask
 from .live_limit import LiveLimit, read_live_limit
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path, PurePosixPath
 
-from .proc_parse import CgroupEntry, Mount
-from .records import record
+from ..proc_parse import CgroupEntry, Mount
+from ..records import record
 
 
 @record

@@ -19,10 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .cgroup_files import open_memory_cgroup
-from .cgroup_parse import parse_memory_stat
-from .dask_compat.release import Release, installed_release
-from .follow import (
+from ..cgroup.files import open_memory_cgroup
+from ..cgroup.parse import parse_memory_stat
+from ..dask_compat.release import Release, installed_release
+from ..measure import Measurement, locate, remeasure
+from ..plan import PlanError
+from ..proc_parse import ParseError
+from .decide import (
     FollowSpec,
     ManagedLimit,
     ancestor_limit,
@@ -39,9 +42,6 @@ from .live_limit import (
     remove_channel,
     write_live_limit,
 )
-from .measure import Measurement, locate, remeasure
-from .plan import PlanError
-from .proc_parse import ParseError
 
 Audit = Callable[..., None]
 
@@ -65,7 +65,7 @@ class _Pending:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
-        from .event_line import errno_name
+        from ..event_line import errno_name
 
         return errno_name(exc.errno)
     return str(exc)

@@ -16,22 +16,22 @@ import math
 import os
 from pathlib import Path
 
-from .cgroup_claim import claim_new, remove_if_unclaimed
-from .cgroup_files import V2MemoryCgroup, open_memory_cgroup
-from .cgroup_leave import leave_and_remove, move_pid
-from .cgroup_parse import parse_controllers
-from .event_line import errno_name
-from .events import no_audit
-from .proc_parse import ParseError
-from .records import field, mutable_record, record
+from ..event_line import errno_name
+from ..events import no_audit
+from ..proc_parse import ParseError
+from ..records import field, mutable_record, record
+from .claim import claim_new, remove_if_unclaimed
+from .files import V2MemoryCgroup, open_memory_cgroup
+from .leave import leave_and_remove, move_pid
+from .parse import parse_controllers
 
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
 if TYPE_CHECKING:
     from typing import Literal
 
-    from .cgroup_files import MemoryCgroupFiles
-    from .events import Audit
-    from .measure import Measurement
+    from ..events import Audit
+    from ..measure import Measurement
+    from .files import MemoryCgroupFiles
 
     WriteMode = Literal["auto", "never", "required"]
     # own: our own cgroup, where we are alone; child: one we create below it.
@@ -387,4 +387,39 @@ def apply_limit(
         )
     outcome = writer.child()
     outcome.notes = [f"{a.strategy}: {a.reason}" for a in attempts]
+    return outcome
+
+
+def memory_high_kernel_problem(opts: WriteOptions, uname_release: str) -> str | None:
+    """Why our own memory.high cannot be used on this kernel (older than 5.9), or None."""
+    if not opts.memory_high_fraction or opts.mode == "never":
+        return None
+    from .parse import MEMORY_HIGH_MIN_KERNEL, parse_kernel_release
+
+    try:
+        release = parse_kernel_release(uname_release)
+    except ParseError as exc:
+        return f"--memory-high-fraction needs Linux 5.9 or later; cannot tell: {exc}"
+    if release >= MEMORY_HIGH_MIN_KERNEL:
+        return None
+    return (
+        f"--memory-high-fraction needs Linux 5.9 or later (older kernels can stall a "
+        f"worker held at memory.high); this kernel is {release[0]}.{release[1]}: "
+        "drop the option or use --memory-high-fraction 0"
+    )
+
+
+def enforce(m: Measurement, budget: int, opts: WriteOptions, audit: Audit) -> WriteOutcome:
+    """The budget as a kernel limit where permitted (`apply_limit`), logged; Refused
+    (exit 4) when --cgroup-write required could not set it."""
+    outcome = apply_limit(m, budget, opts=opts, audit=audit)
+    audit("cgroup.write.outcome", **outcome.as_dict())
+    if opts.mode == "required" and not outcome.enforced:
+        from ..exits import EXIT_WRITE_REQUIRED, Refused
+
+        raise Refused(
+            EXIT_WRITE_REQUIRED,
+            f"--cgroup-write required, but the kernel limit could not be set ({outcome.reason})",
+            event="cgroup.write.required.failed",
+        )
     return outcome

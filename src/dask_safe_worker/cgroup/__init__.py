@@ -1,0 +1,1 @@
+"""Reading, locating, parsing, writing, claiming and leaving memory cgroups."""
