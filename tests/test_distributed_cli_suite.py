@@ -1,0 +1,166 @@
+"""distributed's own CLI tests pass the same with dask-safe-worker as with `dask worker`.
+
+The drop-in check of scripts/distributed_cli_suite.py (whose docstring has the details):
+`distributed/cli/tests/test_dask_worker.py` of the installed release runs twice, as
+written and with each `dask worker` it starts replaced by `dask-safe-worker` (a
+sitecustomize on the runs' PYTHONPATH execs the tool in the started process, since
+distributed's popen() starts `<python> -m dask worker`, never a `dask` from PATH). The
+set of passing test ids must be the same; the failure lists each id that passed in one
+run only, with an excerpt of its failure.
+
+- The test file comes from $DSW_DISTRIBUTED_SOURCE (+ $DSW_DISTRIBUTED_REF for a git
+  directory) when set, else from the PyPI sdist of the installed version (cached per
+  user). When that has none (the sdists of recent releases ship no tests), the tests
+  skip and say so.
+- The first test runs in this session's cgroup with DASK_SAFE_WORKER_CGROUP_WRITE=never:
+  no test may write that cgroup; planning, --memory-limit and the exec of the worker,
+  what distributed's tests see, are unchanged by it. The second runs inside a test
+  cgroup of its own with the tool's default `auto`, so that instances also make child
+  cgroups and see each other's, as they do on a host.
+- Tests that dial outside loopback (192.168.1.100, the host's outward address), start a
+  scheduler without --host, or put a worker on every interface are deselected in both
+  runs, each listed with its reason in the report.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cgroup_util import KernelCgroup
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def load(name: str, path: Path) -> Any:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    # dataclasses look their module up in sys.modules while the class is made.
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def load_suite() -> Any:
+    return load("distributed_cli_suite", SCRIPTS / "distributed_cli_suite.py")
+
+
+PY = "/venv/bin/python"
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([PY, "-m", "dask", "worker", "tcp://127.0.0.1:1", "--nworkers", "2"],
+         ([], ["tcp://127.0.0.1:1", "--nworkers", "2"])),
+        ([PY, "-X", "dev", "-u", "-m", "dask", "worker"], (["-X", "dev", "-u"], [])),
+        ([PY, "/venv/bin/dask", "worker", "--no-nanny"], ([], ["--no-nanny"])),
+        ([PY, "-m", "dask", "scheduler", "--host", "127.0.0.1"], None),
+        ([PY, "-m", "distributed.cli.dask_worker", "tcp://127.0.0.1:1"], None),
+        ([PY, "-m", "dask_safe_worker", "tcp://127.0.0.1:1"], None),
+        ([PY, "/venv/bin/dask", "scheduler"], None),
+        ([PY, "-c", "from multiprocessing.spawn import spawn_main", "-m", "dask", "worker"],
+         None),
+        ([PY], None),
+    ],
+)  # fmt: skip
+def test_the_shim_replaces_dask_worker_starts_only(
+    argv: list[str], expected: tuple[list[str], list[str]] | None
+) -> None:
+    """Only `dask worker` becomes dask-safe-worker: the tool's own exec of
+    `python -m distributed.cli.dask_worker`, schedulers and spawned children pass."""
+    shim = load("dsw_cli_shim", SCRIPTS / "distributed_cli_shim" / "sitecustomize.py")
+    assert shim.dask_worker_args(argv) == expected
+
+
+RISKY_TESTS = """
+def test_loopback():
+    popen(["dask", "worker", "tcp://127.0.0.2:1"])
+
+def test_far(p):
+    main(["192.168.1.100:7777"])
+
+def test_outward():
+    w_host = get_ip()
+
+async def test_scheduler_everywhere():
+    popen([sys.executable, "-m", "dask", "scheduler", "--port", "1"])
+
+def test_scheduler_on_loopback():
+    popen([sys.executable, "-m", "dask", "scheduler", "--host", "127.0.0.1"])
+"""
+
+
+def test_tests_that_may_leave_loopback_are_refused_unless_deselected() -> None:
+    suite = load_suite()
+    ids = [
+        f"{suite.TEST_FILE}::{t}"
+        for t in (
+            "test_loopback",
+            "test_far[1]",
+            "test_far[2]",
+            "test_outward",
+            "test_scheduler_everywhere",
+            "test_scheduler_on_loopback",
+        )
+    ]
+    assert suite.unreviewed(RISKY_TESTS, ids) == [
+        "test_far[1]",
+        "test_far[2]",
+        "test_outward",
+        "test_scheduler_everywhere",
+    ]
+    suite.NETWORK_DESELECTED.update({"test_far[1]": "x", "test_far[2]": "x", "test_outward": "x"})
+    assert suite.unreviewed(RISKY_TESTS, ids) == ["test_scheduler_everywhere"]
+
+
+def source_or_skip(suite: Any) -> Any:
+    try:
+        return suite.resolve_source(
+            suite.installed_version(),
+            os.environ.get("DSW_DISTRIBUTED_SOURCE"),
+            os.environ.get("DSW_DISTRIBUTED_REF"),
+        )
+    except suite.SourceUnavailable as e:
+        pytest.skip(str(e))
+
+
+def assert_alike(suite: Any, comparison: Any, work: Path) -> None:
+    print(suite.report(comparison))
+    # Without these the comparison would be empty: nothing passed, or nothing was replaced.
+    assert comparison.plain.passed(), f"nothing passed with plain `dask worker`: see {work}"
+    assert comparison.substituted(), "no test started dask-safe-worker: the shim did not run"
+    assert comparison.safe.passed() == comparison.plain.passed(), suite.differences(comparison)
+
+
+@pytest.mark.e2e
+@pytest.mark.timeout(1800)
+def test_distributed_cli_tests_pass_alike_with_dask_safe_worker(tmp_path: Path) -> None:
+    """In this session's cgroup, with the tool's cgroup writing off."""
+    suite = load_suite()
+    source = source_or_skip(suite)
+    comparison = suite.compare(source, tmp_path, suite.installed_version())
+    assert_alike(suite, comparison, tmp_path)
+
+
+@pytest.mark.e2e
+@pytest.mark.kernel
+@pytest.mark.timeout(1800)
+def test_distributed_cli_tests_pass_alike_in_a_test_cgroup(
+    kernel_cgroup: KernelCgroup, started_pids: set[int], tmp_path: Path
+) -> None:
+    """Both runs inside a test cgroup (8 GiB) with the tool's default `--cgroup-write
+    auto`: instances make and limit child cgroups below it and see each other's, as on a
+    host. Every cgroup the tool may write is below this test's own, removed afterwards."""
+    suite = load_suite()
+    source = source_or_skip(suite)
+    kernel_cgroup.set_limit(8 * 2**30)
+    place = suite.Placement("auto", kernel_cgroup.enter_command, started_pids)
+    comparison = suite.compare(source, tmp_path, suite.installed_version(), place=place)
+    assert_alike(suite, comparison, tmp_path)
