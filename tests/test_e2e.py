@@ -99,9 +99,10 @@ def test_worker_limit_equals_plan(
         "cgroup.write.outcome",
         "plan.file.written",
         "worker.argv",
-        "worker.exec",
     ):
         assert required in names, required
+    # Supervised by default (following); exec'd with --no-follow.
+    assert "init.exec" in names
     assert all(e["schema"] == SCHEMA_VERSION for e in events)
     argv = cast(list[str], next(e for e in events if e["event"] == "worker.argv")["argv"])
     assert argv[-2:] == ["--memory-limit", str(plan["memory_limit_arg"])]

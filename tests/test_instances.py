@@ -36,7 +36,10 @@ def _runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 
 def start_instance(cg: KernelCgroup, started: set[int], *args: str) -> subprocess.Popen[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
-    argv = [*DSW, "--worker-command", SLEEPER, "--log-format", "none", "--nanny-allowance", "0"]
+    # Exec'd instances (--no-follow): their claims on their children are under test here;
+    # following instances that share a pool are in test_pool_kernel.py.
+    argv = [*DSW, "--no-follow", "--worker-command", SLEEPER, "--log-format", "none"]
+    argv += ["--nanny-allowance", "0"]
     proc = subprocess.Popen(
         cg.enter_command([*argv, *args]),
         stdout=subprocess.PIPE,
@@ -88,19 +91,22 @@ def test_instances_started_at_once_each_get_their_own_child(
     procs: list[subprocess.Popen[str]] = []
     with other_process(kernel_cgroup, started_pids):
         try:
-            # Each takes a tenth of what it sees, so that all six fit however they race.
+            # Exec'd instances cannot give back what they take: each commits what its
+            # --memory-limit asks for, so that all six fit however they race.
             procs = [
                 start_instance(
-                    kernel_cgroup, started_pids, "--reserve", "0.9", "--min-worker-memory", "1MiB"
+                    kernel_cgroup, started_pids, "--memory-limit", "64MiB",
+                    "--min-worker-memory", "1MiB",
                 )
                 for _ in range(6)
-            ]
+            ]  # fmt: skip
             children = [wait_settled(p, kernel_cgroup) for p in procs]
             assert None not in children, [p.stderr.read() for p in procs if p.poll() is not None]  # type: ignore[union-attr]
             assert len(set(children)) == 6, children
             state = cgroup_state(kernel_cgroup.path)
             for name in children:
-                assert state[str(name)] < 2 * GiB
+                # Its commitment (v1 keeps whole pages), not the whole pool.
+                assert state[str(name)] == 64 * MiB
                 # Each child holds its own instance and nothing else.
                 assert len(KernelCgroup(kernel_cgroup.path / str(name)).pids()) == 1
         finally:
@@ -115,10 +121,11 @@ def test_instances_started_one_after_another_share_what_the_parent_has(
     with other_process(kernel_cgroup, started_pids):
         try:
             children: list[str] = []
-            # Each keeps half of what is left for others: 1/2, 1/4, 1/8 of the parent.
-            for _ in range(3):
+            # Two fixed commitments, then one that takes the rest of the pool (exec'd,
+            # it cannot give any of it back later).
+            for args in (["--memory-limit", "300MiB"], ["--memory-limit", "300MiB"], []):
                 proc = start_instance(
-                    kernel_cgroup, started_pids, "--reserve", "0.5", "--min-worker-memory", "96MiB"
+                    kernel_cgroup, started_pids, "--min-worker-memory", "96MiB", *args
                 )
                 procs.append(proc)
                 name = wait_settled(proc, kernel_cgroup)
@@ -128,17 +135,16 @@ def test_instances_started_one_after_another_share_what_the_parent_has(
             limits = [state[name] for name in children]
             # The siblings' limits never promise more than the parent has.
             assert sum(limits) <= GiB, limits
-            assert limits[0] > limits[1] > limits[2]
-            assert limits[1] <= (GiB - limits[0]) // 2 + 32 * MiB
+            assert limits[:2] == [300 * MiB, 300 * MiB]
+            assert GiB - 600 * MiB - 64 * MiB < limits[2] <= GiB - 600 * MiB
             before = cgroup_state(kernel_cgroup.path)
-            # A fourth would get about 64 MiB, below its minimum: exit 3, nothing made.
-            fourth = start_instance(
-                kernel_cgroup, started_pids, "--reserve", "0.5", "--min-worker-memory", "96MiB"
-            )
+            # A fourth finds nothing left to share: exit 3, the others named, nothing made.
+            fourth = start_instance(kernel_cgroup, started_pids, "--min-worker-memory", "96MiB")
             procs.append(fourth)
             _, err = fourth.communicate(timeout=60)
             assert fourth.returncode == 3, err
-            assert "other instance(s)" in err
+            assert "3 other instance(s)" in err and f"pid {procs[2].pid}" in err
+            assert "--nworkers N" in err and "Traceback" not in err
             assert cgroup_state(kernel_cgroup.path) == before
         finally:
             stop(procs)

@@ -115,7 +115,9 @@ def test_the_same_run_with_good_values_does_write(
         before = cgroup_state(kernel_cgroup.path)
         proc = run_in(
             kernel_cgroup,
-            ["--worker-command", NOOP_WORKER, "--cgroup-child", "my-worker"],
+            # Exec'd, so that the child stays after the worker ends (a supervisor, the
+            # default, removes it).
+            ["--no-follow", "--worker-command", NOOP_WORKER, "--cgroup-child", "my-worker"],
         )
         after = cgroup_state(kernel_cgroup.path)
     assert proc.returncode == 0, proc.stderr

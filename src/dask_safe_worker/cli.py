@@ -7,9 +7,10 @@ It must not import dask or distributed: the worker does that after exec.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
@@ -17,8 +18,8 @@ from typing import Any, NoReturn
 import click
 
 from . import __version__
-from .cgroup.siblings import read_siblings, with_siblings
-from .cgroup.write import WriteOptions, enforce, memory_high_kernel_problem
+from .cgroup.pool import Member, Pool, find_pool, plan_inputs
+from .cgroup.write import WriteOptions, WriteOutcome, enforce, memory_high_kernel_problem
 from .dask_compat import dask_worker
 from .dask_compat.features import release_features
 from .dask_compat.release import (
@@ -42,7 +43,14 @@ from .gpus import gpu_workers
 from .local_dir import require_scratch
 from .measure import Measurement, measure
 from .options import FLAG_NAMES, OPTIONS, PLAN_FILE_ENV, VALUE_NAMES, Options, OptionSpec
-from .plan import Plan, PlanError, make_plan, resolve_worker_values, user_limit_warning
+from .plan import (
+    Plan,
+    PlanError,
+    PoolBusy,
+    make_plan,
+    resolve_worker_values,
+    user_limit_warning,
+)
 from .records import replace
 from .worker_args import WorkerArgs, apply_memory_limit, parse_worker_args, split_argv
 from .worker_command import (
@@ -157,6 +165,12 @@ class Prepared:
     worker_args: list[str]
     write_options: WriteOptions
     supervised: bool
+    # Our pool and our claim in it (written under the pool's lock before any kernel
+    # limit); None for a query, or where no runtime directory is usable.
+    pool: Pool | None = None
+    member: Member | None = None
+    # Whether Dask's side can follow: the worker imports our preloads.
+    movable: bool = True
 
     @property
     def argv(self) -> list[str]:
@@ -183,7 +197,14 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
     if wargs.version_only:
         return PassThrough([*prefix, *worker_args])
     m = _measure(release, audit)
-    m, plan = _plan(m, wargs, opts, audit)
+    query = opts.print_limit or opts.dry_run
+    # Dask's side follows where the worker can import our preloads: dask's own worker in
+    # this Python, or wherever --follow was asked for by name. Else the budget cannot
+    # move, and is a fixed commitment in the pool.
+    movable = opts.following and (
+        opts.follow is True or runs_dask_worker(opts.worker_command, prefix)
+    )
+    m, plan, pool, member = _plan(m, wargs, opts, release, query, movable, audit)
     return Prepared(
         opts=opts,
         measurement=m,
@@ -193,6 +214,9 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
         worker_args=apply_memory_limit(worker_args, plan.memory_limit),
         write_options=write_options,
         supervised=opts.supervised(os.getpid()),
+        pool=pool,
+        member=member,
+        movable=movable,
     )
 
 
@@ -244,6 +268,8 @@ def _checked_worker_args(
         return wargs
     if opts.follow and opts.init is False:
         raise Refused(EXIT_USAGE, "--follow needs a supervisor; drop --no-init")
+    if opts.follow is None and opts.init is False:
+        audit("follow.off", reason="--no-init: the worker is exec'd, nobody stays to follow")
     gpu_count = gpu_workers(prefix, worker_args, audit)
     if gpu_count is not None:
         wargs = replace(wargs, gpu_workers=gpu_count)
@@ -258,30 +284,69 @@ def _invalid_worker_args(exc: Exception) -> Refused:
     )
 
 
-def _measure(release: Release, audit: Audit) -> Measurement:
+def _measure(release: Release, audit: Audit, quiet: bool = False) -> Measurement:
     try:
         m = measure(release=release)
     except (OSError, ValueError) as exc:
         message = f"cannot read memory information: {exc}"
         raise Refused(EXIT_MEASURE_FAILED, message, event="measure.failed") from None
-    audit("measure.done", **m.as_dict())
+    if not quiet:
+        audit("measure.done", **m.as_dict())
     return m
 
 
+# How long a newcomer waits for the pool's other instances to come down to their new
+# shares when what is free now is too small to start with: they move on their next
+# tick (1 s by default), their kernel limits once their workers hold the lower limit.
+ARRIVAL_WAIT = 10.0
+ARRIVAL_POLL = 0.25
+
+
 def _plan(
-    m: Measurement, wargs: WorkerArgs, opts: Options, audit: Audit
-) -> tuple[Measurement, Plan]:
-    """The measurement with the siblings' promises, and the plan made from it."""
+    m: Measurement,
+    wargs: WorkerArgs,
+    opts: Options,
+    release: Release,
+    query: bool,
+    movable: bool,
+    audit: Audit,
+) -> tuple[Measurement, Plan, Pool | None, Member | None]:
+    """The plan in our pool: the measurement it was made from, the plan, the pool, and
+    our claim in it. A start holds the pool's lock from reading the others' claims until
+    its own is written; a query (--print-limit, --dry-run) only reads."""
+    import time
+
     try:
         resolve_worker_values(wargs, m)
     except dask_worker.WorkerArgsError as exc:
         raise _invalid_worker_args(exc) from None
-    siblings = read_siblings(m, opts.cgroup_child)
-    m = with_siblings(m, siblings)
+    pool = find_pool(m, os.environ, create=not query)
+    claim = _Claim(None if query else pool, audit)
+    deadline = time.monotonic() + ARRIVAL_WAIT
     try:
-        plan = make_plan(m, wargs, opts.settings(os.getpid()), siblings)
+        while True:
+            with claim.locked():
+                try:
+                    m, siblings, view = plan_inputs(m, opts.cgroup_child, pool, os.getpid())
+                    plan = make_plan(m, wargs, opts.settings(os.getpid()), siblings, view)
+                except PoolBusy as exc:
+                    # Announced with nothing held yet, so that the others make room.
+                    claim.write(_member(m, wargs, 0, 0, None))
+                    if time.monotonic() >= deadline:
+                        message = f"{exc}; they did not within {ARRIVAL_WAIT:g} s"
+                        raise Refused(EXIT_PLAN_REFUSED, message, event="plan.refused") from None
+                    claim.waiting(str(exc))
+                else:
+                    fixed = plan.commitment if plan.fixed else (None if movable else plan.budget)
+                    member = claim.write(_member(m, wargs, plan.n_workers, plan.budget, fixed))
+                    break
+            time.sleep(ARRIVAL_POLL)
+            m = _measure(release, audit, quiet=True)
     except PlanError as exc:
         raise Refused(EXIT_PLAN_REFUSED, str(exc), event="plan.refused") from None
+    except BaseException:
+        claim.withdraw()
+        raise
     audit("plan.made", **plan.as_dict())
     if plan.user_memory_limit is not None:
         audit(
@@ -301,7 +366,83 @@ def _plan(
                 planned=plan.per_worker,
             )
             click.echo(f"dask-safe-worker: warning: {user_limit_warning(plan)}", err=True)
-    return m, plan
+    return m, plan, claim.pool, member
+
+
+def _member(
+    m: Measurement, wargs: WorkerArgs, weight: int, committed: int, fixed: int | None
+) -> Member:
+    return Member(
+        pid=os.getpid(),
+        # A provisional claim (weight 0 is refused by readers) counts our workers too.
+        weight=weight or wargs.gpu_workers or _n_workers(wargs, m),
+        fixed=fixed,
+        committed=committed,
+        working_set=m.own_working_set,
+    )
+
+
+def _n_workers(wargs: WorkerArgs, m: Measurement) -> int:
+    return resolve_worker_values(wargs, m).n_workers
+
+
+class _Claim:
+    """Our claim in the pool while we plan: the pool's lock, and the claim's own lock
+    (kept open, inheritable, for the life of the instance)."""
+
+    def __init__(self, pool: Pool | None, audit: Audit) -> None:
+        self.pool, self.audit = pool, audit
+        self.fd: int | None = None
+        self.announced = False
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        if self.pool is None:
+            yield
+            return
+        try:
+            lock = self.pool.acquire()
+        except OSError as exc:
+            lock = None
+            self._lost(exc)
+        if lock is None:
+            yield
+            return
+        try:
+            yield
+        finally:
+            os.close(lock)
+
+    def write(self, member: Member) -> Member | None:
+        if self.pool is None:
+            return None
+        try:
+            if self.fd is None:
+                self.fd = self.pool.claim(member)
+            else:
+                self.pool.update(member)
+        except OSError as exc:
+            self._lost(exc)
+            return None
+        return member
+
+    def waiting(self, reason: str) -> None:
+        if not self.announced and self.pool is not None:
+            self.audit("pool.waiting", reason=reason, pool=self.pool.key)
+            self.announced = True
+
+    def withdraw(self) -> None:
+        if self.pool is not None and self.fd is not None:
+            self.pool.leave(os.getpid())
+            os.close(self.fd)
+            self.fd = None
+
+    def _lost(self, exc: OSError) -> None:
+        # Without a claim the others do not see us; we still start within what is free.
+        assert self.pool is not None
+        self.audit("pool.claim.failed", pool=self.pool.key, reason=exc.strerror or str(exc))
+        self.withdraw()
+        self.pool = None
 
 
 def act(prepared: Prepared, audit: Audit) -> NoReturn:
@@ -319,8 +460,9 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
 
         defer_signals()
     outcome = enforce(m, plan.budget, prepared.write_options, audit)
+    member = _with_child(prepared, outcome, audit)
     worker_args, env, follow_spec = prepared.worker_args, dict(os.environ), None
-    if opts.follow:
+    if opts.following:
         from .follow.setup import attach
 
         settings = opts.settings(os.getpid())
@@ -333,6 +475,9 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
             opts.follow_interval,
             worker_args,
             audit,
+            pool=prepared.pool if member is not None else None,
+            member=member,
+            preloads=prepared.movable,
         )
         env.update(follow_env)
     argv = [*prepared.prefix, *worker_args]
@@ -356,6 +501,31 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
         cmd = supervisor_argv(argv, outcome, opts.log_format, opts.init_process_group, follow_spec)
         exec_supervisor(cmd, env, audit)
     exec_worker(argv, env, audit)
+
+
+def _with_child(prepared: Prepared, outcome: WriteOutcome, audit: Audit) -> Member | None:
+    """Our claim, with the child cgroup the kernel limit went to: the others then read
+    our working set from the kernel."""
+    member, pool, plan = prepared.member, prepared.pool, prepared.plan
+    if member is None or pool is None:
+        return member
+    changed = member
+    if outcome.strategy == "child" and outcome.parent_dir and outcome.target:
+        child = os.path.join(outcome.parent_dir, outcome.target.rsplit("/", 1)[-1])
+        changed = replace(changed, cgroup=child)
+    if not outcome.enforced and plan.effective_per_worker is not None:
+        # No kernel limit of ours: we hold what Dask's side may use, which for an
+        # explicit --memory-limit is its commitment, not the whole budget.
+        dask_side = plan.n_workers * plan.effective_per_worker + plan.overhead
+        changed = replace(changed, committed=min(member.committed, dask_side))
+    if changed != member:
+        member = changed
+        with contextlib.suppress(OSError):
+            pool.update(member)
+    # Our pid is every line's own field.
+    fields = {k: v for k, v in member.as_dict().items() if k != "pid"}
+    audit("pool.claimed", pool=pool.key, directory=str(pool.directory), **fields)
+    return member
 
 
 def run(ctx: click.Context, opts: Options) -> None:

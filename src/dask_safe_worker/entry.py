@@ -38,7 +38,7 @@ def _plainly_valid(args: Sequence[str], values: frozenset[str], flags: frozenset
 
 def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | None:
     """The budget for a plain `--print-limit`, or None where the full command must decide."""
-    from .cgroup.siblings import read_siblings, with_siblings
+    from .cgroup.pool import find_pool, plan_inputs
     from .dask_compat.dask_worker import nworkers_options, worker_options
     from .dask_compat.release import UnsupportedDistributedError, check_supported, installed_release
     from .measure import measure
@@ -61,8 +61,10 @@ def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | N
         if wargs.version_only:
             return None
         m = measure(release=release)
-        siblings = read_siblings(m, opts.cgroup_child)
-        plan = make_plan(with_siblings(m, siblings), wargs, opts.settings(os.getpid()), siblings)
+        # Read-only: a query neither makes the pool's directory nor takes its lock.
+        pool = find_pool(m, environ, create=False)
+        m, siblings, view = plan_inputs(m, opts.cgroup_child, pool, os.getpid())
+        plan = make_plan(m, wargs, opts.settings(os.getpid()), siblings, view)
     except (UnsupportedDistributedError, PlanError, OSError, ValueError):
         # WorkerArgsError is a ValueError. The full command reports each of these.
         return None

@@ -95,7 +95,8 @@ class Options:
     init: bool | None
     init_process_group: bool
     plan_file: str | None
-    follow: bool
+    # --follow / --no-follow as given; None follows unless --no-init (`following`).
+    follow: bool | None
     follow_interval: float
     worker_help: bool
 
@@ -119,15 +120,23 @@ class Options:
             init=values["init"],
             init_process_group=bool(values["init_process_group"]),
             plan_file=values["plan_file"],
-            follow=bool(values["follow"]),
+            follow=values["follow"],
             follow_interval=float(values["follow_interval"]),
             worker_help=bool(values["worker_help"]),
         )
 
+    @property
+    def following(self) -> bool:
+        """Whether a supervisor follows the budget live: by default, unless --no-follow,
+        or --no-init alone (exec the worker, as before following was the default)."""
+        if self.follow is not None:
+            return self.follow
+        return self.init is not False
+
     def supervised(self, pid: int) -> bool:
-        """--init or --no-init, else supervise only as PID 1; --follow always (somebody
+        """--init or --no-init, else supervise only as PID 1; following always (somebody
         must stay to watch: the supervisor does)."""
-        if self.follow:
+        if self.following:
             return True
         return self.init if self.init is not None else pid == 1
 
@@ -140,6 +149,7 @@ class Options:
             nanny_allowance=self.nanny_allowance,
             supervised=self.supervised(pid),
             clamp_memory_limit=self.clamp_memory_limit,
+            follows=self.following,
         )
 
     def write_options(self) -> WriteOptions:
@@ -310,10 +320,13 @@ OPTIONS: tuple[OptionSpec, ...] = (
     ),
     OptionSpec(
         "follow",
-        kind="flag",
-        help="Keep following memory after the start: re-measure every --follow-interval, "
+        kind="switch",
+        help="Keep following memory after the start (the default): re-measure every "
+        "--follow-interval, share the pool fairly with the other instances on this host, "
         "and move every worker's and nanny's memory limit (and the kernel limit written "
-        "at start) when the budget changes. Implies supervision (--init).",
+        "at start) when the budget changes; a supervisor stays beside the worker. "
+        "--no-follow (or --no-init) execs the worker and plans once: its budget is then "
+        "a fixed commitment that other instances plan around.",
     ),
     OptionSpec(
         "follow-interval",

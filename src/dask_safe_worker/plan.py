@@ -17,6 +17,7 @@ TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy kno
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
+    from .cgroup.pool import Member
     from .cgroup.siblings import Sibling
 
 MiB = 2**20
@@ -31,6 +32,11 @@ class PlanError(Exception):
     """No safe plan exists; nothing has been touched yet."""
 
 
+class PoolBusy(PlanError):
+    """Our fair share fits, but the other instances of the pool still hold it: what is
+    free now is too small to start with. They come down on their next tick."""
+
+
 @record
 class Settings:
     reserve: Amount = field(default_factory=lambda: Amount(bytes=0))
@@ -38,6 +44,9 @@ class Settings:
     nanny_allowance: int = DEFAULT_NANNY_ALLOWANCE
     supervised: bool = False
     clamp_memory_limit: bool = False
+    # Whether a supervisor follows the budget live: an instance that does not cannot
+    # give back what it takes at start.
+    follows: bool = True
 
 
 @record
@@ -96,9 +105,22 @@ class Plan:
     memory_limit_arg: int | None
     # The value dask's memory manager will end up with, per worker.
     effective_per_worker: int | None
-    # Other instances' child cgroups beside ours and the sum of their kernel limits.
+    # Other instances' child cgroups beside ours (outside our pool) and the sum of their
+    # kernel limits.
     siblings: int = 0
     siblings_committed: int = 0
+    # The pool shared with other live instances: its key, its budget (everything the
+    # instances may use together), our fair share of it (or our fixed commitment), and
+    # what the others hold now, by pid.
+    pool_key: str | None = None
+    pool_budget: int | None = None
+    share: int | None = None
+    # An explicit --memory-limit's fixed commitment: what the others plan around.
+    fixed: bool = False
+    commitment: int | None = None
+    members: tuple[dict[str, object], ...] = ()
+    # The per-worker limit at our full share: following never goes above it.
+    share_per_worker: int | None = None
 
     def as_dict(self) -> dict[str, object]:
         return as_dict(self)
@@ -142,53 +164,136 @@ def resolve_user_memory_limit(
     return min(resolved, dask_memory_limit)
 
 
+@record
+class PoolView:
+    """The other live instances of our pool, as their claims say."""
+
+    key: str
+    others: tuple[Member, ...] = ()
+
+
+def _per_worker(budget: int, overhead: int, n_workers: int, share: float, cap: int) -> int:
+    pool = max(0, budget - overhead)
+    return min(int(pool * share), pool // n_workers, cap)
+
+
+def _refusal(
+    budget: int,
+    n_workers: int,
+    per_worker: int,
+    overhead: int,
+    settings: Settings,
+    available: int,
+    m: Measurement,
+    reserve: int,
+    siblings: Sequence[Sibling],
+    committed: int,
+    pool: PoolView | None,
+    shares: Sequence[tuple[int, int]],
+) -> PlanError:
+    message = (
+        f"the memory budget is too small: {budget} bytes for {n_workers} worker(s) "
+        f"gives {per_worker} bytes each after {overhead} bytes of overhead, "
+        f"below the minimum of {settings.min_worker_memory} bytes per worker "
+        f"(available {available}, limited by {m.limiting}, reserve {reserve}"
+        + (
+            f", {committed} bytes committed to {len(siblings)} other instance(s) here)"
+            if siblings
+            else ")"
+        )
+    )
+    if pool is None or not pool.others:
+        return PlanError(message)
+    from .sizes import format_bytes
+
+    held = ", ".join(f"pid {pid} {format_bytes(share)}" for pid, share in shares)
+    return PlanError(
+        f"{message}; the pool is shared with {len(pool.others)} other instance(s) "
+        f"({held}): start one instance with --nworkers N instead of several, give the "
+        "pool more memory, or pass an explicit --memory-limit"
+    )
+
+
 def make_plan(
-    m: Measurement, args: WorkerArgs, settings: Settings, siblings: Sequence[Sibling] = ()
+    m: Measurement,
+    args: WorkerArgs,
+    settings: Settings,
+    siblings: Sequence[Sibling] = (),
+    pool: PoolView | None = None,
 ) -> Plan:
     """budget = own working set + available - reserve; the pool = budget - overhead is
     shared out with dask's own "auto" rule, capped so that all workers fit.
 
-    `siblings`, other instances' limited children of our cgroup, hold memory promised
-    to them: their unused part comes off `available`, their limits off every limit."""
+    `siblings`, other instances' limited children of our cgroup outside our pool, hold
+    memory promised to them: their unused part comes off `available`, their limits off
+    every limit. `pool`, the other live instances that share our budget's source: what
+    they use counts into the pool; their fixed commitments come off it first, and the
+    rest is shared by weight (worker processes). We start with our share, or with what
+    the others leave free now when that is less; PoolBusy when that is too small."""
     values = resolve_worker_values(args, m)
     n_workers, nthreads = values.n_workers, values.nthreads
     cores = values.cores
+    others = pool.others if pool is not None else ()
     committed = sum(s.limit for s in siblings)
     available = max(0, m.available - sum(s.unused for s in siblings))
     # own working set + headroom can exceed a limit: a cgroup's usage may be above its
     # limit (a limit lowered under usage), and VmRSS counts shared pages the cgroup
-    # does not charge to us. No budget is ever above a limit that applies.
-    gross = m.own_working_set + available
+    # does not charge to us. No budget is ever above a limit that applies. What the
+    # other instances of the pool use is theirs out of the same pool.
+    gross = m.own_working_set + available + sum(o.working_set for o in others)
     # A level's ceiling: its hard limit, or an external memory.high below it.
     limits = [lvl.ceiling for lvl in m.levels if lvl.ceiling is not None]
     if limits:
         gross = max(0, min(gross, min(limits) - committed))
     reserve = settings.reserve.of(gross)
-    budget = gross - reserve
+    pool_budget = gross - reserve
     nannies = n_workers if args.nanny else 0
     overhead = nannies * settings.nanny_allowance + (
         SUPERVISOR_ALLOWANCE if settings.supervised else 0
     )
-    pool = max(0, budget - overhead)
-    per_worker = min(
-        int(pool * min(1.0, nthreads / cores)),
-        pool // n_workers,
-        m.dask_memory_limit,
-    )
+    thread_share = min(1.0, nthreads / cores)
+    user_bytes = values.user_memory_limit_bytes
+    others_fixed = sum(o.fixed for o in others if o.fixed is not None)
+    flexible_weight = sum(o.weight for o in others if o.fixed is None)
+    after_fixed = max(0, pool_budget - others_fixed)
+    fixed = args.memory_limit is not None and not settings.clamp_memory_limit
+    if fixed:
+        # Our commitment is what we ask for; the flexible instances share the rest.
+        # Alone, the kernel limit keeps the whole pool: above Dask's limit, the nanny
+        # restarts a worker before the kernel kills it.
+        commitment = after_fixed
+        if user_bytes is not None:
+            commitment = min(n_workers * user_bytes + overhead, after_fixed)
+        share = commitment if flexible_weight or not settings.follows else after_fixed
+    else:
+        share = after_fixed * n_workers // (flexible_weight + n_workers)
+        commitment = share
+    free_now = max(0, pool_budget - sum(o.committed for o in others))
+    budget = min(share, free_now)
+    share_per_worker = _per_worker(share, overhead, n_workers, thread_share, m.dask_memory_limit)
+    per_worker = _per_worker(budget, overhead, n_workers, thread_share, m.dask_memory_limit)
+    shares = [(o.pid, o.committed) for o in others]
+    if share <= 0 or share_per_worker < settings.min_worker_memory:
+        raise _refusal(
+            share,
+            n_workers,
+            share_per_worker,
+            overhead,
+            settings,
+            available,
+            m,
+            reserve,
+            siblings,
+            committed,
+            pool,
+            shares,
+        )
     if budget <= 0 or per_worker < settings.min_worker_memory:
-        raise PlanError(
-            f"the memory budget is too small: {budget} bytes for {n_workers} worker(s) "
-            f"gives {per_worker} bytes each after {overhead} bytes of overhead, "
-            f"below the minimum of {settings.min_worker_memory} bytes per worker "
-            f"(available {available}, limited by {m.limiting}, reserve {reserve}"
-            + (
-                f", {committed} bytes committed to {len(siblings)} other instance(s) here)"
-                if siblings
-                else ")"
-            )
+        raise PoolBusy(
+            f"{free_now} bytes are free in the pool now, {share} bytes are our share: "
+            "waiting for the other instances to come down"
         )
 
-    user_bytes = values.user_memory_limit_bytes
     fits: bool | None = None
     arg: int | None = per_worker
     effective: int | None = per_worker
@@ -207,7 +312,7 @@ def make_plan(
         cpu_count=m.cpu_count,
         nannies=nannies,
         overhead=overhead,
-        pool=pool,
+        pool=max(0, budget - overhead),
         per_worker=per_worker,
         dask_memory_limit=m.dask_memory_limit,
         user_memory_limit=args.memory_limit,
@@ -217,6 +322,13 @@ def make_plan(
         effective_per_worker=effective,
         siblings=len(siblings),
         siblings_committed=committed,
+        pool_key=None if pool is None else pool.key,
+        pool_budget=pool_budget,
+        share=share,
+        fixed=fixed,
+        commitment=commitment,
+        members=tuple(o.as_dict() for o in others),
+        share_per_worker=share_per_worker,
     )
 
 

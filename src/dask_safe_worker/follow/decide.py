@@ -11,7 +11,7 @@ import math
 from typing import Any
 
 from ..measure import LevelReading, Measurement
-from ..plan import Plan, PlanError, Settings, make_plan
+from ..plan import Plan, PlanError, PoolView, Settings, make_plan
 from ..records import as_dict, record, replace
 from ..sizes import Amount
 from ..worker_args import WorkerArgs
@@ -59,6 +59,16 @@ class FollowSpec:
     managed: ManagedLimit | None = None
     # Why there is no kernel limit to move (the start's write outcome), for the log.
     kernel_note: str | None = None
+    # The pool shared with other instances (its directory and key), our weight in it,
+    # our child cgroup, and a fixed commitment: the watch then moves nothing and only
+    # tells the others what it uses.
+    pool_dir: str | None = None
+    pool_key: str | None = None
+    weight: int = 1
+    fixed: int | None = None
+    member_cgroup: str | None = None
+    # What our claim holds at start (the kernel limit, or Dask's side without one).
+    committed: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return as_dict(self)
@@ -75,6 +85,7 @@ class FollowSpec:
                 nanny_allowance=int(s["nanny_allowance"]),
                 supervised=bool(s["supervised"]),
                 clamp_memory_limit=bool(s["clamp_memory_limit"]),
+                follows=bool(s.get("follows", True)),
             )
             a = doc["args"]
             args = WorkerArgs(
@@ -109,11 +120,21 @@ class FollowSpec:
                 channel=str(doc["channel"]),
                 managed=managed,
                 kernel_note=None if doc.get("kernel_note") is None else str(doc["kernel_note"]),
+                pool_dir=_optional_str(doc.get("pool_dir")),
+                pool_key=_optional_str(doc.get("pool_key")),
+                weight=int(doc.get("weight", 1)),
+                fixed=None if doc.get("fixed") is None else int(doc["fixed"]),
+                member_cgroup=_optional_str(doc.get("member_cgroup")),
+                committed=None if doc.get("committed") is None else int(doc["committed"]),
             )
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a follow spec: {exc!r}") from exc
         validate_interval(spec.interval)
         return spec
+
+
+def _optional_str(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def validate_interval(seconds: float) -> float:
@@ -147,7 +168,7 @@ def with_original_limit(
     return replace(m, levels=tuple(levels))
 
 
-def replan(spec: FollowSpec, m: Measurement) -> Plan:
+def replan(spec: FollowSpec, m: Measurement, pool: PoolView | None = None) -> Plan:
     """The start's plan for a fresh measurement.
 
     `--min-worker-memory` refuses a start; once the workers run there is nobody to refuse
@@ -156,9 +177,9 @@ def replan(spec: FollowSpec, m: Measurement) -> Plan:
     positive per-worker limit exists at all.
     """
     try:
-        return make_plan(m, spec.args, spec.settings)
+        return make_plan(m, spec.args, spec.settings, pool=pool)
     except PlanError:
-        return make_plan(m, spec.args, replace(spec.settings, min_worker_memory=1))
+        return make_plan(m, spec.args, replace(spec.settings, min_worker_memory=1), pool=pool)
 
 
 def hysteresis(current: int) -> int:

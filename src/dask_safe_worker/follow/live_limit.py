@@ -19,6 +19,9 @@ import os
 from dataclasses import asdict, dataclass
 
 LIVE_FILE_ENV = "DASK_SAFE_WORKER_LIVE_FILE"
+# Set for the roles ("worker", "nanny") whose preloads the user gave only through dask's
+# config: our --preload on the command line makes dask ignore them (follow/preload.py).
+CONFIGURED_PRELOADS_ENV = "DASK_SAFE_WORKER_RUN_CONFIGURED_PRELOADS"
 ACKS = "acks"
 
 

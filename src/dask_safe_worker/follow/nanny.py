@@ -14,7 +14,8 @@ from . import preload as follow_dask
 from .live_limit import LiveLimit, read_live_limit
 
 
-def dask_setup(nanny: Any) -> None:
+async def dask_setup(nanny: Any) -> None:
+    await follow_dask.start_configured(nanny, "nanny")
     path = follow_dask.live_file()
     first = read_live_limit(path) if path else None
     if path is None or first is None:
@@ -28,3 +29,7 @@ def dask_setup(nanny: Any) -> None:
     follower = follow_dask.Follower(path, "nanny", apply)
     follower.hold(first)
     follow_dask.start(nanny, follower, first.interval)
+
+
+async def dask_teardown(nanny: Any) -> None:
+    await follow_dask.teardown_configured(nanny)

@@ -13,7 +13,13 @@ from typing import Any
 
 from tornado.ioloop import PeriodicCallback
 
-from .live_limit import LIVE_FILE_ENV, LiveLimit, read_live_limit, write_ack
+from .live_limit import (
+    CONFIGURED_PRELOADS_ENV,
+    LIVE_FILE_ENV,
+    LiveLimit,
+    read_live_limit,
+    write_ack,
+)
 
 logger = logging.getLogger("dask_safe_worker.follow")
 
@@ -88,3 +94,32 @@ def start(server: Any, follower: Follower, interval: float) -> None:
     pc = PeriodicCallback(follower.poll, max(0.02, interval / 2) * 1000)
     server.periodic_callbacks[CALLBACK_NAME] = pc
     pc.start()
+
+
+async def start_configured(server: Any, role: str) -> None:
+    """Start the preloads dask's config names for `role`, as dask itself would have: a
+    `--preload` on the command line (ours) makes dask skip `distributed.<role>.preload`,
+    and the user's own preloads must still run."""
+    if role not in os.environ.get(CONFIGURED_PRELOADS_ENV, "").split(","):
+        return
+    import dask
+    from distributed.preloading import process_preloads
+
+    names = dask.config.get(f"distributed.{role}.preload", default=[])
+    if not names:
+        return
+    argv = dask.config.get(f"distributed.{role}.preload-argv", default=[])
+    manager = process_preloads(
+        server, names, argv, file_dir=getattr(server, "local_directory", None)
+    )
+    _configured[id(server)] = manager
+    await manager.start()
+
+
+async def teardown_configured(server: Any) -> None:
+    manager = _configured.pop(id(server), None)
+    if manager is not None:
+        await manager.teardown()
+
+
+_configured: dict[int, Any] = {}

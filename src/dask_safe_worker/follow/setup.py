@@ -16,13 +16,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..cgroup.pool import Member, Pool
 from ..cgroup.write import WriteOutcome
 from ..events import Audit
 from ..measure import Measurement
 from ..plan import Plan, Settings
 from ..worker_args import WorkerArgs
 from .decide import FollowSpec, ManagedLimit
-from .live_limit import LIVE_FILE_ENV, LiveLimit, prepare_channel, write_live_limit
+from .live_limit import (
+    CONFIGURED_PRELOADS_ENV,
+    LIVE_FILE_ENV,
+    LiveLimit,
+    prepare_channel,
+    write_live_limit,
+)
 from .watch import SPEC_FILE
 
 WORKER_PRELOAD = "dask_safe_worker.follow.worker"
@@ -93,6 +100,8 @@ def prepare(
     outcome: WriteOutcome,
     interval: float,
     base_dir: str | None = None,
+    pool: Pool | None = None,
+    member: Member | None = None,
 ) -> FollowSetup:
     """Write the channel and the spec; raises FollowUnavailable with the reason."""
     per_worker = plan.effective_per_worker
@@ -112,6 +121,12 @@ def prepare(
             channel=live,
             managed=managed,
             kernel_note=None if managed else kernel_note(outcome),
+            pool_dir=None if pool is None else str(pool.directory),
+            pool_key=None if pool is None else pool.key,
+            weight=plan.n_workers,
+            fixed=None if member is None else member.fixed,
+            member_cgroup=None if member is None else member.cgroup,
+            committed=None if member is None else member.committed,
         )
         spec_file = os.path.join(directory, SPEC_FILE)
         fd = os.open(spec_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -133,13 +148,39 @@ def attach(
     interval: float,
     worker_args: Sequence[str],
     audit: Audit,
+    pool: Pool | None = None,
+    member: Member | None = None,
+    preloads: bool = True,
 ) -> tuple[list[str], dict[str, str], str | None]:
     """(the worker's arguments, the variables it gets, the spec file for the supervisor)
     with following set up; the arguments as given and no spec when it cannot be
-    (`follow.disabled` says why), so the worker starts either way."""
+    (`follow.disabled` says why), so the worker starts either way. Without `preloads`
+    (a worker command that may not import them) Dask's side stays as planned: the
+    budget is a fixed commitment in the pool, and the supervisor still reports."""
     try:
-        setup = prepare(m, plan, wargs, settings, outcome, interval)
+        setup = prepare(m, plan, wargs, settings, outcome, interval, pool=pool, member=member)
     except FollowUnavailable as exc:
         audit("follow.disabled", reason=str(exc))
         return list(worker_args), {}, None
-    return with_preloads(worker_args, wargs.nanny), setup.env, setup.spec_file
+    if not preloads:
+        audit(
+            "follow.dask_side_off",
+            reason="a custom worker command may not import our preloads (--follow adds them)",
+        )
+        return list(worker_args), setup.env, setup.spec_file
+    env = dict(setup.env)
+    configured = configured_roles(worker_args, wargs.nanny)
+    if configured:
+        env[CONFIGURED_PRELOADS_ENV] = ",".join(configured)
+    return with_preloads(worker_args, wargs.nanny), env, setup.spec_file
+
+
+def configured_roles(args: Sequence[str], nanny: bool) -> list[str]:
+    """The roles whose preloads come from dask's config alone: our `--preload` (and
+    `--preload-nanny`) on the command line would make dask skip them."""
+    cut = args.index("--") if "--" in args else len(args)
+    given = {a.partition("=")[0] for a in args[:cut]}
+    roles = [] if "--preload" in given else ["worker"]
+    if nanny and "--preload-nanny" not in given:
+        roles.append("nanny")
+    return roles

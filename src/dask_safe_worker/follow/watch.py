@@ -21,10 +21,12 @@ from typing import Any
 
 from ..cgroup.files import open_memory_cgroup
 from ..cgroup.parse import parse_memory_stat
+from ..cgroup.pool import Member, Pool, with_kernel_working_sets
 from ..dask_compat.release import Release, installed_release
 from ..measure import Measurement, locate, remeasure
-from ..plan import PlanError
+from ..plan import PlanError, PoolView
 from ..proc_parse import ParseError
+from ..records import replace
 from .decide import (
     FollowSpec,
     ManagedLimit,
@@ -113,6 +115,20 @@ class Watch:
         self.stopped = False
         self._last_failure: tuple[str, str] | None = None
         self.events = self._read_counters()
+        # The pool: our claim (written at start, under the same pid), what we hold in
+        # it now, and the budget our share allows (the ceiling of every raise).
+        self.pool = Pool(Path(spec.pool_dir), spec.pool_key or "") if spec.pool_dir else None
+        self.member = Member(
+            pid=self.pid,
+            weight=spec.weight,
+            fixed=spec.fixed,
+            committed=spec.first_budget if spec.committed is None else spec.committed,
+            working_set=0,
+            cgroup=spec.member_cgroup,
+        )
+        self.share_budget = spec.first_budget
+        self.reason = "limit changed"
+        self._others: tuple[int, ...] = ()
 
     # -- the supervisor's hook -------------------------------------------------------
 
@@ -142,6 +158,9 @@ class Watch:
         import contextlib
 
         self._flush_kills(frozenset())
+        if self.pool is not None:
+            self.pool.leave(self.pid)
+            self.pool.remove_if_empty()
         remove_channel(self.spec.channel)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(os.path.dirname(self.spec.channel), SPEC_FILE))
@@ -175,21 +194,113 @@ class Watch:
         self._gone_before = vanished
         self._check_managed()
         planned_m = with_original_limit(m, self.managed, self.directories) if self.managed else m
+        # The pool's lock from reading the others' claims until a raise is written: no
+        # two instances hand out the same free memory.
+        lock = self._lock_pool()
         try:
-            plan = replan(self.spec, planned_m)
-        except PlanError as exc:
-            self._failed("plan", reason=str(exc))
-            return
-        self.n_workers = plan.n_workers
-        # The last change first: if every worker holds it by now, it is reported before a
-        # new one replaces it.
-        self._settle(m)
-        proposed = plan.effective_per_worker
-        if proposed is not None:
-            d = decide(self.record.per_worker, proposed, self.spec.first_per_worker)
-            if d.action != "keep":
-                self._change(m, plan.budget, d.action, d.target, d.band, seen_at, plan.as_dict())
+            view = self._pool_view()
+            try:
+                plan = replan(self.spec, planned_m, view)
+            except PlanError as exc:
+                self._failed("plan", reason=str(exc))
+                return
+            self.n_workers = plan.n_workers
+            # The last change first: if every worker holds it by now, it is reported
+            # before a new one replaces it.
+            self._settle(m)
+            proposed = plan.effective_per_worker
+            ceiling = self.spec.first_per_worker
+            if view is not None and plan.share is not None and plan.share_per_worker:
+                # Never above the current plan: our share of the pool as it is now.
+                ceiling, self.share_budget = plan.share_per_worker, plan.share
+            if proposed is not None and self.spec.fixed is None:
+                d = decide(self.record.per_worker, proposed, ceiling)
+                if d.action != "keep":
+                    if d.action == "raise":
+                        # Claimed before any limit rises: the others plan around it.
+                        self._publish(committed=max(self.member.committed, plan.budget))
+                    self._change(
+                        m, plan.budget, d.action, d.target, d.band, seen_at, plan.as_dict(), ceiling
+                    )
+            elif plan.fixed and self.managed is not None:
+                self._follow_commitment(m, plan.budget)
+            self._publish(working_set=m.own_working_set)
+        finally:
+            if lock is not None:
+                os.close(lock)
         self.previous = m
+
+    # -- the pool ----------------------------------------------------------------------
+
+    def _lock_pool(self) -> int | None:
+        if self.pool is None:
+            return None
+        try:
+            return self.pool.acquire()
+        except OSError as exc:
+            self._failed("pool", reason=_describe(exc))
+            return None
+
+    def _pool_view(self) -> PoolView | None:
+        """The pool's other members now; why the plan moves when they come and go."""
+        if self.pool is None:
+            return None
+        members = self.pool.members(exclude=self.pid)
+        if members and self.location is not None:
+            members = with_kernel_working_sets(members, self.location.version)
+        pids = tuple(sorted(o.pid for o in members))
+        if pids != self._others:
+            arrived = set(pids) - set(self._others)
+            self.reason = "sibling arrived" if arrived else "sibling left"
+            self._others = pids
+        return PoolView(self.pool.key, members)
+
+    def _publish(self, committed: int | None = None, working_set: int | None = None) -> None:
+        """Tell the pool what we hold now (committed) and use (working set)."""
+        if self.pool is None:
+            return
+        changes: dict[str, int] = {}
+        if committed is not None:
+            changes["committed"] = committed
+        if working_set is not None:
+            changes["working_set"] = working_set
+        member = replace(self.member, **changes)
+        try:
+            self.pool.update(member)
+        except OSError as exc:
+            self._failed("pool", reason=_describe(exc))
+            return
+        self.member = member
+
+    def _follow_commitment(self, m: Measurement, goal: int) -> None:
+        """An explicit --memory-limit: Dask's side stays as given; the kernel limit keeps
+        the whole pool while no flexible instance shares it, and comes down to the
+        commitment when one does."""
+        if goal == self.managed_value:
+            return
+        if goal > self.member.committed:
+            self._publish(committed=goal)
+        self.kernel_goal = goal
+        kernel = self._move_kernel(m, dask_lowered=True)
+        if kernel["action"] not in ("lowered", "raised"):
+            return
+        self._publish(committed=self._in_force())
+        self.audit(
+            "follow.applied",
+            generation=self.record.generation,
+            action="kernel",
+            per_worker=self.record.per_worker,
+            dask=None,
+            kernel=kernel,
+            latency_s=None,
+            kernel_latency_s=0.0,
+        )
+
+    def _in_force(self) -> int:
+        """What we hold now: the kernel limit we manage, or Dask's side."""
+        if self.managed is not None and self.managed_value is not None:
+            return self.managed_value
+        return self.record.budget
 
     def _change(
         self,
@@ -200,8 +311,13 @@ class Watch:
         band: int,
         seen_at: float,
         plan: dict[str, Any],
+        ceiling: int,
     ) -> None:
-        self.audit("follow.changed", action=action, **self._diff(m))
+        reason, self.reason = self.reason, "limit changed"
+        previous = self.previous
+        if reason == "limit changed" and previous is not None and m.available < previous.available:
+            reason = "neighbours grew"
+        self.audit("follow.changed", action=action, reason=reason, **self._diff(m))
         self.audit(
             "follow.replanned",
             old_budget=self.record.budget,
@@ -209,13 +325,13 @@ class Watch:
             old_per_worker=self.record.per_worker,
             new_per_worker=target,
             hysteresis=band,
-            ceiling=self.spec.first_per_worker,
+            ceiling=ceiling,
             plan=plan,
         )
         kernel: dict[str, Any] = {"action": "none"}
         if self.managed is not None and self.managed_value is not None:
             # Dask's side back at the start's plan: the kernel limit back at its budget.
-            at_start = target == self.spec.first_per_worker
+            at_start = self.pool is None and target == self.spec.first_per_worker
             self.kernel_goal = self.spec.first_budget if at_start else budget
             if action == "raise":
                 # Room first, then the workers may use it.
@@ -255,6 +371,9 @@ class Watch:
             kernel = pending.kernel
             if pending.action == "lower" and self.managed is not None:
                 kernel = self._move_kernel(m, dask_lowered=True)
+            if pending.action == "lower":
+                # Released only once Dask's side and the kernel hold the lower limit.
+                self._publish(committed=self._in_force())
             self.audit(
                 "follow.applied",
                 generation=pending.generation,
@@ -271,6 +390,8 @@ class Watch:
         if self.managed is not None and self.kernel_goal is not None:
             # Usage kept the kernel limit above its goal: try again now.
             kernel = self._move_kernel(m, dask_lowered=True)
+            if kernel["action"] == "lowered":
+                self._publish(committed=self._in_force())
             if kernel["action"] in ("lowered", "raised"):
                 self.audit(
                     "follow.applied",
@@ -345,7 +466,7 @@ class Watch:
                 budget=goal,
                 original=self.managed.original,
                 ancestor=ancestor,
-                first_budget=self.spec.first_budget,
+                first_budget=max(self.spec.first_budget, self.share_budget),
                 usage=usage,
                 dask_lowered=dask_lowered,
             )

@@ -58,7 +58,8 @@ async def tell_scheduler(worker: Any, limit: int) -> None:
         logger.warning("dask-safe-worker: the scheduler did not take the new limit: %r", response)
 
 
-def dask_setup(worker: Any) -> None:
+async def dask_setup(worker: Any) -> None:
+    await follow_dask.start_configured(worker, "worker")
     path = follow_dask.live_file()
     first = read_live_limit(path) if path else None
     if path is None or first is None:
@@ -76,3 +77,7 @@ def dask_setup(worker: Any) -> None:
     follower = follow_dask.Follower(path, "worker", apply)
     follower.hold(first)
     follow_dask.start(worker, follower, first.interval)
+
+
+async def dask_teardown(worker: Any) -> None:
+    await follow_dask.teardown_configured(worker)

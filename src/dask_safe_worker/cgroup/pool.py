@@ -1,0 +1,353 @@
+"""The pool that instances on one host share: who is in it, and what each holds.
+
+Instances whose budgets come from the same place (the nearest limited cgroup level above
+their own, or the host's MemAvailable where nothing limits) share one pool. Each live
+instance has a claim in the pool's directory, below the private runtime directory of the
+plan files:
+
+- `<pid>.lock`, an exclusive flock held for as long as the instance runs. The
+  descriptor is inheritable, so it passes through the exec of the worker or the
+  supervisor, and the kernel releases it when the last process holding it ends (SIGKILL
+  included): a claim whose lock can be taken is a dead one, and is removed.
+- `<pid>.json`, what it holds: its weight (worker processes), a fixed commitment or none,
+  the budget in force (`committed`), its working set, and its child cgroup. Replaced by
+  rename, so a reader sees a whole record; the lock file is never replaced, since a lock
+  lives on an inode.
+
+`lock`: held exclusively by a newcomer from reading the claims until its own is written,
+and by a running instance from re-reading them until a raise is written, so that no two
+instances hand out the same free memory.
+
+Parsing and rendering a claim are pure; the rest is a small edge over one directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+from ..records import record
+
+TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
+if TYPE_CHECKING:
+    from collections.abc import Iterator, Mapping
+
+    from ..measure import Measurement
+    from ..plan import PoolView
+    from .siblings import Sibling
+
+LOCK_NAME = "lock"
+HOST_KEY = "host"
+
+
+class ClaimError(ValueError):
+    """A claim file that is not one this version wrote."""
+
+
+@record
+class Member:
+    """One live instance of the pool, as its claim says."""
+
+    pid: int
+    # Worker processes: the share of the flexible part of the pool is by weight.
+    weight: int
+    # Bytes it keeps whatever the others do (an explicit --memory-limit, --no-follow, a
+    # worker that cannot follow); None when it follows its fair share.
+    fixed: int | None
+    # The budget in force now: its kernel limit, or its Dask limits and overhead.
+    committed: int
+    working_set: int
+    # Its child cgroup (a directory path), whose working set the kernel tells directly.
+    cgroup: str | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "pid": self.pid,
+            "weight": self.weight,
+            "fixed": self.fixed,
+            "committed": self.committed,
+            "working_set": self.working_set,
+            "cgroup": self.cgroup,
+        }
+
+
+def _nonnegative_int(doc: dict[str, object], key: str, optional: bool = False) -> int | None:
+    value = doc.get(key)
+    if value is None and optional:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ClaimError(f"{key} is not a non-negative integer: {value!r}")
+    return value
+
+
+def parse_claim(text: str) -> Member:
+    """A claim's record; ClaimError for anything else."""
+    import json  # not at import: the --print-limit path has a start-up goal
+
+    try:
+        doc = json.loads(text)
+    except ValueError as exc:
+        raise ClaimError(f"not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ClaimError("not a JSON object")
+    pid = _nonnegative_int(doc, "pid")
+    weight = _nonnegative_int(doc, "weight")
+    committed = _nonnegative_int(doc, "committed")
+    working_set = _nonnegative_int(doc, "working_set")
+    assert pid is not None and weight is not None and committed is not None
+    assert working_set is not None
+    if pid == 0 or weight == 0:
+        raise ClaimError("pid and weight must be positive")
+    cgroup = doc.get("cgroup")
+    if cgroup is not None and not (isinstance(cgroup, str) and cgroup.startswith("/")):
+        raise ClaimError(f"cgroup is not an absolute path: {cgroup!r}")
+    return Member(
+        pid=pid,
+        weight=weight,
+        fixed=_nonnegative_int(doc, "fixed", optional=True),
+        committed=committed,
+        working_set=working_set,
+        cgroup=cgroup,
+    )
+
+
+def claim_text(member: Member) -> str:
+    import json
+
+    return json.dumps(member.as_dict(), sort_keys=True) + "\n"
+
+
+def pool_key(m: Measurement, skip: str | None = None) -> str:
+    """Where the budget comes from: the nearest level, from our own cgroup up, with a
+    limit of its own or from above (v1's hierarchical limit), or "host". `skip` is a
+    child cgroup of ours, whose limit we wrote (it is ours, not the pool's)."""
+    if m.location is None:
+        return HOST_KEY
+    for lvl in m.levels:
+        if skip is not None and lvl.path == skip:
+            continue
+        if lvl.ceiling is not None:
+            return f"v{m.location.version}:{lvl.path}"
+    return HOST_KEY
+
+
+def pool_dir_name(key: str) -> str:
+    """A file name for a pool key: cgroup paths may be long and hold any character."""
+    import hashlib
+
+    return "pool-" + hashlib.sha256(key.encode()).hexdigest()[:24]
+
+
+def _try_lock(fd: int) -> bool:
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+class Pool:
+    """The claims in one pool directory (private: made by `plan_file.private_dir`)."""
+
+    def __init__(self, directory: Path, key: str) -> None:
+        self.directory = directory
+        self.key = key
+
+    def acquire(self, wait: bool = True) -> int | None:
+        """The pool's lock, held until the descriptor is closed; None when another holds
+        it and not `wait`. The last instance to leave removes the directory with its
+        lock file, so a lock taken on a file that is no longer there is taken again."""
+        import fcntl
+
+        from ..plan_file import private_dir
+
+        path = self.directory / LOCK_NAME
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        while True:
+            try:
+                fd = os.open(path, flags, 0o600)
+            except FileNotFoundError:
+                private_dir(self.directory, os.geteuid())
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                held, now = os.fstat(fd), os.stat(path)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            except OSError:
+                os.close(fd)
+                raise
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+            os.close(fd)
+
+    def remove_if_empty(self) -> bool:
+        """Remove the pool's directory when no live instance claims anything in it (and
+        nobody holds its lock now): pools come and go with cgroups (Slurm jobs, pods)."""
+        try:
+            fd = self.acquire(wait=False)
+        except OSError:
+            return False
+        if fd is None:
+            return False
+        try:
+            if self.members():
+                return False
+            names = os.listdir(self.directory)
+            if set(names) - {LOCK_NAME}:
+                return False  # a claim being written, or not ours to judge
+            os.unlink(self.directory / LOCK_NAME)
+            os.rmdir(self.directory)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Held while claims are read and a commitment is written."""
+        fd = self.acquire()
+        assert fd is not None
+        try:
+            yield
+        finally:
+            os.close(fd)
+
+    def members(self, exclude: int | None = None) -> tuple[Member, ...]:
+        """The live claims, ours (`exclude`) left out; dead ones are removed on the way.
+        A claim that is alive but unreadable counts as nothing: it is being written."""
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            return ()
+        found: list[Member] = []
+        for name in names:
+            stem, _dot, ext = name.partition(".")
+            if ext != "lock" or not stem.isdigit() or int(stem) == exclude:
+                continue
+            lock_path = self.directory / name
+            try:
+                fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except OSError:
+                continue
+            try:
+                if _try_lock(fd):
+                    # Nobody holds it: the instance is gone. Data first, so that a
+                    # claim is never seen without its lock by a reader.
+                    with contextlib.suppress(OSError):
+                        os.unlink(self.directory / f"{stem}.json")
+                    with contextlib.suppress(OSError):
+                        os.unlink(lock_path)
+                    continue
+            finally:
+                os.close(fd)
+            try:
+                text = (self.directory / f"{stem}.json").read_text(encoding="utf-8")
+                found.append(parse_claim(text))
+            except (OSError, ClaimError):
+                continue
+        return tuple(found)
+
+    def claim(self, member: Member) -> int:
+        """Write our claim; the held, inheritable lock's descriptor (keep it open)."""
+        lock_path = self.directory / f"{member.pid}.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        if not _try_lock(fd):
+            os.close(fd)
+            raise OSError(f"the claim {lock_path} is held by another process")
+        try:
+            self.update(member)
+        except OSError:
+            os.close(fd)
+            raise
+        os.set_inheritable(fd, True)
+        return fd
+
+    def update(self, member: Member) -> None:
+        """Replace our claim's record (whole, by rename)."""
+        from ..plan_file import write_atomic
+
+        write_atomic(self.directory / f"{member.pid}.json", claim_text(member))
+
+    def leave(self, pid: int) -> None:
+        for name in (f"{pid}.json", f"{pid}.lock"):
+            with contextlib.suppress(OSError):
+                os.unlink(self.directory / name)
+
+
+def find_pool(
+    m: Measurement, environ: Mapping[str, str], skip: str | None = None, create: bool = True
+) -> Pool | None:
+    """Our pool in the private runtime directory, made when missing with `create`; None
+    when there is no usable directory (no instance can share then: each plans alone)."""
+    from ..plan_file import PlanFileError, private_dir, runtime_dir
+
+    key = pool_key(m, skip)
+    try:
+        runtime = runtime_dir(environ)
+        directory = runtime / pool_dir_name(key)
+        if create:
+            directory = private_dir(directory, os.geteuid())
+        elif not directory.is_dir():
+            return None
+    except (PlanFileError, OSError):
+        return None
+    if create:
+        _sweep(runtime, keep=directory.name)
+    return Pool(directory, key)
+
+
+def _sweep(runtime: Path, keep: str) -> None:
+    """Remove other pools' directories that no live instance claims any more."""
+    with contextlib.suppress(OSError):
+        for name in os.listdir(runtime):
+            if name.startswith("pool-") and name != keep:
+                Pool(runtime / name, "").remove_if_empty()
+
+
+def with_kernel_working_sets(members: tuple[Member, ...], version: int) -> tuple[Member, ...]:
+    """Members whose child cgroup the kernel can tell about, with its working set: it
+    is current, where the claim's is as old as its last update."""
+    from ..proc_parse import ParseError
+    from ..records import replace
+    from .files import open_memory_cgroup
+    from .parse import working_set
+
+    out: list[Member] = []
+    for member in members:
+        if member.cgroup is not None:
+            try:
+                cg = open_memory_cgroup(version, Path(member.cgroup))
+                member = replace(member, working_set=working_set(cg.usage(), cg.inactive_file()))
+            except (OSError, ParseError, ValueError):
+                pass
+        out.append(member)
+    return tuple(out)
+
+
+def plan_inputs(
+    m: Measurement, child_base: str, pool: Pool | None, pid: int
+) -> tuple[Measurement, tuple[Sibling, ...], PoolView | None]:
+    """What `make_plan` needs besides the worker's arguments: the measurement with every
+    other instance's child counted as an occupant of our cgroup (its limit is not ours
+    alone to set), the instance children outside our pool (their kernel limits are
+    fixed commitments), and the pool's other members."""
+    from ..plan import PoolView
+    from .siblings import read_siblings, with_siblings
+
+    siblings = read_siblings(m, child_base)
+    members = pool.members(exclude=pid) if pool is not None else ()
+    if members and m.location is not None:
+        members = with_kernel_working_sets(members, m.location.version)
+    in_pool = {member.pid for member in members}
+    foreign = tuple(s for s in siblings if not in_pool.intersection(s.pids))
+    view = None if pool is None else PoolView(pool.key, members)
+    return with_siblings(m, siblings), foreign, view
