@@ -46,8 +46,8 @@ worker_rss
 by_cgroup
 by_smaps
 
-# Read by others: dask calls the preloads' dask_setup and dask_teardown; cgroupspy reads full_path and
-# limit_in_bytes; attributes set on dask's objects and on sys.
+# Read by others: dask calls the preloads' dask_setup and dask_teardown; cgroupspy reads
+# full_path and limit_in_bytes; attributes set on dask's objects and on sys.
 dask_setup
 dask_teardown
 _.full_path

@@ -77,7 +77,11 @@ def test_the_pool_is_the_nearest_limited_level_else_the_host() -> None:
     from dask_safe_worker.records import replace
 
     location = CgroupLocation(1, "/a/b/c", "/sys/fs/cgroup/memory", "/", "a/b/c")
-    levels = (level(None, 0, path="/a/b/c"), level(2 * GiB, 0, path="/a/b"), level(None, 0, path="/"))
+    levels = (
+        level(None, 0, path="/a/b/c"),
+        level(2 * GiB, 0, path="/a/b"),
+        level(None, 0, path="/"),
+    )
     m = replace(measurement(levels=levels), location=location)
     assert pool_key(m) == "v1:/a/b"
     # Our own child's limit (written by us) is not where the pool's budget comes from.
