@@ -484,6 +484,14 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
     from .plan_file import plan_document, record_plan
 
     document = plan_document(m, plan, argv, outcome, opts.cgroup_write)
+    # Where dask-safe-audit finds the pool's live claims, and whether this instance
+    # moves with them (a supervisor follows) or keeps its start plan.
+    document["following"] = opts.following and follow_spec is not None
+    document["pool"] = (
+        None
+        if member is None or prepared.pool is None
+        else {"key": prepared.pool.key, "directory": str(prepared.pool.directory)}
+    )
     plan_file = record_plan(opts.plan_file, document, audit)
     # Set from --plan-file or from the environment alike: the worker names a plan file
     # only when one was written (dask-safe-audit reads it through this variable).
