@@ -13,6 +13,7 @@ from dask_safe_worker.dask_compat.dask_worker import (
     WorkerArgsError,
 )
 from dask_safe_worker.worker_args import (
+    launch_problem,
     parse_worker_args,
     split_argv,
     with_memory_limit,
@@ -101,3 +102,26 @@ def test_with_memory_limit_adds_before_double_dash_or_replaces() -> None:
     assert with_memory_limit(["s"], 5) == ["s", "--memory-limit", "5"]
     assert with_memory_limit(["--memory-limit", "9G", "s"], 5) == ["--memory-limit", "5", "s"]
     assert with_memory_limit(["--memory-limit=9G"], 5) == ["--memory-limit=5"]
+
+
+@pytest.mark.parametrize(
+    ("args", "n_workers", "nanny", "expected"),
+    [
+        (["--no-nanny"], 2, False, "--no-nanny argument when n_workers > 1"),
+        (["--contact-address", "tcp://127.0.0.1:9000"], 1, True, "Must specify --listen-address"),
+        (["--listen-address", "tcp://127.0.0.1:9000"], 2, True, "when n_workers > 1"),
+        (["--listen-address=tcp://127.0.0.1:9000", "--host", "127.0.0.1"], 1, True, "--host"),
+        (["--no-nanny"], 1, False, None),
+        (["--listen-address", "tcp://127.0.0.1:9000"], 1, True, None),
+        # After `--`, tokens are the preloads' own.
+        (["--", "--contact-address", "x"], 1, True, None),
+    ],
+)
+def test_dask_workers_launch_refusals_are_found_before_any_write(
+    args: list[str], n_workers: int, nanny: bool, expected: str | None
+) -> None:
+    problem = launch_problem(args, n_workers, nanny)
+    if expected is None:
+        assert problem is None
+    else:
+        assert problem is not None and expected in problem

@@ -52,7 +52,13 @@ from .plan import (
     user_limit_warning,
 )
 from .records import replace
-from .worker_args import WorkerArgs, apply_memory_limit, parse_worker_args, split_argv
+from .worker_args import (
+    WorkerArgs,
+    apply_memory_limit,
+    launch_problem,
+    parse_worker_args,
+    split_argv,
+)
 from .worker_command import (
     check_worker_args,
     program_exists,
@@ -201,10 +207,11 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
     # Dask's side follows where the worker can import our preloads: dask's own worker in
     # this Python, or wherever --follow was asked for by name. Else the budget cannot
     # move, and is a fixed commitment in the pool.
-    movable = opts.following and (
-        opts.follow is True or runs_dask_worker(opts.worker_command, prefix)
+    runs_dask = runs_dask_worker(opts.worker_command, prefix)
+    movable = opts.following and (opts.follow is True or runs_dask)
+    m, plan, pool, member = _plan(
+        m, wargs, worker_args, runs_dask, opts, release, query, movable, audit
     )
-    m, plan, pool, member = _plan(m, wargs, opts, release, query, movable, audit)
     return Prepared(
         opts=opts,
         measurement=m,
@@ -278,7 +285,7 @@ def _checked_worker_args(
     return wargs
 
 
-def _invalid_worker_args(exc: Exception) -> Refused:
+def _invalid_worker_args(exc: Exception | str) -> Refused:
     return Refused(
         EXIT_USAGE, f"invalid dask worker arguments: {exc} (see `dask-safe-worker --worker-help`)"
     )
@@ -305,6 +312,8 @@ ARRIVAL_POLL = 0.25
 def _plan(
     m: Measurement,
     wargs: WorkerArgs,
+    worker_args: Sequence[str],
+    runs_dask: bool,
     opts: Options,
     release: Release,
     query: bool,
@@ -317,9 +326,13 @@ def _plan(
     import time
 
     try:
-        resolve_worker_values(wargs, m)
+        values = resolve_worker_values(wargs, m)
     except dask_worker.WorkerArgsError as exc:
         raise _invalid_worker_args(exc) from None
+    if runs_dask:
+        problem = launch_problem(worker_args, values.n_workers, wargs.nanny)
+        if problem is not None:
+            raise _invalid_worker_args(f"Failed to launch worker. {problem}")
     pool = find_pool(m, os.environ, create=not query)
     claim = _Claim(None if query else pool, audit)
     deadline = time.monotonic() + ARRIVAL_WAIT

@@ -175,3 +175,19 @@ def with_memory_limit(args: Sequence[str], limit: int) -> list[str]:
         return out
     cut = out.index("--") if "--" in out else len(out)
     return [*out[:cut], "--memory-limit", str(limit), *out[cut:]]
+
+
+def launch_problem(args: Sequence[str], n_workers: int, nanny: bool) -> str | None:
+    """What `dask worker` refuses after its option parsing ("Failed to launch worker",
+    exit 1), in its own words: found here, before any limit or plan file is written."""
+    names = {name for _, name, _ in _options(args)}
+    listen = "--listen-address" in names
+    if n_workers > 1 and not nanny:
+        return "You cannot use the --no-nanny argument when n_workers > 1."
+    if "--contact-address" in names and not listen:
+        return "Must specify --listen-address when --contact-address is given"
+    if n_workers > 1 and listen:
+        return "You cannot specify --listen-address when n_workers > 1."
+    if listen and names & {"--worker-port", "--host"}:
+        return "You cannot specify --listen-address when --worker-port or --host is given."
+    return None
