@@ -250,3 +250,53 @@ def test_four_at_once_all_start_in_their_own_children(
         finally:
             stop_all(procs)
     assert sampler.worst <= LIMIT - HOLDER, sampler.worst
+
+
+def limit_of(cg: KernelCgroup, pid: int) -> int:
+    """The kernel limit of the child cgroup that holds instance `pid`."""
+    for child in cg.path.iterdir():
+        if child.is_dir() and pid in KernelCgroup(child).pids():
+            return KernelCgroup(child).limit()
+    raise AssertionError(f"instance {pid} is in no child cgroup")
+
+
+def test_fixed_commitments_hold_and_the_following_instances_split_the_rest(
+    kernel_cgroup: KernelCgroup, started_pids: set[int], client: Any, scheduler_address: str
+) -> None:
+    from dask_safe_worker.plan import DEFAULT_NANNY_ALLOWANCE, SUPERVISOR_ALLOWANCE
+
+    kernel_cgroup.set_limit(LIMIT)
+    procs: list[subprocess.Popen[str]] = []
+    with holder(kernel_cgroup, started_pids), Sampler(kernel_cgroup) as sampler:
+        try:
+            # A following instance takes the pool; an exec'd one arrives and keeps the
+            # share it gets then; an explicit --memory-limit commits what it asks for;
+            # a second following instance shares what is left with the first.
+            def start(n: int, *args: str) -> subprocess.Popen[str]:
+                procs.append(start_instance(kernel_cgroup, started_pids, scheduler_address, *args))
+                client.wait_for_workers(n, timeout=120)
+                return procs[-1]
+
+            first = start(1)
+            exec_d = start(2, "--no-follow")
+            static = limit_of(kernel_cgroup, exec_d.pid)
+            given = start(3, "--memory-limit", "512MiB")
+            second = start(4)
+            commitment = 512 * MiB + DEFAULT_NANNY_ALLOWANCE + SUPERVISOR_ALLOWANCE
+            deadline = time.monotonic() + 30
+            while True:
+                rest = LIMIT - non_instance_working_set(kernel_cgroup) - static - commitment
+                limits = [limit_of(kernel_cgroup, p.pid) for p in (first, second)]
+                even = all(abs(v - rest / 2) <= 0.05 * rest / 2 for v in limits)
+                if even and limit_of(kernel_cgroup, given.pid) == commitment:
+                    break
+                assert time.monotonic() < deadline, (rest, limits, static, commitment)
+                time.sleep(0.2)
+            # The exec'd instance's commitment held through every arrival.
+            assert limit_of(kernel_cgroup, exec_d.pid) == static
+            dask = dask_limits(client)
+            by_instance = {supervisor_of(n): w for n, (w, _) in dask.items()}
+            assert by_instance[given.pid] == 512 * MiB
+        finally:
+            stop_all(procs)
+    assert sampler.worst <= LIMIT - HOLDER, sampler.worst
