@@ -105,7 +105,8 @@ def test_worker_limit_equals_plan(
     assert "init.exec" in names
     assert all(e["schema"] == SCHEMA_VERSION for e in events)
     argv = cast(list[str], next(e for e in events if e["event"] == "worker.argv")["argv"])
-    assert argv[-2:] == ["--memory-limit", str(plan["memory_limit_arg"])]
+    # Before the preloads that following adds at the end.
+    assert argv[argv.index("--memory-limit") + 1] == str(plan["memory_limit_arg"])
 
 
 def test_user_memory_limit_arrives_unchanged(

@@ -232,14 +232,16 @@ def test_neighbour_grows_and_the_kernel_limit_follows_down(
             now = views(client)
             kernel_now = kernel_limit()
 
-            # The neighbour goes: the kernel limit we lowered goes back up first, then
-            # Dask's side, both to the start's values and never above them.
+            # The neighbour goes, with the 100 MiB it held at start: the kernel limit we
+            # lowered goes back up first, then Dask's side, to the current plan, which is
+            # above the start's now (issue 25: never above the current plan).
             neighbour.stop()
-            wait_until(lambda: all_at(client, plan["effective_per_worker"]), 5)
-            assert kernel_limit() == first_kernel
+            start_per_worker = plan["effective_per_worker"]
+            wait_until(lambda: min(views(client)["worker"]) > start_per_worker, 5)
             time.sleep(2)
-            assert kernel_limit() == first_kernel
-            assert all_at(client, plan["effective_per_worker"])
+            final = views(client)
+            kernel_final = kernel_limit()
+            assert kernel_final > first_kernel
         finally:
             events = stop(proc, tmp_path)
             neighbour.stop()
@@ -255,7 +257,11 @@ def test_neighbour_grows_and_the_kernel_limit_follows_down(
     applied = [e for e in events if e["event"] == "follow.applied"]
     assert applied[0]["kernel"]["action"] == "lowered"
     assert applied[-1]["action"] == "raise" and applied[-1]["kernel"]["action"] == "raised"
-    assert applied[-1]["kernel"]["value"] == first_kernel
+    assert applied[-1]["kernel"]["value"] == kernel_final
+    # Every view at the last plan's limit, and not above it.
+    last = replanned[-1]
+    assert final["worker"] == final["nanny"] == final["scheduler"] == {last["new_per_worker"]}
+    assert last["new_per_worker"] <= last["ceiling"]
     assert kernel_cgroup.oom_kills() == 0
 
 

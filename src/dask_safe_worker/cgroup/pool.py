@@ -139,6 +139,16 @@ def pool_dir_name(key: str) -> str:
     return "pool-" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
+def _occupied(member: Member | None) -> bool:
+    """Whether the member's child cgroup still holds a process."""
+    if member is None or member.cgroup is None:
+        return False
+    try:
+        return bool((Path(member.cgroup) / "cgroup.procs").read_text().split())
+    except OSError:
+        return False
+
+
 def _try_lock(fd: int) -> bool:
     import fcntl
 
@@ -223,38 +233,51 @@ class Pool:
 
     def members(self, exclude: int | None = None) -> tuple[Member, ...]:
         """The live claims, ours (`exclude`) left out; dead ones are removed on the way.
-        A claim that is alive but unreadable counts as nothing: it is being written."""
+
+        A claim lives while its lock is held (the supervisor and the nanny hold it), or
+        while its child cgroup still holds a process: a worker whose supervisor was
+        killed still uses what the claim promised. A live claim that cannot be read
+        counts as nothing: it is being written."""
         try:
             names = sorted(os.listdir(self.directory))
         except OSError:
             return ()
         found: list[Member] = []
         for name in names:
-            stem, _dot, ext = name.partition(".")
+            stem, _, ext = name.partition(".")
             if ext != "lock" or not stem.isdigit() or int(stem) == exclude:
                 continue
-            lock_path = self.directory / name
-            try:
-                fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-            except OSError:
+            member = self._read(stem)
+            if self._locked(self.directory / name) or _occupied(member):
+                if member is not None:
+                    found.append(member)
                 continue
-            try:
-                if _try_lock(fd):
-                    # Nobody holds it: the instance is gone. Data first, so that a
-                    # claim is never seen without its lock by a reader.
-                    with contextlib.suppress(OSError):
-                        os.unlink(self.directory / f"{stem}.json")
-                    with contextlib.suppress(OSError):
-                        os.unlink(lock_path)
-                    continue
-            finally:
-                os.close(fd)
-            try:
-                text = (self.directory / f"{stem}.json").read_text(encoding="utf-8")
-                found.append(parse_claim(text))
-            except (OSError, ClaimError):
-                continue
+            # Gone: data first, so that a reader never sees a claim without its lock.
+            with contextlib.suppress(OSError):
+                os.unlink(self.directory / f"{stem}.json")
+            with contextlib.suppress(OSError):
+                os.unlink(self.directory / name)
         return tuple(found)
+
+    def _read(self, stem: str) -> Member | None:
+        try:
+            return parse_claim((self.directory / f"{stem}.json").read_text(encoding="utf-8"))
+        except (OSError, ClaimError):
+            return None
+
+    @staticmethod
+    def _locked(lock_path: Path) -> bool:
+        """Whether a live process holds the lock (an unreadable lock counts as held)."""
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True
+        try:
+            return not _try_lock(fd)
+        finally:
+            os.close(fd)
 
     def claim(self, member: Member) -> int:
         """Write our claim; the held, inheritable lock's descriptor (keep it open)."""

@@ -32,6 +32,7 @@ from .decide import (
     ManagedLimit,
     ancestor_limit,
     decide,
+    hysteresis,
     kernel_target,
     replan,
     with_original_limit,
@@ -211,8 +212,12 @@ class Watch:
             proposed = plan.effective_per_worker
             ceiling = self.spec.first_per_worker
             if view is not None and plan.share is not None and plan.share_per_worker:
-                # Never above the current plan: our share of the pool as it is now.
-                ceiling, self.share_budget = plan.share_per_worker, plan.share
+                # Never above the current plan: our share of the pool as it is now. Back
+                # within a band of the start's plan is the start's plan: the same
+                # conditions measure a few MiB apart (the supervisor's own pages).
+                self.share_budget = plan.share
+                if abs(plan.share_per_worker - ceiling) > hysteresis(ceiling):
+                    ceiling = plan.share_per_worker
             if proposed is not None and self.spec.fixed is None:
                 d = decide(self.record.per_worker, proposed, ceiling)
                 if d.action != "keep":
@@ -331,7 +336,7 @@ class Watch:
         kernel: dict[str, Any] = {"action": "none"}
         if self.managed is not None and self.managed_value is not None:
             # Dask's side back at the start's plan: the kernel limit back at its budget.
-            at_start = self.pool is None and target == self.spec.first_per_worker
+            at_start = target == self.spec.first_per_worker
             self.kernel_goal = self.spec.first_budget if at_start else budget
             if action == "raise":
                 # Room first, then the workers may use it.
