@@ -312,3 +312,20 @@ def test_host_prestart_call_is_read_by_the_fast_path(monkeypatch: pytest.MonkeyP
         monkeypatch.setenv(name, value)
     ctx = cli.command.make_context("dask-safe-worker", list(args))
     assert Options.from_values(ctx.params) == fast
+
+
+def test_a_reserve_no_kernel_limit_can_hold_is_a_usage_error() -> None:
+    # Issue 24 row 13: 1e19 bytes was planned, then refused as a budget too small (3).
+    proc = run("--cgroup-write", "never", "--reserve", "1e19", "tcp://127.0.0.1:1")
+    assert proc.returncode == 2, proc.stderr
+    assert "larger than any kernel limit" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_memory_limit_zero_is_said_to_turn_dasks_limit_off() -> None:
+    # Issue 24 row 13: the warning read "0 B per worker"; 0 means no limit to dask.
+    proc = run(
+        "--no-follow", "--cgroup-write", "never", "--log-format", "none",
+        "--worker-command", "true", "--memory-limit", "0", "tcp://127.0.0.1:1",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "turns Dask's memory limit off" in proc.stderr and "0 B" not in proc.stderr

@@ -52,6 +52,15 @@ def parse_size(text: str) -> int:
     return size
 
 
+def parse_reserve(text: str) -> Amount:
+    """A size or a fraction, as `parse_amount` reads it; a size no kernel limit can hold
+    is a usage error, not a plan that refuses (issue 24 row 13)."""
+    amount = parse_amount(text)
+    if amount.bytes is not None and amount.bytes > MAX_LIMIT:
+        raise ValueError(f"{text!r} is larger than any kernel limit")
+    return amount
+
+
 def parse_fraction(text: str) -> float:
     """A float in [0, 1): NaN is refused (every comparison with NaN is false, so a range
     check alone lets it through)."""
@@ -219,7 +228,7 @@ class OptionSpec:
 OPTIONS: tuple[OptionSpec, ...] = (
     OptionSpec(
         "reserve",
-        parse=parse_amount,
+        parse=parse_reserve,
         type_name="SIZE|FRACTION",
         default="0",
         show_default=True,

@@ -338,7 +338,15 @@ def user_limit_warning(plan: Plan) -> str:
     with the way out."""
     from .sizes import format_bytes
 
-    given = plan.user_memory_limit_bytes or 0
+    if plan.user_memory_limit_bytes is None:
+        # dask reads 0 as no limit at all: it never spills, pauses or restarts.
+        return (
+            f"--memory-limit {plan.user_memory_limit} turns Dask's memory limit off: it "
+            "never spills, pauses or restarts, and only the kernel limit stops the "
+            f"worker; add --clamp-memory-limit to use {format_bytes(plan.per_worker)} "
+            "per worker instead"
+        )
+    given = plan.user_memory_limit_bytes
     return (
         f"--memory-limit {plan.user_memory_limit} "
         f"({format_bytes(given)} per worker, {plan.n_workers} worker(s)) does not fit the "
