@@ -7,6 +7,7 @@ child cgroup it made until the test ends it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -254,3 +255,48 @@ def test_the_supervisor_removes_the_child_it_was_named(
         assert "error" not in json.loads(removed[0])
         assert not (kernel_cgroup.path / name).exists()
         assert kept.path.exists()
+
+
+def test_ctrl_c_between_the_limit_and_the_exec_leaves_nothing_behind(
+    kernel_cgroup: KernelCgroup, started_pids: set[int], tmp_path: Path
+) -> None:
+    # Issue 24 row 12: exec'd (no supervisor), a SIGINT after the child was made and
+    # limited gave "Aborted!", exit 1, and left the child. A full FIFO as the plan file
+    # holds the tool in its plan-file write, after the kernel limit and before the exec.
+    import signal
+
+    kernel_cgroup.set_limit(GiB)
+    fifo = tmp_path / "plan.fifo"
+    os.mkfifo(fifo, 0o600)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    writer = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+    try:
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                os.write(writer, b"x" * 4096)
+        with other_process(kernel_cgroup, started_pids):
+            before = cgroup_state(kernel_cgroup.path)
+            proc = start_instance(
+                kernel_cgroup, started_pids, "--plan-file", str(fifo), "--min-worker-memory", "1MiB"
+            )
+            try:
+                for _ in range(500):
+                    if memory_cgroup_of(proc.pid).startswith(kernel_cgroup.relative() + "/"):
+                        break  # moved into its child: the limit is written
+                    time.sleep(0.02)
+                else:
+                    raise AssertionError("the instance never moved into a child")
+                time.sleep(0.2)  # now in its plan-file write
+                proc.send_signal(signal.SIGINT)
+                while proc.poll() is None:
+                    with contextlib.suppress(BlockingIOError):
+                        os.read(reader, 1 << 16)
+                    time.sleep(0.02)
+            finally:
+                stop([proc])
+            assert proc.returncode == 130, proc.stderr.read()  # type: ignore[union-attr]
+            assert cgroup_state(kernel_cgroup.path) == before
+            assert [p.name for p in kernel_cgroup.path.iterdir() if p.is_dir()] == []
+    finally:
+        os.close(reader)
+        os.close(writer)

@@ -466,12 +466,12 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
         # Found missing now rather than at exec, after the kernel limit was written.
         audit("worker.exec.failed", argv0=program, reason="No such file or directory")
         raise Refused(EXIT_EXEC_FAILED, f"cannot run {program!r}: not found", event="")
-    if prepared.supervised:
-        # From here a signal waits for the supervisor, which removes a child cgroup made
-        # below; without this, SIGTERM before the exec would leave the child behind.
-        from .supervise import defer_signals
+    # From here a signal waits: for the supervisor, which removes a child cgroup made
+    # below, or for the exec of the worker, which then cancels the start and removes it.
+    # Without this, SIGTERM or Ctrl-C before the exec would leave the child behind.
+    from .supervise import defer_signals
 
-        defer_signals()
+    defer_signals()
     outcome = enforce(m, plan.budget, prepared.write_options, audit)
     member = _with_child(prepared, outcome, audit)
     worker_args, env, follow_spec = prepared.worker_args, dict(os.environ), None
@@ -521,7 +521,10 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
         # RSS against ~11 MiB for the bare one, benchmarks/supervisor_rss.py).
         cmd = supervisor_argv(argv, outcome, opts.log_format, opts.init_process_group, follow_spec)
         exec_supervisor(cmd, env, audit)
-    exec_worker(argv, env, audit)
+    child = None
+    if outcome.created_child and outcome.parent_dir:
+        child = (outcome.created_child, outcome.parent_dir)
+    exec_worker(argv, env, audit, child)
 
 
 def _with_child(prepared: Prepared, outcome: WriteOutcome, audit: Audit) -> Member | None:

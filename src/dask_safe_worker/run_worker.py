@@ -41,14 +41,24 @@ def supervisor_argv(
     return [*cmd, "--", *argv]
 
 
-def exec_worker(argv: Sequence[str], env: Mapping[str, str], audit: Audit) -> NoReturn:
-    """Replace this process with the worker itself; exit 127 if impossible."""
-    from .supervise import release_signals_for_exec, signal_name
+def exec_worker(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    audit: Audit,
+    child: tuple[str, str] | None = None,
+) -> NoReturn:
+    """Replace this process with the worker itself; exit 127 if impossible. `child`:
+    the child cgroup we made and moved into, and its parent, to leave and remove when
+    a stop cancels the start."""
+    from .supervise import release_signals_for_exec, remove_child_cgroup, signal_name
 
-    # As PID 1 the signals were deferred from the first line (entry.main); a stop that
-    # arrived since means the worker must not start.
+    # The signals were deferred (as PID 1 from the first line, else before the kernel
+    # limit was written); a stop that arrived since means the worker must not start, and
+    # nothing of the start may stay behind.
     stop = release_signals_for_exec()
     if stop is not None:
+        if child is not None:
+            remove_child_cgroup(child[0], child[1], audit)
         audit("worker.exec.cancelled", signal=signal_name(stop), code=128 + stop)
         sys.exit(128 + stop)
     _exec(argv, env, audit, event="worker.exec")

@@ -30,6 +30,7 @@ __all__ = [
     "is_pid1",
     "main",
     "release_signals_for_exec",
+    "remove_child_cgroup",
     "supervise",
 ]
 
@@ -401,7 +402,7 @@ def _own_cgroup_path(directory: str) -> str:
     return directory
 
 
-def _remove_cgroup(child: str, parent: str, audit: Callable[..., None]) -> None:
+def remove_child_cgroup(child: str, parent: str, audit: Callable[..., None]) -> None:
     """Leave the child cgroup made for the worker, then remove it; same event as the CLI."""
     error = None
     target = _own_cgroup_path(child)
@@ -461,7 +462,7 @@ def main(args: Sequence[str] | None = None) -> int:
     cleanups: list[Callable[[], None]] = []
     if len(cgroup) == 2:
         child, parent = cgroup["--remove-cgroup"], cgroup["--parent-cgroup"]
-        cleanups.append(lambda: _remove_cgroup(child, parent, audit))
+        cleanups.append(lambda: remove_child_cgroup(child, parent, audit))
 
     def on_child_exit() -> None:
         for cleanup in cleanups:
