@@ -305,7 +305,7 @@ def _measure(release: Release, audit: Audit, quiet: bool = False) -> Measurement
 # How long a newcomer waits for the pool's other instances to come down to their new
 # shares when what is free now is too small to start with: they move on their next
 # tick (1 s by default), their kernel limits once their workers hold the lower limit.
-ARRIVAL_WAIT = 10.0
+ARRIVAL_WAIT = 30.0
 ARRIVAL_POLL = 0.25
 
 
