@@ -28,6 +28,7 @@ from dask_safe_worker.cluster_audit.facts import facts_from_report
 from dask_safe_worker.cluster_audit.render import render_table, result_rows
 from dask_safe_worker.cluster_audit.verdicts import (
     AT_RISK,
+    AUDIT_SCHEMA,
     EXIT_AT_RISK,
     EXIT_SAFE,
     EXIT_UNVERIFIED,
@@ -693,8 +694,9 @@ def test_real_cluster_safe_unmanaged_and_at_risk(
 
     # 2. A plain `dask worker` in a 1 GiB cgroup (Dask sizes it from the host's RAM),
     #    and a dask-safe-worker in W below M, then an agent in M eats M's headroom.
+    #    The worker keeps its start plan (--no-follow): following would lower its limit.
     cluster.plain_worker(plain_cg, "plain", "--nthreads", "1", "--no-nanny")
-    cluster.safe_worker(w, "risky", "--nthreads", "2", "--no-nanny")
+    cluster.safe_worker(w, "risky", "--nthreads", "2", "--no-nanny", "--no-follow")
     limits = cluster.wait_for_workers(4)
     risky_plan = json.loads((tmp_path / "risky.plan.json").read_text())["plan"]
     agent_bytes = m.limit() - m.usage() - 100 * MiB
@@ -712,6 +714,13 @@ def test_real_cluster_safe_unmanaged_and_at_risk(
     }
 
     assert rows["safe-0"]["verdict"] == rows["safe-1"]["verdict"] == SAFE
+    # The safe instance follows (the default), alone in its pool; both workers are its.
+    safe_pool = json.loads((tmp_path / "safe.plan.json").read_text())["pool"]
+    for name in ("safe-0", "safe-1"):
+        assert rows[name]["following"] is True
+        assert rows[name]["pool"]["key"] == safe_pool["key"]
+        assert rows[name]["pool"]["members"] == [] and rows[name]["pool"]["weight"] == 2
+    assert rows["safe-0"]["pool"]["instance"] == rows["safe-1"]["pool"]["instance"]
 
     plain = rows["plain"]
     assert (plain["verdict"], plain["risk"], plain["managed"]) == (UNMANAGED, AT_RISK, False)
@@ -725,6 +734,8 @@ def test_real_cluster_safe_unmanaged_and_at_risk(
     assert risky["dask_memory_limit"] == risky_plan["effective_per_worker"]
     assert risky["available"] < risky["dask_memory_limit"]
     assert any(f"available now in cgroup {m.relative()}" in r for r in risky["reasons"])
+    assert risky["following"] is False
+    assert risky["action"].startswith("the plan is made once at start")
 
     # The table says the same for people.
     r = run_audit(cluster.address)
@@ -762,7 +773,7 @@ def test_real_cluster_v1_inherited_limit_names_the_parent_the_neighbour_and_a_fi
     assert r.returncode == EXIT_AT_RISK, r.stderr
     doc = json.loads(r.stdout)
     (tmp_path / "audit.json").write_text(r.stdout)
-    assert doc["schema"] == 2
+    assert doc["schema"] == AUDIT_SCHEMA
     rows = {row["name"]: row for row in doc["workers"]}
 
     plain = rows["plain"]
@@ -796,6 +807,78 @@ def test_real_cluster_v1_inherited_limit_names_the_parent_the_neighbour_and_a_fi
     table = {line.split()[0]: line for line in r.stdout.splitlines()[1:3]}
     assert "4.00 GiB" in table["plain"]
     (tmp_path / "audit-table.txt").write_text(r.stdout)
+
+
+@pytest.mark.e2e
+@pytest.mark.kernel
+def test_real_cluster_instances_of_one_pool_list_each_other_and_fit(
+    kernel_cgroup: KernelCgroup, cluster: Cluster, tmp_path: Path
+) -> None:
+    """Issue 25, the audit: two following instances and one --no-follow instance in one
+    2 GiB cgroup share its pool. Each worker's row names its pool, what its instance
+    holds and the other instances; together they fit, so none is at risk for sharing."""
+    pool_cg = kernel_cgroup.child("pool")
+    pool_cg.set_limit(2 * GiB)
+    cluster.cgroups.append(pool_cg)
+    for n, name in enumerate(("a", "b")):
+        cluster.safe_worker(pool_cg, name, "--nthreads", "1")
+        cluster.wait_for_workers(n + 1)
+    # Last, since a fixed commitment is what the followers share around.
+    cluster.safe_worker(pool_cg, "c", "--nthreads", "1", "--no-follow")
+    cluster.wait_for_workers(3)
+    pids = {name: proc.pid for name, proc in zip("abc", cluster.procs[1:], strict=True)}
+    plans = {n: json.loads((tmp_path / f"{n}.plan.json").read_text()) for n in pids}
+    assert [plans[n]["following"] for n in "abc"] == [True, True, False]
+    key = plans["a"]["pool"]["key"]
+    assert key.endswith(pool_cg.relative())
+    assert all(p["pool"]["key"] == key for p in plans.values())
+
+    # The followers come down to their shares on their next ticks: audit until then.
+    deadline = time.monotonic() + 60
+    while True:
+        code, doc = audit_json(cluster.address)
+        rows = {r["name"]: r for r in doc["workers"]}
+        listed = all(len((r["pool"] or {}).get("members", [])) == 2 for r in rows.values())
+        if (code == EXIT_SAFE and listed) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    (tmp_path / "audit-pool.json").write_text(json.dumps(doc, indent=2))
+    assert code == EXIT_SAFE, json.dumps(doc, indent=1)
+    assert doc["schema"] == AUDIT_SCHEMA
+    claims = {}
+    for name, pid in pids.items():
+        row = rows[name]
+        assert row["verdict"] == SAFE and row["following"] is (name != "c")
+        pool = row["pool"]
+        assert (pool["key"], pool["instance"], pool["weight"], pool["error"]) == (key, pid, 1, None)
+        assert pool["share"] == plans[name]["plan"]["share"]
+        assert sorted(m["pid"] for m in pool["members"]) == sorted(set(pids.values()) - {pid})
+        claims[pid] = (pool["committed"], pool["fixed"])
+        # The pool's limit, or its instance's child's below it (the first instance,
+        # alone at its start, keeps the pool's cgroup as its own).
+        assert row["kernel_limit"] <= 2 * GiB
+        assert (row["kernel_limit_path"] + "/").startswith(pool_cg.relative() + "/")
+    # What every worker says of the others is what they say of themselves.
+    for row in rows.values():
+        for m in row["pool"]["members"]:
+            assert m["weight"] == 1
+            assert (m["committed"], m["fixed"]) == claims[m["pid"]]
+    # The --no-follow instance keeps a fixed commitment; the followers share the rest.
+    assert claims[pids["c"]][1] is not None
+    assert claims[pids["a"]][1] is None and claims[pids["b"]][1] is None
+    assert sum(committed for committed, _ in claims.values()) <= 2 * GiB
+
+    # The table: one line per instance, with the others.
+    r = run_audit(cluster.address)
+    assert r.returncode == EXIT_SAFE
+    lines = [line for line in r.stdout.splitlines() if line.startswith(f"pool {key}: ")]
+    assert len(lines) == 3, r.stdout
+    line = next(x for x in lines if x.startswith(f"pool {key}: a (pid {pids['a']}, weight 1,"))
+    assert "following): holds " in line and f"pid {pids['c']} (weight 1): fixed " in line
+    assert f"pid {pids['b']} (weight 1): holds " in line
+    assert any(f"c (pid {pids['c']}, weight 1, not following): fixed " in x for x in lines)
+    (tmp_path / "audit-pool.json").write_text(json.dumps(doc, indent=2))
+    (tmp_path / "audit-pool.txt").write_text(r.stdout)
 
 
 # --- TLS -------------------------------------------------------------------------------

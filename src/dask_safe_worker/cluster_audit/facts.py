@@ -8,7 +8,7 @@ from typing import Any
 
 from ..plan import DEFAULT_NANNY_ALLOWANCE
 from ..sizes import format_bytes
-from .verdicts import Constraint, WorkerFacts
+from .verdicts import Constraint, PoolFacts, PoolMember, WorkerFacts
 
 
 def _int(value: Any) -> int | None:
@@ -52,6 +52,67 @@ def _headroom(limit: int, level: Mapping[str, Any]) -> int | None:
     return max(0, limit - working_set)
 
 
+def _own_cgroup(report: Mapping[str, Any]) -> str | None:
+    """The worker's own cgroup as "<dev>:<inode>", from its level's key (remote.collect
+    keys levels "<boot id>:<dev>:<inode>")."""
+    levels = report.get("levels")
+    first = levels[0] if isinstance(levels, list) and levels else None
+    key = first.get("key") if isinstance(first, dict) else None
+    prefix = f"{report.get('boot_id')}:"
+    return key[len(prefix) :] if isinstance(key, str) and key.startswith(prefix) else None
+
+
+def _pool_facts(plan: Mapping[str, Any], raw: Any, own_cgroup: str | None) -> PoolFacts | None:
+    """The pool from the plan file's key and the live claims the worker read (`remote.
+    read_pool`); None for a plan file without a pool (older releases, no claim).
+
+    The worker's instance is the claim of the nearest of its ancestors (itself, its
+    nanny, the supervisor); or, when that process is gone (a killed supervisor, whose
+    worker lives on), the claim whose child cgroup is the worker's own (`own_cgroup`,
+    "<dev>:<inode>")."""
+    from ..cgroup.pool import ClaimError, parse_claim
+
+    location = plan.get("pool")
+    if not isinstance(location, dict) or not isinstance(location.get("key"), str):
+        return None
+    share = _int(plan.get("commitment") if plan.get("fixed") is True else plan.get("share"))
+    report = raw if isinstance(raw, dict) else {}
+    error = report.get("error")
+    claims = []
+    cgroups: dict[int, Any] = {}
+    for claim in report.get("claims") or []:
+        if not isinstance(claim, dict) or not isinstance(claim.get("text"), str):
+            continue
+        try:
+            member = parse_claim(claim["text"])
+        except ClaimError:
+            continue  # not one this version wrote: nothing to tell about it
+        if member.pid == claim.get("pid"):
+            claims.append(member)
+            cgroups[member.pid] = claim.get("cgroup")
+    ancestors = [p for p in report.get("ancestors") or [] if _int(p) is not None]
+    own = next((c for a in ancestors for c in claims if c.pid == a), None)
+    if own is None and own_cgroup is not None:
+        own = next((c for c in claims if cgroups[c.pid] == own_cgroup), None)
+    others = tuple(
+        PoolMember(c.pid, c.weight, c.committed, c.fixed, c.working_set)
+        for c in claims
+        if c is not own
+    )
+    if own is None and error is None and raw is not None:
+        error = "no live claim in the pool is this worker's (its instance has none)"
+    return PoolFacts(
+        key=location["key"],
+        instance=None if own is None else own.pid,
+        weight=None if own is None else own.weight,
+        committed=None if own is None else own.committed,
+        fixed=None if own is None else own.fixed,
+        share=share,
+        members=others,
+        error=None if error is None else str(error),
+    )
+
+
 def facts_from_report(
     address: str, info: Mapping[str, Any], report: Mapping[str, Any] | BaseException | None
 ) -> WorkerFacts:
@@ -82,6 +143,7 @@ def facts_from_report(
     terminate_fraction = float(terminate) if isinstance(terminate, (int, float)) else None
 
     nanny_room = 0
+    pool_fields: dict[str, Any] = {}
     if plan is not None:
         overhead, n = _int(plan.get("overhead")), _int(plan.get("n_workers"))
         if overhead is not None and n:
@@ -94,6 +156,12 @@ def facts_from_report(
             )
         if plan.get("enforced") is False:
             notes.append(f"no kernel limit was set at start ({plan.get('write_reason')})")
+        following = plan.get("following")
+        pool_fields = {
+            "following": following if isinstance(following, bool) else None,
+            "memory_limit_fixed": plan.get("fixed") is True,
+            "pool": _pool_facts(plan, report.get("pool"), _own_cgroup(report)),
+        }
     elif report.get("has_nanny"):
         nanny_room = DEFAULT_NANNY_ALLOWANCE
 
@@ -106,6 +174,7 @@ def facts_from_report(
             managed=managed,
             error=str(report["error"]),
             notes=tuple(notes),
+            **pool_fields,
         )
 
     hostname = str(report.get("hostname") or host)
@@ -138,4 +207,5 @@ def facts_from_report(
         constraints=tuple(constraints),
         notes=tuple(notes),
         oom_group=oom_group,
+        **pool_fields,
     )

@@ -98,9 +98,28 @@ def _read_plan() -> tuple[str | None, dict[str, Any] | None, str | None]:
         "target": outcome.get("target"),
         "read_back": outcome.get("read_back"),
         "write_reason": outcome.get("reason"),
+        # The pool shared with other instances on the host (absent from plan files of
+        # releases before pools): its key and our fair share or fixed commitment at start.
+        "pool_key": plan.get("pool_key"),
+        "pool_budget": plan.get("pool_budget"),
+        "share": plan.get("share"),
+        "fixed": plan.get("fixed"),
+        "commitment": plan.get("commitment"),
+        "share_per_worker": plan.get("share_per_worker"),
+        # Whether a supervisor moves the limits live; None: the plan file does not say.
+        "following": doc.get("following"),
+        "pool": _pool_location(doc.get("pool")),
     }
     _apply_live_limit(summary)
     return path, summary, None
+
+
+def _pool_location(value: Any) -> dict[str, str] | None:
+    pool = _dict(value)
+    key, directory = pool.get("key"), pool.get("directory")
+    if isinstance(key, str) and isinstance(directory, str) and directory.startswith("/"):
+        return {"key": key, "directory": directory}
+    return None
 
 
 def _apply_live_limit(summary: dict[str, Any]) -> None:
@@ -121,6 +140,134 @@ def _apply_live_limit(summary: dict[str, Any]) -> None:
         summary["follow_generation"] = generation
 
 
+# Bounds on what one worker sends back about its pool: a pool holds a few instances.
+_MAX_CLAIMS = 256
+_MAX_CLAIM_BYTES = 4096
+_MAX_ANCESTORS = 64
+
+
+def _held_flocks(proc_root: str) -> set[tuple[int, int, int]] | None:
+    """(major, minor, inode) of every file with a granted flock, from /proc/locks; None
+    when it cannot be read.
+
+    Whether a claim's lock is held is read here rather than tried with flock: a lock
+    taken, even for a moment, could make an instance that is claiming that very file
+    fail to, and `Pool.members()` removes the claims it finds dead. The audit changes
+    nothing in the pool."""
+    try:
+        with open(os.path.join(proc_root, "locks"), encoding="ascii", errors="replace") as f:
+            text = f.read()
+    except OSError:
+        return None
+    held: set[tuple[int, int, int]] = set()
+    for line in text.splitlines():
+        fields = line.split()
+        # "1: FLOCK ADVISORY WRITE <pid> <maj>:<min>:<inode> 0 EOF"; "1: -> ..." waits.
+        if len(fields) < 6 or fields[1] != "FLOCK":
+            continue
+        parts = fields[5].split(":")
+        if len(parts) != 3:
+            continue
+        try:
+            held.add((int(parts[0], 16), int(parts[1], 16), int(parts[2])))
+        except ValueError:
+            continue
+    return held
+
+
+def _ancestors(proc_root: str, pid: int) -> list[int]:
+    """This process and its parents, nearest first: one of them is the instance whose
+    claim this worker's memory counts in (the worker itself, its nanny's supervisor...)."""
+    chain: list[int] = []
+    while pid > 0 and len(chain) < _MAX_ANCESTORS and pid not in chain:
+        chain.append(pid)
+        try:
+            with open(os.path.join(proc_root, str(pid), "status"), errors="replace") as f:
+                ppid = next((int(line.split()[1]) for line in f if line.startswith("PPid:")), 0)
+        except (OSError, ValueError, IndexError):
+            break
+        pid = ppid
+    return chain
+
+
+def _lock_held(path: str, held: set[tuple[int, int, int]] | None, proc_root: str) -> bool:
+    """Whether a live process holds the claim's lock; a lock file that cannot be
+    examined counts as held, as for `Pool.members`."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    if held is not None:
+        return (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino) in held
+    pid = os.path.basename(path).partition(".")[0]
+    return os.path.exists(os.path.join(proc_root, pid))
+
+
+def _claim_cgroup(text: str) -> tuple[str | None, bool]:
+    """The claim's child cgroup as "<dev>:<inode>" (what the worker's own cgroup level is
+    keyed by), and whether it still holds a process: a worker whose supervisor was
+    killed still uses what its claim promised."""
+    try:
+        cgroup = json.loads(text).get("cgroup")
+    except (ValueError, AttributeError, RecursionError):
+        return None, False
+    if not isinstance(cgroup, str) or not cgroup.startswith("/"):
+        return None, False
+    try:
+        st = os.stat(cgroup)
+        with open(os.path.join(cgroup, "cgroup.procs")) as f:
+            return f"{st.st_dev}:{st.st_ino}", bool(f.read().split())
+    except OSError:
+        return None, False
+
+
+def read_pool(directory: str, proc_root: str = "/proc") -> dict[str, Any]:
+    """The live claims in a pool directory, read only: nothing is locked or removed.
+
+    A claim is live, as for `Pool.members`, while its `<pid>.lock` is held (an flock in
+    /proc/locks; without /proc/locks, while the pid exists) or while its child cgroup
+    holds a process. The claims' text travels as is and is parsed on the client, with
+    its child cgroup's "<dev>:<inode>"; a claim that cannot be read (being written) is
+    left out, as `Pool.members` does. `ancestors` and the cgroup tell the client which
+    claim is this worker's instance.
+    """
+    result: dict[str, Any] = {
+        "claims": [],
+        "ancestors": _ancestors(proc_root, os.getpid()),
+        "liveness": "locks",
+        "error": None,
+    }
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError as exc:
+        result["error"] = f"cannot list the pool's claims: {exc.strerror or exc}"
+        return result
+    held = _held_flocks(proc_root)
+    if held is None:
+        result["liveness"] = "pid"
+    for name in names:
+        stem, _dot, ext = name.partition(".")
+        if ext != "lock" or not stem.isdigit() or len(result["claims"]) >= _MAX_CLAIMS:
+            continue
+        try:
+            fd = os.open(os.path.join(directory, f"{stem}.json"), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                data = os.read(fd, _MAX_CLAIM_BYTES + 1)
+            finally:
+                os.close(fd)
+        except OSError:
+            continue
+        if len(data) > _MAX_CLAIM_BYTES:
+            continue
+        text = data.decode("utf-8", "replace")
+        cgroup, occupied = _claim_cgroup(text)
+        if _lock_held(os.path.join(directory, name), held, proc_root) or occupied:
+            result["claims"].append({"pid": int(stem), "text": text, "cgroup": cgroup})
+    return result
+
+
 def collect(dask_worker: Any = None) -> dict[str, Any]:
     """Everything the client needs to judge this worker. Never raises."""
     report: dict[str, Any] = {
@@ -136,6 +283,12 @@ def collect(dask_worker: Any = None) -> dict[str, Any]:
     report["terminate_fraction"] = _terminate_fraction()
     report["has_nanny"] = bool(getattr(dask_worker, "nanny", None))
     report["plan_file"], report["plan"], report["plan_error"] = _read_plan()
+    pool = (report["plan"] or {}).get("pool")
+    if pool is not None:
+        try:
+            report["pool"] = read_pool(pool["directory"])
+        except Exception as exc:  # never raises: the rest of the report still counts
+            report["pool"] = {"error": f"cannot read the pool: {type(exc).__name__}: {exc}"}
     try:
         from pathlib import Path
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..sizes import format_bytes
 from .remote import DASK_TERMINATE_DEFAULT
 
 # 2: `action` per worker; a cgroup that only inherits a limit (v1) is no constraint.
-AUDIT_SCHEMA = 2
+# 3: `following` and `pool` per worker (added keys only: a reader of 2 reads 3); what a
+#    worker may need of a constraint is capped by the limited cgroups below it.
+AUDIT_SCHEMA = 3
 
 SAFE = "safe"
 AT_RISK = "at risk"
@@ -38,6 +40,40 @@ class Constraint:
 
 
 @dataclass(frozen=True)
+class PoolMember:
+    """Another live instance in a worker's pool, as its claim says."""
+
+    pid: int
+    # Worker processes: the flexible part of the pool is shared by weight.
+    weight: int
+    # The budget it holds now (its kernel limit, or its Dask limits and overhead).
+    committed: int
+    # What it keeps whatever the others do; None when it follows its fair share.
+    fixed: int | None
+    working_set: int
+
+
+@dataclass(frozen=True)
+class PoolFacts:
+    """The pool a managed worker's instance shares with the other instances on its host
+    (docs/follow.md, "Several instances, one pool")."""
+
+    key: str
+    # The pid of the claim that is this worker's (its own, its nanny's or supervisor's);
+    # None when no live claim is.
+    instance: int | None = None
+    weight: int | None = None
+    # The budget its instance holds now (its claim), and its share of the pool (or fixed
+    # commitment) when it started (its plan file).
+    committed: int | None = None
+    fixed: int | None = None
+    share: int | None = None
+    # The other live instances of the pool.
+    members: tuple[PoolMember, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True)
 class WorkerFacts:
     address: str
     host: str
@@ -51,12 +87,26 @@ class WorkerFacts:
     available: int | None = None
     kernel_limit: int | None = None
     kernel_limit_path: str | None = None
+    # The host first, then each limited cgroup from the worker's own outwards.
     constraints: tuple[Constraint, ...] = ()
     error: str | None = None
     notes: tuple[str, ...] = ()
     # The cgroups (as the worker sees them) with memory.oom.group=1: one kernel OOM
     # kill there takes every worker below, nanny and PID 1 included.
     oom_group: tuple[str, ...] = ()
+    # The plan file's `following`: a supervisor moves the limits live (True) or the
+    # start plan stays (False); None when the plan file does not say (older releases).
+    following: bool | None = None
+    # An explicit --memory-limit that Dask keeps (the plan's `fixed`): following moves
+    # only the kernel limit then.
+    memory_limit_fixed: bool = False
+    pool: PoolFacts | None = None
+
+    @property
+    def moves_live(self) -> bool:
+        """Its supervisor moves Dask's limit to its share of the pool on every tick."""
+        fixed_claim = self.pool is not None and self.pool.fixed is not None
+        return self.following is True and not self.memory_limit_fixed and not fixed_claim
 
 
 @dataclass(frozen=True)
@@ -93,6 +143,40 @@ def _threshold(w: WorkerFacts) -> float:
     return math.ceil(fraction * w.dask_limit)
 
 
+def _outer_to_inner(w: WorkerFacts) -> tuple[Constraint, ...]:
+    return w.constraints[:1] + w.constraints[:0:-1]
+
+
+def _inside(w: WorkerFacts, key: str) -> tuple[Constraint, ...]:
+    """The worker's constraints below the one with `key`, outermost first."""
+    chain = _outer_to_inner(w)
+    keys = [c.key for c in chain]
+    return chain[keys.index(key) + 1 :] if key in keys else ()
+
+
+def _demand(
+    entries: Sequence[tuple[WorkerFacts, tuple[Constraint, ...]]],
+    value: Callable[[WorkerFacts], float],
+    bound: Callable[[Constraint], int | None],
+) -> float:
+    """What the workers may ask of a constraint: each worker's `value`, but what the
+    workers below one inner constraint ask together is capped by its `bound` (the
+    kernel stops them there first). Each entry: a worker and its constraints below the
+    one judged, outermost first."""
+    total = 0.0
+    nested: dict[str, tuple[Constraint, list[tuple[WorkerFacts, tuple[Constraint, ...]]]]] = {}
+    for w, inner in entries:
+        if inner:
+            nested.setdefault(inner[0].key, (inner[0], []))[1].append((w, inner[1:]))
+        else:
+            total += value(w)
+    for c, below in nested.values():
+        part = _demand(below, value, bound)
+        cap = bound(c)
+        total += part if cap is None else min(part, cap)
+    return total
+
+
 def _size(value: float) -> str:
     return "unbounded" if math.isinf(value) else format_bytes(int(value))
 
@@ -125,10 +209,37 @@ def _names(workers: Sequence[WorkerFacts]) -> str:
     return ", ".join(labels)
 
 
-def _action(
-    w: WorkerFacts, kinds: set[str], unmanaged_neighbours: Sequence[WorkerFacts]
-) -> str | None:
-    """The one thing to do first, for the problems found (kinds), in order of cause."""
+FOLLOWS_LIVE = (
+    "it follows live: its supervisor moves its Dask and kernel limits to its share of the "
+    "pool on every tick, so a restart changes nothing"
+)
+
+
+def _follower_action(neighbours: Sequence[WorkerFacts]) -> str:
+    """A worker whose supervisor re-plans live: what is left is what cannot move."""
+    unmanaged = [g for g in neighbours if not g.managed]
+    if unmanaged:
+        return (
+            f"fix the unmanaged worker(s) beside it ({_names(unmanaged)}): start them with "
+            f"dask-safe-worker, or give them a --memory-limit that fits; {FOLLOWS_LIVE}"
+        )
+    static = [g for g in neighbours if not g.moves_live]
+    if static:
+        return (
+            f"{FOLLOWS_LIVE}, but the worker(s) beside it ({_names(static)}) keep a fixed "
+            "plan (--no-follow, an explicit --memory-limit or an older release): restart "
+            "them following, or give them less"
+        )
+    return (
+        f"{FOLLOWS_LIVE}; if this stays, the pool is too small for its instances: give the "
+        "pool more memory, or start fewer instances (one with --nworkers N instead of "
+        "several)"
+    )
+
+
+def _action(w: WorkerFacts, kinds: set[str], neighbours: Sequence[WorkerFacts]) -> str | None:
+    """The one thing to do first, for the problems found (kinds), in order of cause.
+    `neighbours`: the other workers under a constraint this worker has a problem with."""
     if not kinds:
         return None
     if "no_terminate" in kinds:
@@ -143,6 +254,15 @@ def _action(
         )
     if "no_limit" in kinds:
         return "restart it without --memory-limit 0, so that dask-safe-worker sets one"
+    if w.moves_live:
+        return _follower_action(neighbours)
+    if w.following is True and w.memory_limit_fixed:
+        return (
+            "its explicit --memory-limit is a fixed commitment that following does not "
+            "move (only the kernel limit follows): restart it with a --memory-limit that "
+            "fits its share of the pool, or without one so that it follows its fair share"
+        )
+    unmanaged_neighbours = [g for g in neighbours if not g.managed]
     if unmanaged_neighbours:
         return (
             f"fix the unmanaged worker(s) beside it ({_names(unmanaged_neighbours)}): start "
@@ -170,6 +290,12 @@ def judge(workers: Sequence[WorkerFacts]) -> list[Verdict]:
       the kernel kills before Dask restarts;
     - available now: what the workers may still grow before Dask acts (each capped by
       its own kernel limit) must fit in the level's current headroom.
+    What the workers below a limited cgroup inside the constraint may ask of it is
+    capped by that cgroup's limit (kernel check) or headroom (available now): the kernel
+    stops them there first. So the instances of one pool, each in its own child cgroup
+    with its share as kernel limit, are judged at the pool's level by those limits, and
+    one of them whose Dask limit overshoots its own kernel limit is at risk itself
+    without making the others so.
     A reason names the other workers under the same constraint; `action` says what to do.
     """
     members: dict[str, list[WorkerFacts]] = {}
@@ -190,8 +316,8 @@ def judge(workers: Sequence[WorkerFacts]) -> list[Verdict]:
             continue
         problems: list[str] = []
         kinds: set[str] = set()
-        # Unmanaged workers that share a constraint this worker has a problem with.
-        unmanaged: list[WorkerFacts] = []
+        # The workers that share a constraint this worker has a problem with.
+        neighbours: list[WorkerFacts] = []
         if w.dask_limit is None:
             problems.append("Dask has no memory limit: it never spills, pauses or restarts")
             kinds.add("no_limit")
@@ -206,8 +332,9 @@ def judge(workers: Sequence[WorkerFacts]) -> list[Verdict]:
             beside = _neighbours(w, group)
             sharing = f"; sharing it: {beside}" if beside else ""
             found = False
+            entries = [(g, _inside(g, c.key)) for g in group]
             if c.limit is not None:
-                need = sum(_threshold(g) + g.nanny_room for g in group)
+                need = _demand(entries, lambda g: _threshold(g) + g.nanny_room, lambda k: k.limit)
                 if need > c.limit:
                     found = True
                     kinds.add("kernel")
@@ -217,7 +344,9 @@ def judge(workers: Sequence[WorkerFacts]) -> list[Verdict]:
                         f"{where}: the kernel kills before Dask restarts{sharing}"
                     )
             if c.headroom is not None:
-                growth = sum(max(0.0, _reach(g) - g.rss) for g in group)
+                growth = _demand(
+                    entries, lambda g: max(0.0, _reach(g) - g.rss), lambda k: k.headroom
+                )
                 if growth > c.headroom:
                     found = True
                     kinds.add("headroom")
@@ -227,8 +356,8 @@ def judge(workers: Sequence[WorkerFacts]) -> list[Verdict]:
                         f"{where}{sharing}"
                     )
             if found:
-                unmanaged += [g for g in group if not g.managed and g is not w]
-        unique = list({id(g): g for g in unmanaged}.values())
+                neighbours += [g for g in group if g is not w]
+        unique = list({id(g): g for g in neighbours}.values())
         reasons = tuple(problems) + w.notes
         action = _action(w, kinds, unique)
         if w.managed:
