@@ -6,7 +6,6 @@ tests/test_pool_kernel.py.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -56,20 +55,22 @@ def test_anything_else_is_a_claim_error_never_a_crash(text: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "doc",
+    "text",
     [
-        {"pid": 0, "weight": 1, "committed": 1, "working_set": 0},
-        {"pid": 1, "weight": 0, "committed": 1, "working_set": 0},
-        {"pid": 1, "weight": 1, "committed": -1, "working_set": 0},
-        {"pid": 1, "weight": True, "committed": 1, "working_set": 0},
-        {"pid": 1, "weight": 1, "committed": 1, "working_set": 0, "cgroup": "relative"},
-        {"pid": 1, "weight": 1, "committed": 1},
-        [1, 2],
+        "pid 0\nweight 1\nfixed -\ncommitted 1\nworking_set 0\ncgroup -\n",
+        "pid 1\nweight 0\nfixed -\ncommitted 1\nworking_set 0\ncgroup -\n",
+        "pid 1\nweight 1\nfixed -\ncommitted -1\nworking_set 0\ncgroup -\n",
+        "pid 1\nweight 1\nfixed -\ncommitted \u0661\nworking_set 0\ncgroup -\n",
+        "pid 1\nweight 1\nfixed -\ncommitted 1\nworking_set 0\ncgroup relative\n",
+        "pid 1\nweight 1\nfixed -\ncommitted 1\nworking_set 0\n",
+        "pid 1\nweight 1\nfixed -\ncommitted 1\nworking_set 0\ncgroup -",
+        "weight 1\npid 1\nfixed -\ncommitted 1\nworking_set 0\ncgroup -\n",
+        '{"pid": 1, "weight": 1, "committed": 1, "working_set": 0}',
     ],
 )
-def test_claims_this_version_did_not_write_are_refused(doc: object) -> None:
+def test_claims_this_version_did_not_write_are_refused(text: str) -> None:
     with pytest.raises(ClaimError):
-        parse_claim(json.dumps(doc))
+        parse_claim(text)
 
 
 def test_the_pool_is_the_nearest_limited_level_else_the_host() -> None:
@@ -188,10 +189,10 @@ def test_dead_claims_are_removed_and_live_ones_read(tmp_path: Path) -> None:
     try:
         dead = member(2**22 + 1, committed=GiB)
         (tmp_path / f"{dead.pid}.lock").write_text("")
-        (tmp_path / f"{dead.pid}.json").write_text(claim_text(dead))
+        (tmp_path / f"{dead.pid}.claim").write_text(claim_text(dead))
         assert pool.members() == (live,)
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [f"{live.pid}.lock", f"{live.pid}.json"]
+            [f"{live.pid}.lock", f"{live.pid}.claim"]
         )
         assert pool.members(exclude=live.pid) == ()
     finally:

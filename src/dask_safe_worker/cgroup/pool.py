@@ -9,7 +9,7 @@ plan files:
   descriptor is inheritable, so it passes through the exec of the worker or the
   supervisor, and the kernel releases it when the last process holding it ends (SIGKILL
   included): a claim whose lock can be taken is a dead one, and is removed.
-- `<pid>.json`, what it holds: its weight (worker processes), a fixed commitment or none,
+- `<pid>.claim`, what it holds: its weight (worker processes), a fixed commitment or none,
   the budget in force (`committed`), its working set, and its child cgroup. Replaced by
   rename, so a reader sees a whole record; the lock file is never replaced, since a lock
   lives on an inode.
@@ -72,50 +72,58 @@ class Member:
         }
 
 
-def _nonnegative_int(doc: dict[str, object], key: str, optional: bool = False) -> int | None:
-    value = doc.get(key)
-    if value is None and optional:
-        return None
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ClaimError(f"{key} is not a non-negative integer: {value!r}")
-    return value
+_INT_FIELDS = ("pid", "weight", "fixed", "committed", "working_set")
 
 
 def parse_claim(text: str) -> Member:
-    """A claim's record; ClaimError for anything else."""
-    import json  # not at import: the --print-limit path has a start-up goal
+    """A claim's record; ClaimError for anything else.
 
-    try:
-        doc = json.loads(text)
-    except ValueError as exc:
-        raise ClaimError(f"not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise ClaimError("not a JSON object")
-    pid = _nonnegative_int(doc, "pid")
-    weight = _nonnegative_int(doc, "weight")
-    committed = _nonnegative_int(doc, "committed")
-    working_set = _nonnegative_int(doc, "working_set")
-    assert pid is not None and weight is not None and committed is not None
-    assert working_set is not None
+    One field a line, `name value`, in a fixed order; `-` for none. The cgroup path comes
+    last and takes the rest of the file, so any character it may hold survives. Not
+    JSON: reading claims is on --print-limit's path, whose start-up is a goal, and json
+    costs an import there."""
+    if not text.endswith("\n"):
+        raise ClaimError("not a whole claim")
+    parts = text[:-1].split("\n", len(_INT_FIELDS))
+    if len(parts) != len(_INT_FIELDS) + 1:
+        raise ClaimError("too few lines")
+    values: dict[str, int | None] = {}
+    for name, line in zip(_INT_FIELDS, parts, strict=False):
+        key, _, value = line.partition(" ")
+        if key != name:
+            raise ClaimError(f"expected {name}, found {key!r}")
+        if value == "-" and name == "fixed":
+            values[name] = None
+        elif value.isdigit() and value.isascii():
+            values[name] = int(value)
+        else:
+            raise ClaimError(f"{name} is not a non-negative integer: {value!r}")
+    key, _, cgroup = parts[-1].partition(" ")
+    if key != "cgroup" or not (cgroup == "-" or cgroup.startswith("/")):
+        raise ClaimError(f"cgroup is not an absolute path: {parts[-1]!r}")
+    pid, weight = values["pid"], values["weight"]
+    committed, working_set = values["committed"], values["working_set"]
+    assert pid is not None and weight is not None
+    assert committed is not None and working_set is not None
     if pid == 0 or weight == 0:
         raise ClaimError("pid and weight must be positive")
-    cgroup = doc.get("cgroup")
-    if cgroup is not None and not (isinstance(cgroup, str) and cgroup.startswith("/")):
-        raise ClaimError(f"cgroup is not an absolute path: {cgroup!r}")
     return Member(
         pid=pid,
         weight=weight,
-        fixed=_nonnegative_int(doc, "fixed", optional=True),
+        fixed=values["fixed"],
         committed=committed,
         working_set=working_set,
-        cgroup=cgroup,
+        cgroup=None if cgroup == "-" else cgroup,
     )
 
 
 def claim_text(member: Member) -> str:
-    import json
-
-    return json.dumps(member.as_dict(), sort_keys=True) + "\n"
+    fixed = "-" if member.fixed is None else str(member.fixed)
+    cgroup = "-" if member.cgroup is None else member.cgroup
+    return (
+        f"pid {member.pid}\nweight {member.weight}\nfixed {fixed}\n"
+        f"committed {member.committed}\nworking_set {member.working_set}\ncgroup {cgroup}\n"
+    )
 
 
 def pool_key(m: Measurement, skip: str | None = None) -> str:
@@ -254,14 +262,14 @@ class Pool:
                 continue
             # Gone: data first, so that a reader never sees a claim without its lock.
             with contextlib.suppress(OSError):
-                os.unlink(self.directory / f"{stem}.json")
+                os.unlink(self.directory / f"{stem}.claim")
             with contextlib.suppress(OSError):
                 os.unlink(self.directory / name)
         return tuple(found)
 
     def _read(self, stem: str) -> Member | None:
         try:
-            return parse_claim((self.directory / f"{stem}.json").read_text(encoding="utf-8"))
+            return parse_claim((self.directory / f"{stem}.claim").read_text(encoding="utf-8"))
         except (OSError, ClaimError):
             return None
 
@@ -298,10 +306,10 @@ class Pool:
         """Replace our claim's record (whole, by rename)."""
         from ..plan_file import write_atomic
 
-        write_atomic(self.directory / f"{member.pid}.json", claim_text(member))
+        write_atomic(self.directory / f"{member.pid}.claim", claim_text(member))
 
     def leave(self, pid: int) -> None:
-        for name in (f"{pid}.json", f"{pid}.lock"):
+        for name in (f"{pid}.claim", f"{pid}.lock"):
             with contextlib.suppress(OSError):
                 os.unlink(self.directory / name)
 
