@@ -222,8 +222,11 @@ def test_another_instance_in_the_pool_never_makes_one_safer(
 
 
 def _claim(pid: int, weight: int, committed: int, fixed: int | None = None) -> dict[str, Any]:
-    member = Member(pid, weight, fixed, committed, 300 * MiB, f"/sys/fs/cgroup/memory/x/{pid}")
-    return {"pid": pid, "text": claim_text(member)}
+    """A claim as the worker side sends it."""
+    return {
+        "pid": pid, "weight": weight, "fixed": fixed, "committed": committed,
+        "working_set": 300 * MiB, "cgroup": None,
+    }  # fmt: skip
 
 
 def _report(plan: dict[str, Any] | None, pool: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -263,8 +266,9 @@ def test_pool_facts_from_the_claims_the_worker_read() -> None:
         _claim(11, 1, 900 * MiB),
         _claim(20, 2, GiB - 200 * MiB),
         _claim(30, 1, 300 * MiB, fixed=300 * MiB),
-        {"pid": 40, "text": "{not json"},  # being written
-        {"pid": 41, **{k: v for k, v in _claim(42, 1, MiB).items() if k != "pid"}},
+        {**_claim(40, 1, MiB), "committed": "many"},  # not what read_pool sends
+        {**_claim(41, 1, MiB), "weight": 0},
+        {**_claim(42, 1, MiB), "fixed": True},
     ]
     raw: dict[str, Any] = {"claims": claims, "ancestors": [99, 20, 1], "error": None}
     f = facts_from_report("tcp://a", {}, _report(PLAN, raw))
@@ -412,23 +416,28 @@ def test_read_pool_lists_live_claims_and_changes_nothing(tmp_path: Path) -> None
         for pid, cgroup in ((dead, empty), (orphan, busy)):
             (directory / f"{pid}.lock").touch()
             member = Member(pid, 1, None, MiB, 0, str(cgroup))
-            (directory / f"{pid}.json").write_text(claim_text(member))
+            (directory / f"{pid}.claim").write_text(claim_text(member))
         before = sorted(os.listdir(directory))
 
         result = remote.read_pool(str(directory))
         assert result["error"] is None and result["liveness"] == "locks"
         live = sorted([os.getpid(), holder.pid, orphan])
         assert sorted(c["pid"] for c in result["claims"]) == live
-        # Each with its child cgroup, keyed as the worker's own cgroup level is.
+        # Parsed, with the child cgroup keyed as the worker's own cgroup level is (not
+        # its path).
         st = os.stat(busy)
-        cgroups = {c["pid"]: c["cgroup"] for c in result["claims"]}
-        assert cgroups[orphan] == f"{st.st_dev}:{st.st_ino}" and cgroups[holder.pid] is None
+        claims = {c["pid"]: c for c in result["claims"]}
+        assert claims[holder.pid] == {
+            "pid": holder.pid, "weight": 2, "fixed": None, "committed": 5 * MiB,
+            "working_set": MiB, "cgroup": None,
+        }  # fmt: skip
+        assert claims[orphan]["cgroup"] == f"{st.st_dev}:{st.st_ino}"
         assert result["ancestors"][:2] == [os.getpid(), os.getppid()]
         json.dumps(result)
         # Read only: the dead claim is still there, and the live ones are still held.
         assert sorted(os.listdir(directory)) == before
         assert {m.pid for m in pool.members()} == set(live)
-        assert not (directory / f"{dead}.json").exists()  # members() removes it; we did not
+        assert not (directory / f"{dead}.claim").exists()  # members() removes it; we did not
 
         # Without /proc/locks, a claim is live while its pid exists.
         proc = tmp_path / "proc"

@@ -62,6 +62,20 @@ def _own_cgroup(report: Mapping[str, Any]) -> str | None:
     return key[len(prefix) :] if isinstance(key, str) and key.startswith(prefix) else None
 
 
+def _member(claim: Any) -> PoolMember | None:
+    """A claim as `remote.read_pool` sends it; None for anything else."""
+    if not isinstance(claim, dict):
+        return None
+    pid, weight = _int(claim.get("pid")), _int(claim.get("weight"))
+    committed, working_set = _int(claim.get("committed")), _int(claim.get("working_set"))
+    fixed = claim.get("fixed")
+    if not pid or not weight or committed is None or working_set is None:
+        return None
+    if fixed is not None and _int(fixed) is None:
+        return None
+    return PoolMember(pid, weight, committed, fixed, working_set)
+
+
 def _pool_facts(plan: Mapping[str, Any], raw: Any, own_cgroup: str | None) -> PoolFacts | None:
     """The pool from the plan file's key and the live claims the worker read (`remote.
     read_pool`); None for a plan file without a pool (older releases, no claim).
@@ -70,35 +84,24 @@ def _pool_facts(plan: Mapping[str, Any], raw: Any, own_cgroup: str | None) -> Po
     nanny, the supervisor); or, when that process is gone (a killed supervisor, whose
     worker lives on), the claim whose child cgroup is the worker's own (`own_cgroup`,
     "<dev>:<inode>")."""
-    from ..cgroup.pool import ClaimError, parse_claim
-
     location = plan.get("pool")
     if not isinstance(location, dict) or not isinstance(location.get("key"), str):
         return None
     share = _int(plan.get("commitment") if plan.get("fixed") is True else plan.get("share"))
     report = raw if isinstance(raw, dict) else {}
     error = report.get("error")
-    claims = []
+    claims: list[PoolMember] = []
     cgroups: dict[int, Any] = {}
     for claim in report.get("claims") or []:
-        if not isinstance(claim, dict) or not isinstance(claim.get("text"), str):
-            continue
-        try:
-            member = parse_claim(claim["text"])
-        except ClaimError:
-            continue  # not one this version wrote: nothing to tell about it
-        if member.pid == claim.get("pid"):
+        member = _member(claim)
+        if member is not None:
             claims.append(member)
             cgroups[member.pid] = claim.get("cgroup")
     ancestors = [p for p in report.get("ancestors") or [] if _int(p) is not None]
     own = next((c for a in ancestors for c in claims if c.pid == a), None)
     if own is None and own_cgroup is not None:
         own = next((c for c in claims if cgroups[c.pid] == own_cgroup), None)
-    others = tuple(
-        PoolMember(c.pid, c.weight, c.committed, c.fixed, c.working_set)
-        for c in claims
-        if c is not own
-    )
+    others = tuple(c for c in claims if c is not own)
     if own is None and error is None and raw is not None:
         error = "no live claim in the pool is this worker's (its instance has none)"
     return PoolFacts(

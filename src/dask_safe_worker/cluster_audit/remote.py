@@ -1,9 +1,10 @@
 """The function `dask-safe-audit` runs on every worker (via `Client.run`).
 
 It runs inside the worker process, so it must stay cheap: at module level only the
-standard library; inside, only our measurement module (dask and distributed are already
-loaded in a worker). The client pickles this module by value, so a worker without
-dask-safe-worker installed still answers, with the reason it could not measure.
+standard library; inside, only our measurement module and the pool's claim parser (dask
+and distributed are already loaded in a worker). The client pickles this module by
+value, so a worker without dask-safe-worker installed still answers, with the reason it
+could not measure.
 
 It returns plain data only (dicts, lists, numbers, strings): interpretation happens on
 the client, in `cluster_audit.verdicts.judge`.
@@ -205,19 +206,15 @@ def _lock_held(path: str, held: set[tuple[int, int, int]] | None, proc_root: str
     return os.path.exists(os.path.join(proc_root, pid))
 
 
-def _claim_cgroup(text: str) -> tuple[str | None, bool]:
-    """The claim's child cgroup as "<dev>:<inode>" (what the worker's own cgroup level is
+def _child_cgroup(path: str | None) -> tuple[str | None, bool]:
+    """A claim's child cgroup as "<dev>:<inode>" (what the worker's own cgroup level is
     keyed by), and whether it still holds a process: a worker whose supervisor was
     killed still uses what its claim promised."""
-    try:
-        cgroup = json.loads(text).get("cgroup")
-    except (ValueError, AttributeError, RecursionError):
-        return None, False
-    if not isinstance(cgroup, str) or not cgroup.startswith("/"):
+    if path is None:
         return None, False
     try:
-        st = os.stat(cgroup)
-        with open(os.path.join(cgroup, "cgroup.procs")) as f:
+        st = os.stat(path)
+        with open(os.path.join(path, "cgroup.procs")) as f:
             return f"{st.st_dev}:{st.st_ino}", bool(f.read().split())
     except OSError:
         return None, False
@@ -228,8 +225,9 @@ def read_pool(directory: str, proc_root: str = "/proc") -> dict[str, Any]:
 
     A claim is live, as for `Pool.members`, while its `<pid>.lock` is held (an flock in
     /proc/locks; without /proc/locks, while the pid exists) or while its child cgroup
-    holds a process. The claims' text travels as is and is parsed on the client, with
-    its child cgroup's "<dev>:<inode>"; a claim that cannot be read (being written) is
+    holds a process. Claims are parsed here, by the installed release's own parser (the
+    one its instance wrote them with), and travel as plain numbers with their child
+    cgroup's "<dev>:<inode>"; a claim that cannot be read or parsed (being written) is
     left out, as `Pool.members` does. `ancestors` and the cgroup tell the client which
     claim is this worker's instance.
     """
@@ -239,6 +237,11 @@ def read_pool(directory: str, proc_root: str = "/proc") -> dict[str, Any]:
         "liveness": "locks",
         "error": None,
     }
+    try:
+        from dask_safe_worker.cgroup.pool import ClaimError, parse_claim
+    except ImportError as exc:
+        result["error"] = f"cannot read the pool's claims: {exc}"
+        return result
     try:
         names = sorted(os.listdir(directory))
     except OSError as exc:
@@ -252,19 +255,32 @@ def read_pool(directory: str, proc_root: str = "/proc") -> dict[str, Any]:
         if ext != "lock" or not stem.isdigit() or len(result["claims"]) >= _MAX_CLAIMS:
             continue
         try:
-            fd = os.open(os.path.join(directory, f"{stem}.json"), os.O_RDONLY | os.O_NOFOLLOW)
+            path = os.path.join(directory, f"{stem}.claim")
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
             try:
                 data = os.read(fd, _MAX_CLAIM_BYTES + 1)
             finally:
                 os.close(fd)
-        except OSError:
+            if len(data) > _MAX_CLAIM_BYTES:
+                continue
+            member = parse_claim(data.decode("utf-8", "surrogateescape"))
+        except (OSError, ClaimError):
             continue
-        if len(data) > _MAX_CLAIM_BYTES:
+        if member.pid != int(stem):
             continue
-        text = data.decode("utf-8", "replace")
-        cgroup, occupied = _claim_cgroup(text)
+        cgroup, occupied = _child_cgroup(member.cgroup)
         if _lock_held(os.path.join(directory, name), held, proc_root) or occupied:
-            result["claims"].append({"pid": int(stem), "text": text, "cgroup": cgroup})
+            # Not the cgroup's path: a host path, and the claim's key is enough.
+            result["claims"].append(
+                {
+                    "pid": member.pid,
+                    "weight": member.weight,
+                    "fixed": member.fixed,
+                    "committed": member.committed,
+                    "working_set": member.working_set,
+                    "cgroup": cgroup,
+                }
+            )
     return result
 
 
