@@ -754,3 +754,23 @@ def test_a_pending_usr1_does_not_cancel_the_start(
     forwarded = [e for e in events if e["event"] == "init.signal.forwarded"]
     assert [e["signal"] for e in forwarded] == ["SIGUSR1"]
     assert rc == 128 + signal.SIGUSR1
+
+
+def test_the_worker_dies_with_a_killed_supervisor(
+    run_supervisor: Callable[..., Supervisor],
+) -> None:
+    # Launchers end a job by SIGKILL to the pid they started (dask-jobqueue's local
+    # runner): that is the supervisor, and without it the worker's nanny ran on,
+    # registered, as a plain `dask worker` killed that way does not.
+    sup = run_supervisor(["sleep", "300"])
+    wait_for(lambda: bool(descendants(sup.pid)), "the worker")
+    (worker,) = descendants(sup.pid)
+    sup.extra_pids.append(worker)
+    os.kill(sup.pid, signal.SIGKILL)
+    sup.proc.wait()
+
+    def gone() -> bool:
+        fields = stat_fields(worker)
+        return fields is None or fields[0] == "Z"
+
+    wait_for(gone, "the worker to die with its supervisor")

@@ -61,6 +61,7 @@ _SI_KERNEL = 0x80  # Linux's si_code for a signal the kernel itself sent (not in
 _PYTHON_IGNORED = (signal.SIGPIPE, signal.SIGXFSZ)
 
 _PR_SET_CHILD_SUBREAPER = 36
+_PR_SET_PDEATHSIG = 1
 
 # A safety net only: SIGCHLD wakes the loop, but a periodic reap costs nothing.
 _WAIT_TIMEOUT_S = 1.0
@@ -113,9 +114,25 @@ def _set_child_subreaper() -> str | None:
     return None
 
 
-def _exec_child(argv: Sequence[str], env: Mapping[str, str], process_group: bool) -> None:
+def _die_with_parent(parent: int) -> None:
+    """In the forked child: be killed when the supervisor dies, as the worker's own
+    nanny would be if it had been started without us. Launchers end a job by SIGKILL to
+    the pid they started (dask-jobqueue's local runner does): without this, the nanny
+    and its worker would run on, registered, holding their memory."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent:  # the supervisor died before the prctl
+        os._exit(128 + int(signal.SIGKILL))
+
+
+def _exec_child(
+    argv: Sequence[str], env: Mapping[str, str], process_group: bool, parent: int
+) -> None:
     """Runs in the forked child; never returns."""
     try:
+        _die_with_parent(parent)
         if process_group:
             os.setpgid(0, 0)
             # With `-g` semantics the worker's group must own the terminal, or a shell-like
@@ -291,9 +308,10 @@ def _start_and_wait(
         audit("init.start.cancelled", signal=signal_name(stop), code=128 + stop)
         return 128 + stop
     child_env = os.environ if env is None else env
+    parent = os.getpid()
     child = os.fork()
     if child == 0:
-        _exec_child(argv, child_env, process_group)
+        _exec_child(argv, child_env, process_group, parent)
     if process_group:
         # Both sides call setpgid so that no signal can arrive before the group exists.
         # EACCES (already exec'd) or ESRCH (already gone) means the child's own call won.
