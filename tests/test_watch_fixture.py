@@ -66,7 +66,9 @@ def tree(tmp_path: Path) -> Tree:
     return t
 
 
-def start(tree: Tree, tmp_path: Path) -> tuple[Watch, list[tuple[str, dict[str, Any]]]]:
+def start(
+    tree: Tree, tmp_path: Path, started: bool = True
+) -> tuple[Watch, list[tuple[str, dict[str, Any]]]]:
     """What the start did: plan, write the budget as the scope's memory.max, the channel."""
     settings = Settings(supervised=True)
     args = WorkerArgs(nworkers="1", nthreads=2)
@@ -84,6 +86,10 @@ def start(tree: Tree, tmp_path: Path) -> tuple[Watch, list[tuple[str, dict[str, 
     tree.write(f"{SCOPE}/memory.max", plan.budget)
     live = prepare_channel(str(tmp_path / "channel"))
     write_live_limit(live, LiveLimit(0, plan.effective_per_worker, plan.budget, 1.0, 0.0))
+    if started:
+        # The worker's and the nanny's preloads took the first record at their set-up.
+        write_ack(live, "worker", WORKER, 0)
+        write_ack(live, "nanny", NANNY, 0)
     spec = FollowSpec(
         settings,
         args,
@@ -220,3 +226,16 @@ def test_a_removed_channel_stops_the_watch_once(tree: Tree, tmp_path: Path) -> N
     failed = [f for e, f in log if e == "follow.failed"]
     assert failed == [{"stage": "channel", "reason": "ENOENT", "following": "stopped"}]
     assert watch() == 3600.0
+
+
+def test_workers_not_started_yet_take_the_new_record_at_their_set_up(
+    tree: Tree, tmp_path: Path
+) -> None:
+    # Issue 25: a sibling arriving while our workers still start must not wait for them;
+    # their preloads read the current record before they register.
+    watch, log = start(tree, tmp_path, started=False)
+    tree.add(f"{SLICE}/memory.current", 512 * MiB)
+    watch.tick()
+    assert names(log) == ["follow.changed", "follow.replanned", "follow.applied"]
+    assert log[-1][1]["kernel"]["action"] == "lowered"
+    assert int(tree.read(f"{SCOPE}/memory.max")) == watch.record.budget

@@ -229,6 +229,9 @@ class Watch:
                     )
             elif plan.fixed and self.managed is not None:
                 self._follow_commitment(m, plan.budget)
+            if self.pending is not None:
+                # Settled at once where no worker has started yet.
+                self._settle(m)
             self._publish(working_set=m.own_working_set)
         finally:
             if lock is not None:
@@ -369,8 +372,11 @@ class Watch:
     def _settle(self, m: Measurement) -> None:
         """Finish a change once every worker holds it; then let the kernel follow down."""
         if self.pending is not None:
-            workers, nannies, last = self._acks(self.pending.generation)
-            if workers < self.n_workers:
+            workers, nannies, last, started = self._acks(self.pending.generation)
+            # A worker not started yet takes the current record at its set-up (the
+            # preload reads it before it registers): only the started ones must hold it.
+            # So a newcomer need not wait for a sibling's workers to come up.
+            if workers < min(started, self.n_workers):
                 return
             pending, self.pending = self.pending, None
             kernel = pending.kernel
@@ -409,19 +415,22 @@ class Watch:
                     kernel_latency_s=round(time.time() - self.record.changed_at, 3),
                 )
 
-    def _acks(self, generation: int) -> tuple[int, int, float]:
-        """Workers and nannies holding `generation`, and when the last of them took it."""
+    def _acks(self, generation: int) -> tuple[int, int, float, int]:
+        """Workers and nannies holding `generation`, when the last of them took it, and
+        the workers that have started (acknowledged any generation)."""
         counts = {"worker": 0, "nanny": 0}
         last = 0.0
+        started = 0
         for key, ack in read_acks(self.spec.channel).items():
             role, pid, _ = key
             if not os.path.exists(self.proc_root / str(pid)):
                 remove_ack(self.spec.channel, key)
                 continue
+            started += role == "worker"
             if ack.generation >= generation and role in counts:
                 counts[role] += 1
                 last = max(last, ack.at)
-        return counts["worker"], counts["nanny"], last
+        return counts["worker"], counts["nanny"], last, started
 
     # -- the kernel limit we wrote -------------------------------------------------
 
