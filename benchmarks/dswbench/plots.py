@@ -156,10 +156,16 @@ def style_vm_axis(ax: Any, total: int, title: str) -> None:
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
 
 
-def save_vm_figure(fig: Any, axes: Any, title: str, path: Path) -> None:
+def save_vm_figure(
+    fig: Any,
+    axes: Any,
+    title: str,
+    path: Path,
+    xlabel: str = "seconds since the worker was launched (in the VM)",
+) -> None:
     import matplotlib.pyplot as plt
 
-    axes[-1, 0].set_xlabel("seconds since the worker was launched (in the VM)")
+    axes[-1, 0].set_xlabel(xlabel)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.3 / fig.get_figheight()))  # room for the title
     path.parent.mkdir(parents=True, exist_ok=True)

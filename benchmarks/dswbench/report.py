@@ -229,6 +229,11 @@ def write_report(
 STARTUP_HEADING = "## Start-up cost"
 
 
+# safe / plain, launch → registered: the goal since following became the default (issue
+# 25); it was 1.05 for the exec start.
+REGISTER_GOAL = 1.10
+
+
 def startup_section(startup: StartupResult | None) -> list[str]:
     """The start-up section, from its heading to the supervisor's RSS."""
     lines = [STARTUP_HEADING, ""]
@@ -251,8 +256,8 @@ def startup_section(startup: StartupResult | None) -> list[str]:
             f"| launch → registered, plain, median (range) | {fmt_med_range(rp, sec)} | | |",
             f"| launch → registered, safe, median (range) | {fmt_med_range(rs, sec)} | | |",
             f"| safe / plain per pair, median (range), {len(ratios)} pairs | "
-            f"{fmt_med_range(ratios, lambda v: f'{v:.3f}')} | ≤ 1.05 | "
-            f"{'yes' if ratio <= 1.05 else 'no'} |",
+            f"{fmt_med_range(ratios, lambda v: f'{v:.3f}')} | ≤ {REGISTER_GOAL:.2f} | "
+            f"{'yes' if ratio <= REGISTER_GOAL else 'no'} |",
             f"| `--print-limit`, median (range), {len(startup.print_limit_ms)} runs | "
             f"{fmt_med_range(startup.print_limit_ms, ms)} | ≤ 60 ms | "
             f"{'yes' if pl <= 60 else 'no'} |",
@@ -273,6 +278,13 @@ def startup_section(startup: StartupResult | None) -> list[str]:
             "",
             f"Measured {startup.measured_at or 'with the runs above'}"
             + (f", source at commit {startup.commit}" if startup.commit else "")
+            + (
+                f", load average (1 min) {startup.loadavg[0]:.1f} before the pairs and "
+                f"{startup.loadavg[1]:.1f} after the query timings on this shared 2-CPU "
+                "machine"
+                if startup.loadavg
+                else ""
+            )
             + ". Query timings are hyperfine-style: wall time of the whole process from the "
             "benchmark's `subprocess.run`, one warm-up run discarded, the console script "
             "started directly (not through `uv run`), inside a cgroup of ours, with "
@@ -294,7 +306,7 @@ def startup_section(startup: StartupResult | None) -> list[str]:
                 + [f"| `{name}` | {us / 1000:.1f} ms |" for name, us in startup.importtime_top]
                 + [""]
             )
-        if pl > 60 or ratio > 1.05:
+        if pl > 60 or ratio > REGISTER_GOAL:
             lines += goal_notes(startup)
         lines += ["### Supervisor RSS", ""]
         if startup.supervisor_rss is None:
@@ -423,7 +435,7 @@ def goal_notes(startup: StartupResult) -> list[str]:
             "spread between runs (see the range) is as large as the miss.",
             "",
         ]
-    if ratio > 1.05 and startup.register_plain and startup.start_path_ms:
+    if ratio > REGISTER_GOAL and startup.register_plain and startup.start_path_ms:
         full = statistics.median(startup.start_path_ms) - base
         nolog = statistics.median(startup.start_path_nolog_ms) - base
         reg = statistics.median(startup.register_plain)

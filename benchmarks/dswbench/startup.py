@@ -42,6 +42,9 @@ class StartupResult:
     supervisor_rss: str | None = None
     measured_at: str | None = None
     commit: str | None = None
+    # /proc/loadavg's 1-minute figure before the pairs and after the query timings: on
+    # the shared 2-CPU machine the other sessions' load is what moves these numbers most.
+    loadavg: list[float] | None = None
 
 
 def time_command(argv: list[str], n: int) -> list[float]:
@@ -84,6 +87,7 @@ def measure_startup(
 
     out = StartupResult()
     compile_bytecode()
+    load_before = os.getloadavg()[0]
     started: set[int] = set()
     with make_test_cgroup(started, prefix="dsw-bench-startup") as parent:
         with scheduler(work / "startup-scheduler.log", started) as (address, _sched):
@@ -142,6 +146,7 @@ def measure_startup(
         f"--dry-run median {statistics.median(out.dry_run_ms):.0f} ms, "
         f"--print-limit median {statistics.median(out.print_limit_ms):.0f} ms"
     )
+    out.loadavg = [load_before, os.getloadavg()[0]]
     out.import_total_ms, out.importtime_top = importtime_profile()
     out.measured_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     out.commit = source_commit()
