@@ -192,7 +192,9 @@ def test_limit_lowered_and_raised_and_restart(
     applied = [e for e in events if e["event"] == "follow.applied"]
     assert [e["action"] for e in applied] == ["lower", "raise"]
     assert [e["per_worker"] for e in applied] == [lowered, first]
-    assert all(e["dask"]["workers"] == 2 and e["dask"]["nannies"] == 2 for e in applied)
+    # Every worker holds it, or (the restart under way) none runs: workers that start
+    # take the current record at their set-up.
+    assert all(e["dask"]["workers"] in (0, 2) and e["dask"]["nannies"] == 2 for e in applied)
     replanned = [e for e in events if e["event"] == "follow.replanned"]
     assert [e["new_budget"] for e in replanned] == [1536 * MiB, 2 * GiB]
     print(f"latency down {latency_down:.2f} s, up {latency_up:.2f} s")

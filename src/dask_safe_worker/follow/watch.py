@@ -128,8 +128,10 @@ class Watch:
             cgroup=spec.member_cgroup,
         )
         self.share_budget = spec.first_budget
+        # Why the next change happens, when it is about the pool's members (this tick).
         self.reason = "limit changed"
         self._others: tuple[int, ...] = ()
+        self._raise_wanted = False
 
     # -- the supervisor's hook -------------------------------------------------------
 
@@ -220,7 +222,9 @@ class Watch:
                     ceiling = plan.share_per_worker
             if proposed is not None and self.spec.fixed is None:
                 d = decide(self.record.per_worker, proposed, ceiling)
-                if d.action != "keep":
+                if d.action == "raise" and not self._raise_confirmed():
+                    pass
+                elif d.action != "keep":
                     if d.action == "raise":
                         # Claimed before any limit rises: the others plan around it.
                         self._publish(committed=max(self.member.committed, plan.budget))
@@ -229,6 +233,8 @@ class Watch:
                     )
             elif plan.fixed and self.managed is not None:
                 self._follow_commitment(m, plan.budget)
+            if proposed is None or self.spec.fixed is not None or d.action != "raise":
+                self._raise_wanted = False
             if self.pending is not None:
                 # Settled at once where no worker has started yet.
                 self._settle(m)
@@ -236,6 +242,8 @@ class Watch:
         finally:
             if lock is not None:
                 os.close(lock)
+            # A membership change explains a change of this tick only.
+            self.reason = "limit changed"
         self.previous = m
 
     # -- the pool ----------------------------------------------------------------------
@@ -248,6 +256,18 @@ class Watch:
         except OSError as exc:
             self._failed("pool", reason=_describe(exc))
             return None
+
+    def _raise_confirmed(self) -> bool:
+        """A raise the pool's measurement alone asks for waits one tick for its
+        confirmation: each instance measures the pool at its own moment, and during a
+        spill the working sets move by hundreds of MiB a second, so one instance's high
+        reading would take what the others still hold (and push them below their shares).
+        A sibling that left is an event, not a reading: that raise goes at once."""
+        if self.reason == "sibling left" or self._raise_wanted:
+            self._raise_wanted = False
+            return True
+        self._raise_wanted = True
+        return False
 
     def _pool_view(self) -> PoolView | None:
         """The pool's other members now; why the plan moves when they come and go."""
