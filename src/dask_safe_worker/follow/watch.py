@@ -309,6 +309,11 @@ class Watch:
         if goal > self.member.committed:
             self._publish(committed=goal)
         self.kernel_goal = goal
+        self._kernel_only(m, since=None)
+
+    def _kernel_only(self, m: Measurement, since: float | None) -> None:
+        """Move the kernel limit we manage towards its goal, Dask's side unchanged; what
+        we hold is told to the pool, and the move reported."""
         kernel = self._move_kernel(m, dask_lowered=True)
         if kernel["action"] not in ("lowered", "raised"):
             return
@@ -321,13 +326,14 @@ class Watch:
             dask=None,
             kernel=kernel,
             latency_s=None,
-            kernel_latency_s=0.0,
+            kernel_latency_s=0.0 if since is None else round(time.time() - since, 3),
         )
 
     def _in_force(self) -> int:
-        """What we hold now: the kernel limit we manage, or Dask's side."""
+        """What we hold now: the kernel limit we manage, or Dask's side, whichever is
+        higher (a kernel limit held up by usage, or one not yet raised to Dask's side)."""
         if self.managed is not None and self.managed_value is not None:
-            return self.managed_value
+            return max(self.managed_value, self.record.budget)
         return self.record.budget
 
     def _change(
@@ -420,20 +426,7 @@ class Watch:
             return
         if self.managed is not None and self.kernel_goal is not None:
             # Usage kept the kernel limit above its goal: try again now.
-            kernel = self._move_kernel(m, dask_lowered=True)
-            if kernel["action"] == "lowered":
-                self._publish(committed=self._in_force())
-            if kernel["action"] in ("lowered", "raised"):
-                self.audit(
-                    "follow.applied",
-                    generation=self.record.generation,
-                    action="kernel",
-                    per_worker=self.record.per_worker,
-                    dask=None,
-                    kernel=kernel,
-                    latency_s=None,
-                    kernel_latency_s=round(time.time() - self.record.changed_at, 3),
-                )
+            self._kernel_only(m, since=self.record.changed_at)
 
     def _acks(self, generation: int) -> tuple[int, int, float, int]:
         """Workers and nannies holding `generation`, when the last of them took it, and
