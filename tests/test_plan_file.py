@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -37,7 +38,12 @@ def _leave_run_as_it_was() -> Iterator[None]:
     if not run_dir.is_dir() or run_dir.is_symlink():
         return
     for name in set(os.listdir(run_dir)) - before:
-        (run_dir / name).unlink()
+        made = run_dir / name
+        # A start also keeps its pool there (cgroup/pool.py): a directory of its own.
+        if made.is_dir() and not made.is_symlink():
+            shutil.rmtree(made)
+        else:
+            made.unlink()
     if not existed:
         run_dir.rmdir()
 

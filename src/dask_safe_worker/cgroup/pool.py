@@ -147,14 +147,23 @@ def pool_dir_name(key: str) -> str:
     return "pool-" + hashlib.sha256(key.encode()).hexdigest()[:24]
 
 
-def _occupied(member: Member | None) -> bool:
-    """Whether the member's child cgroup still holds a process."""
+def _occupied(member: Member | None, proc_root: Path = Path("/proc")) -> bool:
+    """Whether the member's child cgroup still holds a live process (a zombie waiting
+    for its parent to reap it holds no memory)."""
     if member is None or member.cgroup is None:
         return False
     try:
-        return bool((Path(member.cgroup) / "cgroup.procs").read_text().split())
+        pids = (Path(member.cgroup) / "cgroup.procs").read_text().split()
     except OSError:
         return False
+    for pid in pids:
+        try:
+            stat = (proc_root / pid / "stat").read_text()
+        except OSError:
+            continue  # gone since the listing (or another pid namespace's): not here
+        if stat[stat.rfind(")") + 2 :][:1] != "Z":
+            return True
+    return False
 
 
 def _try_lock(fd: int) -> bool:

@@ -66,6 +66,16 @@ class _Pending:
     kernel: dict[str, Any]
 
 
+# A working set told to the pool is rewritten when it moves by more than this: the
+# siblings read a child cgroup's own from the kernel, and a stale one elsewhere is off
+# by no more than the hysteresis that decides every limit anyway.
+WORKING_SET_BAND = 8 * 2**20
+
+
+def _moved(old: int, new: int) -> bool:
+    return abs(new - old) > max(WORKING_SET_BAND, old // 50)
+
+
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.errno is not None:
         from ..event_line import errno_name
@@ -288,10 +298,12 @@ class Watch:
         if self.pool is None:
             return
         changes: dict[str, int] = {}
-        if committed is not None:
+        if committed is not None and committed != self.member.committed:
             changes["committed"] = committed
-        if working_set is not None:
+        if working_set is not None and _moved(self.member.working_set, working_set):
             changes["working_set"] = working_set
+        if not changes:
+            return  # a rename a tick per instance for nothing: the claim stands
         member = replace(self.member, **changes)
         try:
             self.pool.update(member)
