@@ -408,7 +408,8 @@ def test_read_pool_lists_live_claims_and_changes_nothing(tmp_path: Path) -> None
         # (a stand-in directory here) is empty.
         dead, orphan = 2**22 + 1, 2**22 + 2
         empty, busy = tmp_path / "empty", tmp_path / "busy"
-        for cgroup, procs in ((empty, ""), (busy, "4242\n")):
+        # The busy one lists a live process (a zombie or a pid gone keeps no claim).
+        for cgroup, procs in ((empty, ""), (busy, f"{holder.pid}\n")):
             cgroup.mkdir()
             (cgroup / "cgroup.procs").write_text(procs)
         # An orphan: its supervisor is gone (no lock), but its worker still runs in its
