@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -29,19 +28,20 @@ SHOW_ENV = (
 
 @pytest.fixture(autouse=True)
 def _leave_run_as_it_was() -> Iterator[None]:
-    """As root, a refused private directory falls back to /run/dask-safe-worker: the
-    files these tests make there are removed again, and the directory if they made it."""
+    """As root, a refused private directory falls back to /run/dask-safe-worker: what
+    these tests make there (plan files, and the pool a start keeps there, claims in a
+    pool directory that was there before included) is removed again, and the directory
+    if they made it."""
     run_dir = Path("/run/dask-safe-worker")
     existed = run_dir.exists()
-    before = set(os.listdir(run_dir)) if existed else set()
+    before = set(run_dir.rglob("*")) if existed else set()
     yield
     if not run_dir.is_dir() or run_dir.is_symlink():
         return
-    for name in set(os.listdir(run_dir)) - before:
-        made = run_dir / name
-        # A start also keeps its pool there (cgroup/pool.py): a directory of its own.
+    # Deepest first, so that a directory is empty when its turn comes.
+    for made in sorted(set(run_dir.rglob("*")) - before, key=lambda q: -len(q.parts)):
         if made.is_dir() and not made.is_symlink():
-            shutil.rmtree(made)
+            made.rmdir()
         else:
             made.unlink()
     if not existed:
