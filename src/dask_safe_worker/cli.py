@@ -344,14 +344,14 @@ def _plan(
                     plan = make_plan(m, wargs, opts.settings(os.getpid()), siblings, view)
                 except PoolBusy as exc:
                     # Announced with nothing held yet, so that the others make room.
-                    claim.write(_member(m, wargs, 0, 0, None))
+                    claim.write(_member(m, values.n_workers, 0, None))
                     if time.monotonic() >= deadline:
                         message = f"{exc}; they did not within {ARRIVAL_WAIT:g} s"
                         raise Refused(EXIT_PLAN_REFUSED, message, event="plan.refused") from None
                     claim.waiting(str(exc))
                 else:
                     fixed = plan.commitment if plan.fixed else (None if movable else plan.budget)
-                    member = claim.write(_member(m, wargs, plan.n_workers, plan.budget, fixed))
+                    member = claim.write(_member(m, values.n_workers, plan.budget, fixed))
                     break
             time.sleep(ARRIVAL_POLL)
             m = _measure(release, audit, quiet=True)
@@ -382,21 +382,14 @@ def _plan(
     return m, plan, claim.pool, member
 
 
-def _member(
-    m: Measurement, wargs: WorkerArgs, weight: int, committed: int, fixed: int | None
-) -> Member:
+def _member(m: Measurement, weight: int, committed: int, fixed: int | None) -> Member:
     return Member(
         pid=os.getpid(),
-        # A provisional claim (weight 0 is refused by readers) counts our workers too.
-        weight=weight or wargs.gpu_workers or _n_workers(wargs, m),
+        weight=weight,
         fixed=fixed,
         committed=committed,
         working_set=m.own_working_set,
     )
-
-
-def _n_workers(wargs: WorkerArgs, m: Measurement) -> int:
-    return resolve_worker_values(wargs, m).n_workers
 
 
 class _Claim:
