@@ -31,7 +31,7 @@ from ..records import record
 
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Mapping
 
     from ..measure import Measurement
     from ..plan import PoolView
@@ -235,16 +235,6 @@ class Pool:
             return True
         except OSError:
             return False
-        finally:
-            os.close(fd)
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Held while claims are read and a commitment is written."""
-        fd = self.acquire()
-        assert fd is not None
-        try:
-            yield
         finally:
             os.close(fd)
 
