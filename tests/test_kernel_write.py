@@ -143,3 +143,43 @@ def test_kernel_ebusy_falls_back_to_a_child(kernel_cgroup: KernelCgroup) -> None
     assert kernel_cgroup.limit() == GiB
     failed = [f for e, f in result["events"] if e == "cgroup.write.failed"]  # type: ignore[attr-defined,union-attr,unused-ignore]
     assert failed and failed[0]["reason"] == "EBUSY"
+
+
+def test_required_write_that_fails_on_a_fresh_child_leaves_nothing(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # Issue 24 row 8: a budget below the margin makes the fresh child's write
+    # below_usage, and --cgroup-write required then exits 4. The child must be gone
+    # and the process must never have stayed in it.
+    from start_util import NOOP_WORKER, cgroup_state, other_process, run_in
+
+    kernel_cgroup.set_limit(2 * GiB)
+    with other_process(kernel_cgroup, started_pids):
+        before = cgroup_state(kernel_cgroup.path)
+        proc = run_in(
+            kernel_cgroup,
+            [
+                "--log-format",
+                "json",
+                "--no-follow",
+                "--cgroup-write",
+                "required",
+                "--worker-command",
+                NOOP_WORKER,
+                "--reserve",
+                "0.99",
+                "--min-worker-memory",
+                "1MiB",
+                "--nanny-allowance",
+                "0",
+            ],
+        )
+        after = cgroup_state(kernel_cgroup.path)
+    assert proc.returncode == 4, proc.stderr
+    assert "below_usage" in proc.stderr and "Traceback" not in proc.stderr
+    assert after == before
+    events = [json.loads(line) for line in proc.stderr.splitlines() if line.startswith("{")]
+    names = [e["event"] for e in events]
+    assert "cgroup.child.created" in names and "cgroup.moved" not in names
+    removed = [e for e in events if e["event"] == "cgroup.child.removed"]
+    assert [(e["reason"], e.get("error")) for e in removed] == [("below_usage", None)]

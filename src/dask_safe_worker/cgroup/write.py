@@ -267,9 +267,12 @@ class _Writer:
             path = self._child_path(name)
             self.audit("cgroup.child.created", target=path)
             if self.version == 1:
+                # Checked and written before the move: a child refused here (below_usage)
+                # is removed without our process ever having been in it.
                 outcome = self._write_limit(child_dir, path, "child")
-                move_pid(child_dir, self.m.pid)
-                moved = True
+                if outcome.enforced:
+                    move_pid(child_dir, self.m.pid)
+                    moved = True
             else:
                 # v2's no-internal-process rule: our cgroup must be empty of us before
                 # its subtree_control may enable memory for the child.
@@ -277,7 +280,15 @@ class _Writer:
                 moved = True
                 self._enable_memory_controller()
                 outcome = self._write_limit(child_dir, path, "child")
-                self._oom_group_off(child_dir, path)
+                if outcome.enforced:
+                    self._oom_group_off(child_dir, path)
+            if not outcome.enforced:
+                # A child without our limit holds nothing back, and a start that ends
+                # here (--cgroup-write required, exit 4) must leave no trace: undone.
+                undo_error = self._undo(child_dir, True, moved)
+                failed = {} if undo_error is None else {"error": undo_error}
+                self.audit("cgroup.child.removed", target=path, reason=outcome.reason, **failed)
+                return outcome
             self.audit("cgroup.moved", target=path, pid=self.m.pid)
             outcome.created_child = str(child_dir)
             outcome.parent_dir = str(self.own_dir)
