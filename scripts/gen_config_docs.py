@@ -121,9 +121,11 @@ def render() -> str:
         "",
         "### Set for the worker",
         "",
-        f"- `{options.PLAN_FILE_ENV}`: the path of the plan JSON that dask-safe-worker "
+        f"- `{options.PLAN_EXPORT_ENV}`: the path of the plan JSON that dask-safe-worker "
         "recorded at start (`--plan-file`). The worker inherits it; `dask-safe-audit` "
-        "reads it on each worker to tell a managed worker from an unmanaged one.",
+        "reads it on each worker to tell a managed worker from an unmanaged one. It is "
+        f"not an option's variable, and `{options.PLAN_FILE_ENV}` is not passed on: an "
+        "instance started inside a worker writes a plan file of its own.",
         "",
         "## `dask-safe-audit`",
         "",

@@ -377,7 +377,8 @@ def test_scheduler_file_address_says_what_is_wrong(text: str, message: str) -> N
 
 
 def test_plan_file_env_is_the_one_the_entrypoint_exports() -> None:
-    assert audit_remote.PLAN_FILE_ENV == options.PLAN_FILE_ENV
+    assert audit_remote.PLAN_FILE_ENV == options.PLAN_EXPORT_ENV
+    assert audit_remote.LEGACY_PLAN_FILE_ENV == options.PLAN_FILE_ENV
 
 
 def test_collect_reads_the_plan_file_and_measures(
@@ -433,6 +434,7 @@ def test_collect_without_plan_file_and_unreadable_plan(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(audit_remote.PLAN_FILE_ENV, raising=False)
+    monkeypatch.delenv(audit_remote.LEGACY_PLAN_FILE_ENV, raising=False)
     report = audit_remote.collect(None)
     assert report["plan_file"] is None and report["plan"] is None
     assert not facts_from_report("tcp://x", {}, report).managed
@@ -442,6 +444,14 @@ def test_collect_without_plan_file_and_unreadable_plan(
     f = facts_from_report("tcp://x", {}, report)
     assert f.managed
     assert any("cannot read the plan file" in n for n in f.notes)
+
+    # A worker started by an older release carries the option's variable instead.
+    monkeypatch.delenv(audit_remote.PLAN_FILE_ENV)
+    plan_file = tmp_path / "old.json"
+    plan_file.write_text(json.dumps({"plan": {"effective_per_worker": 900}}))
+    monkeypatch.setenv(audit_remote.LEGACY_PLAN_FILE_ENV, str(plan_file))
+    report = audit_remote.collect(None)
+    assert report["plan_file"] == str(plan_file) and report["plan"]["effective_per_worker"] == 900
 
 
 class _OldWorker:

@@ -21,9 +21,7 @@ from scheduler_util import audit_events
 
 DSW = [sys.executable, "-m", "dask_safe_worker"]
 # Prints the plan file variable the worker inherited (or "-").
-SHOW_ENV = (
-    f"{sys.executable} -c \"import os; print(os.environ.get('DASK_SAFE_WORKER_PLAN_FILE', '-'))\""
-)
+SHOW_ENV = f"{sys.executable} -c \"import os; print(os.environ.get('DASK_SAFE_WORKER_PLAN', '-'))\""
 
 
 @pytest.fixture(autouse=True)
@@ -305,3 +303,58 @@ def test_a_runtime_directory_of_another_user_is_not_used(tmp_path: Path) -> None
     assert proc.returncode == 0, proc.stderr
     assert not proc.stdout.strip().startswith(str(runtime))
     assert os.listdir(runtime) == []
+
+
+@pytest.mark.parametrize("spelling", ["option", "environment"])
+def test_an_instance_started_inside_a_worker_keeps_its_own_plan_file(
+    spelling: str, tmp_path: Path
+) -> None:
+    # Issue 24 row 11: the path exported to the worker was also the --plan-file option's
+    # variable, so an instance started inside the worker overwrote the outer one's file.
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    outer = tmp_path / "outer.json"
+    show = tmp_path / "show.py"
+    show.write_text(
+        f"#!{sys.executable}\nimport os\n"
+        "print(os.environ.get('DASK_SAFE_WORKER_PLAN', '-'))\n"
+        "print(os.environ.get('DASK_SAFE_WORKER_PLAN_FILE', '-'))\n"
+    )
+    inner = tmp_path / "inner.sh"
+    inner.write_text(
+        "#!/bin/sh\n"
+        f"exec {' '.join(DSW)} --no-follow --cgroup-write never --log-format json "
+        f"--worker-command {show}\n"
+    )
+    for script in (show, inner):
+        script.chmod(0o700)
+    given = ["--plan-file", str(outer)] if spelling == "option" else []
+    env = {"DASK_SAFE_WORKER_PLAN_FILE": str(outer)} if spelling == "environment" else {}
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_SAFE_WORKER", "XDG_"))}
+    argv = [*DSW, "--no-follow", "--cgroup-write", "never", "--log-format", "json", *given]
+    proc = subprocess.run(
+        [*argv, "--worker-command", str(inner)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**base, "XDG_RUNTIME_DIR": str(runtime), **env},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    exported, option_var = proc.stdout.split()
+    # The outer file still holds the outer start's plan: its worker was the inner script.
+    assert json.loads(outer.read_text())["argv"][0] == str(inner)
+    # The inner instance wrote a file of its own, in its default place, and named it.
+    assert Path(exported) != outer and Path(exported).parent == runtime / "dask-safe-worker"
+    assert json.loads(Path(exported).read_text())["argv"][0] == str(show)
+    # Neither worker inherits the option's variable.
+    assert option_var == "-"
+
+
+def test_no_option_reads_a_name_exported_to_the_worker() -> None:
+    from dask_safe_worker.follow.live_limit import CONFIGURED_PRELOADS_ENV, LIVE_FILE_ENV
+    from dask_safe_worker.options import OPTIONS, PLAN_EXPORT_ENV, PLAN_FILE_ENV
+
+    read = {spec.env for spec in OPTIONS if spec.env is not None}
+    assert PLAN_FILE_ENV in read
+    assert not read & {PLAN_EXPORT_ENV, LIVE_FILE_ENV, CONFIGURED_PRELOADS_ENV}

@@ -42,7 +42,15 @@ from .exits import (
 from .gpus import gpu_workers
 from .local_dir import require_scratch
 from .measure import Measurement, measure
-from .options import FLAG_NAMES, OPTIONS, PLAN_FILE_ENV, VALUE_NAMES, Options, OptionSpec
+from .options import (
+    FLAG_NAMES,
+    OPTIONS,
+    PLAN_EXPORT_ENV,
+    PLAN_FILE_ENV,
+    VALUE_NAMES,
+    Options,
+    OptionSpec,
+)
 from .plan import (
     Plan,
     PlanError,
@@ -499,11 +507,13 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
         else {"key": prepared.pool.key, "directory": str(prepared.pool.directory)}
     )
     plan_file = record_plan(opts.plan_file, document, audit)
-    # Set from --plan-file or from the environment alike: the worker names a plan file
-    # only when one was written (dask-safe-audit reads it through this variable).
+    # The worker names a plan file only when one was written (dask-safe-audit reads it
+    # through PLAN_EXPORT_ENV). The option's own variable is not passed on: an instance
+    # started inside the worker would take it as its --plan-file and overwrite ours.
     env.pop(PLAN_FILE_ENV, None)
+    env.pop(PLAN_EXPORT_ENV, None)
     if plan_file:
-        env[PLAN_FILE_ENV] = plan_file
+        env[PLAN_EXPORT_ENV] = plan_file
     audit("worker.argv", argv=argv, supervised=prepared.supervised)
 
     from .run_worker import exec_supervisor, exec_worker, supervisor_argv

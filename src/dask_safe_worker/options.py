@@ -38,6 +38,11 @@ def env_var(name: str) -> str:
 
 
 PLAN_FILE_ENV = env_var("plan-file")
+# The plan file's path as the worker inherits it: not an option's variable, so that an
+# instance started inside a worker never takes the outer instance's file as its own
+# --plan-file and overwrites it (issue 24 row 11). tests/test_plan_file.py checks that
+# no option reads it.
+PLAN_EXPORT_ENV = "DASK_SAFE_WORKER_PLAN"
 
 
 def parse_size(text: str) -> int:
@@ -325,7 +330,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
         "plan-file",
         path=True,
         help="Where to record the plan as JSON for `dask-safe-audit`; its path is exported "
-        f"to the worker as {PLAN_FILE_ENV} [default: a file in a private runtime directory].",
+        f"to the worker as {PLAN_EXPORT_ENV} [default: a file in a private runtime directory].",
     ),
     OptionSpec(
         "follow",

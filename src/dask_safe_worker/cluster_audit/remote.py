@@ -17,7 +17,11 @@ import os
 import socket
 from typing import Any
 
-PLAN_FILE_ENV = "DASK_SAFE_WORKER_PLAN_FILE"
+# The plan file's path, as dask-safe-worker exports it to the worker (options.
+# PLAN_EXPORT_ENV). Releases before it exported the --plan-file option's own variable,
+# which their workers still carry.
+PLAN_FILE_ENV = "DASK_SAFE_WORKER_PLAN"
+LEGACY_PLAN_FILE_ENV = "DASK_SAFE_WORKER_PLAN_FILE"
 # distributed.worker.memory.terminate's default: the nanny restarts a worker at this
 # fraction of its memory limit.
 DASK_TERMINATE_DEFAULT = 0.95
@@ -69,7 +73,7 @@ def _dict(value: Any) -> dict[str, Any]:
 
 
 def _read_plan() -> tuple[str | None, dict[str, Any] | None, str | None]:
-    path = os.environ.get(PLAN_FILE_ENV)
+    path = os.environ.get(PLAN_FILE_ENV) or os.environ.get(LEGACY_PLAN_FILE_ENV)
     if not path:
         return None, None, None
     try:
