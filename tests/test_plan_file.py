@@ -358,3 +358,44 @@ def test_no_option_reads_a_name_exported_to_the_worker() -> None:
     read = {spec.env for spec in OPTIONS if spec.env is not None}
     assert PLAN_FILE_ENV in read
     assert not read & {PLAN_EXPORT_ENV, LIVE_FILE_ENV, CONFIGURED_PRELOADS_ENV}
+
+
+def test_a_read_only_run_with_our_directory_falls_back_to_the_next_one(tmp_path: Path) -> None:
+    # Issue 24 row 10: /run/dask-safe-worker existed on a read-only /run; the plan file
+    # failed there and no other directory was tried, so the audit called the worker
+    # unmanaged. A read-only tmpfs over /run, in a mount namespace of this test's own,
+    # holds the directory as a start before the remount made it.
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace (and /run as the candidate)")
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    script = (
+        "mount --make-rprivate / && mount -t tmpfs -o mode=755 tmpfs /run && "
+        "mkdir -m 700 /run/dask-safe-worker && mount -o remount,ro /run && "
+        'test -d /run/dask-safe-worker && exec "$@"'
+    )
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_SAFE_WORKER", "XDG_"))}
+    tool = [*DSW, "--no-follow", "--cgroup-write", "never", "--log-format", "json"]
+    proc = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", *tool, "--worker-command", SHOW_ENV],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, "TMPDIR": str(tmp)},
+        check=False,
+    )
+    if proc.returncode != 0 and "mount" in proc.stderr and "Traceback" not in proc.stderr:
+        pytest.skip(f"cannot make a private read-only /run here: {proc.stderr.strip()}")
+    assert proc.returncode == 0, proc.stderr
+    exported = Path(proc.stdout.strip())
+    assert exported.parent == tmp / f"dask-safe-worker-{os.geteuid()}", proc.stderr
+    written = [e for e in audit_events(proc.stderr) if e["event"] == "plan.file.written"]
+    assert written and written[0]["path"] == str(exported)
+    # What dask-safe-audit reads on the worker: the plan, so the worker counts as managed.
+    from dask_safe_worker.cluster_audit import remote
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(remote.PLAN_FILE_ENV, str(exported))
+        path, plan, error = remote._read_plan()
+    assert (path, error) == (str(exported), None)
+    assert plan is not None and plan["budget"] > 0

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
@@ -190,16 +190,23 @@ def remove_stale(directory: Path, proc_root: Path = Path("/proc")) -> int:
     return removed
 
 
-def default_path(environ: Mapping[str, str], pid: int) -> tuple[Path, int]:
-    """A safe default plan file path and how many stale files were removed on the way;
-    PlanFileError naming every directory tried when none is usable."""
-    directory = runtime_dir(environ)
-    return directory / default_name(pid), remove_stale(directory)
+def _writable(directory: Path) -> str | None:
+    """Why files cannot be made in `directory`, or None. A read-only mount passes every
+    other check of a directory that exists there (`mkdir` says EEXIST before EROFS), so
+    it is asked for: an existing /run/dask-safe-worker on a read-only /run took the plan
+    file, and no other directory was tried (issue 24 row 10)."""
+    try:
+        if os.statvfs(directory).f_flag & os.ST_RDONLY:
+            return f"{directory} is on a read-only filesystem"
+    except OSError as exc:
+        return f"{directory}: {exc.strerror or exc}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"{directory} is not writable"
+    return None
 
 
-def runtime_dir(environ: Mapping[str, str]) -> Path:
-    """The first usable private runtime directory (plan files, pools); PlanFileError
-    naming every directory tried when none is usable."""
+def _runtime_candidates(environ: Mapping[str, str]) -> Iterator[tuple[Path | None, str]]:
+    """(a usable directory, "") or (None, why a candidate is not usable), best first."""
     import tempfile
 
     euid = os.geteuid()
@@ -207,17 +214,51 @@ def runtime_dir(environ: Mapping[str, str]) -> Path:
         tmpdir = tempfile.gettempdir()
     except OSError:  # no writable temp directory at all: the /tmp candidate fails below
         tmpdir = "/tmp"
-    reasons: list[str] = []
     for candidate in candidate_dirs(environ, euid, tmpdir):
         try:
             directory = private_dir(candidate, euid)
         except PlanFileError as exc:
-            reasons.append(str(exc))
+            yield None, str(exc)
             continue
         except OSError as exc:
-            reasons.append(f"{candidate}: {exc.strerror or exc}")
+            yield None, f"{candidate}: {exc.strerror or exc}"
             continue
-        return directory
+        problem = _writable(directory)
+        if problem is not None:
+            yield None, problem
+            continue
+        yield directory, ""
+
+
+def runtime_dir(environ: Mapping[str, str]) -> Path:
+    """The first usable private runtime directory (plan files, pools): private and
+    writable; PlanFileError naming every directory tried when none is usable."""
+    reasons: list[str] = []
+    for directory, reason in _runtime_candidates(environ):
+        if directory is not None:
+            return directory
+        reasons.append(reason)
+    raise PlanFileError("no private directory for the plan file: " + "; ".join(reasons))
+
+
+def _write_default(text: str, pid: int) -> tuple[Path, int]:
+    """`text` as the default plan file in the first runtime directory that takes it, and
+    how many stale files were removed there: a write that fails in one (a full
+    filesystem, found only now) tries the next. PlanFileError naming every directory
+    tried when none took it."""
+    reasons: list[str] = []
+    for directory, reason in _runtime_candidates(os.environ):
+        if directory is None:
+            reasons.append(reason)
+            continue
+        target = directory / default_name(pid)
+        stale = remove_stale(directory)
+        try:
+            write_atomic(target, text, os.geteuid())
+        except OSError as exc:
+            reasons.append(f"{target}: {exc.strerror or exc}")
+            continue
+        return target, stale
     raise PlanFileError("no private directory for the plan file: " + "; ".join(reasons))
 
 
@@ -259,8 +300,7 @@ def record_plan(path: str | None, document: dict[str, Any], audit: Audit) -> str
             target, stale = Path(path), 0
             write_given(target, text)
         else:
-            target, stale = default_path(os.environ, os.getpid())
-            write_atomic(target, text, os.geteuid())
+            target, stale = _write_default(text, os.getpid())
     except OSError as exc:
         reason = str(exc) if exc.strerror is None else exc.strerror
         audit("plan.file.failed", path=None if target is None else str(target), reason=reason)
