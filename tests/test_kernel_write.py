@@ -56,7 +56,7 @@ def test_sole_occupant_writes_its_own_cgroup(kernel_cgroup: KernelCgroup) -> Non
     assert outcome["read_back"] == 512 * MiB
     assert kernel_cgroup.limit() == 512 * MiB
     events = [e for e, _ in result["events"]]  # type: ignore[attr-defined,union-attr,unused-ignore]
-    assert events == ["cgroup.write.attempt", "cgroup.write.result"]
+    assert events == ["cgroup.write.attempt", "cgroup.write.result", "cgroup.limit.recorded"]
 
 
 def test_existing_lower_limit_is_never_raised(kernel_cgroup: KernelCgroup) -> None:

@@ -305,6 +305,18 @@ def _measure(release: Release, audit: Audit, quiet: bool = False) -> Measurement
     except (OSError, ValueError) as exc:
         message = f"cannot read memory information: {exc}"
         raise Refused(EXIT_MEASURE_FAILED, message, event="measure.failed") from None
+    from .cgroup.our_limit import with_operators_limit
+
+    # Our own earlier write is not the operator's limit (issue 24 row 5).
+    m, ours = with_operators_limit(m)
+    if not quiet and ours is not None and m.location is not None:
+        audit(
+            "cgroup.limit.ours",
+            target=m.location.cgroup_path,
+            in_force=ours.written,
+            original=ours.original,
+            ancestors=ours.ancestors,
+        )
     if not quiet:
         audit("measure.done", **m.as_dict())
     return m

@@ -38,6 +38,7 @@ def _plainly_valid(args: Sequence[str], values: frozenset[str], flags: frozenset
 
 def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | None:
     """The budget for a plain `--print-limit`, or None where the full command must decide."""
+    from .cgroup.our_limit import with_operators_limit
     from .cgroup.pool import find_pool, plan_inputs
     from .dask_compat.dask_worker import nworkers_options, worker_options
     from .dask_compat.release import UnsupportedDistributedError, check_supported, installed_release
@@ -60,7 +61,7 @@ def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | N
         wargs = parse_worker_args(theirs, nworkers_options(release.distributed))
         if wargs.version_only:
             return None
-        m = measure(release=release)
+        m, _ = with_operators_limit(measure(release=release), environ)
         # Read-only: a query neither makes the pool's directory nor takes its lock.
         pool = find_pool(m, environ, create=False)
         m, siblings, view = plan_inputs(m, opts.cgroup_child, pool, os.getpid())

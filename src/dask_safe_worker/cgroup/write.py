@@ -11,6 +11,7 @@ Every kernel refusal becomes a logged reason and a fallback, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -23,6 +24,9 @@ from ..records import field, mutable_record, record
 from .claim import claim_new, remove_if_unclaimed
 from .files import V2MemoryCgroup, open_memory_cgroup
 from .leave import leave_and_remove, move_pid
+from .our_limit import OurLimit, visible_ancestors
+from .our_limit import load as load_our_limit
+from .our_limit import save as save_our_limit
 from .parse import parse_controllers
 
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
@@ -146,10 +150,19 @@ class _Writer:
         # The descriptor that claims the child we create, held until this process ends.
         self.claim: int | None = None
 
-    def _write_limit(self, directory: Path, path: str, strategy: Strategy) -> WriteOutcome:
+    def _write_limit(
+        self, directory: Path, path: str, strategy: Strategy, ours: OurLimit | None = None
+    ) -> WriteOutcome:
         cg = open_memory_cgroup(self.version, directory)
         current = cg.limit(self.m.host.total)
-        if current is not None and current <= self.budget:
+        if ours is not None and current != ours.written:
+            ours = None  # changed since it was recorded: the operator's now
+        # A limit an earlier start of ours wrote is not the operator's: the never-raise
+        # rule holds for the one found before our first write (issue 24 row 5), and
+        # where that is the lower, it is put back.
+        found = current if ours is None else ours.original
+        before = self._before_write(cg) if strategy == "own" else None
+        if ours is None and current is not None and current <= self.budget:
             self.audit(
                 "cgroup.write.skipped", target=path, reason="existing_lower", current=current
             )
@@ -161,8 +174,9 @@ class _Writer:
                 target=path,
                 read_back=current,
             )
+        value = self.budget if found is None else min(found, self.budget)
         usage = cg.usage()
-        if usage + self.opts.margin > self.budget:
+        if usage + self.opts.margin > value:
             self.audit("cgroup.write.skipped", target=path, reason="below_usage", usage=usage)
             return WriteOutcome(
                 enforced=False, written=False, reason="below_usage", strategy=strategy, target=path
@@ -172,23 +186,64 @@ class _Writer:
             target=path,
             strategy=strategy,
             file="memory.limit_in_bytes" if self.version == 1 else "memory.max",
-            value=self.budget,
+            value=value,
             previous=current,
+            **({} if ours is None else {"previous_ours": True, "original": ours.original}),
         )
-        cg.write_limit(self.budget)
+        cg.write_limit(value)
         read_back = _read_back(cg)
-        self.audit("cgroup.write.result", target=path, requested=self.budget, read_back=read_back)
+        self.audit("cgroup.write.result", target=path, requested=value, read_back=read_back)
         if isinstance(cg, V2MemoryCgroup):
             self._v2_extras(cg, path)
+        if before is not None and read_back is not None:
+            self._remember(directory, path, current, ours, before, read_back)
         return WriteOutcome(
             enforced=True,
             written=True,
             reason="written",
             strategy=strategy,
             target=path,
-            requested=self.budget,
+            requested=value,
             read_back=read_back,
         )
+
+    def _before_write(self, cg: MemoryCgroupFiles) -> tuple[int | None, int | None]:
+        """(v1's hierarchical limit, v2's memory.high) as found, for the record."""
+        hierarchical = high = None
+        with contextlib.suppress(OSError, ParseError):
+            hierarchical = cg.hierarchical_limit(self.m.host.total)
+        if isinstance(cg, V2MemoryCgroup):
+            with contextlib.suppress(OSError, ParseError):
+                high = cg.high(self.m.host.total)
+        return hierarchical, high
+
+    def _remember(
+        self,
+        directory: Path,
+        path: str,
+        current: int | None,
+        ours: OurLimit | None,
+        before: tuple[int | None, int | None],
+        written: int,
+    ) -> None:
+        """Record what the operator had and what we wrote (cgroup/our_limit.py), so that
+        the next start in this cgroup plans from the operator's limit. Best effort: without
+        a record, the next start takes our limit for the operator's."""
+        hierarchical, high = before
+        known = None if ours is None else ours.ancestors
+        rec = OurLimit(
+            directory=str(directory),
+            original=current if ours is None else ours.original,
+            ancestors=visible_ancestors(hierarchical, current, known),
+            original_high=high if ours is None else ours.original_high,
+            written=written,
+        )
+        try:
+            where = save_our_limit(directory, rec)
+        except OSError as exc:
+            self.audit("cgroup.limit.record.failed", target=path, reason=errno_reason(exc))
+            return
+        self.audit("cgroup.limit.recorded", target=path, file=str(where), original=rec.original)
 
     def _v2_extras(self, cg: V2MemoryCgroup, path: str) -> None:
         for name, value in self.extras:
@@ -206,7 +261,8 @@ class _Writer:
 
     def own(self) -> WriteOutcome:
         try:
-            return self._write_limit(self.own_dir, self.own_path, "own")
+            ours = load_our_limit(self.own_dir)
+            return self._write_limit(self.own_dir, self.own_path, "own", ours)
         except (OSError, ParseError) as exc:
             reason = errno_reason(exc)
             self.audit("cgroup.write.failed", target=self.own_path, strategy="own", reason=reason)

@@ -525,6 +525,8 @@ class Watch:
                 return {"action": "read_only", "reason": reason, "dask_side": "followed alone"}
             return {"action": "failed", "reason": reason}
         self.managed_value = read_back
+        if read_back is not None:
+            self._remember(old, read_back)
         # v1 rounds a written limit down to whole pages.
         if read_back is None or read_back <= goal:
             self.kernel_goal = None
@@ -536,6 +538,17 @@ class Watch:
             "read_back": read_back,
             "usage": usage,
         }
+
+    def _remember(self, old: int, new: int) -> None:
+        """Our own cgroup's record follows our write: else the next start would take the
+        limit we moved to for the operator's (issue 24 row 5)."""
+        assert self.managed is not None
+        from ..cgroup.our_limit import update_written
+
+        try:
+            update_written(Path(self.managed.directory), old, new)
+        except OSError as exc:
+            self._failed("record", reason=_describe(exc))
 
     # -- what moved ----------------------------------------------------------------
 
