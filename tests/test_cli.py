@@ -321,6 +321,30 @@ def test_a_reserve_no_kernel_limit_can_hold_is_a_usage_error() -> None:
     assert "larger than any kernel limit" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--reserve", "1.5"), ("--reserve", "1"), ("--reserve", "4096"),
+     ("--min-worker-memory", "256"), ("--nanny-allowance", "40")],
+)  # fmt: skip
+def test_a_bare_number_below_a_mebibyte_asks_for_a_unit(option: str, value: str) -> None:
+    # Issue 22: `--reserve 1.5` and `--reserve 1` were silently a 1-byte reserve.
+    for path in ([], ["--print-limit"]):  # the click path and the fast path
+        proc = run(*path, "--cgroup-write", "never", option, value, "tcp://127.0.0.1:1")
+        assert proc.returncode == 2, (path, proc.stdout, proc.stderr)
+        assert "has no unit" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_bare_number_is_still_bytes_or_a_fraction() -> None:
+    from dask_safe_worker.options import parse_reserve, parse_size
+    from dask_safe_worker.sizes import Amount
+
+    assert parse_reserve("0") == Amount(fraction=0.0)
+    assert parse_reserve("0.15") == Amount(fraction=0.15)
+    assert parse_reserve("1073741824") == Amount(bytes=2**30)
+    assert parse_reserve("1.5GiB") == Amount(bytes=int(1.5 * 2**30))
+    assert parse_size("0") == 0 and parse_size("1e9") == 10**9
+
+
 def test_memory_limit_zero_is_said_to_turn_dasks_limit_off() -> None:
     # Issue 24 row 13: the warning read "0 B per worker"; 0 means no limit to dask.
     proc = run(

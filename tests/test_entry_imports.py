@@ -43,7 +43,7 @@ ALLOWED_UNDER: dict[str, tuple[str, ...]] = {}
 # entrypoints/host-prestart.sh's call; a tiny minimum, so that the plan is never refused
 # and the fast path really answers (a refusal would go to the full command).
 ARGS = ["--print-limit", "--cgroup-write", "never"]
-ENV = {"DASK_SAFE_WORKER_RESERVE": "512MiB", "DASK_SAFE_WORKER_MIN_WORKER_MEMORY": "1"}
+ENV = {"DASK_SAFE_WORKER_RESERVE": "512MiB", "DASK_SAFE_WORKER_MIN_WORKER_MEMORY": "1MiB"}
 PROGRAM = f"""
 import sys
 from dask_safe_worker.entry import fast_print_limit

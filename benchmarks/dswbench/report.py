@@ -311,7 +311,7 @@ def startup_section(startup: StartupResult | None) -> list[str]:
         lines += ["### Supervisor RSS", ""]
         if startup.supervisor_rss is None:
             lines += [
-                "`benchmarks/supervisor_rss.py` (a colleague's) did not exist when this ran: "
+                "`benchmarks/supervisor_rss.py` did not exist when this ran: "
                 "not measured; goal ≤ 15 MiB.",
                 "",
             ]
@@ -354,7 +354,7 @@ def refresh_appendix(path: Path) -> None:
 
 
 def supervisor_table(raw: str) -> list[str]:
-    """The colleague's JSON (benchmarks/supervisor_rss.py) as a table against the goal."""
+    """benchmarks/supervisor_rss.py's JSON as a table against the goal."""
     try:
         doc = json.loads(raw)
         results = doc["results"]
@@ -368,7 +368,7 @@ def supervisor_table(raw: str) -> list[str]:
         "cli": "`dask-safe-worker --init`, the whole path: what stays alive as PID 1",
     }
     lines = [
-        f"From `benchmarks/supervisor_rss.py` (a colleague's; median of {doc.get('repeat')} "
+        f"From `benchmarks/supervisor_rss.py` (median of {doc.get('repeat')} "
         "runs, MiB). Goal: supervisor RSS ≤ 15 MiB.",
         "",
         "| process | VmRSS | RssAnon | RssFile | ≤ 15 MiB |",
@@ -397,7 +397,8 @@ WORKLOAD_NOTES = {
         "scheduler gives up with KilledWorker (or the bound runs out). Safe and seed spill "
         "at their Dask limit with no kernel OOM kill. Their `failcnt` on W counts reclaims "
         "of spill page cache at W's limit, not kills. Safe's hung run was a run on a "
-        "saturated host (load average about 50 while other sessions' VMs ran): its worker "
+        "saturated host (load average about 50 while other test suites' VMs ran on the "
+        "same two cores): its worker "
         "took 184 s to register, its event loop stalled for up to 16 s at a time, it had "
         "spilled 192 MiB when the 180 s bound ran out, and nothing was OOM-killed.",
         "",

@@ -43,7 +43,7 @@ class StartupResult:
     measured_at: str | None = None
     commit: str | None = None
     # /proc/loadavg's 1-minute figure before the pairs and after the query timings: on
-    # the shared 2-CPU machine the other sessions' load is what moves these numbers most.
+    # the shared 2-CPU machine the load of other test suites is what moves these numbers most.
     loadavg: list[float] | None = None
 
 

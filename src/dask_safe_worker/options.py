@@ -45,10 +45,28 @@ PLAN_FILE_ENV = env_var("plan-file")
 PLAN_EXPORT_ENV = "DASK_SAFE_WORKER_PLAN"
 
 
+# A bare number is bytes, so `--reserve 1.5` meant 1 byte: below this, a number without a
+# unit is taken as a forgotten unit and refused rather than guessed (0 stays "none").
+BARE_BYTES_FLOOR = 2**20
+
+
+def refuse_tiny_bare_number(text: str) -> None:
+    try:
+        number = float(text)
+    except ValueError:
+        return  # has a unit (or is not a number: the parser says so)
+    if 1 <= number < BARE_BYTES_FLOOR:
+        raise ValueError(
+            f"{text.strip()!r} has no unit and would be {int(number)} byte(s): "
+            "give a unit (e.g. 512MiB, 1.5GiB)"
+        )
+
+
 def parse_size(text: str) -> int:
     if not text.strip():
         # dask's parse_bytes reads "" as 1 byte; here that is always a mistake.
         raise ValueError("empty size")
+    refuse_tiny_bare_number(text)
     size = parse_bytes(text)
     if size < 0:
         raise ValueError(f"{text!r} is negative")
@@ -61,6 +79,8 @@ def parse_reserve(text: str) -> Amount:
     """A size or a fraction, as `parse_amount` reads it; a size no kernel limit can hold
     is a usage error, not a plan that refuses (issue 24 row 13)."""
     amount = parse_amount(text)
+    if amount.fraction is None:
+        refuse_tiny_bare_number(text)
     if amount.bytes is not None and amount.bytes > MAX_LIMIT:
         raise ValueError(f"{text!r} is larger than any kernel limit")
     return amount
@@ -237,9 +257,10 @@ OPTIONS: tuple[OptionSpec, ...] = (
         type_name="SIZE|FRACTION",
         default="0",
         show_default=True,
-        help="Memory kept back for everything else: bytes (512MiB) or a fraction (0.1 or "
-        "10%) of the memory before the reserve (own working set + available); the budget "
-        "is what remains.",
+        help="Memory kept back for everything else: a size with a unit (512MiB) or a "
+        "fraction (0.1 or 10%) of the memory before the reserve (own working set + "
+        "available); the budget is what remains. A bare number of 1 or more is bytes and "
+        "must be at least 1 MiB (1.5 is refused: write 1.5GiB or 15%).",
     ),
     OptionSpec(
         "min-worker-memory",
@@ -348,7 +369,7 @@ OPTIONS: tuple[OptionSpec, ...] = (
         type_name="SECONDS",
         default="1",
         show_default=True,
-        help="Seconds between two measurements with --follow.",
+        help="Seconds between two measurements while following (at least 0.05).",
     ),
     OptionSpec(
         "worker-help",
