@@ -13,7 +13,7 @@ import click
 
 from ..env_options import env_option
 from .client import configured_address, run_audit, scheduler_file_address, security_from
-from .render import render_table
+from .render import printable, render_table
 from .verdicts import AT_RISK, AUDIT_SCHEMA, EXIT_USAGE, SAFE, UNKNOWN, UNMANAGED, exit_code
 
 ENV_PREFIX = "DASK_SAFE_AUDIT"
@@ -79,7 +79,8 @@ Exit codes: 0 every worker safe, 1 any worker at risk (unmanaged included),
 
 
 def _die(message: str) -> NoReturn:
-    click.echo(f"dask-safe-audit: {message}", err=True)
+    # A connection error may quote what a worker or scheduler sent.
+    click.echo(printable(f"dask-safe-audit: {message}"), err=True)
     sys.stdout.flush()
     sys.stderr.flush()
     # A Client whose constructor failed still closes itself from __del__ at interpreter
@@ -144,7 +145,7 @@ def _run(scheduler_address: str | None, **params: Any) -> None:
         if rows:
             click.echo(render_table(rows))
         else:
-            click.echo(f"{scheduler}: no workers connected; nothing to audit.")
+            click.echo(printable(f"{scheduler}: no workers connected; nothing to audit."))
     sys.exit(code)
 
 

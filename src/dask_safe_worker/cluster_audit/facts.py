@@ -116,14 +116,65 @@ def _pool_facts(plan: Mapping[str, Any], raw: Any, own_cgroup: str | None) -> Po
     )
 
 
-def facts_from_report(
-    address: str, info: Mapping[str, Any], report: Mapping[str, Any] | BaseException | None
-) -> WorkerFacts:
+TERMINATE_FIX = (
+    "set distributed.worker.memory.terminate to a fraction such as 0.95 (for example "
+    "DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE=0.95) and restart the worker"
+)
+
+
+# Above this, a terminate fraction is no threshold anyone meant (and times a limit it
+# may overflow a float).
+_MAX_TERMINATE = 1000.0
+
+
+def terminate_fraction(value: Any) -> tuple[float | None, str | None]:
+    """distributed.worker.memory.terminate as the worker holds it (`remote.
+    _terminate_setting`): (the fraction, None), (None, None) when it is off (False or
+    None), or (None, why it cannot be judged). The nanny restarts the worker when
+    `rss / limit <= terminate` is false: with nan, 0 or less at every poll, with inf
+    never, with a string (an environment value dask could not parse) the check fails
+    at every poll."""
+    if value is None or value is False:
+        return None, None
+    if isinstance(value, (int, float)) and 0 < value <= _MAX_TERMINATE:
+        return float(value), None
+    shown = repr(value) if isinstance(value, str) else str(value)
+    return None, (
+        f"distributed.worker.memory.terminate is {shown}, not a fraction of the memory "
+        "limit above 0 (such as 0.95): when Dask's nanny restarts this worker cannot be "
+        "judged"
+    )
+
+
+def facts_from_report(address: str, info: Mapping[str, Any], report: Any) -> WorkerFacts:
     """Turn what `collect` returned (or the exception it raised, or nothing) into facts.
 
     `info` is the scheduler's view of the worker (host, name, memory_limit), used when
-    the worker itself could not answer.
+    the worker itself could not answer. Whatever a worker sent, it becomes this
+    worker's facts: a report that is not one, or one whose values break the reading,
+    is an error of this worker alone (verdict "unknown" with the reason), never the
+    end of the audit.
     """
+    try:
+        return _facts(address, info, report)
+    except Exception as exc:
+        return _unanswered(
+            address, info, f"its report could not be read: {type(exc).__name__}: {exc}"
+        )
+
+
+def _unanswered(address: str, info: Mapping[str, Any], reason: str) -> WorkerFacts:
+    limit = info.get("memory_limit")
+    return WorkerFacts(
+        address,
+        str(info.get("host") or address),
+        str(info.get("name") or ""),
+        dask_limit=_int(limit) or None,
+        error=reason,
+    )
+
+
+def _facts(address: str, info: Mapping[str, Any], report: Any) -> WorkerFacts:
     host = str(info.get("host") or address)
     name = str(info.get("name") or "")
     if report is None or isinstance(report, BaseException):
@@ -132,8 +183,15 @@ def facts_from_report(
             if report is None
             else f"the audit function failed: {type(report).__name__}: {report}"
         )
-        return WorkerFacts(
-            address, host, name, dask_limit=_int(info.get("memory_limit")) or None, error=reason
+        return _unanswered(address, info, reason)
+    if not isinstance(report, Mapping):
+        # Another handler answered for the audit function (a replaced `run` handler, a
+        # worker class of its own): nothing in it is the worker's measurement.
+        return _unanswered(
+            address,
+            info,
+            f"the worker answered with a {type(report).__name__}, not the audit's report "
+            "(does it replace Dask's run handler?)",
         )
 
     plan = report.get("plan") if isinstance(report.get("plan"), dict) else None
@@ -142,8 +200,7 @@ def facts_from_report(
     if report.get("plan_error"):
         notes.append(str(report["plan_error"]))
     dask_limit = _int(report.get("dask_memory_limit")) or None
-    terminate = report.get("terminate_fraction")
-    terminate_fraction = float(terminate) if isinstance(terminate, (int, float)) else None
+    fraction, terminate_problem = terminate_fraction(report.get("terminate_fraction"))
 
     nanny_room = 0
     pool_fields: dict[str, Any] = {}
@@ -168,15 +225,16 @@ def facts_from_report(
     elif report.get("has_nanny"):
         nanny_room = DEFAULT_NANNY_ALLOWANCE
 
-    if report.get("error"):
+    if report.get("error") or terminate_problem:
         return WorkerFacts(
             address,
             host,
             name,
             dask_limit=dask_limit,
             managed=managed,
-            error=str(report["error"]),
+            error=str(report.get("error") or terminate_problem),
             notes=tuple(notes),
+            fix=None if report.get("error") else TERMINATE_FIX,
             **pool_fields,
         )
 
@@ -201,7 +259,7 @@ def facts_from_report(
         name,
         dask_limit=dask_limit,
         rss=_int(report.get("rss")) or 0,
-        terminate_fraction=terminate_fraction,
+        terminate_fraction=fraction,
         nanny_room=nanny_room,
         managed=managed,
         available=_int(report.get("available")),

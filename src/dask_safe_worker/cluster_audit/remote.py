@@ -40,8 +40,12 @@ def _dask_memory_limit(dask_worker: Any) -> tuple[int | None, str]:
     return None, "unavailable"
 
 
-def _terminate_fraction() -> float | None:
-    """distributed.worker.memory.terminate; None when Dask never restarts the worker."""
+def _terminate_setting() -> Any:
+    """distributed.worker.memory.terminate as the worker's config holds it, for the
+    client to judge (`facts.terminate_fraction`): a number, False or None as they are,
+    a string (an environment variable dask could not parse, ".nan") cut to 100
+    characters, anything else as its repr. Converting here hid what the nanny compares
+    against: ".nan" became 0.95."""
     try:
         import dask.config
 
@@ -50,12 +54,9 @@ def _terminate_fraction() -> float | None:
         )
     except Exception:
         return DASK_TERMINATE_DEFAULT
-    if value is False or value is None:
-        return None
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return DASK_TERMINATE_DEFAULT
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return (value if isinstance(value, str) else repr(value))[:100]
 
 
 def _boot_id() -> str:
@@ -300,7 +301,7 @@ def collect(dask_worker: Any = None) -> dict[str, Any]:
     limit, source = _dask_memory_limit(dask_worker)
     report["dask_memory_limit"] = limit
     report["memory_limit_source"] = source
-    report["terminate_fraction"] = _terminate_fraction()
+    report["terminate_fraction"] = _terminate_setting()
     report["has_nanny"] = bool(getattr(dask_worker, "nanny", None))
     report["plan_file"], report["plan"], report["plan_error"] = _read_plan()
     pool = (report["plan"] or {}).get("pool")

@@ -90,6 +90,8 @@ class WorkerFacts:
     # The host first, then each limited cgroup from the worker's own outwards.
     constraints: tuple[Constraint, ...] = ()
     error: str | None = None
+    # With an error: what the operator can do about it, when the report says.
+    fix: str | None = None
     notes: tuple[str, ...] = ()
     # The cgroups (as the worker sees them) with memory.oom.group=1: one kernel OOM
     # kill there takes every worker below, nanny and PID 1 included.
@@ -307,7 +309,7 @@ def judge(workers: Sequence[WorkerFacts]) -> list[Verdict]:
     verdicts: list[Verdict] = []
     for w in workers:
         if w.error is not None:
-            action = (
+            action = w.fix or (
                 "install dask-safe-worker in that worker's environment to audit it"
                 if "is not installed" in w.error
                 else None
