@@ -138,6 +138,9 @@ class Watch:
             cgroup=spec.member_cgroup,
         )
         self.share_budget = spec.first_budget
+        # While another instance lives inside the cgroup whose limit we wrote as its sole
+        # occupant, that limit holds the whole pool, never our share alone.
+        self.kernel_floor: int | None = None
         # Why the next change happens, when it is about the pool's members (this tick).
         self.reason = "limit changed"
         self._others: tuple[int, ...] = ()
@@ -218,6 +221,7 @@ class Watch:
                 self._failed("plan", reason=str(exc))
                 return
             self.n_workers = plan.n_workers
+            self.kernel_floor = self._shared_own_floor(view, plan.pool_budget)
             # The last change first: if every worker holds it by now, it is reported
             # before a new one replaces it.
             self._settle(m)
@@ -266,6 +270,32 @@ class Watch:
         except OSError as exc:
             self._failed("pool", reason=_describe(exc))
             return None
+
+    def _shared_own_floor(self, view: PoolView | None, pool_budget: int | None) -> int | None:
+        """The pool's budget when the limit we manage is our own cgroup's (written as its
+        sole occupant) and another instance of the pool now lives inside that cgroup:
+        lowered to our share, it would cap the newcomer too, and the newcomer would plan
+        from it and be refused. None otherwise."""
+        managed = self.managed
+        if managed is None or view is None or pool_budget is None or not view.others:
+            return None
+        if managed.directory == self.member.cgroup:
+            return None  # our child: nobody else lives in it
+        inside = managed.directory.rstrip("/") + "/"
+        if any(o.cgroup is not None and o.cgroup.startswith(inside) for o in view.others):
+            return pool_budget
+        unplaced = {o.pid for o in view.others if o.cgroup is None}
+        if unplaced:
+            try:
+                procs = Path(managed.directory, "cgroup.procs").read_text().split()
+            except OSError:
+                return None
+            if unplaced & {int(p) for p in procs}:
+                return pool_budget
+        return None
+
+    def _floored(self, goal: int) -> int:
+        return goal if self.kernel_floor is None else max(goal, self.kernel_floor)
 
     def _raise_confirmed(self) -> bool:
         """A raise the pool's measurement alone asks for waits one tick for its
@@ -320,7 +350,7 @@ class Watch:
             return
         if goal > self.member.committed:
             self._publish(committed=goal)
-        self.kernel_goal = goal
+        self.kernel_goal = self._floored(goal)
         self._kernel_only(m, since=None)
 
     def _kernel_only(self, m: Measurement, since: float | None) -> None:
@@ -345,6 +375,9 @@ class Watch:
         """What we hold now: the kernel limit we manage, or Dask's side, whichever is
         higher (a kernel limit held up by usage, or one not yet raised to Dask's side)."""
         if self.managed is not None and self.managed_value is not None:
+            if self.kernel_floor is not None:
+                # The limit holds the newcomers inside it too: ours is Dask's side.
+                return self.record.budget
             return max(self.managed_value, self.record.budget)
         return self.record.budget
 
@@ -378,7 +411,7 @@ class Watch:
         if self.managed is not None and self.managed_value is not None:
             # Dask's side back at the start's plan: the kernel limit back at its budget.
             at_start = target == self.spec.first_per_worker
-            self.kernel_goal = self.spec.first_budget if at_start else budget
+            self.kernel_goal = self._floored(self.spec.first_budget if at_start else budget)
             if action == "raise":
                 # Room first, then the workers may use it.
                 kernel = self._move_kernel(m, dask_lowered=True)
