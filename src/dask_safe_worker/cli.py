@@ -41,7 +41,7 @@ from .exits import (
 )
 from .gpus import gpu_workers
 from .local_dir import require_scratch
-from .measure import Measurement, measure
+from .measure import Measurement, measure, unreadable_problem
 from .options import (
     FLAG_NAMES,
     OPTIONS,
@@ -211,6 +211,7 @@ def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | P
     if wargs.version_only:
         return PassThrough([*prefix, *worker_args])
     m = _measure(release, audit)
+    _check_readable(m, wargs, opts, audit)
     query = opts.print_limit or opts.dry_run
     # Dask's side follows where the worker can import our preloads: dask's own worker in
     # this Python, or wherever --follow was asked for by name. Else the budget cannot
@@ -320,6 +321,22 @@ def _measure(release: Release, audit: Audit, quiet: bool = False) -> Measurement
     if not quiet:
         audit("measure.done", **m.as_dict())
     return m
+
+
+def _check_readable(m: Measurement, wargs: WorkerArgs, opts: Options, audit: Audit) -> None:
+    """Fail closed on a level we know exists but cannot read (issue 24 row 4), unless
+    the user said how to go on; then say what the plan cannot see."""
+    if not m.unreadable:
+        return
+    problem = unreadable_problem(m, wargs.memory_limit is not None, opts.allow_unreadable_cgroup)
+    if problem is not None:
+        raise Refused(EXIT_MEASURE_FAILED, problem, event="measure.failed")
+    audit("measure.unreadable.warning", levels=list(m.unreadable))
+    click.echo(
+        "dask-safe-worker: warning: planning without the memory cgroup levels that cannot "
+        "be read: " + "; ".join(m.unreadable),
+        err=True,
+    )
 
 
 # How long a newcomer waits for the pool's other instances to come down to their new

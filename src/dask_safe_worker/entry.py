@@ -42,7 +42,7 @@ def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | N
     from .cgroup.pool import find_pool, plan_inputs
     from .dask_compat.dask_worker import nworkers_options, worker_options
     from .dask_compat.release import UnsupportedDistributedError, check_supported, installed_release
-    from .measure import measure
+    from .measure import measure, unreadable_problem
     from .options import FLAG_NAMES, VALUE_NAMES, fast_options
     from .plan import PlanError, make_plan
     from .worker_args import parse_worker_args, split_argv
@@ -62,6 +62,10 @@ def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | N
         if wargs.version_only:
             return None
         m, _ = with_operators_limit(measure(release=release), environ)
+        if m.unreadable and unreadable_problem(
+            m, wargs.memory_limit is not None, opts.allow_unreadable_cgroup
+        ):
+            return None  # the full command refuses it, with the reason
         # Read-only: a query neither makes the pool's directory nor takes its lock.
         pool = find_pool(m, environ, create=False)
         m, siblings, view = plan_inputs(m, opts.cgroup_child, pool, os.getpid())

@@ -123,6 +123,9 @@ class Measurement:
     ours: frozenset[int] = field(default=frozenset())
     # Those of `ours` that have exited and wait to be reaped.
     zombies: frozenset[int] = field(default=frozenset())
+    # Levels we know exist but could not read (or not locate), each with the reason.
+    # Never "no limit": a start refuses them unless told to go on (fail closed).
+    unreadable: tuple[str, ...] = field(default=())
 
     @property
     def available(self) -> int:
@@ -174,15 +177,24 @@ class Measurement:
             "cpu_count": self.cpu_count,
             "dask_memory_limit": self.dask_memory_limit,
             "warnings": list(self.warnings),
+            # Only when there is something to say, so routine lines stay as they were.
+            **({"unreadable": list(self.unreadable)} if self.unreadable else {}),
         }
+
+
+# What a level's ceiling and headroom come from: one of them unread is a level we cannot
+# count (fail closed). inactive_file and memory.oom.group only refine or annotate.
+_CEILING_READS = ("limit", "hierarchical_limit", "usage", "high")
 
 
 def _read_level(
     version: int, path: str, directory: Path, mem_total: int, is_root: bool
-) -> LevelReading:
+) -> tuple[LevelReading, list[str]]:
+    """The level, and the errors of the reads its ceiling and headroom need."""
     cg = open_memory_cgroup(version, directory)
     values: dict[str, int | None] = {}
     errors: list[str] = []
+    blind: list[str] = []
     readers = {
         "limit": lambda: cg.limit(mem_total),
         "hierarchical_limit": lambda: cg.hierarchical_limit(mem_total),
@@ -197,6 +209,8 @@ def _read_level(
             # The v2 root has no memory.max or memory.current: that is not an error.
             if not (version == 2 and is_root and isinstance(exc, FileNotFoundError)):
                 errors.append(f"{name}: {_describe(exc)}")
+                if name in _CEILING_READS:
+                    blind.append(f"{name}: {_describe(exc)}")
     high: int | None = None
     oom_group: bool | None = None
     if isinstance(cg, V2MemoryCgroup):
@@ -208,13 +222,14 @@ def _read_level(
             pass
         except (OSError, ParseError) as exc:
             errors.append(f"high: {_describe(exc)}")
+            blind.append(f"high: {_describe(exc)}")
         try:
             oom_group = cg.oom_group()
         except FileNotFoundError:
             pass
         except (OSError, ParseError) as exc:
             errors.append(f"oom_group: {_describe(exc)}")
-    return LevelReading(
+    reading = LevelReading(
         path=path,
         limit=values["limit"],
         hierarchical_limit=values["hierarchical_limit"],
@@ -224,6 +239,7 @@ def _read_level(
         high=high,
         oom_group=oom_group,
     )
+    return reading, blind
 
 
 def _describe(exc: BaseException) -> str:
@@ -251,6 +267,22 @@ def read_own_rss(proc_root: Path, pid: str) -> int:
     if "RssAnon" in fields:
         return fields["RssAnon"] + fields.get("RssShmem", 0)
     return fields.get("VmRSS", 0)
+
+
+def unreadable_problem(m: Measurement, memory_limit_given: bool, allowed: bool) -> str | None:
+    """Why a start must stop (exit 1) on levels it knows exist but cannot read, or None.
+
+    Rule (docs/design.md): *fail closed*. Such a level is never "no limit": a worker in a
+    512 MiB cgroup behind a bind mount would get the host's RAM. The user may go on with
+    an explicit --memory-limit (their number, not ours) or --allow-unreadable-cgroup.
+    """
+    if not m.unreadable or memory_limit_given or allowed:
+        return None
+    return (
+        "cannot read every memory cgroup level we are in, so the free memory is not known: "
+        + "; ".join(m.unreadable)
+        + " (give --memory-limit, or --allow-unreadable-cgroup to plan from what can be read)"
+    )
 
 
 def locate(proc_root: Path, root: Path, pid: str = "self") -> CgroupLocation | None:
@@ -325,6 +357,7 @@ def remeasure(
     own_pid: int | None = None,
     tree_root: int | None = None,
     warnings: Sequence[str] = (),
+    unreadable: Sequence[str] = (),
 ) -> Measurement:
     """`measure` for a cgroup located before: only /proc/meminfo and the level files.
 
@@ -335,14 +368,18 @@ def remeasure(
     """
     host = parse_meminfo(read_kernel_text(proc_root / "meminfo"))
     notes: list[str] = list(warnings)
+    blind: list[str] = list(unreadable)
     levels: list[LevelReading] = []
     own_procs: tuple[int, ...] | None = None
     if location is not None:
         paths = location.level_paths(root)
         for i, (path, directory) in enumerate(paths):
-            levels.append(
-                _read_level(location.version, path, directory, host.total, i == len(paths) - 1)
+            level, errors = _read_level(
+                location.version, path, directory, host.total, i == len(paths) - 1
             )
+            levels.append(level)
+            if errors:
+                blind.append(f"cgroup {path}: " + "; ".join(errors))
         try:
             own_procs = tuple(open_memory_cgroup(location.version, paths[0][1]).procs())
         except (OSError, ParseError) as exc:
@@ -370,6 +407,7 @@ def remeasure(
         warnings=tuple(notes),
         ours=ours,
         zombies=zombies,
+        unreadable=tuple(blind),
     )
 
 
@@ -392,4 +430,11 @@ def measure(
         warnings.append(f"cannot locate the memory cgroup: {_describe(exc)}")
     if location is not None:
         warnings.extend(location.warnings)
-    return remeasure(location, proc_root, root, release=release, warnings=warnings, **pins)
+    return remeasure(
+        location,
+        proc_root,
+        root,
+        release=release,
+        warnings=warnings,
+        **pins,
+    )

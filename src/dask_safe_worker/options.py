@@ -133,6 +133,7 @@ class Options:
     follow: bool | None
     follow_interval: float
     worker_help: bool
+    allow_unreadable_cgroup: bool = False
 
     @classmethod
     def from_values(cls, values: Mapping[str, Any]) -> Options:
@@ -157,6 +158,7 @@ class Options:
             follow=values["follow"],
             follow_interval=float(values["follow_interval"]),
             worker_help=bool(values["worker_help"]),
+            allow_unreadable_cgroup=bool(values.get("allow_unreadable_cgroup", False)),
         )
 
     @property
@@ -313,6 +315,15 @@ OPTIONS: tuple[OptionSpec, ...] = (
         help="cgroup v2: memory.swap.max for the worker's cgroup ('keep' leaves it).",
     ),
     OptionSpec(
+        "allow-unreadable-cgroup",
+        kind="flag",
+        help="Start even when a memory cgroup level we are in cannot be read or located "
+        "(a bind mount over the controller, a path outside our cgroup namespace): plan "
+        "from host memory and the levels that can be read, and write no limit where our "
+        "cgroup is not located. Without it, or a --memory-limit you give, such a start "
+        "exits 1 (a level that cannot be read never counts as no limit).",
+    ),
+    OptionSpec(
         "clamp-memory-limit",
         kind="flag",
         help="Lower a --memory-limit you gave to the planned value when it does not "
@@ -406,7 +417,9 @@ FAST_VALUES = frozenset(
         "log-format",
     }
 )
-FAST_FLAGS = frozenset({"print-limit", "clamp-memory-limit", "init-process-group"})
+FAST_FLAGS = frozenset(
+    {"print-limit", "clamp-memory-limit", "init-process-group", "allow-unreadable-cgroup"}
+)
 # A log format that prints nothing for a query (auto means none there).
 FAST_LOG_FORMATS = frozenset({"auto", "none"})
 
