@@ -26,6 +26,10 @@ install_system_packages() {
     dpkg -s netavark >/dev/null 2>&1 || need+=(netavark)
     dpkg -s aardvark-dns >/dev/null 2>&1 || need+=(aardvark-dns)
     command -v iptables >/dev/null || need+=(iptables)
+    # tests/test_slurm.py: a one-node Slurm (munged, slurmctld, slurmd) of the test's own.
+    command -v munged >/dev/null || need+=(munge)
+    command -v slurmctld >/dev/null || need+=(slurmctld)
+    command -v slurmd >/dev/null || need+=(slurmd)
     # uv's own venv (scripts/ensure-uv.sh): Debian's python3 has neither pip nor ensurepip.
     if ! command -v uv >/dev/null; then
         command -v python3 >/dev/null || need+=(python3)
