@@ -19,6 +19,7 @@ from dask_safe_worker.follow.decide import (
     hysteresis,
     kernel_target,
     replan,
+    seen_ancestors,
     validate_interval,
     with_original_limit,
 )
@@ -226,6 +227,30 @@ def test_our_own_write_does_not_cap_the_next_budget() -> None:
     assert replan(spec(), freed).budget == 3 * GiB - 64 * MiB
 
 
+def test_an_ancestor_above_the_mount_root_still_caps_the_plan() -> None:
+    # Issue 24 row 6: the mount root is our own cgroup; the pod above it shows only in
+    # v1's hierarchical limit, the lowest of ours and the pod's.
+    managed = ManagedLimit("/sys/fs/cgroup/memory", 1, original=None, written=1792 * MiB)
+    dirs = ["/sys/fs/cgroup/memory"]
+    hidden = measurement((LevelReading("/", 1792 * MiB, 1792 * MiB, 100 * MiB, 0),))
+    # Ours hides the pod: its last seen value (the start's 2 GiB) stands in.
+    known = seen_ancestors(hidden, managed, dirs, 2 * GiB)
+    assert known == 2 * GiB
+    assert replan(spec(), with_original_limit(hidden, managed, dirs, known)).budget == (
+        2 * GiB - 64 * MiB
+    )
+    # The pod lowered below ours: exact, and the plan follows it down.
+    lowered = measurement((LevelReading("/", 1792 * MiB, GiB, 100 * MiB, 0),))
+    known = seen_ancestors(lowered, managed, dirs, known)
+    assert known == GiB
+    assert replan(spec(), with_original_limit(lowered, managed, dirs, known)).budget == (
+        GiB - 64 * MiB
+    )
+    # Our limit follows below the pod, which hides it again: still the pod's 1 GiB.
+    followed = measurement((LevelReading("/", 960 * MiB, 960 * MiB, 100 * MiB, 0),))
+    assert seen_ancestors(followed, managed, dirs, known) == GiB
+
+
 def test_our_own_memory_high_does_not_cap_the_next_budget() -> None:
     # v2, --memory-high-fraction 0.5 on our own cgroup: memory.high at half the budget
     # would make every re-plan half the last one. The high found before our write
@@ -262,7 +287,7 @@ def test_spec_round_trips_through_json(
     s = spec(
         interval=interval,
         args=WorkerArgs(nthreads=1, gpu_workers=gpus, local_directory="/scratch"),
-        managed=ManagedLimit("/a/b", 2, original, GiB, original_high=high),
+        managed=ManagedLimit("/a/b", 2, original, GiB, original_high=high, ancestors=high),
         settings=Settings(
             reserve=Amount(bytes=None if fraction is not None else 5, fraction=fraction)
         ),

@@ -158,9 +158,10 @@ def test_a_later_write_of_ours_moves_the_record(tmp_path: Path) -> None:
     cgroup = tmp_path / "cgroup"
     cgroup.mkdir()
     save(cgroup, OurLimit(str(cgroup), GiB, None, None, 900 * MiB), env)
-    assert not update_written(cgroup, 800 * MiB, 700 * MiB, env)
-    assert update_written(cgroup, 900 * MiB, 700 * MiB, env)
-    assert load(cgroup, env) == OurLimit(str(cgroup), GiB, None, None, 700 * MiB)
+    assert not update_written(cgroup, 800 * MiB, 700 * MiB, None, env)
+    # With the ancestors' limit the watch saw (a lowered pod above the mount root).
+    assert update_written(cgroup, 900 * MiB, 700 * MiB, 950 * MiB, env)
+    assert load(cgroup, env) == OurLimit(str(cgroup), GiB, 950 * MiB, None, 700 * MiB)
     # A record in another cgroup's name is never believed; nor one open to others.
     assert load(tmp_path, env) is None
     (record,) = (tmp_path / "dask-safe-worker" / "limits").iterdir()

@@ -163,14 +163,19 @@ def save(directory: Path, rec: OurLimit, environ: Mapping[str, str] = os.environ
 
 
 def update_written(
-    directory: Path, old: int, new: int, environ: Mapping[str, str] = os.environ
+    directory: Path,
+    old: int,
+    new: int,
+    ancestors: int | None,
+    environ: Mapping[str, str] = os.environ,
 ) -> bool:
-    """After a later write of ours (the --follow watch), the record's value; False when
-    there is no record of ours for the value `old` (a child cgroup: nothing to keep)."""
+    """After a later write of ours (the --follow watch), the record's value and the
+    ancestors' limit as the watch last saw it; False when there is no record of ours
+    for the value `old` (a child cgroup: nothing to keep)."""
     rec = load(directory, environ)
     if rec is None or rec.written != old:
         return False
-    save(directory, replace(rec, written=new), environ)
+    save(directory, replace(rec, written=new, ancestors=ancestors), environ)
     return True
 
 

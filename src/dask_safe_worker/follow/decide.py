@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..cgroup.our_limit import visible_ancestors
 from ..measure import LevelReading, Measurement
 from ..plan import Plan, PlanError, PoolView, Settings, make_plan
 from ..records import as_dict, record, replace
@@ -43,6 +44,9 @@ class ManagedLimit:
     # v2 memory.high found there before our write: our own --memory-high-fraction is
     # not a ceiling to plan under, or every budget would shrink to that fraction.
     original_high: int | None = None
+    # v1: the lowest limit above that level as the start saw it (its hierarchical
+    # limit), for when our own limit hides the ancestors' (issue 24 row 6).
+    ancestors: int | None = None
 
 
 @record
@@ -109,6 +113,7 @@ class FollowSpec:
                     original_high=(
                         None if m.get("original_high") is None else int(m["original_high"])
                     ),
+                    ancestors=None if m.get("ancestors") is None else int(m["ancestors"]),
                 )
             )
             spec = cls(
@@ -146,15 +151,31 @@ def validate_interval(seconds: float) -> float:
     return seconds
 
 
+def seen_ancestors(
+    m: Measurement, managed: ManagedLimit, directories: list[str], known: int | None
+) -> int | None:
+    """The lowest limit above the level we manage, as far as v1's hierarchical limit
+    shows it (the lowest of ours and every ancestor's, those above the mount root too):
+    exact while it is below our own limit, else `known`, as last seen."""
+    for i, directory in enumerate(directories[: len(m.levels)]):
+        if directory == managed.directory:
+            level = m.levels[i]
+            return visible_ancestors(level.hierarchical_limit, level.limit, known)
+    return known
+
+
 def with_original_limit(
-    m: Measurement, managed: ManagedLimit, directories: list[str]
+    m: Measurement, managed: ManagedLimit, directories: list[str], ancestors: int | None = None
 ) -> Measurement:
     """The measurement as if our own write were not there.
 
     The limit we wrote is the budget itself; left in, it would cap every later budget at
     the first one's level and following could never go up again. So the level we manage
-    counts with the limit found there before our write; its ancestors still count
-    through their own levels.
+    counts with the limit found there before our write, and with `ancestors`
+    (`seen_ancestors`) as its hierarchical limit: an ancestor that no level of ours shows
+    (above the mount root) still caps the plan once it comes below our limit. Dropped,
+    a lowered pod went unseen and the pool's share raised our limit to the host's RAM
+    (issue 24 row 6). The ancestors we do see count through their own levels.
     """
     levels = list(m.levels)
     for i, directory in enumerate(directories[: len(levels)]):
@@ -162,7 +183,7 @@ def with_original_limit(
             levels[i] = replace(
                 levels[i],
                 limit=managed.original,
-                hierarchical_limit=None,
+                hierarchical_limit=ancestors,
                 high=managed.original_high,
             )
     return replace(m, levels=tuple(levels))

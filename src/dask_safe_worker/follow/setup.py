@@ -76,7 +76,12 @@ def managed_limit(
         original_high = None
     else:
         return None
-    return ManagedLimit(directory, m.location.version, original, outcome.read_back, original_high)
+    # v1: what was above the level before our write (for a child, our own cgroup's
+    # hierarchical limit): the watch's view of ancestors ours may hide.
+    ancestors = m.levels[0].hierarchical_limit if m.levels else None
+    return ManagedLimit(
+        directory, m.location.version, original, outcome.read_back, original_high, ancestors
+    )
 
 
 def kernel_note(outcome: WriteOutcome) -> str:

@@ -35,6 +35,7 @@ from .decide import (
     hysteresis,
     kernel_target,
     replan,
+    seen_ancestors,
     with_original_limit,
 )
 from .live_limit import (
@@ -113,6 +114,7 @@ class Watch:
         self.record = first
         self.managed: ManagedLimit | None = spec.managed
         self.managed_value: int | None = spec.managed.written if spec.managed else None
+        self.ancestors: int | None = spec.managed.ancestors if spec.managed else None
         self.kernel_goal: int | None = None
         self.pending: _Pending | None = None
         self.previous: Measurement | None = None
@@ -209,7 +211,10 @@ class Watch:
         self._report_events(counters, self._gone_before | vanished)
         self._gone_before = vanished
         self._check_managed()
-        planned_m = with_original_limit(m, self.managed, self.directories) if self.managed else m
+        planned_m = m
+        if self.managed is not None:
+            self.ancestors = seen_ancestors(m, self.managed, self.directories, self.ancestors)
+            planned_m = with_original_limit(m, self.managed, self.directories, self.ancestors)
         # The pool's lock from reading the others' claims until a raise is written: no
         # two instances hand out the same free memory.
         lock = self._lock_pool()
@@ -579,7 +584,7 @@ class Watch:
         from ..cgroup.our_limit import update_written
 
         try:
-            update_written(Path(self.managed.directory), old, new)
+            update_written(Path(self.managed.directory), old, new, self.ancestors)
         except OSError as exc:
             self._failed("record", reason=_describe(exc))
 
