@@ -57,3 +57,6 @@ _.transfer_incoming_bytes_limit
 _.unraisablehook
 # worker_cli's table is dumped as JSON by a subprocess (worker_cli._DUMP).
 _.as_json
+# The package's lazy names (dask_safe_worker.LocalCluster, .memory_limit): Python calls
+# a module's __getattr__.
+__getattr__

@@ -378,6 +378,14 @@ def plan_inputs(
     if members and m.location is not None:
         members = with_kernel_working_sets(members, m.location.version)
     in_pool = {member.pid for member in members}
-    foreign = tuple(s for s in siblings if not in_pool.intersection(s.pids))
+    # A notebook's workers sit in a child its kernel claims from outside it: that child
+    # is in the pool by its path, not by its processes.
+    own_dir = str(m.location.directory(Path("/"))) if m.location is not None else None
+    pool_children = {mb.cgroup for mb in members if mb.cgroup}
+    foreign = tuple(
+        s
+        for s in siblings
+        if not in_pool.intersection(s.pids) and f"{own_dir}/{s.name}" not in pool_children
+    )
     view = None if pool is None else PoolView(pool.key, members)
     return with_siblings(m, siblings), foreign, view

@@ -193,14 +193,7 @@ class Watch:
         # process list read next, or by the one a tick ago.
         counters = self._read_counters()
         try:
-            m = remeasure(
-                self.location,
-                self.proc_root,
-                self.root,
-                release=self.release,
-                tree_root=self.pid,
-                own_pid=self.pid,
-            )
+            m = self._measure()
         except (OSError, ParseError) as exc:
             self._failed("measure", reason=_describe(exc))
             return
@@ -264,6 +257,18 @@ class Watch:
             # A membership change explains a change of this tick only.
             self.reason = "limit changed"
         self.previous = m
+
+    def _measure(self) -> Measurement:
+        """This tick's measurement; the worker tree below us counts as ours. (A notebook's
+        watch counts its kernel as a neighbour instead: notebook/watch.py.)"""
+        return remeasure(
+            self.location,
+            self.proc_root,
+            self.root,
+            release=self.release,
+            tree_root=self.pid,
+            own_pid=self.pid,
+        )
 
     # -- the pool ----------------------------------------------------------------------
 
