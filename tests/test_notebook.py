@@ -207,9 +207,7 @@ def test_processes_in_a_child_cgroup_follow_the_kernels_growth() -> None:
     assert {row["verdict"] for row in report["audit"]} == {"safe"}
     # (The first ticks may lower the child's limit while the audit runs.)
     assert all(row["kernel_limit"] <= report["child_limits"][0] for row in report["audit"])
-    assert {Path(row["kernel_limit_path"]).parent.as_posix() for row in report["audit"]} == {
-        kernel
-    }
+    assert {Path(row["kernel_limit_path"]).parent.as_posix() for row in report["audit"]} == {kernel}
     # A dask-safe-worker start beside it sees the cluster in its pool, with the child
     # the workers run in, and not also as a foreign instance's child.
     beside = report["beside"]
