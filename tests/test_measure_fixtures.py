@@ -111,11 +111,14 @@ def test_missing_memory_files_in_leaf() -> None:
     assert m.available == 2 * GiB - 1000 * MiB
 
 
-def test_path_outside_mount_root_falls_back_with_warning() -> None:
+def test_path_outside_mount_root_is_not_located_and_not_read_as_unlimited() -> None:
+    # Issue 24 rows 1 and 4: the mount root is another container's cgroup, never ours:
+    # it is neither read as our level nor written, and our own level counts as unreadable.
     m = at("outside-root", own_pid=1)
-    assert m.location is not None and m.location.relative == ""
-    assert any("outside the mount root" in w for w in m.warnings)
-    assert m.available == 3 * GiB - 824 * MiB
+    assert m.location is None and m.ancestor is None and m.levels == ()
+    assert any("cannot be located" in w for w in m.warnings)
+    assert len(m.unreadable) == 1 and "/docker/other-container" in m.unreadable[0]
+    assert not m.sole_occupant
 
 
 def test_as_dict_is_json_serialisable() -> None:

@@ -123,6 +123,9 @@ class Measurement:
     ours: frozenset[int] = field(default=frozenset())
     # Those of `ours` that have exited and wait to be reaped.
     zombies: frozenset[int] = field(default=frozenset())
+    # When our cgroup could not be located exactly: the mount root that is surely an
+    # ancestor of it. Its levels are read (they are certain); nothing is written there.
+    ancestor: CgroupLocation | None = None
     # Levels we know exist but could not read (or not locate), each with the reason.
     # Never "no limit": a start refuses them unless told to go on (fail closed).
     unreadable: tuple[str, ...] = field(default=())
@@ -165,8 +168,8 @@ class Measurement:
             "mem_total": self.host.total,
             "mem_available": self.host.available,
             "mem_available_estimated": self.host.available_estimated,
-            "cgroup_version": self.location.version if self.location else None,
-            "cgroup_path": self.location.cgroup_path if self.location else None,
+            "cgroup_version": self._located.version if self._located else None,
+            "cgroup_path": self._located.cgroup_path if self._located else None,
             "cgroup_levels": [lvl.as_dict() for lvl in self.levels],
             "sole_occupant": self.sole_occupant,
             "own_procs_count": None if self.own_procs is None else len(self.own_procs),
@@ -178,8 +181,13 @@ class Measurement:
             "dask_memory_limit": self.dask_memory_limit,
             "warnings": list(self.warnings),
             # Only when there is something to say, so routine lines stay as they were.
+            **({"cgroup_located": False} if self.ancestor is not None else {}),
             **({"unreadable": list(self.unreadable)} if self.unreadable else {}),
         }
+
+    @property
+    def _located(self) -> CgroupLocation | None:
+        return self.location or self.ancestor
 
 
 # What a level's ceiling and headroom come from: one of them unread is a level we cannot
@@ -286,11 +294,15 @@ def unreadable_problem(m: Measurement, memory_limit_given: bool, allowed: bool) 
 
 
 def locate(proc_root: Path, root: Path, pid: str = "self") -> CgroupLocation | None:
+    """The memory cgroup: exact, or (`exact` False) only a certain ancestor of it."""
     return _locate(proc_root, root, pid)[0]
 
 
-def _locate(proc_root: Path, root: Path, pid: str) -> tuple[CgroupLocation | None, list[str]]:
-    """The memory cgroup, and a warning for each mountinfo line that had to be skipped."""
+def _locate(
+    proc_root: Path, root: Path, pid: str
+) -> tuple[CgroupLocation | None, list[str], str | None]:
+    """The memory cgroup, a warning for each mountinfo line that had to be skipped, and
+    why a memory cgroup the kernel says we are in cannot be located, if so."""
     entries = parse_proc_cgroup(read_kernel_text(proc_root / pid / "cgroup"))
     mounts, skipped = parse_mountinfo(read_kernel_text(proc_root / pid / "mountinfo"))
     warnings = [f"skipped a line of mountinfo: {note}" for note in skipped]
@@ -304,7 +316,8 @@ def _locate(proc_root: Path, root: Path, pid: str) -> tuple[CgroupLocation | Non
         except OSError as exc:
             warnings.append(f"cannot read cgroup.controllers of cgroup2: {_describe(exc)}")
             controllers = None
-    return locate_memory_cgroup(entries, mounts, controllers), warnings
+    located = locate_memory_cgroup(entries, mounts, controllers)
+    return located.location, warnings, located.problem
 
 
 def _stat(proc_root: Path, pid: int) -> tuple[str, int] | None:
@@ -371,7 +384,10 @@ def remeasure(
     blind: list[str] = list(unreadable)
     levels: list[LevelReading] = []
     own_procs: tuple[int, ...] | None = None
+    exact = location if location is not None and location.exact else None
     if location is not None:
+        if location.unlocated is not None:
+            blind.append(location.unlocated)
         paths = location.level_paths(root)
         for i, (path, directory) in enumerate(paths):
             level, errors = _read_level(
@@ -380,8 +396,10 @@ def remeasure(
             levels.append(level)
             if errors:
                 blind.append(f"cgroup {path}: " + "; ".join(errors))
+    if exact is not None:
+        # Only an exact location's first level is ours: a mere ancestor's processes are not.
         try:
-            own_procs = tuple(open_memory_cgroup(location.version, paths[0][1]).procs())
+            own_procs = tuple(open_memory_cgroup(exact.version, paths[0][1]).procs())
         except (OSError, ParseError) as exc:
             notes.append(f"cannot list the own cgroup's processes: {_describe(exc)}")
     me = os.getpid() if own_pid is None else own_pid
@@ -393,7 +411,7 @@ def remeasure(
         own_rss += sum(read_own_rss(proc_root, str(p)) for p in ours if p != me)
     return Measurement(
         host=host,
-        location=location,
+        location=exact,
         levels=tuple(levels),
         own_procs=own_procs,
         # cgroup.procs lists pids as seen in our pid namespace, as getpid() does.
@@ -407,6 +425,7 @@ def remeasure(
         warnings=tuple(notes),
         ours=ours,
         zombies=zombies,
+        ancestor=location if exact is None else None,
         unreadable=tuple(blind),
     )
 
@@ -422,9 +441,14 @@ def measure(
     and MEMORY_LIMIT as `release` computes them.
     Raises OSError/ParseError only for /proc/meminfo."""
     warnings: list[str] = []
+    unreadable: list[str] = []
     try:
-        location, locate_warnings = _locate(proc_root, root, "self")
+        location, locate_warnings, problem = _locate(proc_root, root, "self")
         warnings.extend(locate_warnings)
+        if problem is not None and location is None:
+            # Not even a certain ancestor: the level exists, and cannot be read.
+            warnings.append(problem)
+            unreadable.append(problem)
     except (OSError, ParseError) as exc:
         location = None
         warnings.append(f"cannot locate the memory cgroup: {_describe(exc)}")
@@ -436,5 +460,6 @@ def measure(
         root,
         release=release,
         warnings=warnings,
+        unreadable=unreadable,
         **pins,
     )

@@ -1,8 +1,14 @@
-"""Find this process's memory cgroup from /proc/<pid>/cgroup and mountinfo (pure)."""
+"""Find this process's memory cgroup from /proc/<pid>/cgroup and mountinfo (pure).
+
+Rule (docs/design.md, "Rules"): *locate only what the kernel says with certainty*. A path
+that cannot be placed below a mount that is really visible at its mount point is not
+guessed (no fall back to the mount root): nothing is written for it, no process moves,
+and the levels we know exist but cannot read make the start fail closed.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from ..proc_parse import CgroupEntry, Mount
 from ..records import record
@@ -18,6 +24,14 @@ class CgroupLocation:
     # Own cgroup below the mount point; "" when it is the mount point itself.
     relative: str
     warnings: tuple[str, ...] = ()
+    # None when the own cgroup is `relative` below the mount point. Otherwise why it could
+    # not be placed: the mount root is then only a certain *ancestor* of our cgroup
+    # (`relative` is ""), whose levels may be read but which is never ours to write.
+    unlocated: str | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.unlocated is None
 
     def directory(self, root: Path) -> Path:
         return host_path(root, self.mount_point) / self.relative
@@ -37,6 +51,17 @@ class CgroupLocation:
         return out
 
 
+@record
+class Located:
+    """What `locate_memory_cgroup` found: the location (exact, or only a certain
+    ancestor), and why a memory cgroup we are in could not be placed, if so."""
+
+    location: CgroupLocation | None
+    # Set when the kernel says we are in a memory cgroup that is not located exactly:
+    # that level exists, and cannot be read.
+    problem: str | None = None
+
+
 def host_path(root: Path, mount_point: str) -> Path:
     """Mount points are absolute; place them below the filesystem root `root`.
 
@@ -46,69 +71,170 @@ def host_path(root: Path, mount_point: str) -> Path:
     return root / mount_point.lstrip("/")
 
 
-def _relative_to_root(path: str, root: str) -> str | None:
-    parts = PurePosixPath(path).parts
-    if ".." in parts:
+def _components(path: str) -> tuple[int, tuple[str, ...]] | None:
+    """A cgroup path as the kernel writes it relative to our cgroup-namespace root:
+    leading `..` (up from that root), then names. None for any other form."""
+    if not path.startswith("/"):
         return None
-    if root in ("", "/"):
-        return path.strip("/")
-    r = root.rstrip("/")
-    if path == r:
-        return ""
-    if path.startswith(r + "/"):
-        return path[len(r) + 1 :].strip("/")
+    parts = [p for p in path.split("/") if p]
+    ups = 0
+    while ups < len(parts) and parts[ups] == "..":
+        ups += 1
+    names = tuple(parts[ups:])
+    if any(n in (".", "..") for n in names):
+        return None
+    return ups, names
+
+
+EXACT, BELOW, OUTSIDE = "exact", "below", "outside"
+
+
+def match_root(path: str, root: str) -> tuple[str, str]:
+    """Where `path` lies relative to a mount `root`; both are what the kernel writes
+    relative to the same cgroup-namespace root, so their components compare.
+
+    (EXACT, relative) when the path is `relative` below the root; (BELOW, "") when it
+    is surely somewhere below the root but the names between are not known (the root
+    is further above the namespace root than the path: `/../x` under `/../..`);
+    (OUTSIDE, "") for anything else, including what cannot be told.
+    """
+    p, r = _components(path), _components(root)
+    if p is None or r is None:
+        return OUTSIDE, ""
+    (p_up, p_names), (r_up, r_names) = p, r
+    if p_up == r_up:
+        if p_names[: len(r_names)] == r_names:
+            return EXACT, "/".join(p_names[len(r_names) :])
+        return OUTSIDE, ""
+    if p_up < r_up and not r_names:
+        return BELOW, ""
+    return OUTSIDE, ""
+
+
+def _within(path: str, top: str) -> bool:
+    """`path` is `top` or lies below it (mount points, as absolute paths)."""
+    top = top.rstrip("/")
+    return path == top or path.startswith(top + "/") or top == ""
+
+
+def covering_mount(mount: Mount, mounts: list[Mount], relative: str) -> Mount | None:
+    """Another mount that hides `mount`'s directory `relative` from path lookup, or None.
+
+    Walking from `mount` up its parents (mount ids, not the order of the lines): another
+    mount on a link of that chain, whose mount point is the next link's (or the target's)
+    or lies on the way to it, is stacked over it: a bind mount of another cgroup over the
+    controller's mount point, a tmpfs over a cgroup directory, a new /sys/fs/cgroup.
+    """
+    by_id = {m.mount_id: m for m in mounts}
+    target = (mount.mount_point.rstrip("/") + ("/" + relative if relative else "")) or "/"
+    current: Mount | None = mount
+    previous: Mount | None = None
+    seen: set[int] = set()
+    while current is not None and current.mount_id not in seen:
+        seen.add(current.mount_id)
+        point = target if previous is None else previous.mount_point
+        for other in mounts:
+            if other is previous or other is current or other.parent_id != current.mount_id:
+                continue
+            if _within(point, other.mount_point) and _within(
+                other.mount_point, current.mount_point
+            ):
+                return other
+        previous, current = current, by_id.get(current.parent_id)
     return None
 
 
-def _choose_mount(candidates: list[Mount], path: str) -> tuple[Mount, str, tuple[str, ...]]:
-    # Prefer the mount whose root holds our path most specifically: a container may
-    # see the same hierarchy mounted more than once.
-    best: tuple[Mount, str] | None = None
+def _specificity(root: str) -> tuple[int, int]:
+    c = _components(root)
+    return (0, 0) if c is None else (-c[0], len(c[1]))
+
+
+def place(
+    path: str, candidates: list[Mount], mounts: list[Mount]
+) -> tuple[Mount | None, str, str | None]:
+    """(mount, relative, why not exact) for `path` among the `candidates` mounts of its
+    hierarchy; the reason is None when the path is `relative` below the mount point.
+
+    A container may see one hierarchy mounted more than once: the mount whose root holds
+    the path most specifically, and that no other mount covers, wins. Without one that
+    holds it exactly, a mount whose root is surely an ancestor of the path is returned
+    with relative "" and the reason (its levels are certain, ours are not); without
+    that either, (None, "", reason).
+    """
+    exact: list[tuple[Mount, str]] = []
+    below: list[Mount] = []
+    notes: list[str] = []
     for mount in candidates:
-        rel = _relative_to_root(path, mount.root)
-        if rel is not None and (best is None or len(mount.root) > len(best[0].root)):
-            best = (mount, rel)
-    if best is not None:
-        return best[0], best[1], ()
-    mount = candidates[0]
-    warning = (
-        f"cgroup path {path!r} lies outside the mount root {mount.root!r}; "
-        "using the mount root instead"
-    )
-    return mount, "", (warning,)
+        kind, rel = match_root(path, mount.root)
+        where = f"the mount at {mount.mount_point!r} (root {mount.root!r})"
+        if kind == OUTSIDE:
+            notes.append(f"it is not below {where}")
+            continue
+        cover = covering_mount(mount, mounts, rel)
+        if cover is not None:
+            notes.append(f"{where} is covered by another mount at {cover.mount_point!r}")
+            continue
+        if kind == EXACT:
+            exact.append((mount, rel))
+        else:
+            notes.append(
+                f"it lies below {where}, but the cgroups between are outside our cgroup namespace"
+            )
+            below.append(mount)
+    if exact:
+        mount, rel = max(exact, key=lambda e: _specificity(e[0].root))
+        return mount, rel, None
+    reason = f"our cgroup {path!r} cannot be located: " + "; ".join(notes or ["no mount"])
+    if below:
+        return max(below, key=lambda m: _specificity(m.root)), "", reason
+    return None, "", reason
 
 
 def _ordered(mounts: list[Mount]) -> list[Mount]:
     return sorted(mounts, key=lambda m: (not m.mount_point.startswith("/sys/fs/cgroup"),))
 
 
+def _v2_entry(entries: list[CgroupEntry]) -> CgroupEntry | None:
+    return next((e for e in entries if e.hierarchy_id == 0 and not e.controllers), None)
+
+
+def cgroup2_mount(mounts: list[Mount]) -> Mount | None:
+    ordered = _ordered([m for m in mounts if m.fstype == "cgroup2"])
+    return ordered[0] if ordered else None
+
+
+def _location(version: int, path: str, candidates: list[Mount], mounts: list[Mount]) -> Located:
+    mount, rel, reason = place(path, candidates, mounts)
+    if mount is None:
+        return Located(None, reason)
+    warnings = () if reason is None else (reason,)
+    location = CgroupLocation(
+        version, path, mount.mount_point, mount.root, rel, warnings=warnings, unlocated=reason
+    )
+    return Located(location, reason)
+
+
 def locate_memory_cgroup(
     entries: list[CgroupEntry],
     mounts: list[Mount],
     v2_controllers: frozenset[str] | None,
-) -> CgroupLocation | None:
-    """The memory cgroup of the process, or None when there is no memory controller.
+) -> Located:
+    """The memory cgroup of the process, with why it is not located exactly if so.
 
     `v2_controllers` is the content of the cgroup2 mount's `cgroup.controllers`. On a
-    hybrid host a cgroup2 mount exists without the memory controller, which lives on v1;
-    so v2 is used only when its controllers list memory.
+    hybrid host a cgroup2 mount exists without the
+    memory controller, which lives on v1; so v2 is used only when its controllers list
+    memory.
     """
-    v2_entry = next((e for e in entries if e.hierarchy_id == 0 and not e.controllers), None)
+    v2_entry = _v2_entry(entries)
     v2_mounts = _ordered([m for m in mounts if m.fstype == "cgroup2"])
     if v2_entry and v2_mounts and v2_controllers is not None and "memory" in v2_controllers:
-        mount, rel, warnings = _choose_mount(v2_mounts, v2_entry.path)
-        return CgroupLocation(2, v2_entry.path, mount.mount_point, mount.root, rel, warnings)
+        return _location(2, v2_entry.path, v2_mounts, mounts)
 
     v1_entry = next((e for e in entries if "memory" in e.controllers), None)
     v1_mounts = _ordered(
         [m for m in mounts if m.fstype == "cgroup" and m.has_super_option("memory")]
     )
     if v1_entry and v1_mounts:
-        mount, rel, warnings = _choose_mount(v1_mounts, v1_entry.path)
-        return CgroupLocation(1, v1_entry.path, mount.mount_point, mount.root, rel, warnings)
-    return None
-
-
-def cgroup2_mount(mounts: list[Mount]) -> Mount | None:
-    ordered = _ordered([m for m in mounts if m.fstype == "cgroup2"])
-    return ordered[0] if ordered else None
+        return _location(1, v1_entry.path, v1_mounts, mounts)
+    return Located(None)
