@@ -1,5 +1,5 @@
 """Locating our memory cgroup (cgroup/locate.py) with cgroup namespaces, bind mounts and
-several mounts of one hierarchy (issue 24 row 1).
+several mounts of one hierarchy (issue 24 rows 1 and 2).
 
 The property test builds a world (a cgroup tree, a cgroup-namespace root, a sequence of
 mounts as a kernel would stack them), renders /proc/self/cgroup and mountinfo as the
@@ -22,7 +22,10 @@ from dask_safe_worker.cgroup.locate import (
     covering_mount,
     locate_memory_cgroup,
     match_root,
+    v2_mount,
 )
+from dask_safe_worker.dask_compat.release import installed_release
+from dask_safe_worker.measure import measure
 from dask_safe_worker.proc_parse import Mount, parse_mountinfo, parse_proc_cgroup
 
 GiB, MiB = 2**30, 2**20
@@ -138,6 +141,60 @@ def test_a_second_mount_that_holds_the_path_exactly_wins() -> None:
     loc = located.location
     assert loc is not None and loc.exact and loc.mount_point == "/mnt/memory"
     assert loc.relative == "user.slice/B"
+
+
+SEVERAL_V2 = (
+    "22 1 0:21 / /sys rw - sysfs sysfs rw\n"
+    "31 22 0:28 / /sys/fs/cgroup rw - tmpfs tmpfs rw,mode=755\n"
+    # A sandbox's own child cgroup, mounted before the root: memory is not delegated to it.
+    "40 31 0:30 /sandbox.slice/job /sys/fs/cgroup/sandbox rw - cgroup2 cgroup2 rw\n"
+    "41 31 0:30 / /sys/fs/cgroup/unified rw - cgroup2 cgroup2 rw\n"
+)
+
+
+def test_v2_controllers_are_read_at_the_mount_that_holds_our_cgroup() -> None:
+    # Issue 24 row 2.
+    entries = parse_proc_cgroup("0::/user.slice/worker.scope\n")
+    mount = v2_mount(entries, _mounts(SEVERAL_V2))
+    assert mount is not None and mount.mount_point == "/sys/fs/cgroup/unified"
+
+
+def test_several_cgroup2_mounts_measure_at_ours(tmp_path: Path) -> None:
+    # Issue 24 row 2, through `measure`: the first cgroup2 mount's cgroup.controllers
+    # lacks memory; read there, v2 was dropped and no memory cgroup found.
+    (tmp_path / "proc/self").mkdir(parents=True)
+    (tmp_path / "proc/self/cgroup").write_text("0::/user.slice/worker.scope\n")
+    (tmp_path / "proc/self/mountinfo").write_text(SEVERAL_V2)
+    (tmp_path / "proc/self/status").write_text("RssAnon:\t10240 kB\n")
+    (tmp_path / "proc/meminfo").write_text(
+        "MemTotal:       16777216 kB\nMemFree:         8388608 kB\nMemAvailable:   12582912 kB\n"
+    )
+    (tmp_path / "proc/2").mkdir()
+    (tmp_path / "proc/2/stat").write_text("2 (kthreadd) S 0 0 0\n")
+    sandbox = tmp_path / "sys/fs/cgroup/sandbox"
+    sandbox.mkdir(parents=True)
+    (sandbox / "cgroup.controllers").write_text("cpu pids\n")
+    unified = tmp_path / "sys/fs/cgroup/unified"
+    own = unified / "user.slice/worker.scope"
+    own.mkdir(parents=True)
+    (unified / "cgroup.controllers").write_text("cpu memory pids\n")
+    for directory, limit in ((own, str(GiB)), (own.parent, "max")):
+        (directory / "memory.max").write_text(limit + "\n")
+        (directory / "memory.current").write_text(f"{100 * MiB}\n")
+        (directory / "memory.stat").write_text("inactive_file 0\n")
+    (own / "cgroup.procs").write_text("4242\n")
+    m = measure(
+        tmp_path / "proc",
+        tmp_path,
+        release=installed_release(),
+        affinity=2,
+        rlimit_rss=-1,
+        own_pid=4242,
+    )
+    assert m.location is not None and m.location.version == 2
+    assert m.location.mount_point == "/sys/fs/cgroup/unified"
+    assert m.levels[0].limit == GiB and m.available == GiB - 100 * MiB
+    assert m.unreadable == () and m.sole_occupant
 
 
 # The property test's world. Names from a tiny alphabet so that paths share prefixes.

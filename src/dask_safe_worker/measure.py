@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .cgroup.files import V2MemoryCgroup, open_memory_cgroup, read_kernel_text
-from .cgroup.locate import CgroupLocation, cgroup2_mount, host_path, locate_memory_cgroup
+from .cgroup.locate import CgroupLocation, host_path, locate_memory_cgroup, v2_mount
 from .cgroup.parse import parse_controllers, working_set
 from .dask_compat.dask_system import cpu_count
 from .dask_compat.distributed_system import memory_limit
@@ -307,7 +307,8 @@ def _locate(
     mounts, skipped = parse_mountinfo(read_kernel_text(proc_root / pid / "mountinfo"))
     warnings = [f"skipped a line of mountinfo: {note}" for note in skipped]
     controllers: frozenset[str] | None = None
-    v2 = cgroup2_mount(mounts)
+    # cgroup.controllers of the cgroup2 mount that holds our cgroup (issue 24 row 2).
+    v2 = v2_mount(entries, mounts)
     if v2 is not None:
         try:
             controllers = parse_controllers(

@@ -198,9 +198,17 @@ def _v2_entry(entries: list[CgroupEntry]) -> CgroupEntry | None:
     return next((e for e in entries if e.hierarchy_id == 0 and not e.controllers), None)
 
 
-def cgroup2_mount(mounts: list[Mount]) -> Mount | None:
-    ordered = _ordered([m for m in mounts if m.fstype == "cgroup2"])
-    return ordered[0] if ordered else None
+def v2_mount(entries: list[CgroupEntry], mounts: list[Mount]) -> Mount | None:
+    """The cgroup2 mount that holds our v2 cgroup (its `cgroup.controllers` says whether
+    memory is on v2), else the first cgroup2 mount: with several (a child cgroup mounted
+    before the root, as some sandboxes do), the first need not be ours."""
+    v2_mounts = _ordered([m for m in mounts if m.fstype == "cgroup2"])
+    entry = _v2_entry(entries)
+    if entry is not None and v2_mounts:
+        mount, _, _ = place(entry.path, v2_mounts, mounts)
+        if mount is not None:
+            return mount
+    return v2_mounts[0] if v2_mounts else None
 
 
 def _location(version: int, path: str, candidates: list[Mount], mounts: list[Mount]) -> Located:
@@ -221,8 +229,8 @@ def locate_memory_cgroup(
 ) -> Located:
     """The memory cgroup of the process, with why it is not located exactly if so.
 
-    `v2_controllers` is the content of the cgroup2 mount's `cgroup.controllers`. On a
-    hybrid host a cgroup2 mount exists without the
+    `v2_controllers` is the content of `cgroup.controllers` at the cgroup2 mount that
+    holds our cgroup (`v2_mount`). On a hybrid host a cgroup2 mount exists without the
     memory controller, which lives on v1; so v2 is used only when its controllers list
     memory.
     """
