@@ -21,14 +21,15 @@ import os
 import re
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import dask
 import pytest
 from dask_jobqueue.slurm import SLURMCluster
-from distributed import Client
+from distributed import Client, KilledWorker
 
 from cgroup_util import V1_ROOT
 from slurm_util import Slurm, controller_slurm_dirs, running_slurm, slurm_usable
@@ -136,11 +137,16 @@ def _wait_gone(slurm: Slurm, pids: set[int], job_logs: Path) -> None:
 
 
 def _run_jobs(
-    slurm: Slurm, logs: Path, jobs: int, **options: Any
+    slurm: Slurm,
+    logs: Path,
+    jobs: int,
+    during: Callable[[Client, dict[str, dict[str, Any]]], None] | None = None,
+    **options: Any,
 ) -> tuple[str, dict[str, dict[str, Any]], set[int]]:
-    """Start `jobs` jobs of SLURMCluster(**options), wait for every worker, check what all
-    jobs share, close the cluster and wait until the jobs left nothing behind. Returns the
-    job script, each worker's facts by address, and the pids of all workers."""
+    """Start `jobs` jobs of SLURMCluster(**options), wait for every worker, run `during`,
+    check what all jobs share, close the cluster and wait until the jobs left nothing
+    behind. Returns the job script, each worker's facts by address, and the pids of the
+    jobs' processes."""
     processes = int(options.get("processes", 1))
     extra = [*options.pop("worker_extra_args", []), *LOOPBACK_WORKER_ARGS]
     options.setdefault("python", f"exec {sys.executable}")
@@ -164,6 +170,8 @@ def _run_jobs(
         for f in facts.values():
             f["plan"] = json.loads(Path(f["plan_file"]).read_text())
         assert client.submit(sum, [1, 2, 3]).result(timeout=60) == 6
+        if during is not None:
+            during(client, facts)
         cgroups_while_running = slurm.cgroups()
         job_cgroups = slurm.job_cgroups()
         cluster.close()
@@ -290,3 +298,66 @@ def test_docs_jobqueue_example_runs_as_written(slurm: Slurm, slurm_env: Path) ->
     assert len(facts) == processes
     assert all(f["nthreads"] == cores // processes for f in facts.values())
     _check_budgets(facts, processes)
+
+
+def _oom_kills(cgroup: Path) -> int:
+    for line in (cgroup / "memory.oom_control").read_text().splitlines():
+        name, _, value = line.partition(" ")
+        if name == "oom_kill":
+            return int(value)
+    return 0
+
+
+def test_task_outgrowing_the_job_is_stopped_by_dask(slurm: Slurm, slurm_env: Path) -> None:
+    """A task that would need 1.5 GiB in a 1 GiB job: the nanny restarts the worker at
+    Dask's terminate threshold, below the job's limit, so that the kernel OOM-kills nothing
+    in the job's cgroups (what Slurm would report as the job's OUT_OF_MEMORY) and the job
+    runs on with a fresh worker."""
+
+    # Nested: distributed's pickle cannot send it by reference (the jobs cannot import
+    # this module), so cloudpickle sends it by value.
+    def grow(limit: int, step: int) -> int:
+        """A task that holds ever more memory, a step every 20 ms, up to `limit` bytes."""
+        import time as time_
+
+        held: list[bytearray] = []
+        while len(held) * step < limit:
+            held.append(bytearray(step))
+            # Touch every page: an untouched bytearray is charged to no cgroup.
+            for i in range(0, step, 4096):
+                held[-1][i] = 1
+            time_.sleep(0.02)
+        return len(held)
+
+    def outgrow(client: Client, facts: dict[str, dict[str, Any]]) -> None:
+        ((address, fact),) = facts.items()
+        job = slurm.cgroup.path / "slurm_dswnode" / "uid_0" / f"job_{fact['job']}"
+        levels = [p for p in (job, *job.rglob("*")) if p.is_dir()]
+        assert {p.name for p in levels} >= {job.name, "step_batch", "task_0"}, levels
+        future = client.submit(grow, int(1.5 * GiB), 16 * MiB, pure=False)
+        with pytest.raises(KilledWorker):
+            future.result(timeout=120)
+        client.wait_for_workers(1, timeout=120)
+        (restarted,) = client.scheduler_info()["workers"]
+        assert restarted != address
+        assert {p: _oom_kills(p) for p in levels} == dict.fromkeys(levels, 0)
+        assert slurm.run("squeue", "-h", "-j", fact["job"], "-o", "%T").split() == ["RUNNING"]
+
+    # The scheduler (jobqueue's, in this process) reads it when it starts: the first
+    # restart fails the task.
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        _, facts, _ = _run_jobs(
+            slurm,
+            slurm_env,
+            1,
+            outgrow,
+            cores=1,
+            processes=1,
+            memory="1GiB",
+            worker_extra_args=["--nworkers", "1", "--clamp-memory-limit"],
+        )
+    (fact,) = facts.values()
+    assert fact["memory_limit"] < GiB
+    err = next(slurm_env.glob("*.err")).read_text()
+    assert "exceeded 95% memory budget" in err, err[-3000:]
+    assert "oom" not in (slurm.logs / "slurmd.log").read_text().lower()
