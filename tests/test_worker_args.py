@@ -120,7 +120,7 @@ def test_with_memory_limit_adds_before_double_dash_or_replaces() -> None:
 def test_dask_workers_launch_refusals_are_found_before_any_write(
     args: list[str], n_workers: int, nanny: bool, expected: str | None
 ) -> None:
-    problem = launch_problem(args, n_workers, nanny)
+    problem = launch_problem(args, n_workers, nanny, True)
     if expected is None:
         assert problem is None
     else:

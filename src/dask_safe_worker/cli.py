@@ -37,6 +37,7 @@ from .exits import (
     EXIT_PLAN_REFUSED,
     EXIT_UNSUPPORTED,
     EXIT_USAGE,
+    EXIT_WRITE_REQUIRED,
     Refused,
 )
 from .gpus import gpu_workers
@@ -65,6 +66,7 @@ from .worker_args import (
     apply_memory_limit,
     launch_problem,
     parse_worker_args,
+    scheduler_given,
     split_argv,
 )
 from .worker_command import (
@@ -367,7 +369,9 @@ def _plan(
     except dask_worker.WorkerArgsError as exc:
         raise _invalid_worker_args(exc) from None
     if runs_dask:
-        problem = launch_problem(worker_args, values.n_workers, wargs.nanny)
+        # A query plans without a scheduler; the worker a start execs needs one.
+        configured = query or scheduler_given(worker_args) or _scheduler_configured()
+        problem = launch_problem(worker_args, values.n_workers, wargs.nanny, configured)
         if problem is not None:
             raise _invalid_worker_args(f"Failed to launch worker. {problem}")
     pool = find_pool(m, os.environ, create=not query)
@@ -417,6 +421,17 @@ def _plan(
             )
             click.echo(f"dask-safe-worker: warning: {user_limit_warning(plan)}", err=True)
     return m, plan, claim.pool, member
+
+
+def _scheduler_configured() -> bool:
+    """Whether dask's configuration may give the worker a scheduler address (read only
+    when the arguments give none: the files are not read on a usual start)."""
+    import site
+
+    from .dask_compat.dask_config import scheduler_address_configured
+
+    prefixes = [sys.prefix, *getattr(site, "PREFIXES", [sys.exec_prefix])]
+    return scheduler_address_configured(os.environ, prefixes, os.path.expanduser("~"))
 
 
 def _member(m: Measurement, weight: int, committed: int, fixed: int | None) -> Member:
@@ -619,14 +634,26 @@ def _start_audit(worker_args: list[str], opts: Options) -> Audit:
 
 
 def _print_dry_run(prepared: Prepared) -> None:
+    """The plan as JSON, with what the kernel-limit write would do (read, not tried); a
+    --cgroup-write required that would end in exit 4 ends the dry run so too: a dry run
+    exits as the start would."""
     import json
 
+    from .cgroup.predict import predict_limit
     from .plan_file import plan_document
 
-    document = plan_document(
-        prepared.measurement, prepared.plan, prepared.argv, None, prepared.opts.cgroup_write
-    )
+    opts, plan = prepared.opts, prepared.plan
+    document = plan_document(prepared.measurement, plan, prepared.argv, None, opts.cgroup_write)
+    predicted = predict_limit(prepared.measurement, plan.budget, prepared.write_options)
+    document["cgroup_write"]["predicted"] = predicted.as_dict()
     click.echo(json.dumps(document, indent=2))
+    if opts.cgroup_write == "required" and not predicted.enforced:
+        raise Refused(
+            EXIT_WRITE_REQUIRED,
+            f"--cgroup-write required, but the kernel limit could not be set "
+            f"({predicted.reason}; found by --dry-run, which wrote nothing)",
+            event="cgroup.write.required.failed",
+        )
 
 
 def _callback(**values: Any) -> None:

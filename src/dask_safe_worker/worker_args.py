@@ -177,9 +177,43 @@ def with_memory_limit(args: Sequence[str], limit: int) -> list[str]:
     return [*out[:cut], "--memory-limit", str(limit), *out[cut:]]
 
 
-def launch_problem(args: Sequence[str], n_workers: int, nanny: bool) -> str | None:
+def scheduler_given(args: Sequence[str]) -> bool:
+    """Whether `args` give `dask worker` a scheduler: its first positional argument (as
+    click fills SCHEDULER: the first token that is neither an option nor an option's
+    value, or the first after `--`) or `--scheduler-file`, either not empty."""
+    i = 0
+    while i < len(args):
+        token = args[i]
+        if token == "--":
+            return bool(args[i + 1]) if i + 1 < len(args) else False
+        if token.startswith("-") and token != "-":
+            name, eq, value = token.partition("=")
+            if name == "--scheduler-file":
+                given = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+                if given:
+                    return True
+            if not eq and name in WORKER_VALUE_OPTIONS:
+                i += 1
+        else:
+            return bool(token)
+        i += 1
+    return False
+
+
+NO_SCHEDULER = (
+    "Need to provide scheduler address like `dask worker SCHEDULER_ADDRESS:8786` "
+    "(or --scheduler-file FILE, or DASK_SCHEDULER_ADDRESS)"
+)
+
+
+def launch_problem(
+    args: Sequence[str], n_workers: int, nanny: bool, scheduler_configured: bool
+) -> str | None:
     """What `dask worker` refuses after its option parsing ("Failed to launch worker",
-    exit 1), in its own words: found here, before any limit or plan file is written."""
+    exit 1, or a ValueError's traceback for a missing scheduler), in its own words and
+    its order: found here, before any limit or plan file is written.
+    `scheduler_configured`: dask's configuration may hold a scheduler address
+    (`dask_compat.dask_config`), or the scheduler does not matter (a query)."""
     names = {name for _, name, _ in _options(args)}
     listen = "--listen-address" in names
     if n_workers > 1 and not nanny:
@@ -190,4 +224,6 @@ def launch_problem(args: Sequence[str], n_workers: int, nanny: bool) -> str | No
         return "You cannot specify --listen-address when n_workers > 1."
     if listen and names & {"--worker-port", "--host"}:
         return "You cannot specify --listen-address when --worker-port or --host is given."
+    if not scheduler_configured and not scheduler_given(args):
+        return NO_SCHEDULER
     return None
