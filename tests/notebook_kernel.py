@@ -84,8 +84,11 @@ def main() -> None:
             int(v) for v in client.run(read, "/proc/self/oom_score_adj").values()
         )
         out["plan_files"] = sorted(
-            set(client.run(lambda: os.environ.get("DASK_SAFE_WORKER_PLAN_FILE", "")).values())
+            set(client.run(lambda: os.environ.get("DASK_SAFE_WORKER_PLAN", "")).values())
         )
+        # What a dask-safe-worker started from the kernel would read as its --plan-file
+        # (threads: the workers' environment is the kernel's).
+        out["kernel_plan_file_option"] = os.environ.get("DASK_SAFE_WORKER_PLAN_FILE")
         from dask_safe_worker.cluster_audit.client import run_audit
 
         _, rows, _ = run_audit(cluster.scheduler_address, None, None, 10.0, 60.0)

@@ -238,6 +238,9 @@ def test_threads_follow_the_kernels_growth_with_dask_limits() -> None:
     (plan,) = named(events, "plan.made")
     assert set(report["limits"].values()) == {plan["per_worker"]}
     assert [row["managed"] for row in report["audit"]] == [True, True]
+    # The plan file's path is in the kernel's environment under a name no option reads
+    # (issue 24 row 11): a dask-safe-worker started from the notebook writes its own.
+    assert report["plan_files"] != [""] and report["kernel_plan_file_option"] is None
     before, after = report["limits"], report["limits_after_growth"]
     assert all(after[k] < before[k] - 200 * MiB for k in before)
     assert report["scheduler_limits_after_growth"] == sorted(after.values())

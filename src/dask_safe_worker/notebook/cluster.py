@@ -21,7 +21,7 @@ from ..cgroup.write import WriteOptions, WriteOutcome
 from ..dask_compat.local_cluster import local_cluster_counts
 from ..events import make_audit
 from ..follow.live_limit import LIVE_FILE_ENV, LiveLimit, write_ack
-from ..options import PLAN_FILE_ENV
+from ..options import PLAN_EXPORT_ENV
 from ..records import replace
 from .budget import plan_and_claim, supported_release
 from .child import WorkerCgroup, make_worker_cgroup
@@ -213,7 +213,7 @@ class LocalCluster(distributed.LocalCluster):
         )
         path = record_plan(None, document, self._dsw_audit)
         if path is not None:
-            env[PLAN_FILE_ENV] = path
+            env[PLAN_EXPORT_ENV] = path
             self._dsw_undo.append(lambda: _unlink(path))
 
     def _dsw_worker_options(
@@ -221,7 +221,7 @@ class LocalCluster(distributed.LocalCluster):
     ) -> None:
         if not processes:
             # dask-safe-audit reads these in the worker's process: here, the kernel's.
-            for key in (PLAN_FILE_ENV, LIVE_FILE_ENV):
+            for key in (PLAN_EXPORT_ENV, LIVE_FILE_ENV):
                 if key in env:
                     self._dsw_env[key] = os.environ.get(key)
                     os.environ[key] = env[key]
