@@ -1,9 +1,11 @@
-"""Issue 24 row 1 on this host's real v1 memory hierarchy, in test cgroups below our own,
+"""Issue 24 rows 1 and 3 on this host's real v1 memory hierarchy, in test cgroups below our own,
 with mount and cgroup namespaces made by `unshare`: a sibling bound over the memory
 controller's mount point, or a move out of our cgroup namespace (`/../R`), must never make
 us plan from another cgroup, write there, or move out of our own; a nested namespace path
 (`/../../B` under `/../..`) is located. What cannot be located also stops the start
-unless the user says to go on (row 4, tests/test_fail_closed.py).
+unless the user says to go on (row 4, tests/test_fail_closed.py). Row 3: in a PID
+namespace (`unshare -p -f --mount-proc`) a host process sharing our cgroup is invisible;
+the cgroup is never claimed as ours alone.
 
 Every `mount` happens inside a private mount namespace (`unshare -m`, propagation
 private): nothing is mounted on the host.
@@ -22,7 +24,7 @@ import pytest
 
 from cgroup_util import KernelCgroup
 from scheduler_util import audit_events, closed_port
-from start_util import DSW, NOOP_WORKER, cgroup_state
+from start_util import DSW, NOOP_WORKER, cgroup_state, other_process
 
 MiB, GiB = 2**20, 2**30
 MEMORY = Path("/sys/fs/cgroup/memory")
@@ -173,3 +175,45 @@ def test_a_nested_namespace_path_is_located_and_limited(
     assert dry["plan"]["budget"] < 512 * MiB
     assert "unreadable" not in dry["measurement"]
     assert b.limit() == 512 * MiB
+
+
+def test_a_pid_namespace_never_claims_a_cgroup_shared_with_a_host_process(
+    kernel_cgroup: KernelCgroup, started_pids: set[int], tmp_path: Path
+) -> None:
+    # Issue 24 row 3: cgroup T holds a host `sleep`; inside `unshare -p -f --mount-proc`
+    # cgroup.procs shows only our own processes.
+    kernel_cgroup.set_limit(1536 * MiB)
+    argv = [
+        "unshare",
+        "-p",
+        "-f",
+        "--mount-proc",
+        *DSW,
+        "--log-format",
+        "json",
+        "--no-init",
+        "--reserve",
+        "100MiB",
+        "--worker-command",
+        NOOP_WORKER,
+        SCHEDULER,
+    ]
+    with other_process(kernel_cgroup, started_pids) as neighbour:
+        proc = subprocess.run(
+            kernel_cgroup.enter_command(argv),
+            capture_output=True,
+            text=True,
+            timeout=90,
+            check=False,
+            cwd=tmp_path,
+        )
+        assert neighbour in kernel_cgroup.pids()
+    assert proc.returncode == 0, proc.stderr
+    done = next(e for e in audit_events(proc.stderr) if e.get("event") == "measure.done")
+    assert done["sole_occupant"] is False and "PID namespace" in done["hidden_neighbours"]
+    outcome = _outcome(proc.stderr)
+    assert outcome["strategy"] == "child" and outcome["written"]
+    # The neighbour's cgroup keeps its limit; ours is on a child of it.
+    assert kernel_cgroup.limit() == 1536 * MiB
+    child = Path(str(outcome["created_child"]))
+    assert child.parent == kernel_cgroup.path

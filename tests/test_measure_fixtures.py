@@ -292,3 +292,49 @@ def test_missing_oom_group_and_high_files_are_absent_not_errors() -> None:
     assert all(lvl.oom_group is None and lvl.high is None for lvl in m.levels)
     assert all(lvl.error is None for lvl in m.levels)
     assert all("oom_group" not in lvl.as_dict() for lvl in m.levels)
+
+
+def _copy(scenario: str, tmp_path: Path) -> Path:
+    import shutil
+
+    root = tmp_path / scenario
+    shutil.copytree(FIXTURES / scenario, root)
+    return root
+
+
+def _at(root: Path, own_pid: int = 4242) -> Measurement:
+    return measure(root / "proc", root, release=RELEASE, affinity=4, rlimit_rss=-1, own_pid=own_pid)
+
+
+def test_a_pid_namespace_without_its_own_cgroup_view_is_never_sole_occupant() -> None:
+    # Issue 24 row 3: no kthreadd at pid 2 (a PID namespace), and our cgroup is not the
+    # root of what we see: processes outside the namespace may share it, unseen.
+    m = at("k8s-v2", own_pid=1)
+    assert m.own_procs == (1,) and not m.sole_occupant
+    assert m.hidden_neighbours is not None and "PID namespace" in m.hidden_neighbours
+    assert m.as_dict()["hidden_neighbours"] == m.hidden_neighbours
+    # A container's own cgroup view (the mount root is its cgroup) is one made for it.
+    assert at("docker-v1", own_pid=1).sole_occupant
+    assert at("docker-v2-cgroupns", own_pid=1).hidden_neighbours is None
+
+
+def test_a_pid_0_in_cgroup_procs_is_a_hidden_neighbour(tmp_path: Path) -> None:
+    # v2 lists a process outside our PID namespace as 0.
+    root = _copy("unlimited-v2", tmp_path)
+    assert _at(root).sole_occupant
+    (root / "sys/fs/cgroup/dask.scope/cgroup.procs").write_text("4242\n0\n")
+    m = _at(root)
+    assert not m.sole_occupant and m.hidden_neighbours is not None
+    assert "pid 0" in m.hidden_neighbours
+
+
+def test_more_tasks_in_pids_current_than_we_see_is_a_hidden_neighbour(tmp_path: Path) -> None:
+    root = _copy("unlimited-v2", tmp_path)
+    (root / "proc/4242").mkdir()
+    (root / "proc/4242/status").write_text("Name:\tpython\nThreads:\t3\n")
+    (root / "sys/fs/cgroup/dask.scope/pids.current").write_text("3\n")
+    assert _at(root).sole_occupant
+    (root / "sys/fs/cgroup/dask.scope/pids.current").write_text("4\n")
+    m = _at(root)
+    assert not m.sole_occupant and m.hidden_neighbours is not None
+    assert "pids.current counts 4 tasks" in m.hidden_neighbours

@@ -13,6 +13,9 @@ on the command line and in `DASK_SAFE_WORKER_*` variables. For every example:
 A run that gets as far as starting its worker (the `worker.exec`/`init.exec` event) is
 ended there by the test, with its whole process group, which the test started: the
 scheduler is a closed port on 127.0.0.1. Bounded to 40 examples (about 20-40 s here).
+The whole test runs twice: as started from the host, and inside a PID namespace
+(`unshare -p -f --mount-proc`), where the process that shares the test cgroup cannot be
+seen (issue 24 row 3).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import contextlib
 import json
 import os
 import selectors
+import shutil
 import signal
 import subprocess
 import time
@@ -133,11 +137,16 @@ def _strict_json(line: str) -> object:
 
 
 def run_until_worker(
-    cg: KernelCgroup, argv: list[str], env: dict[str, str], cwd: Path, started: set[int]
+    cg: KernelCgroup,
+    argv: list[str],
+    env: dict[str, str],
+    cwd: Path,
+    started: set[int],
+    wrapper: tuple[str, ...] = (),
 ) -> tuple[int | None, str]:
     """(exit code, or None when the worker was reached and ended by us; stderr)."""
     proc = subprocess.Popen(
-        cg.enter_command([*DSW, "--log-format", "json", *argv]),
+        cg.enter_command([*wrapper, *DSW, "--log-format", "json", *argv]),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
@@ -190,6 +199,19 @@ def shared_cgroup(kernel_cgroup: KernelCgroup, started_pids: set[int]) -> Kernel
     return kernel_cgroup
 
 
+# Issue 24 row 3: also inside a PID namespace, where the process that shares the cgroup
+# is invisible (cgroup.procs leaves it out): the shared parent is still never written.
+@pytest.mark.parametrize(
+    "wrapper",
+    [
+        pytest.param((), id="host"),
+        pytest.param(
+            ("unshare", "-p", "-f", "--mount-proc"),
+            id="pid-namespace",
+            marks=pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare"),
+        ),
+    ],
+)
 @settings(
     max_examples=40,
     deadline=None,
@@ -205,9 +227,13 @@ def shared_cgroup(kernel_cgroup: KernelCgroup, started_pids: set[int]) -> Kernel
 @example(argv=["--min-worker-memory", "1PiB", f"tcp://127.0.0.1:{PORT}"], env_extra={})
 @example(argv=["--cgroup-child", ".."], env_extra={"DASK_SAFE_WORKER_SWAP_MAX": "nan"})
 @example(argv=["dask", "worker", "\udcff"], env_extra={})
+# A budget below the shared cgroup's limit: as its (wrongly) sole occupant, a start in a
+# PID namespace would write the shared parent (issue 24 row 3).
+@example(argv=["--reserve", "10%", f"tcp://127.0.0.1:{PORT}"], env_extra={})
 def test_no_traceback_no_write_on_refusal_only_documented_codes(
     argv: list[str],
     env_extra: dict[str, str],
+    wrapper: tuple[str, ...],
     shared_cgroup: KernelCgroup,
     started_pids: set[int],
     tmp_path_factory: pytest.TempPathFactory,
@@ -220,7 +246,7 @@ def test_no_traceback_no_write_on_refusal_only_documented_codes(
     with other_process(shared_cgroup, started_pids):
         before = cgroup_state(shared_cgroup.path)
         try:
-            code, stderr = run_until_worker(shared_cgroup, argv, env, cwd, started_pids)
+            code, stderr = run_until_worker(shared_cgroup, argv, env, cwd, started_pids, wrapper)
             after = cgroup_state(shared_cgroup.path)
         finally:
             remove_new_children(shared_cgroup, before)

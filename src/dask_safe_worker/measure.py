@@ -129,6 +129,9 @@ class Measurement:
     # Levels we know exist but could not read (or not locate), each with the reason.
     # Never "no limit": a start refuses them unless told to go on (fail closed).
     unreadable: tuple[str, ...] = field(default=())
+    # Why other processes of our cgroup may be invisible to us (a PID namespace), if so:
+    # then we are never its sole occupant.
+    hidden_neighbours: str | None = None
 
     @property
     def available(self) -> int:
@@ -149,6 +152,8 @@ class Measurement:
     @property
     def sole_occupant(self) -> bool:
         if self.own_procs is None or self.pid not in self.own_procs:
+            return False
+        if self.hidden_neighbours is not None:
             return False
         return set(self.own_procs) <= {self.pid} | self.ours
 
@@ -183,6 +188,11 @@ class Measurement:
             # Only when there is something to say, so routine lines stay as they were.
             **({"cgroup_located": False} if self.ancestor is not None else {}),
             **({"unreadable": list(self.unreadable)} if self.unreadable else {}),
+            **(
+                {"hidden_neighbours": self.hidden_neighbours}
+                if self.hidden_neighbours is not None
+                else {}
+            ),
         }
 
     @property
@@ -321,6 +331,57 @@ def _locate(
     return located.location, warnings, located.problem
 
 
+def initial_pid_namespace(proc_root: Path) -> bool:
+    """Whether `proc_root` shows the initial PID namespace: there pid 2 is kthreadd, whose
+    parent is 0. In any other namespace only its pid 1 has the parent 0."""
+    stat = _stat(proc_root, 2)
+    return stat is not None and stat[1] == 0
+
+
+def _threads(proc_root: Path, pid: int) -> int:
+    try:
+        for line in read_kernel_text(proc_root / str(pid) / "status").split("\n"):
+            name, _, rest = line.partition(":")
+            if name == "Threads":
+                return int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def hidden_neighbours(
+    location: CgroupLocation, procs: Sequence[int], proc_root: Path, root: Path, count: bool
+) -> str | None:
+    """Why our PID namespace may not show every process of our cgroup, or None.
+
+    Rule (docs/design.md): *never claim a cgroup we may not see whole*. Inside a PID
+    namespace cgroup.procs leaves out the processes outside it (v1 drops them, v2 lists
+    them as 0), so a shared cgroup can look like ours alone. `count` also compares v2's
+    pids.current with the tasks of the processes we see (at the start only: a live
+    worker's threads come and go between the two reads).
+    """
+    if 0 in procs:
+        return "cgroup.procs lists pid 0: processes outside our PID namespace share our cgroup"
+    if location.relative != "" and not initial_pid_namespace(proc_root):
+        return (
+            "we are in a PID namespace, and our cgroup is not the root of our cgroup view "
+            "(no cgroup namespace or container mount made for it): processes outside the "
+            "PID namespace may share it"
+        )
+    if count and location.version == 2:
+        try:
+            current = int(read_kernel_text(location.directory(root) / "pids.current").strip())
+        except (OSError, ValueError):
+            return None
+        seen = sum(_threads(proc_root, p) for p in procs)
+        if current > seen:
+            return (
+                f"pids.current counts {current} tasks, our PID namespace shows {seen}: "
+                "processes we cannot see share our cgroup"
+            )
+    return None
+
+
 def _stat(proc_root: Path, pid: int) -> tuple[str, int] | None:
     try:
         return parse_stat(read_kernel_text(proc_root / str(pid) / "stat"))
@@ -385,6 +446,7 @@ def remeasure(
     blind: list[str] = list(unreadable)
     levels: list[LevelReading] = []
     own_procs: tuple[int, ...] | None = None
+    hidden: str | None = None
     exact = location if location is not None and location.exact else None
     if location is not None:
         if location.unlocated is not None:
@@ -403,6 +465,8 @@ def remeasure(
             own_procs = tuple(open_memory_cgroup(exact.version, paths[0][1]).procs())
         except (OSError, ParseError) as exc:
             notes.append(f"cannot list the own cgroup's processes: {_describe(exc)}")
+        else:
+            hidden = hidden_neighbours(exact, own_procs, proc_root, root, tree_root is None)
     me = os.getpid() if own_pid is None else own_pid
     ours: frozenset[int] = frozenset()
     zombies: frozenset[int] = frozenset()
@@ -428,6 +492,7 @@ def remeasure(
         zombies=zombies,
         ancestor=location if exact is None else None,
         unreadable=tuple(blind),
+        hidden_neighbours=hidden,
     )
 
 
