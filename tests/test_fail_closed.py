@@ -102,6 +102,27 @@ def test_a_level_that_exists_but_cannot_be_read_never_counts_as_unlimited(
         assert unreadable_problem(m, False, True) is None
 
 
+def test_unreadable_v2_controllers_without_a_v1_memory_hierarchy_is_not_no_limit(
+    tmp_path: Path,
+) -> None:
+    # Memory can only be on the v2 hierarchy then: not knowing whether it is there is not
+    # knowing our limit.
+    root = tmp_path / "v2"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "unlimited-v2", root)
+    (root / "sys/fs/cgroup/cgroup.controllers").unlink()
+    m = measure(
+        root / "proc",
+        root,
+        release=installed_release(),
+        affinity=2,
+        rlimit_rss=-1,
+        own_pid=4242,
+    )
+    assert m.location is None
+    assert len(m.unreadable) == 1 and "cgroup.controllers" in m.unreadable[0]
+    assert unreadable_problem(m, False, False) is not None
+
+
 def _run(script: str, tmp_path: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["sh", "-c", script],

@@ -317,6 +317,7 @@ def _locate(
     mounts, skipped = parse_mountinfo(read_kernel_text(proc_root / pid / "mountinfo"))
     warnings = [f"skipped a line of mountinfo: {note}" for note in skipped]
     controllers: frozenset[str] | None = None
+    unknown: str | None = None
     # cgroup.controllers of the cgroup2 mount that holds our cgroup (issue 24 row 2).
     v2 = v2_mount(entries, mounts)
     if v2 is not None:
@@ -326,9 +327,16 @@ def _locate(
             )
         except OSError as exc:
             warnings.append(f"cannot read cgroup.controllers of cgroup2: {_describe(exc)}")
+            unknown = f"cannot read cgroup.controllers at {v2.mount_point!r} ({_describe(exc)})"
             controllers = None
     located = locate_memory_cgroup(entries, mounts, controllers)
-    return located.location, warnings, located.problem
+    problem = located.problem
+    # Without a v1 memory hierarchy, memory can only be on this v2 one: whether it limits
+    # us is not known, which is not "no limit" (fail closed).
+    v1_memory = any("memory" in e.controllers for e in entries)
+    if located.location is None and problem is None and unknown is not None and not v1_memory:
+        problem = unknown + ": whether the memory controller limits our cgroup is unknown"
+    return located.location, warnings, problem
 
 
 def initial_pid_namespace(proc_root: Path) -> bool:
