@@ -113,8 +113,10 @@ def test_more_gpus_mean_a_smaller_share(tmp_path: Path) -> None:
     assert one.returncode == four.returncode == 0, one.stderr + four.stderr
     single = _limit(json.loads(record_one.read_text()))
     quarter = _limit(json.loads(record_four.read_text()))
-    # Not N times the budget: four limits together stay below one worker's whole share.
-    assert 4 * quarter < single
+    # Not N times the budget: each of four gets about a quarter of what one gets. (Not
+    # `4 * quarter < single`: the host's memory moves between the two runs by more than
+    # the three extra nannies' allowance on a busy machine.)
+    assert 3 * quarter < single < 5 * quarter
 
 
 def test_the_workers_own_devices_option_wins(tmp_path: Path) -> None:
