@@ -25,7 +25,6 @@ from dask_safe_worker.cluster_audit import cli as audit_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-TOOLS = ("dask-safe-worker", "python -m dask_safe_worker", "dask-safe-audit")
 COMMAND = re.compile(
     r"^(?P<env>(?:[A-Z_]+=\S+\s+)*)(?P<tool>dask-safe-worker|python -m dask_safe_worker|"
     r"dask-safe-audit)(?=\s|$)(?P<args>.*)$"
