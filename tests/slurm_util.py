@@ -194,6 +194,18 @@ def _wait(what: str, ready: Callable[[], bool], timeout: float, logs: Path) -> N
     raise RuntimeError(f"{what} within {timeout} s; logs: {tails}")
 
 
+def cgroup_mounts() -> list[str]:
+    """This mount namespace's cgroup mounts (mount point and file system type): slurmd's
+    namespace must change none of them."""
+    mounts = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split(" - ", 1)[0].split()
+        fstype = line.split(" - ", 1)[1].split()[0]
+        if fields[4].startswith(str(CONTROLLERS)):
+            mounts.append(f"{fields[4]} {fields[3]} {fstype}")
+    return sorted(mounts)
+
+
 def controller_slurm_dirs() -> set[Path]:
     """Directories named like Slurm's (`slurm*`) at the root of every controller's
     hierarchy on the host, and below our own memory cgroup outside any test cgroup."""
