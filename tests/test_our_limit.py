@@ -27,6 +27,7 @@ from dask_safe_worker.cgroup.our_limit import (
     visible_ancestors,
 )
 from dask_safe_worker.measure import LevelReading
+from dask_safe_worker.records import replace
 from start_util import NOOP_WORKER, run_in
 
 MiB, GiB = 2**20, 2**30
@@ -108,11 +109,17 @@ values = st.one_of(st.none(), st.integers(0, 2**63 - 1))
     ancestors=values,
     high=values,
     written=st.integers(0, 2**63 - 1),
+    written_high=values,
 )
 def test_a_record_round_trips(
-    directory: str, original: int | None, ancestors: int | None, high: int | None, written: int
+    directory: str,
+    original: int | None,
+    ancestors: int | None,
+    high: int | None,
+    written: int,
+    written_high: int | None,
 ) -> None:
-    rec = OurLimit(directory, original, ancestors, high, written)
+    rec = OurLimit(directory, original, ancestors, high, written, written_high)
     assert parse(render(rec)) == rec
 
 
@@ -138,6 +145,19 @@ def test_the_level_as_the_operator_set_it() -> None:
     # Someone else's value: not ours to undo.
     assert operators_level(level(800 * MiB, 800 * MiB), rec) is None
     assert operators_level(level(900 * MiB, None), None) is None
+
+
+def test_memory_high_is_ours_while_it_holds_what_we_wrote() -> None:
+    # v2 with --memory-high-fraction: the operator changes memory.max and leaves our
+    # memory.high, which must not become their ceiling (it cut a restart's budget).
+    rec = OurLimit("/c", 600 * MiB, None, None, 540 * MiB, written_high=486 * MiB)
+    theirs = replace(level(500 * MiB, None), high=486 * MiB)
+    assert operators_level(theirs, rec) == level(500 * MiB, None)
+    both = replace(level(540 * MiB, None), high=486 * MiB)
+    assert operators_level(both, rec) == level(600 * MiB, None)
+    # memory.high someone else set is theirs, ours in memory.max or not.
+    other = replace(level(540 * MiB, None), high=400 * MiB)
+    assert operators_level(other, rec) == replace(level(600 * MiB, None), high=400 * MiB)
 
 
 @given(hierarchical=values, limit=values, known=values)

@@ -45,6 +45,8 @@ class OurLimit:
     original_high: int | None
     # What the kernel held right after our last write (v1 rounds to pages).
     written: int
+    # v2 memory.high as we wrote it (--memory-high-fraction); None when we did not.
+    written_high: int | None = None
 
 
 def _value(text: str) -> int | None:
@@ -68,6 +70,7 @@ def parse(text: str) -> OurLimit:
             ancestors=_value(fields["ancestors"]),
             original_high=_value(fields["original_high"]),
             written=written,
+            written_high=_value(fields.get("written_high", "none")),
         )
     except KeyError as exc:
         raise ValueError(f"missing {exc}") from None
@@ -80,7 +83,7 @@ def render(rec: OurLimit) -> str:
     return (
         f"directory {rec.directory}\noriginal {show(rec.original)}\n"
         f"ancestors {show(rec.ancestors)}\noriginal_high {show(rec.original_high)}\n"
-        f"written {rec.written}\n"
+        f"written {rec.written}\nwritten_high {show(rec.written_high)}\n"
     )
 
 
@@ -93,16 +96,19 @@ def visible_ancestors(hierarchical: int | None, limit: int | None, known: int | 
 
 
 def operators_level(level: LevelReading, rec: OurLimit | None) -> LevelReading | None:
-    """The level as it was before our writes, or None when the limit in force is not
-    the one we wrote (nobody's record, or someone changed it since: theirs now)."""
-    if rec is None or level.limit != rec.written:
+    """The level as it was before our writes, or None when nothing in force is what we
+    wrote (nobody's record, or someone changed it since: theirs now). The limit and
+    memory.high each count as ours while they hold what we wrote."""
+    if rec is None:
         return None
-    return replace(
-        level,
-        limit=rec.original,
-        hierarchical_limit=visible_ancestors(level.hierarchical_limit, level.limit, rec.ancestors),
-        high=rec.original_high,
-    )
+    limit_ours = level.limit == rec.written
+    high_ours = rec.written_high is not None and level.high == rec.written_high
+    if not (limit_ours or high_ours):
+        return None
+    if limit_ours:
+        hierarchical = visible_ancestors(level.hierarchical_limit, level.limit, rec.ancestors)
+        level = replace(level, limit=rec.original, hierarchical_limit=hierarchical)
+    return replace(level, high=rec.original_high) if high_ours else level
 
 
 def _key(directory: Path) -> str:

@@ -151,12 +151,12 @@ class _Writer:
         self.claim: int | None = None
 
     def _write_limit(
-        self, directory: Path, path: str, strategy: Strategy, ours: OurLimit | None = None
+        self, directory: Path, path: str, strategy: Strategy, rec: OurLimit | None = None
     ) -> WriteOutcome:
         cg = open_memory_cgroup(self.version, directory)
         current = cg.limit(self.m.host.total)
-        if ours is not None and current != ours.written:
-            ours = None  # changed since it was recorded: the operator's now
+        # Changed since it was recorded: the operator's now.
+        ours = rec if rec is not None and current == rec.written else None
         # A limit an earlier start of ours wrote is not the operator's: the never-raise
         # rule holds for the one found before our first write (issue 24 row 5), and
         # where that is the lower, it is put back.
@@ -196,7 +196,7 @@ class _Writer:
         if isinstance(cg, V2MemoryCgroup):
             self._v2_extras(cg, path)
         if before is not None and read_back is not None:
-            self._remember(directory, path, current, ours, before, read_back)
+            self._remember(cg, path, current, rec, before, read_back)
         return WriteOutcome(
             enforced=True,
             written=True,
@@ -219,31 +219,42 @@ class _Writer:
 
     def _remember(
         self,
-        directory: Path,
+        cg: MemoryCgroupFiles,
         path: str,
         current: int | None,
-        ours: OurLimit | None,
+        rec: OurLimit | None,
         before: tuple[int | None, int | None],
         written: int,
     ) -> None:
         """Record what the operator had and what we wrote (cgroup/our_limit.py), so that
-        the next start in this cgroup plans from the operator's limit. Best effort: without
-        a record, the next start takes our limit for the operator's."""
+        the next start in this cgroup plans from the operator's limit. Each file is ours
+        while it holds what we wrote: the operator may change memory.max and leave our
+        memory.high. Best effort: without a record, the next start takes our limit for the
+        operator's."""
         hierarchical, high = before
-        known = None if ours is None else ours.ancestors
-        rec = OurLimit(
-            directory=str(directory),
-            original=current if ours is None else ours.original,
-            ancestors=visible_ancestors(hierarchical, current, known),
-            original_high=high if ours is None else ours.original_high,
+        limit_ours = rec is not None and current == rec.written
+        high_ours = rec is not None and rec.written_high is not None and high == rec.written_high
+        written_high = rec.written_high if rec is not None and high_ours else None
+        if isinstance(cg, V2MemoryCgroup) and self.opts.memory_high_fraction:
+            written_high = None
+            with contextlib.suppress(OSError, ParseError):
+                written_high = cg.high(self.m.host.total)
+        new = OurLimit(
+            directory=str(cg.directory),
+            original=rec.original if rec is not None and limit_ours else current,
+            ancestors=visible_ancestors(
+                hierarchical, current, rec.ancestors if rec is not None and limit_ours else None
+            ),
+            original_high=rec.original_high if rec is not None and high_ours else high,
             written=written,
+            written_high=written_high,
         )
         try:
-            where = save_our_limit(directory, rec)
+            where = save_our_limit(cg.directory, new)
         except OSError as exc:
             self.audit("cgroup.limit.record.failed", target=path, reason=errno_reason(exc))
             return
-        self.audit("cgroup.limit.recorded", target=path, file=str(where), original=rec.original)
+        self.audit("cgroup.limit.recorded", target=path, file=str(where), original=new.original)
 
     def _v2_extras(self, cg: V2MemoryCgroup, path: str) -> None:
         for name, value in self.extras:
@@ -313,8 +324,18 @@ class _Writer:
         raise FileExistsError(errno.EEXIST, "every child cgroup name tried exists")
 
     def child(self) -> WriteOutcome:
-        self._remove_stale_children()
         path = self._child_path(self.opts.child_name)
+        if self.opts.margin > self.budget:
+            # A fresh child starts empty, and still the budget is below the margin: it
+            # would be refused there (below_usage), so nothing is made, entered or
+            # enabled (v2's subtree_control): validate, then act (issue 24 row 8).
+            self.audit(
+                "cgroup.write.skipped", target=path, strategy="child", reason="below_usage", usage=0
+            )
+            return WriteOutcome(
+                enforced=False, written=False, reason="below_usage", strategy="child", target=path
+            )
+        self._remove_stale_children()
         child_dir: Path | None = None
         moved = False
         try:

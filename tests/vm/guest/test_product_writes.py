@@ -275,3 +275,52 @@ def test_swap_keep_and_high_off_leave_both_alone(
     assert run.outcome["written"] is True
     assert sole.read("memory.high") == "max"
     assert sole.read("memory.swap.max") == "max"
+
+
+# 6. Issue 24: restarts in one cgroup (row 5); a refused child leaves nothing (row 8)
+
+
+def test_restarts_plan_from_the_operators_limit(
+    base: Cgroup, procs: Processes, tmp_path: Path
+) -> None:
+    # As sole occupant each start writes memory.max (and memory.high) on its own cgroup;
+    # the next start there plans from the operator's 600 MiB, not from ours.
+    sole = base.child("sole")
+    sole.write("memory.max", 600 * MiB)
+    options = ["--reserve", "10%", "--memory-high-fraction", "0.9"]
+    seen = []
+    for _ in range(3):
+        run = run_safe_worker(procs, sole, options, tmp_path)
+        assert run.returncode == 0, run.explain()
+        assert run.outcome["strategy"] == "own", run.explain()
+        seen.append((sole.limit(), sole.read("memory.high")))
+    assert seen == [seen[0]] * 3
+    assert abs(int(seen[0][0]) - 0.9 * 600 * MiB) <= 4096
+    # Someone else's value since is the operator's, and planned from.
+    sole.write("memory.max", 500 * MiB)
+    run = run_safe_worker(procs, sole, options, tmp_path)
+    assert run.returncode == 0, run.explain()
+    assert abs(int(sole.limit()) - 0.9 * 500 * MiB) <= 4096
+
+
+def test_write_required_below_the_margin_leaves_no_child(
+    base: Cgroup, procs: Processes, tmp_path: Path
+) -> None:
+    # A container root: our own write is refused (EPERM) and a child would be made; a
+    # budget below the write margin is refused before it is, so --cgroup-write required
+    # exits 4 with nothing made, entered or enabled.
+    container = base.child("container")
+    container.write("memory.max", 700 * MiB)
+    controls = container.read("cgroup.subtree_control")
+    options = [
+        *("--cgroup-write", "required", "--reserve", "0.99"),
+        *("--min-worker-memory", "1MiB", "--nanny-allowance", "0"),
+    ]
+    run = run_safe_worker(procs, container, options, tmp_path, container=True)
+    assert run.returncode == 4, run.explain()
+    assert "below_usage" in run.stderr
+    assert run.report == [], "the worker must not start"
+    assert [p.name for p in container.path.iterdir() if p.is_dir()] == []
+    assert container.read("cgroup.subtree_control") == controls
+    assert container.limit() == str(700 * MiB)
+    assert not run.named("cgroup.moved") and not run.named("cgroup.child.created")
