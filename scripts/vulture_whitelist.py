@@ -22,6 +22,7 @@ _.leftovers
 # Dataclass fields that only reach JSON (asdict: the audit log, the plan file, reports).
 requested  # cgroup.write.WriteOutcome
 siblings_committed  # plan.Plan
+dask_default_limit  # plan.Plan
 mount_root  # cgroup_locate.CgroupLocation
 headroom_before  # benchmarks/dswbench/harness.RunResult
 workload_bytes

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from dask_safe_worker.cgroup.pool import Member, Pool, claim_text
 from dask_safe_worker.cluster_audit import remote
+from dask_safe_worker.cluster_audit.deaths import death_rows
 from dask_safe_worker.cluster_audit.facts import facts_from_report
 from dask_safe_worker.cluster_audit.render import printable, render_table, result_rows
 from dask_safe_worker.cluster_audit.verdicts import (
@@ -498,12 +499,20 @@ def test_the_documented_json_is_what_the_audit_prints() -> None:
     w = follower(
         "tcp://a", child("a", GiB), pool=PoolFacts(KEY, members=(PoolMember(1, 1, 1, None, 1),))
     )
-    [printed] = result_rows([w], judge([w]))
+    # The rows as the audit prints them: with each worker's deaths.
+    [printed], _ = death_rows(result_rows([w], judge([w])), {}, [])
     pool_keys = {f.name for f in fields(PoolFacts)}
     member_keys = {f.name for f in fields(PoolMember)}
     for doc in docs:
         assert doc["schema"] == AUDIT_SCHEMA
-        assert set(doc) == {"schema", "scheduler", "workers", "summary", "exit_code"}
+        assert set(doc) == {
+            "schema",
+            "scheduler",
+            "workers",
+            "deaths_of_workers_gone",
+            "summary",
+            "exit_code",
+        }
         for row in doc["workers"]:
             assert set(row) == set(printed), set(row) ^ set(printed)
             if row["pool"] is not None:

@@ -47,7 +47,7 @@ def test_record_stamps_every_line_and_the_writer_pid_wins() -> None:
         "level",
         "timestamp",
     ]
-    assert rec["pid"] == os.getpid() and rec["schema"] == SCHEMA_VERSION == 2
+    assert rec["pid"] == os.getpid() and rec["schema"] == SCHEMA_VERSION == 3
     assert (rec["host"], rec["start_id"], rec["worker_name"]) == ("node-7", stamp.start_id, "w-1")
     assert record("plan.refused", {}, stamp)["level"] == "warning"
     assert "worker_name" not in record("x.y", {}, Stamp("s", "h"))
@@ -144,3 +144,28 @@ def test_console_format_from_a_real_run() -> None:
     assert lines[done + 1].startswith("    cgroup_levels: /")
     assert not any("{" in line for line in lines)
     assert not any(" plan.made " in line and "budget=" not in line for line in lines)
+
+
+def test_console_start_says_what_matters_in_one_line() -> None:
+    # A real start (--init, nothing written to a cgroup) in the console format: one
+    # summary line; the release's internals stay in the JSON log.
+    argv = [*DSW, "--init", "--cgroup-write", "never", "--log-format", "console"]
+    argv += ["--worker-command", "sh -c 'exit 3' sh", "tcp://127.0.0.1:1", "--nworkers", "2"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 3, proc.stderr
+    summary = [line for line in proc.stderr.splitlines() if " start.summary " in line]
+    assert len(summary) == 1, proc.stderr
+    text = summary[0].split(" start.summary ", 1)[1]
+    assert text.startswith("2 workers of ") and " GiB each, from a budget of " in text
+    assert "the host's available memory" in text or "the headroom of cgroup /" in text
+    assert ", less a reserve of 0 B; no kernel limit written (--cgroup-write never)" in text
+    for internal in ("memory_limit_paths", "nprocs_alias", "own_procs_count", "="):
+        assert internal not in text
+    assert "memory_limit_paths" not in proc.stderr and "own_procs_count" not in proc.stderr
+    json_run = subprocess.run(
+        [*argv[:7], "json", *argv[8:]], capture_output=True, text=True, timeout=120, check=False
+    )
+    events = {e["event"]: e for e in _events(json_run.stderr)}
+    assert "memory_limit_paths" in events["dask.release"]
+    assert "own_procs_count" in events["measure.done"]
+    assert events["start.summary"]["n_workers"] == 2

@@ -93,7 +93,7 @@ def test_one_share_per_visible_gpu(tmp_path: Path, leading: list[str]) -> None:
     argv = json.loads(record.read_text())
     plan = _plan(proc.stderr)
     assert plan["n_workers"] == 3 and plan["nannies"] == 3
-    pool, system = plan["pool"], plan["dask_memory_limit"]
+    pool, system = plan["pool"], plan["dask_default_limit"]
     assert isinstance(pool, int) and isinstance(system, int)
     # Each of the three workers gets a third of the pool: three limits fit the budget.
     assert _limit(argv) == plan["per_worker"] == min(pool // 3, system)

@@ -27,3 +27,12 @@ def __getattr__(name: str) -> object:
 
         return memory_limit
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def deaths(client: object) -> list[str]:
+    """One sentence per worker death the scheduler knows of, oldest first (a worker
+    killed by the kernel OOM killer, restarted by its nanny, signalled or exited).
+    Imported only when called: this package's import stays light."""
+    from .deaths_client import deaths as _deaths
+
+    return _deaths(client)

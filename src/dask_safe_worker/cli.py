@@ -558,6 +558,18 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
     env.pop(PLAN_EXPORT_ENV, None)
     if plan_file:
         env[PLAN_EXPORT_ENV] = plan_file
+    from .start_summary import start_summary
+
+    audit(
+        "start.summary",
+        summary=start_summary(plan, outcome),
+        n_workers=plan.n_workers,
+        per_worker=plan.effective_per_worker,
+        budget=plan.budget,
+        limiting=plan.limiting,
+        reserve=plan.reserve,
+        kernel_limit=outcome.read_back if outcome.written else None,
+    )
     audit("worker.argv", argv=argv, supervised=prepared.supervised)
 
     from .run_worker import exec_supervisor, exec_worker, supervisor_argv

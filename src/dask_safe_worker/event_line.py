@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 
 # Version 2 added `host`, `start_id` and `worker_name`, and dropped empty `error` fields.
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 _FAILURE_SUFFIXES = (".failed", ".refused", ".error", ".warning")
 
@@ -129,6 +129,7 @@ BYTE_FIELDS = frozenset(
         "own_working_set",
         "available",
         "dask_memory_limit",
+        "dask_default_limit",
         "budget",
         "reserve",
         "overhead",
@@ -137,6 +138,9 @@ BYTE_FIELDS = frozenset(
         "user_memory_limit_bytes",
         "memory_limit_arg",
         "effective_per_worker",
+        "kernel_limit",
+        "rss",
+        "dask_limit",
         "resolved",
         "value",
         "previous",
@@ -149,7 +153,18 @@ BYTE_FIELDS = frozenset(
     }
 )
 # Stamped on every line: the console leaves them out, they say nothing about the event.
-_CONSOLE_HIDDEN = frozenset(STAMP_FIELDS)
+# So do internals that only a bug report needs (they stay in the JSON log).
+_CONSOLE_HIDDEN = frozenset(STAMP_FIELDS) | frozenset(
+    {
+        "memory_limit_paths",
+        "cpu_quota_reads_v2",
+        "nprocs_alias",
+        "dask_worker_script",
+        "worker_memory_limit_alias",
+        "dask_cli_worker",
+        "own_procs_count",
+    }
+)
 
 _KiB, _MiB, _GiB = 2**10, 2**20, 2**30
 
@@ -194,7 +209,9 @@ def _item(value: object) -> str:
 
 def console_line(rec: Mapping[str, object], colors: bool = False) -> str:
     """A short rendering for people: time, level, event, then key=value with sizes in
-    GiB/MiB; a list of records (the cgroup levels) gets one indented line per item."""
+    GiB/MiB; a list of records (the cgroup levels) gets one indented line per item. A
+    line with a `summary` (start.summary, worker.died's `sentence`) is that sentence: its
+    fields are for the JSON log."""
     timestamp = str(rec.get("timestamp", ""))
     clock = timestamp[11:19] if len(timestamp) >= 19 else timestamp
     level = str(rec.get("level", "info"))
@@ -202,6 +219,9 @@ def console_line(rec: Mapping[str, object], colors: bool = False) -> str:
     if colors:
         tint = "\x1b[33m" if level == "warning" else "\x1b[36m"
         event = f"{tint}{event}\x1b[0m"
+    said = rec.get("summary", rec.get("sentence"))
+    if isinstance(said, str):
+        return f"{clock} {level:<7} {event} {said}"
     pairs: list[str] = []
     nested: list[str] = []
     for key, value in rec.items():

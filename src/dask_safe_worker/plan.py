@@ -97,7 +97,8 @@ class Plan:
     overhead: int
     pool: int
     per_worker: int
-    dask_memory_limit: int
+    # Plain Dask's own choice (distributed.system.MEMORY_LIMIT), not what Dask was given.
+    dask_default_limit: int
     user_memory_limit: str | None
     user_memory_limit_bytes: int | None
     user_fits: bool | None
@@ -314,7 +315,7 @@ def make_plan(
         overhead=overhead,
         pool=max(0, budget - overhead),
         per_worker=per_worker,
-        dask_memory_limit=m.dask_memory_limit,
+        dask_default_limit=m.dask_memory_limit,
         user_memory_limit=args.memory_limit,
         user_memory_limit_bytes=user_bytes,
         user_fits=fits,

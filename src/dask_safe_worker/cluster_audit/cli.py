@@ -118,7 +118,7 @@ def _run(scheduler_address: str | None, **params: Any) -> None:
     except Exception as exc:
         _die(f"invalid TLS settings: {exc}")
     try:
-        scheduler, rows, verdicts = run_audit(
+        scheduler, rows, verdicts, gone = run_audit(
             scheduler_address,
             None,
             security,
@@ -137,13 +137,14 @@ def _run(scheduler_address: str | None, **params: Any) -> None:
             "schema": AUDIT_SCHEMA,
             "scheduler": scheduler,
             "workers": rows,
+            "deaths_of_workers_gone": gone,
             "summary": counts,
             "exit_code": code,
         }
         click.echo(json.dumps(doc, indent=2))
     else:
         if rows:
-            click.echo(render_table(rows))
+            click.echo(render_table(rows, gone))
         else:
             click.echo(printable(f"{scheduler}: no workers connected; nothing to audit."))
     sys.exit(code)

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any
 
+from .deaths import death_rows
 from .facts import facts_from_report
 from .render import result_rows
 from .verdicts import Verdict, judge
@@ -57,9 +58,10 @@ def run_audit(
     connect_timeout: float,
     timeout: float,
     where: str | None = None,
-) -> tuple[str, list[dict[str, Any]], list[Verdict]]:
-    """Connect, run `collect` on every worker, judge. Raises ConnectionError with a
-    message fit for the user on any connection problem."""
+) -> tuple[str, list[dict[str, Any]], list[Verdict], list[dict[str, Any]]]:
+    """Connect, run `collect` on every worker, judge, and read the workers' deaths:
+    (scheduler, rows, verdicts, deaths of workers no longer connected). Raises
+    ConnectionError with a message fit for the user on any connection problem."""
     import concurrent.futures
 
     import cloudpickle
@@ -109,6 +111,7 @@ def run_audit(
         finally:
             pool.shutdown(wait=False)
         scheduler = str(info.get("address") or address)
+        events = _death_events(client)
     except ConnectionError:
         raise
     except Exception as exc:
@@ -119,7 +122,20 @@ def run_audit(
     addresses = sorted(workers)
     facts = [facts_from_report(a, workers[a], answers.get(a)) for a in addresses]
     verdicts = judge(facts)
-    return scheduler, result_rows(facts, verdicts), verdicts
+    nannies = {a: w.get("nanny") if isinstance(w, dict) else None for a, w in workers.items()}
+    rows, gone = death_rows(result_rows(facts, verdicts), nannies, events)
+    return scheduler, rows, verdicts, gone
+
+
+def _death_events(client: Any) -> list[Any]:
+    """The scheduler's death events (follow/nanny_deaths.py); none from a scheduler
+    that cannot say: the deaths are an addition to the audit, not its subject."""
+    from ..follow.death import TOPIC
+
+    try:
+        return list(client.get_events(TOPIC))
+    except Exception:
+        return []
 
 
 def scheduler_file_address(text: str) -> str:

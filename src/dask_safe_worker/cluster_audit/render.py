@@ -7,6 +7,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ..sizes import format_bytes
+from .deaths import death_lines
 from .verdicts import PoolFacts, Verdict, WorkerFacts
 
 
@@ -96,7 +97,7 @@ def _pool_lines(rows: Sequence[Mapping[str, Any]]) -> list[str]:
     return lines
 
 
-def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
+def render_table(rows: Sequence[Mapping[str, Any]], gone: Sequence[Mapping[str, Any]] = ()) -> str:
     header = ("WORKER", "HOST", "DASK LIMIT", "KERNEL LIMIT", "AVAILABLE NOW", "VERDICT")
     lines: list[tuple[str, ...]] = [header]
     for r in rows:
@@ -132,4 +133,5 @@ def render_table(rows: Sequence[Mapping[str, Any]]) -> str:
     if pools:
         out.append("")
         out.extend(pools)
+    out.extend(death_lines(rows, gone))
     return "\n".join(printable(line) for line in out)

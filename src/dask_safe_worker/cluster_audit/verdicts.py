@@ -12,7 +12,7 @@ from .remote import DASK_TERMINATE_DEFAULT
 # 2: `action` per worker; a cgroup that only inherits a limit (v1) is no constraint.
 # 3: `following` and `pool` per worker (added keys only: a reader of 2 reads 3); what a
 #    worker may need of a constraint is capped by the limited cgroups below it.
-AUDIT_SCHEMA = 3
+AUDIT_SCHEMA = 4
 
 SAFE = "safe"
 AT_RISK = "at risk"

@@ -4,12 +4,16 @@ The nanny restarts its worker when the worker's RSS passes 95 % of
 `memory_manager.memory_limit`, and passes that same value to every worker it (re)starts
 (distributed/nanny.py, `instantiate`). Following it keeps the restart threshold in step
 with the worker's own, and makes a restarted worker start with the current limit.
+
+It also notes how its worker ends, and sends the supervisor's explanation of every
+death to the scheduler (nanny_deaths.py).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from . import nanny_deaths
 from . import preload as follow_dask
 from .live_limit import LiveLimit, read_live_limit
 
@@ -29,6 +33,8 @@ async def dask_setup(nanny: Any) -> None:
     follower = follow_dask.Follower(path, "nanny", apply)
     follower.hold(first)
     follow_dask.start(nanny, follower, first.interval)
+    # Before the worker starts: its process object takes the exit hook when it is made.
+    nanny_deaths.start(nanny, path, follower.slot, first.interval)
 
 
 async def dask_teardown(nanny: Any) -> None:

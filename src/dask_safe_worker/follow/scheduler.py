@@ -22,3 +22,17 @@ def set_worker_memory_limit(address: str, limit: int, dask_scheduler: Any = None
     # The scheduler keeps the cluster total as a running sum of the workers' limits.
     dask_scheduler.total_memory += int(limit) - old
     return old
+
+
+def report_death(topic: str, record: dict[str, Any], dask_scheduler: Any = None) -> None:
+    """A worker's death, where users look: an event on `topic` and on the worker's
+    address (Dask's own topic per worker), and a warning in the scheduler's log."""
+    import logging
+
+    if dask_scheduler is None:
+        return
+    logging.getLogger("distributed.scheduler").warning(
+        "dask-safe-worker: %s", record.get("sentence")
+    )
+    worker = record.get("worker")
+    dask_scheduler.log_event([topic, worker] if isinstance(worker, str) else topic, record)

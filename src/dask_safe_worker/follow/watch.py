@@ -27,6 +27,7 @@ from ..measure import Measurement, locate, remeasure
 from ..plan import PlanError, PoolView
 from ..proc_parse import ParseError
 from ..records import replace
+from .death_watch import DeathWatch
 from .decide import (
     FollowSpec,
     ManagedLimit,
@@ -147,6 +148,14 @@ class Watch:
         self.reason = "limit changed"
         self._others: tuple[int, ...] = ()
         self._raise_wanted = False
+        # Worker deaths, explained (death_watch.py): every cgroup whose counters tell.
+        self.deaths = DeathWatch(
+            spec.channel,
+            audit,
+            self.location.version if self.location else None,
+            [*self._event_dirs(), *self.directories],
+            proc_root,
+        )
 
     # -- the supervisor's hook -------------------------------------------------------
 
@@ -176,6 +185,7 @@ class Watch:
         import contextlib
 
         self._flush_kills(frozenset())
+        self.deaths.close()
         if self.pool is not None:
             self.pool.leave(self.pid)
             self.pool.remove_if_empty()
@@ -189,6 +199,7 @@ class Watch:
     def tick(self) -> None:
         self.ticks += 1
         seen_at = time.time()
+        self._explain_deaths()
         # Counters before processes: a kill counted now has its victim gone by the
         # process list read next, or by the one a tick ago.
         counters = self._read_counters()
@@ -269,6 +280,35 @@ class Watch:
             tree_root=self.pid,
             own_pid=self.pid,
         )
+
+    # -- worker deaths -----------------------------------------------------------------
+
+    def _explain_deaths(self) -> None:
+        try:
+            self.deaths.tick(self._kernel_limit, self._pool_users)
+        except Exception as exc:  # an unexplained death must not stop the following
+            self._failed("deaths", reason=repr(exc))
+
+    def _kernel_limit(self) -> tuple[int | None, str | None]:
+        """The kernel limit over the workers now and its cgroup: the one we manage, else
+        the nearest level's (as last measured)."""
+        if self.managed is not None and self.managed_value is not None:
+            return self.managed_value, self.managed.directory
+        if self.previous is not None:
+            for level, directory in zip(self.previous.levels, self.directories, strict=False):
+                if level.effective_limit is not None:
+                    return level.effective_limit, directory
+        return None, self.directories[0] if self.directories else None
+
+    def _pool_users(self) -> list[tuple[str, int]]:
+        """The pool's other instances and what each uses (their claims)."""
+        if self.pool is None:
+            return []
+        try:
+            members = self.pool.members(exclude=self.pid)
+        except OSError:
+            return []
+        return [(f"instance pid {o.pid}", o.working_set) for o in members]
 
     # -- the pool ----------------------------------------------------------------------
 
