@@ -91,7 +91,7 @@ def main() -> None:
         out["kernel_plan_file_option"] = os.environ.get("DASK_SAFE_WORKER_PLAN_FILE")
         from dask_safe_worker.cluster_audit.client import run_audit
 
-        _, rows, _ = run_audit(cluster.scheduler_address, None, None, 10.0, 60.0)
+        _, rows, _, _ = run_audit(cluster.scheduler_address, None, None, 10.0, 60.0)
         keys = ("managed", "verdict", "kernel_limit", "kernel_limit_path", "dask_memory_limit")
         out["audit"] = [{k: row[k] for k in keys} for row in rows]
         if "beside" in sys.argv:
