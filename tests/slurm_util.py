@@ -70,6 +70,8 @@ class Slurm:
     # The test cgroup mounted as slurmd's memory hierarchy: all of Slurm's cgroups are below.
     cgroup: KernelCgroup
     logs: Path
+    # munged, slurmctld, slurmd (unshare and its shell exec it: the same pid).
+    daemons: list[int]
 
     @property
     def env(self) -> dict[str, str]:
@@ -206,6 +208,27 @@ def cgroup_mounts() -> list[str]:
     return sorted(mounts)
 
 
+def listening(pid: int) -> list[str]:
+    """The local addresses (hex, as /proc/net/tcp* gives them) of the TCP sockets that
+    process `pid` listens on."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
+    found = []
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                found.append(fields[1])
+    return sorted(found)
+
+
+LOOPBACK_HEX = "0100007F"  # 127.0.0.1 in /proc/net/tcp's byte order
+
+
 def controller_slurm_dirs() -> set[Path]:
     """Directories named like Slurm's (`slurm*`) at the root of every controller's
     hierarchy on the host, and below our own memory cgroup outside any test cgroup."""
@@ -260,7 +283,8 @@ def running_slurm() -> Iterator[Slurm]:
                 )
             )
         with make_test_cgroup(prefix="dsw-slurm") as cgroup:
-            slurm = Slurm(directory=directory, conf=conf, cgroup=cgroup, logs=logs)
+            daemons: list[int] = []
+            slurm = Slurm(directory=directory, conf=conf, cgroup=cgroup, logs=logs, daemons=daemons)
             slurmd = [
                 "unshare",
                 "--mount",
@@ -296,6 +320,7 @@ def running_slurm() -> Iterator[Slurm]:
                     return False
 
                 _wait("the node did not become idle", idle, START_TIMEOUT_S, logs)
+                daemons += [proc.pid for proc in procs]
                 yield slurm
             finally:
                 with contextlib.suppress(RuntimeError):

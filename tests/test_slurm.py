@@ -32,7 +32,15 @@ from dask_jobqueue.slurm import SLURMCluster
 from distributed import Client, KilledWorker
 
 from cgroup_util import V1_ROOT
-from slurm_util import Slurm, cgroup_mounts, controller_slurm_dirs, running_slurm, slurm_usable
+from slurm_util import (
+    LOOPBACK_HEX,
+    Slurm,
+    cgroup_mounts,
+    controller_slurm_dirs,
+    listening,
+    running_slurm,
+    slurm_usable,
+)
 
 pytestmark = pytest.mark.e2e
 # client.run sends _worker_facts to the jobs, which cannot import this module.
@@ -65,6 +73,13 @@ def slurm() -> Iterator[Slurm]:
     mounts = cgroup_mounts()
     with running_slurm() as cluster:
         assert cgroup_mounts() == mounts  # slurmd's namespace changed only its own
+        # slurmctld and slurmd listen on 127.0.0.1 only; munged on no TCP port.
+        munged, slurmctld, slurmd = cluster.daemons
+        assert listening(munged) == []
+        for pid in (slurmctld, slurmd):
+            addresses = listening(pid)
+            assert addresses, pid
+            assert {a.split(":")[0] for a in addresses} == {LOOPBACK_HEX}, addresses
         yield cluster
         assert cluster.jobs() == []
     # Nothing of Slurm's outside the test cgroup, which running_slurm removed.
