@@ -262,6 +262,47 @@ def test_second_sigterm_is_forwarded_and_ends_the_child(supervise_py: SuperviseP
     assert forwarded == ["SIGTERM", "SIGTERM"]
 
 
+def test_a_signal_the_worker_got_from_its_launcher_too_is_not_doubled(
+    supervise_py: SupervisePy,
+) -> None:
+    """scancel (and systemd's KillMode=control-group) signal every process of the job:
+    the worker has its own SIGTERM. A second from us would stop distributed at once,
+    where one closes it gracefully."""
+    out, sup = supervise_py(GRACEFUL_CHILD)
+    ready = Path(f"{out}.ready")
+    wait_for(lambda: ready.exists() and ready.read_text() != "", "child ready")
+    # Past the supervisor's next wake-up, which sees the child's handler.
+    time.sleep(1.5)
+    child = int(Path(f"{out}.ready").read_text())
+    sup.extra_pids.append(child)
+    # The whole job, as a launcher kills it: the supervisor and the worker, at once.
+    os.kill(child, signal.SIGTERM)
+    os.kill(sup.pid, signal.SIGTERM)
+    rc, events, _ = sup.finish()
+    assert rc == 0, events
+    assert out.read_text() == "closed\n"
+    shared = [e for e in events if e["event"] == "init.signal.shared"]
+    assert [e["signal"] for e in shared] == ["SIGTERM"], events
+    assert not [e for e in events if e["event"] == "init.signal.forwarded"]
+
+
+# Like distributed, and its close takes a while: a second TERM meanwhile kills it.
+GRACEFUL_CHILD = """
+    import os, signal, sys, time
+    out = sys.argv[1]
+    closing = []
+    def first(signum, frame):
+        closing.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, first)
+    open(out + ".ready", "w").write(str(os.getpid()))
+    while not closing:
+        time.sleep(0.01)
+    time.sleep(1.0)
+    open(out, "w").write("closed\\n")
+"""
+
+
 # The child forks a grandchild in the same process group; both trap TERM.
 GROUP_CHILD = """
     import os, signal, sys, time

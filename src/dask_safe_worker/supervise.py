@@ -339,22 +339,65 @@ def _wait_for_main(
 ) -> int:
     wait_set = {*FORWARDED_SIGNALS, signal.SIGCHLD}
     timeout = _WAIT_TIMEOUT_S
+    # A signal we forwarded once is a deliberate repeat when it comes again: forwarded.
+    forwarded: set[int] = set()
     while True:
+        caught = caught_signals(child)
         info = signal.sigtimedwait(wait_set, timeout)
-        # --follow: the watch ticks between signals (watch.py).
-        timeout = _WAIT_TIMEOUT_S if ticker is None else min(_WAIT_TIMEOUT_S, ticker())
         if info is not None and info.si_signo != signal.SIGCHLD:
+            # Before the watch's tick: a stop must not wait for a measurement.
             if _worker_has_it(info, child, process_group):
                 audit(
                     "init.signal.shared",
                     signal=signal_name(info.si_signo),
                     target_pgid=os.getpgrp(),
                 )
+            elif info.si_signo not in forwarded and handled_own_copy(
+                info.si_signo, caught, caught_signals(child)
+            ):
+                audit(
+                    "init.signal.shared",
+                    signal=signal_name(info.si_signo),
+                    target_pid=child,
+                    reason="the worker handled its own copy",
+                )
             else:
                 _forward(info.si_signo, child, process_group, audit)
+                forwarded.add(info.si_signo)
+        # --follow: the watch ticks between signals (watch.py).
+        timeout = _WAIT_TIMEOUT_S if ticker is None else min(_WAIT_TIMEOUT_S, ticker())
         main_code, _ = _reap(child, audit)
         if main_code is not None:
             return main_code
+
+
+def caught_signals(pid: int, proc_root: str = "/proc") -> int | None:
+    """The signals `pid` has a handler for (SigCgt of its status), or None if unknown."""
+    try:
+        with open(f"{proc_root}/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"SigCgt:"):
+                    return int(line.split()[1], 16)
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def handled_own_copy(signum: int, before: int | None, now: int | None) -> bool:
+    """Whether the worker handled a copy of `signum` since `before`: it had a handler
+    then and has none now.
+
+    A launcher that signals a whole job (Slurm's scancel signals every process of the
+    step; systemd's KillMode=control-group every process of the unit) reaches the worker
+    too. distributed restores the default action once it has handled SIGTERM or SIGINT,
+    so that a second one stops it at once: forwarding ours as well would turn a graceful
+    close into an abrupt one (exit 143, leaked semaphores). A worker that had no handler
+    before gets ours, as always.
+    """
+    if before is None or now is None:
+        return False
+    bit = 1 << (signum - 1)
+    return bool(before & bit) and not now & bit
 
 
 def _drain_orphans(
