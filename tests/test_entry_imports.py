@@ -196,3 +196,45 @@ except ImportError:
     import psutil
 """
     assert module_level_imports(source) == ["os", "typing", "json", "structlog", "psutil"]
+
+
+# What the following supervisor imports before it forks the worker (launch → registered
+# is a goal, docs/benchmarks.md): stdlib and our planning modules; json for the channel.
+SUPERVISOR_PROGRAM = """
+import sys
+import dask_safe_worker.supervise
+from dask_safe_worker.follow.watch import start_watch
+print(" ".join(sorted(sys.modules)))
+"""
+
+
+def test_the_following_supervisor_imports_nothing_heavy() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", SUPERVISOR_PROGRAM],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(proc.stdout.split())
+    assert "dask_safe_worker.follow.watch" in loaded
+    heavy = [name for name in HEAVY if name != "json"]
+    assert not {m for m in loaded if is_one_of(m, tuple(heavy))}
+
+
+def test_the_audit_log_writes_without_structlog() -> None:
+    """The start path's JSON lines cost no structlog import (asyncio, ssl, logging)."""
+    program = (
+        "import io, sys\n"
+        "from dask_safe_worker.events import make_audit\n"
+        "out = io.StringIO()\n"
+        "make_audit('json', out)('cli.started', n=1)\n"
+        "assert out.getvalue().endswith('\\n') and '\"cli.started\"' in out.getvalue()\n"
+        "print(' '.join(sorted(sys.modules)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert not {m for m in proc.stdout.split() if is_one_of(m, ("structlog", "asyncio"))}

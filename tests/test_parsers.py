@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from dask_safe_worker.cgroup.parse import (
     V1_UNLIMITED_FLOOR,
+    memory_stat_value,
     parse_controllers,
     parse_int,
     parse_kernel_release,
@@ -280,6 +281,32 @@ def test_memory_stat_with_any_bytes_keeps_only_clean_pairs(raw_lines: list[bytes
     assert all(isinstance(v, int) for v in stat.values())
     if not any([p for p in line.split(b" ") if p][:1] == [b"inactive_file"] for line in raw_lines):
         assert stat["inactive_file"] == 42
+
+
+_STAT_NAMES = ("hierarchical_memory_limit", "total_inactive_file", "inactive_file", "a")
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.binary(max_size=30).filter(lambda b: b"\n" not in b),
+            st.tuples(
+                st.sampled_from([n.encode() for n in _STAT_NAMES] + [b"total_a", b"inactive"]),
+                st.sampled_from([b" ", b"  ", b"\t", b" -", b" x"]),
+                st.binary(max_size=6).filter(lambda b: b"\n" not in b)
+                | st.integers(0, 99).map(lambda i: str(i).encode()),
+            ).map(b"".join),
+        ),
+        max_size=10,
+    ),
+    st.sampled_from(_STAT_NAMES),
+)
+@example([b"a 1", b"total_a 3", b"a  2"], "a")
+def test_memory_stat_value_is_the_full_parse_of_one_name(raw_lines: list[bytes], name: str) -> None:
+    """The watch's one-counter lookup answers what the full parse answers, for any bytes
+    (the last clean line of that name wins, a name inside another one does not count)."""
+    text = kernel(b"\n".join(raw_lines) + b"\n")
+    assert memory_stat_value(text, name) == parse_memory_stat(text).get(name)
 
 
 @given(st.binary(max_size=40))

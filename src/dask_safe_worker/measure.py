@@ -276,7 +276,7 @@ def read_own_rss(proc_root: Path, pid: str) -> int:
     Kernels before 4.5 have only VmRSS."""
     fields: dict[str, int] = {}
     try:
-        for line in read_kernel_text(proc_root / pid / "status").split("\n"):
+        for line in read_kernel_text(f"{proc_root}/{pid}/status").split("\n"):
             name, _, rest = line.partition(":")
             if name in ("VmRSS", "RssAnon", "RssShmem"):
                 fields[name] = int(rest.split()[0]) * 1024
@@ -392,7 +392,7 @@ def hidden_neighbours(
 
 def _stat(proc_root: Path, pid: int) -> tuple[str, int] | None:
     try:
-        return parse_stat(read_kernel_text(proc_root / str(pid) / "stat"))
+        return parse_stat(read_kernel_text(f"{proc_root}/{pid}/stat"))
     except (OSError, ParseError):
         return None
 
@@ -441,13 +441,20 @@ def remeasure(
     tree_root: int | None = None,
     warnings: Sequence[str] = (),
     unreadable: Sequence[str] = (),
+    known: tuple[int, int] | None = None,
+    rss_when_alone: bool = True,
 ) -> Measurement:
     """`measure` for a cgroup located before: only /proc/meminfo and the level files.
 
     Locating parses /proc/self/mountinfo (~9 µs a line, so 186 ms with 20,000 mounts);
     a watch that ticks every second locates once and calls this. With `tree_root`, the
     processes of our cgroup that descend from it count as ours, and `own_rss` is their
-    sum. Raises OSError/ParseError only for /proc/meminfo.
+    sum. `known`: CPU_COUNT and MEMORY_LIMIT as measured before, not read again (the
+    running worker computed both once, when it imported dask). Without
+    `rss_when_alone`, `own_rss` stays 0 where `own_working_set` does not use it (we are
+    alone in our cgroup, whose working set is then ours): four /proc reads less a tick
+    for the watch. Raises
+    OSError/ParseError only for /proc/meminfo.
     """
     host = parse_meminfo(read_kernel_text(proc_root / "meminfo"))
     notes: list[str] = list(warnings)
@@ -478,10 +485,27 @@ def remeasure(
     me = os.getpid() if own_pid is None else own_pid
     ours: frozenset[int] = frozenset()
     zombies: frozenset[int] = frozenset()
-    own_rss = read_own_rss(proc_root, "self")
+    own_rss = 0
     if tree_root is not None and own_procs is not None:
         ours, zombies = descendants_among(proc_root, own_procs, tree_root)
+    # As `Measurement.sole_occupant` decides it.
+    alone = (
+        own_procs is not None
+        and me in own_procs
+        and hidden is None
+        and set(own_procs) <= {me} | ours
+        and bool(levels)
+        and levels[0].usage is not None
+    )
+    if rss_when_alone or not alone:
+        own_rss = read_own_rss(proc_root, "self")
         own_rss += sum(read_own_rss(proc_root, str(p)) for p in ours if p != me)
+    if known is None:
+        # distributed reads /sys/fs/cgroup literally, whatever the mount table says.
+        known = (
+            cpu_count(proc_root, root / "sys", affinity, dask=release.dask),
+            memory_limit(host.total, root / "sys", rlimit_rss, distributed=release.distributed),
+        )
     return Measurement(
         host=host,
         location=exact,
@@ -490,11 +514,8 @@ def remeasure(
         # cgroup.procs lists pids as seen in our pid namespace, as getpid() does.
         pid=me,
         own_rss=own_rss,
-        # distributed reads /sys/fs/cgroup literally, whatever the mount table says.
-        cpu_count=cpu_count(proc_root, root / "sys", affinity, dask=release.dask),
-        dask_memory_limit=memory_limit(
-            host.total, root / "sys", rlimit_rss, distributed=release.distributed
-        ),
+        cpu_count=known[0],
+        dask_memory_limit=known[1],
         warnings=tuple(notes),
         ours=ours,
         zombies=zombies,

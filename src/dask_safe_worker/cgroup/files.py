@@ -9,6 +9,7 @@ directories.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from . import parse as cp
@@ -20,15 +21,99 @@ else:
     Protocol = object  # the protocol is for the type checker only
 
 
-def read_kernel_text(path: Path) -> str:
+def read_kernel_text(path: Path | str) -> str:
     """A kernel file as text, whatever its bytes.
 
     Paths and names in kernel files are bytes, not UTF-8 (any program may create a mount
     point or cgroup with an odd byte). `surrogateescape` keeps every byte: a path decoded
     this way encodes back to the same bytes when Python opens it, and a garbled number
     fails our parsers with a ParseError instead of a UnicodeDecodeError.
+
+    Plain descriptors, not `open()`: the watch reads some twenty of these files every
+    second in each instance, and a buffered file object costs four more system calls
+    (fstat, ioctl, lseek, a second read) and its Python layers on every one.
     """
-    return path.read_bytes().decode("utf-8", "surrogateescape")
+    if _kept is not None:
+        return _kept.read(os.fspath(path)).decode("utf-8", "surrogateescape")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return _read_from(fd).decode("utf-8", "surrogateescape")
+    finally:
+        os.close(fd)
+
+
+# Whole files in one read (memory.stat, meminfo: a few KiB); mountinfo may take several.
+_READ_SIZE = 65536
+
+
+def _read_from(fd: int) -> bytes:
+    """The whole file from its start: the kernel generates it anew at offset 0."""
+    chunks = []
+    offset = 0
+    while chunk := os.pread(fd, _READ_SIZE, offset):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
+
+
+class KeptFiles:
+    """Kernel files read again on every tick of the watch, kept open between ticks.
+
+    Opening and closing cost more than the read itself (a cgroup's usage file: 15 µs
+    opened afresh, 2.4 µs read again at offset 0, where the kernel generates it anew).
+    A descriptor whose file went away (a removed cgroup: ENODEV; an exited process:
+    ESRCH) fails its read and is opened afresh, which then fails as a fresh open would;
+    one not read during a whole tick is closed by `sweep`.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+        self._used: set[str] = set()
+
+    def read(self, path: str) -> bytes:
+        fd = self._fds.get(path)
+        if fd is not None:
+            try:
+                data = _read_from(fd)
+            except OSError:
+                del self._fds[path]
+                os.close(fd)
+            else:
+                self._used.add(path)
+                return data
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = _read_from(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        self._fds[path] = fd
+        self._used.add(path)
+        return data
+
+    def __enter__(self) -> KeptFiles:
+        global _kept
+        _kept = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        global _kept
+        _kept = None
+        self.sweep()
+
+    def sweep(self) -> None:
+        """Close what was not read since the last sweep (a member that left, a pid)."""
+        for path in set(self._fds) - self._used:
+            os.close(self._fds.pop(path))
+        self._used.clear()
+
+    def close(self) -> None:
+        self._used.clear()
+        self.sweep()
+
+
+# The files kept open while the watch ticks (`with KeptFiles():`); None elsewhere.
+_kept: KeptFiles | None = None
 
 
 class MemoryCgroupFiles(Protocol):
@@ -61,32 +146,41 @@ class _NodePath:
 
 
 class V1MemoryCgroup:
+    """One reading of a v1 memory cgroup: memory.stat, which both the hierarchical limit
+    and the inactive page cache come from, is read once per instance (every caller opens
+    the cgroup afresh for each reading)."""
+
     version = 1
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        # Joined as text: a Path per file read costs more than the read on every tick.
+        self._prefix = f"{directory}/"
+        self._stat_text: str | None = None
 
     def _int(self, filename: str) -> int:
-        return cp.parse_int(read_kernel_text(self.directory / filename), filename)
+        return cp.parse_int(read_kernel_text(self._prefix + filename), filename)
 
-    def _stat(self) -> dict[str, int]:
-        return cp.parse_memory_stat(read_kernel_text(self.directory / "memory.stat"))
+    def _stat(self, name: str) -> int | None:
+        if self._stat_text is None:
+            self._stat_text = read_kernel_text(self._prefix + "memory.stat")
+        return cp.memory_stat_value(self._stat_text, name)
 
     def limit(self, mem_total: int) -> int | None:
         return cp.v1_limit(self._int("memory.limit_in_bytes"), mem_total)
 
     def hierarchical_limit(self, mem_total: int) -> int | None:
-        value = self._stat().get("hierarchical_memory_limit")
+        value = self._stat("hierarchical_memory_limit")
         return None if value is None else cp.v1_limit(value, mem_total)
 
     def usage(self) -> int:
         return self._int("memory.usage_in_bytes")
 
     def inactive_file(self) -> int:
-        return self._stat().get("total_inactive_file", 0)
+        return self._stat("total_inactive_file") or 0
 
     def procs(self) -> list[int]:
-        return cp.parse_pids(read_kernel_text(self.directory / "cgroup.procs"))
+        return cp.parse_pids(read_kernel_text(self._prefix + "cgroup.procs"))
 
     def write_limit(self, value: int) -> None:
         # Imported here: only a v1 write needs cgroupspy.
@@ -103,9 +197,10 @@ class V2MemoryCgroup:
 
     def __init__(self, directory: Path) -> None:
         self.directory = directory
+        self._prefix = f"{directory}/"
 
     def _read(self, name: str) -> str:
-        return read_kernel_text(self.directory / name)
+        return read_kernel_text(self._prefix + name)
 
     def limit(self, mem_total: int) -> int | None:
         value = cp.parse_v2_limit(self._read("memory.max"))
@@ -118,7 +213,7 @@ class V2MemoryCgroup:
         return cp.parse_int(self._read("memory.current"), "memory.current")
 
     def inactive_file(self) -> int:
-        return cp.parse_memory_stat(self._read("memory.stat")).get("inactive_file", 0)
+        return cp.memory_stat_value(self._read("memory.stat"), "inactive_file") or 0
 
     def procs(self) -> list[int]:
         return cp.parse_pids(self._read("cgroup.procs"))

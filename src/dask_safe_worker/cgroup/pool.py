@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 LOCK_NAME = "lock"
 HOST_KEY = "host"
+_SETTLED_NS = 1_000_000_000
 
 
 class ClaimError(ValueError):
@@ -179,9 +180,16 @@ def _try_lock(fd: int) -> bool:
 class Pool:
     """The claims in one pool directory (private: made by `plan_file.private_dir`)."""
 
-    def __init__(self, directory: Path, key: str) -> None:
+    def __init__(self, directory: Path, key: str, *, remember: bool = False) -> None:
         self.directory = directory
         self.key = key
+        # With `remember` (the watch, which reads the claims every second): the claims as
+        # last read, and the directory's (inode, mtime) they were read at. A claim is only
+        # ever replaced by rename and removed by unlink, and both change the directory's
+        # mtime, so while it stands the names and records stand too; only whether each
+        # lock is still held must be asked every time.
+        self._remember = remember
+        self._seen: tuple[tuple[int, int], list[tuple[str, str, Member | None]]] | None = None
 
     def acquire(self, wait: bool = True) -> int | None:
         """The pool's lock, held until the descriptor is closed; None when another holds
@@ -245,16 +253,13 @@ class Pool:
         while its child cgroup still holds a process: a worker whose supervisor was
         killed still uses what the claim promised. A live claim that cannot be read
         counts as nothing: it is being written."""
-        try:
-            names = sorted(os.listdir(self.directory))
-        except OSError:
+        claims = self._claims()
+        if claims is None:
             return ()
         found: list[Member] = []
-        for name in names:
-            stem, _, ext = name.partition(".")
-            if ext != "lock" or not stem.isdigit() or int(stem) == exclude:
+        for stem, name, member in claims:
+            if int(stem) == exclude:
                 continue
-            member = self._read(stem)
             if self._locked(self.directory / name) or _occupied(member):
                 if member is not None:
                     found.append(member)
@@ -265,6 +270,37 @@ class Pool:
             with contextlib.suppress(OSError):
                 os.unlink(self.directory / name)
         return tuple(found)
+
+    def _claims(self) -> list[tuple[str, str, Member | None]] | None:
+        """(pid, lock file name, record) of every claim in the directory; None when it
+        cannot be listed."""
+        import time
+
+        version: tuple[int, int] | None = None
+        if self._remember:
+            try:
+                st = os.stat(self.directory)
+            except OSError:
+                return None
+            version = (st.st_ino, st.st_mtime_ns)
+            if self._seen is not None and self._seen[0] == version:
+                return self._seen[1]
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            return None
+        claims: list[tuple[str, str, Member | None]] = []
+        for name in names:
+            stem, _, ext = name.partition(".")
+            if ext == "lock" and stem.isdigit():
+                claims.append((stem, name, self._read(stem)))
+        # A change within the file system's clock step after this listing could leave the
+        # mtime as it is: a directory changed less than a second ago is read again.
+        if version is not None and time.time_ns() - version[1] > _SETTLED_NS:
+            self._seen = (version, claims)
+        else:
+            self._seen = None
+        return claims
 
     def _read(self, stem: str) -> Member | None:
         try:

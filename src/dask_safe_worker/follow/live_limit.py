@@ -16,7 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from dataclasses import asdict, dataclass
+
+from ..records import as_dict, record
 
 LIVE_FILE_ENV = "DASK_SAFE_WORKER_LIVE_FILE"
 # Set for the roles ("worker", "nanny") whose preloads the user gave only through dask's
@@ -25,7 +26,7 @@ CONFIGURED_PRELOADS_ENV = "DASK_SAFE_WORKER_RUN_CONFIGURED_PRELOADS"
 ACKS = "acks"
 
 
-@dataclass(frozen=True)
+@record
 class LiveLimit:
     generation: int
     # The per-worker Dask memory limit, bytes.
@@ -74,7 +75,7 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 def write_live_limit(path: str, record: LiveLimit) -> None:
     """Replace the record at `path` (same directory, so the rename is atomic)."""
-    _write_atomically(path, (json.dumps(asdict(record)) + "\n").encode())
+    _write_atomically(path, (json.dumps(as_dict(record)) + "\n").encode())
 
 
 def read_live_limit(path: str) -> LiveLimit | None:
@@ -105,7 +106,7 @@ def write_ack(live_file: str, role: str, pid: int, generation: int, slot: int = 
     _write_atomically(path, f"{generation}\n".encode())
 
 
-@dataclass(frozen=True)
+@record
 class Ack:
     generation: int
     # When the server wrote it: the moment its limit moved (time.time() scale).

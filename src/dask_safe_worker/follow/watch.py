@@ -15,18 +15,16 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ..cgroup.files import open_memory_cgroup
+from ..cgroup.files import KeptFiles, open_memory_cgroup, read_kernel_text
 from ..cgroup.parse import parse_memory_stat
 from ..cgroup.pool import Member, Pool, with_kernel_working_sets
 from ..dask_compat.release import Release, installed_release
 from ..measure import Measurement, locate, remeasure
 from ..plan import PlanError, PoolView
 from ..proc_parse import ParseError
-from ..records import replace
+from ..records import mutable_record, replace
 from .death_watch import DeathWatch
 from .decide import (
     FollowSpec,
@@ -48,6 +46,10 @@ from .live_limit import (
     write_live_limit,
 )
 
+TYPE_CHECKING = False  # typing costs ~2 ms (and `re`) in the supervisor; mypy knows this name
+if TYPE_CHECKING:
+    from typing import Any
+
 Audit = Callable[..., None]
 
 # The spec's file name in the channel directory (cli writes it, the supervisor reads it).
@@ -57,7 +59,7 @@ SPEC_FILE = "follow.json"
 _EVENT_NAMES = ("oom_kill", "oom", "max", "high")
 
 
-@dataclass
+@mutable_record
 class _Pending:
     """A generation written to the channel and not yet held by every worker."""
 
@@ -131,7 +133,9 @@ class Watch:
         self.events = self._read_counters()
         # The pool: our claim (written at start, under the same pid), what we hold in
         # it now, and the budget our share allows (the ceiling of every raise).
-        self.pool = Pool(Path(spec.pool_dir), spec.pool_key or "") if spec.pool_dir else None
+        self.pool = (
+            Pool(Path(spec.pool_dir), spec.pool_key or "", remember=True) if spec.pool_dir else None
+        )
         self.member = Member(
             pid=self.pid,
             weight=spec.weight,
@@ -156,6 +160,9 @@ class Watch:
             [*self._event_dirs(), *self.directories],
             proc_root,
         )
+        self._known: tuple[int, int] | None = None
+        # The level, counter and /proc files every tick reads, kept open between ticks.
+        self._files = KeptFiles()
 
     # -- the supervisor's hook -------------------------------------------------------
 
@@ -186,6 +193,7 @@ class Watch:
 
         self._flush_kills(frozenset())
         self.deaths.close()
+        self._files.close()
         if self.pool is not None:
             self.pool.leave(self.pid)
             self.pool.remove_if_empty()
@@ -197,6 +205,10 @@ class Watch:
     # -- one tick ----------------------------------------------------------------------
 
     def tick(self) -> None:
+        with self._files:
+            self._tick()
+
+    def _tick(self) -> None:
         self.ticks += 1
         seen_at = time.time()
         self._explain_deaths()
@@ -208,6 +220,9 @@ class Watch:
         except (OSError, ParseError) as exc:
             self._failed("measure", reason=_describe(exc))
             return
+        # The workers' dask computed CPU_COUNT and MEMORY_LIMIT once, at import: read at
+        # the first tick, they stay what the worker count and the limits were planned on.
+        self._known = (m.cpu_count, m.dask_memory_limit)
         alive = m.ours - m.zombies
         vanished = self.ours - alive
         self.ours = alive
@@ -279,6 +294,8 @@ class Watch:
             release=self.release,
             tree_root=self.pid,
             own_pid=self.pid,
+            known=self._known,
+            rss_when_alone=False,
         )
 
     # -- worker deaths -----------------------------------------------------------------
@@ -678,12 +695,11 @@ class Watch:
         memory.failcnt counts hits of the hard limit, which is what v2 calls `max`.
         """
         assert self.location is not None
-        d = Path(directory)
         try:
             if self.location.version == 2:
-                return parse_memory_stat((d / "memory.events").read_text())
-            counts = parse_memory_stat((d / "memory.oom_control").read_text())
-            failcnt = parse_memory_stat("max " + (d / "memory.failcnt").read_text())
+                return parse_memory_stat(read_kernel_text(f"{directory}/memory.events"))
+            counts = parse_memory_stat(read_kernel_text(f"{directory}/memory.oom_control"))
+            failcnt = parse_memory_stat("max " + read_kernel_text(f"{directory}/memory.failcnt"))
             return {**counts, **failcnt}
         except OSError:
             return None

@@ -1,0 +1,156 @@
+"""Launch → registered for several `dask-safe-worker` builds against plain `dask worker`,
+side by side in one run (issues 21 and 25).
+
+Each round starts plain `dask worker` and every contender once, in a rotating order,
+each inside a fresh child cgroup of a test cgroup below ours, with one scheduler on
+127.0.0.1; "registered" is the scheduler's own `add-worker` timestamp minus the launch.
+A contender is `LABEL=EXECUTABLE [ARGS...]` (e.g. the `dask-safe-worker` of another
+checkout's venv, to compare before and after a change under the same load); its ratio
+to the plain worker of the same round is what counts on a shared, noisy machine.
+Bytecode is compiled first for this venv and for each contender's checkout (`--compile`),
+as pip installs it. The pool's claims go to a private runtime directory.
+
+    uv run python benchmarks/startup_vs.py --rounds 8 \
+        'before=/path/to/other/.venv/bin/dask-safe-worker' \
+        'after=.venv/bin/dask-safe-worker' \
+        'no-follow=.venv/bin/dask-safe-worker --no-follow' \
+        [--compile /path/to/other] [--json FILE]
+
+Prints one JSON document on stdout. Only processes it started are ended, by pid.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import contextlib
+import json
+import os
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+# dswbench is found beside this file (a script's directory leads sys.path).
+from dswbench.common import PY, compile_bytecode
+from dswbench.harness import end_process, proc_ppid, scheduler, tree_pids, wait_registered
+from dswbench.harness import worker_args as base_worker_args
+from dswbench.support import kernel_cgroups_usable, make_test_cgroup
+
+
+def contender_argv(command: list[str], args: list[str], plan_file: Path) -> list[str]:
+    if not command:
+        return [PY, "-m", "distributed.cli.dask_worker", *args]
+    return [command[0], "--log-format", "json", "--plan-file", str(plan_file), *command[1:], *args]
+
+
+def one_start(
+    argv: list[str], cg: Any, client: Any, started: set[int], env: dict[str, str]
+) -> float:
+    since = time.time()
+    proc = subprocess.Popen(
+        cg.enter_command(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
+    )
+    started.add(proc.pid)
+    try:
+        took = wait_registered(client, since, 120)
+    finally:
+        end_process(proc, 20)
+        for pid in tree_pids(cg):
+            if pid in started or proc_ppid(pid) in started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+    if took is None:
+        raise RuntimeError(f"{argv[0]} did not register")
+    deadline = time.monotonic() + 20
+    while client.scheduler_info()["workers"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return took
+
+
+def measure(contenders: dict[str, list[str]], rounds: int) -> dict[str, Any]:
+    from distributed import Client
+
+    names = ["plain", *contenders]
+    times: dict[str, list[float]] = {n: [] for n in names}
+    loads = [os.getloadavg()[0]]
+    started: set[int] = set()
+    with tempfile.TemporaryDirectory(prefix="dsw-startup-vs-") as tmp:
+        work = Path(tmp)
+        runtime = work / "run"
+        runtime.mkdir(mode=0o700)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
+        env["XDG_RUNTIME_DIR"] = str(runtime)
+        with (
+            make_test_cgroup(started, prefix="dsw-bench-startup-vs") as parent,
+            scheduler(work / "scheduler.log", started) as (address, _sched),
+        ):
+            client = Client(address, timeout=60)
+            try:
+                for r in range(rounds):
+                    order = names[r % len(names) :] + names[: r % len(names)]
+                    for name in order:
+                        cg = parent.child(f"{name}-{r}")
+                        args = base_worker_args(address, str(work / "local"))
+                        argv = contender_argv(
+                            contenders.get(name, []), args, work / f"plan-{name}-{r}.json"
+                        )
+                        times[name].append(one_start(argv, cg, client, started, env))
+                    loads.append(os.getloadavg()[0])
+                    line = " ".join(f"{n} {times[n][-1]:.3f}s" for n in names)
+                    print(f"[{time.strftime('%H:%M:%S')}] round {r}: {line}", file=sys.stderr)
+            finally:
+                client.close()
+    ratios = {n: [s / p for s, p in zip(times[n], times["plain"], strict=True)] for n in contenders}
+    return {
+        "rounds": rounds,
+        "registered_s": {n: [round(t, 3) for t in ts] for n, ts in times.items()},
+        "median_s": {n: round(statistics.median(ts), 3) for n, ts in times.items()},
+        "ratio_to_plain": {n: [round(x, 3) for x in xs] for n, xs in ratios.items()},
+        "ratio_median": {n: round(statistics.median(xs), 3) for n, xs in ratios.items()},
+        "ratio_range": {n: [round(min(xs), 3), round(max(xs), 3)] for n, xs in ratios.items()},
+        "contenders": {n: " ".join(c) for n, c in contenders.items()},
+        "loadavg_1min_per_round": [round(x, 2) for x in loads],
+        "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("contender", nargs="+", help="LABEL=EXECUTABLE [ARGS...]")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--compile", action="append", default=[], metavar="CHECKOUT")
+    parser.add_argument("--json", type=Path, default=None)
+    ns = parser.parse_args()
+    reason = kernel_cgroups_usable()
+    if reason:
+        print(f"startup_vs.py: cannot create test cgroups: {reason}", file=sys.stderr)
+        return 2
+    contenders: dict[str, list[str]] = {}
+    for spec in ns.contender:
+        label, eq, command = spec.partition("=")
+        if not eq or not command or label == "plain":
+            parser.error(f"a contender is LABEL=EXECUTABLE [ARGS...], not {spec!r}")
+        contenders[label] = shlex.split(command)
+    compile_bytecode()
+    for checkout in ns.compile:
+        # The other checkout's own sources and venv, as pip would have compiled them.
+        venvs = Path(checkout).glob(".venv/lib/python*/site-packages")
+        for tree in (Path(checkout) / "src", *venvs):
+            compileall.compile_dir(str(tree), quiet=1, workers=0)
+    doc = {"benchmark": "startup_vs", **measure(contenders, ns.rounds)}
+    doc["command"] = shlex.join(["uv", "run", "python", "benchmarks/startup_vs.py", *sys.argv[1:]])
+    text = json.dumps(doc, indent=1)
+    if ns.json:
+        ns.json.write_text(text + "\n")
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
