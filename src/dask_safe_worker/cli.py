@@ -576,8 +576,8 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
 
     if prepared.supervised:
         # Exec a bare supervisor rather than supervising from here: as PID 1 it lives as
-        # long as the container, and this process carries click and structlog (~27 MiB
-        # RSS against ~11 MiB for the bare one, benchmarks/supervisor_rss.py).
+        # long as the container, and this process carries click and the planning code
+        # (~20 MiB RSS against ~11 MiB for the bare one, benchmarks/supervisor_rss.py).
         cmd = supervisor_argv(argv, outcome, opts.log_format, opts.init_process_group, follow_spec)
         exec_supervisor(cmd, env, audit)
     child = None
