@@ -284,10 +284,12 @@ def run_safe_worker(
     container: bool = False,
     worker_args: Sequence[str] = (NO_SCHEDULER,),
     dry_run: bool = False,
+    prefix: Sequence[str] = (),
 ) -> SafeRun:
     """Run `dask-safe-worker` in `cg` (as a container's process tree if `container`) to
     completion, with a stand-in worker that records where it ran and with which arguments
-    instead of starting dask (which costs ~20 s per process in this guest)."""
+    instead of starting dask (which costs ~20 s per process in this guest). `prefix`:
+    a command that runs inside `cg` and execs the tool (its argv follows it)."""
     report = workdir / f"report-{uuid.uuid4().hex[:8]}"
     plan_file = workdir / f"plan-{uuid.uuid4().hex[:8]}.json"
     stand_in = shlex.join(
@@ -303,6 +305,7 @@ def run_safe_worker(
         *_exec_unless_following(options),
         *worker_args,
     ]
+    argv = [*prefix, *argv]
     full = enter_container(cg, argv) if container else enter(cg, argv)
     proc = procs.popen(full, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)

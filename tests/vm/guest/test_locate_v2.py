@@ -1,0 +1,41 @@
+"""Where our cgroup is found on a real cgroup v2 kernel (issue 24 row 2).
+
+Some sandboxes mount a child cgroup before the hierarchy's root. The controllers must be
+read at the mount that holds our cgroup: read at the first cgroup2 mount (a child without
+the memory controller), v2 was dropped and no memory cgroup found, so the worker got the
+host's memory and no kernel limit.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+from guest_cgroups import CGROUP2, Cgroup, MiB, Processes, page_floor, run_safe_worker
+
+
+def test_a_child_cgroup_mounted_before_the_root_does_not_hide_our_controllers(
+    base: Cgroup, procs: Processes, tmp_path: Path
+) -> None:
+    limited = base.child("limited")
+    limited.write("memory.max", 640 * MiB)
+    # A cgroup whose parent does not hand the memory controller down.
+    plain = base.child("plain")
+    bare = plain.child("bare")
+    assert "memory" not in bare.read("cgroup.controllers").split()
+    early = tmp_path / "early"
+    early.mkdir()
+    # In a mount namespace of its own: the bare child mounted first, then the root
+    # again, so that mountinfo lists the child's mount before the one that holds us.
+    script = (
+        f"mount --bind {shlex.quote(str(bare.path))} {shlex.quote(str(early))}"
+        f' && umount -l {CGROUP2} && mount -t cgroup2 cgroup2 {CGROUP2} && exec "$@"'
+    )
+    prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
+    run = run_safe_worker(procs, limited, [], tmp_path, prefix=prefix)
+    assert run.returncode == 0, run.explain()
+    assert run.plan["budget"] <= 640 * MiB, run.plan
+    outcome = run.outcome
+    assert (outcome["strategy"], outcome["enforced"]) == ("own", True), outcome
+    assert outcome["target"] == limited.cgroup_path
+    assert int(limited.limit()) == page_floor(run.plan["budget"])
