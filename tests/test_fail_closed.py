@@ -12,6 +12,7 @@ from __future__ import annotations
 import shlex
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,29 @@ def test_an_unreadable_level_stops_the_start_unless_told_to_go_on(
     assert (tmp_path / "mem.rc").read_text().strip() == "0", mem
     assert "warning: planning without" in mem
     assert cgroup_state(kernel_cgroup.path) == before
+
+
+NOTEBOOK_QUERY = """
+from dask_safe_worker import memory_limit
+from dask_safe_worker.plan import PlanError
+try:
+    print("limit", memory_limit(n_workers=2))
+except PlanError as exc:
+    print("refused", exc)
+"""
+
+
+@pytest.mark.kernel
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
+def test_the_notebook_api_fails_closed_too(
+    kernel_cgroup: KernelCgroup, siblings: tuple[KernelCgroup, KernelCgroup], tmp_path: Path
+) -> None:
+    # `dask_safe_worker.memory_limit()` planned the host's RAM where the start stops.
+    b, r = siblings
+    enter = f"echo $$ > {shlex.quote(str(b.path))}/cgroup.procs"
+    query = shlex.join([sys.executable, "-c", NOTEBOOK_QUERY])
+    inner = f"mount --bind {shlex.quote(str(r.path))} {MEMORY} && exec {query}"
+    proc = _run(f"{enter} && exec unshare -m sh -c {shlex.quote(inner)}", tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("refused cannot read every memory cgroup level"), proc.stdout
+    assert "memory_limit=" in proc.stdout

@@ -13,11 +13,12 @@ import time
 
 from ..cgroup.pool import Member, Pool, find_pool, plan_inputs
 from ..dask_compat.release import Release, check_supported, installed_release
-from ..measure import Measurement, measure
+from ..measure import Measurement, measure, unreadable_problem
 from ..plan import (
     DEFAULT_MIN_WORKER_MEMORY,
     DEFAULT_NANNY_ALLOWANCE,
     Plan,
+    PlanError,
     PoolBusy,
     Settings,
     make_plan,
@@ -29,6 +30,18 @@ from .plan import NOTEBOOK_RESERVE, ReserveValue, as_neighbour, notebook_args, n
 # room (cli.ARRIVAL_WAIT): they move on their next tick.
 ARRIVAL_WAIT = 30.0
 ARRIVAL_POLL = 0.25
+
+
+def readable(m: Measurement, memory_limit_given: bool) -> Measurement:
+    """`m`, or PlanError where a cgroup level we are in exists but cannot be read: fail
+    closed as the CLI does (issue 24 row 4), unless a `memory_limit` was given."""
+    if unreadable_problem(m, memory_limit_given, allowed=False) is not None:
+        raise PlanError(
+            "cannot read every memory cgroup level this process is in, so the free "
+            "memory is not known: " + "; ".join(m.unreadable) + " (pass an explicit "
+            "memory_limit= to the cluster to go on with it)"
+        )
+    return m
 
 
 def supported_release() -> Release:
@@ -53,7 +66,7 @@ def memory_limit(
     claims of other instances on this host. Reads only. `plan.PlanError` (a ValueError's
     sibling: an Exception) when no worker would get `min_worker_memory`."""
     release = supported_release()
-    m = measure(release=release)
+    m = readable(measure(release=release), memory_limit_given=False)
     args = notebook_args(n_workers, threads_per_worker, processes, m.cpu_count)
     settings = notebook_settings(reserve, min_worker_memory, nanny_allowance)
     pool = find_pool(m, os.environ, create=False)
@@ -84,7 +97,7 @@ def plan_and_claim(
     deadline = time.monotonic() + ARRIVAL_WAIT
     claim: int | None = None
     while True:
-        m = measure(release=release)
+        m = readable(measure(release=release), args.memory_limit is not None)
         lock = pool.acquire() if pool is not None else None
         try:
             try:
