@@ -223,18 +223,28 @@ def test_the_following_supervisor_imports_nothing_heavy() -> None:
     assert not {m for m in loaded if is_one_of(m, tuple(heavy))}
 
 
-def test_the_audit_log_writes_without_structlog() -> None:
-    """The start path's JSON lines cost no structlog import (asyncio, ssl, logging)."""
+def test_structlog_writes_the_audit_log_and_only_when_there_is_one() -> None:
+    """structlog (the design's named writer) is loaded for a JSON line, never for
+    `--log-format none`: its ~26 ms are paid only where the audit log is wanted."""
     program = (
         "import io, sys\n"
         "from dask_safe_worker.events import make_audit\n"
+        "fmt = sys.argv[1]\n"
         "out = io.StringIO()\n"
-        "make_audit('json', out)('cli.started', n=1)\n"
-        "assert out.getvalue().endswith('\\n') and '\"cli.started\"' in out.getvalue()\n"
+        "make_audit(fmt, out)('cli.started', n=1)\n"
+        "assert (fmt == 'none') == (out.getvalue() == ''), out.getvalue()\n"
         "print(' '.join(sorted(sys.modules)))\n"
     )
-    proc = subprocess.run(
-        [sys.executable, "-c", program], capture_output=True, text=True, timeout=60, check=False
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert not {m for m in proc.stdout.split() if is_one_of(m, ("structlog", "asyncio"))}
+    loaded = {}
+    for fmt in ("json", "none"):
+        proc = subprocess.run(
+            [sys.executable, "-c", program, fmt],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        loaded[fmt] = set(proc.stdout.split())
+    assert "structlog" in loaded["json"]
+    assert not {m for m in loaded["none"] if is_one_of(m, ("structlog", "asyncio"))}

@@ -53,7 +53,7 @@ def test_record_stamps_every_line_and_the_writer_pid_wins() -> None:
     assert "worker_name" not in record("x.y", {}, Stamp("s", "h"))
 
 
-def test_the_audit_writer_builds_the_same_line() -> None:
+def test_the_structlog_writer_builds_the_same_line() -> None:
     out = io.StringIO()
     make_audit("json", out, worker_name="w-2")("measure.done", cgroup_levels=LEVELS, n=1)
     line = json.loads(out.getvalue())

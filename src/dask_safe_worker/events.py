@@ -10,13 +10,13 @@ variables never go into an event.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 from .event_line import SCHEMA_VERSION, Stamp, console_line, json_line, new_start_id, record
 
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
 if TYPE_CHECKING:
-    from typing import TextIO
+    from typing import Any, TextIO
 
 __all__ = ["LOG_FORMATS", "SCHEMA_VERSION", "Audit", "make_audit", "no_audit", "start_id"]
 
@@ -52,13 +52,20 @@ def make_audit(
     stamp = Stamp.here(start_id(), worker_name)
     colors = fmt == "console" and out.isatty()
 
+    # structlog is the audit log's writer (a dependency the design names); imported only
+    # when something is logged, since it costs ~26 ms at start-up (asyncio, ssl,
+    # logging): `--log-format none` never loads it. The line itself is built by
+    # `event_line`, shared with the bare supervisor, so both write the same bytes.
+    import structlog
+
+    def render(_: Any, __: str, event_dict: MutableMapping[str, Any]) -> str:
+        rec = record(str(event_dict.pop("event")), event_dict, stamp)
+        return json_line(rec) if fmt == "json" else console_line(rec, colors)
+
+    logger = structlog.wrap_logger(structlog.PrintLogger(file=out), processors=[render])
+
     def audit(event: str, **fields: object) -> None:
-        # The line is whole here (event_line, shared with the supervisor), so it is
-        # written directly: structlog, which only printed it, cost ~26 ms of imports
-        # (asyncio, ssl, logging) on every start before the worker could begin.
-        rec = record(event, dict(fields), stamp)
-        line = json_line(rec) if fmt == "json" else console_line(rec, colors)
-        out.write(line + "\n")
-        out.flush()
+        # The level is part of the line (event_line.level_of); structlog only writes it.
+        logger.info(event, **fields)
 
     return audit
