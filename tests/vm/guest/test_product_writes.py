@@ -304,23 +304,26 @@ def test_restarts_plan_from_the_operators_limit(
 
 
 def test_write_required_below_the_margin_leaves_no_child(
-    base: Cgroup, procs: Processes, tmp_path: Path
+    cgroup2_root: Cgroup, procs: Processes, tmp_path: Path
 ) -> None:
-    # A container root: our own write is refused (EPERM) and a child would be made; a
-    # budget below the write margin is refused before it is, so --cgroup-write required
-    # exits 4 with nothing made, entered or enabled.
-    container = base.child("container")
-    container.write("memory.max", 700 * MiB)
-    controls = container.read("cgroup.subtree_control")
+    # The root cgroup: no memory.max of its own (ENOENT), so the child strategy takes
+    # over and, +memory being allowed there, gets as far as the child's own check. A
+    # budget below the write margin is refused before the child is made, so
+    # --cgroup-write required exits 4 with nothing made or entered. (A container root
+    # never gets there: its own usage is checked first.)
+    child = Cgroup(CGROUP2 / "dask-safe-worker")
+    assert not child.path.exists()
     options = [
         *("--cgroup-write", "required", "--reserve", "0.99"),
         *("--min-worker-memory", "1MiB", "--nanny-allowance", "0"),
     ]
-    run = run_safe_worker(procs, container, options, tmp_path, container=True)
-    assert run.returncode == 4, run.explain()
-    assert "below_usage" in run.stderr
-    assert run.report == [], "the worker must not start"
-    assert [p.name for p in container.path.iterdir() if p.is_dir()] == []
-    assert container.read("cgroup.subtree_control") == controls
-    assert container.limit() == str(700 * MiB)
-    assert not run.named("cgroup.moved") and not run.named("cgroup.child.created")
+    try:
+        run = run_safe_worker(procs, cgroup2_root, options, tmp_path)
+        assert run.returncode == 4, run.explain()
+        assert "below_usage" in run.stderr
+        assert run.report == [], "the worker must not start"
+        assert not child.path.exists()
+        assert not run.named("cgroup.moved") and not run.named("cgroup.child.created")
+    finally:
+        procs.end_all()
+        remove_tree(child.path)
