@@ -25,11 +25,21 @@ def test_a_child_cgroup_mounted_before_the_root_does_not_hide_our_controllers(
     assert "memory" not in bare.read("cgroup.controllers").split()
     early = tmp_path / "early"
     early.mkdir()
-    # In a mount namespace of its own: the bare child mounted first, then the root
-    # again, so that mountinfo lists the child's mount before the one that holds us.
-    script = (
-        f"mount --bind {shlex.quote(str(bare.path))} {shlex.quote(str(early))}"
-        f' && umount -l {CGROUP2} && mount -t cgroup2 cgroup2 {CGROUP2} && exec "$@"'
+    # In a mount namespace of its own, a hybrid-style layout: a tmpfs at /sys/fs/cgroup
+    # with the bare child mounted first (at `sandbox`), then the hierarchy's root (at
+    # `unified`), so that both sort first as cgroup mounts and mountinfo lists the
+    # bare child's before the one that holds us.
+    top = shlex.quote(str(CGROUP2))
+    script = " && ".join(
+        [
+            f"mount --bind {shlex.quote(str(bare.path))} {shlex.quote(str(early))}",
+            f"umount -l {top}",
+            f"mount -t tmpfs tmpfs {top}",
+            f"mkdir {top}/sandbox {top}/unified",
+            f"mount --move {shlex.quote(str(early))} {top}/sandbox",
+            f"mount -t cgroup2 cgroup2 {top}/unified",
+            'exec "$@"',
+        ]
     )
     prefix = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh"]
     run = run_safe_worker(procs, limited, [], tmp_path, prefix=prefix)
