@@ -8,6 +8,7 @@ error. Nothing may stay open that a tick no longer reads.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,38 @@ def test_a_file_no_tick_reads_is_closed(kernel_cgroup: KernelCgroup) -> None:
     # Outside a tick nothing is kept.
     read_kernel_text(files[0])
     assert open_fds() == before
+
+
+def test_one_short_read_is_the_whole_kernel_file(
+    kernel_cgroup: KernelCgroup, tmp_path: Path
+) -> None:
+    """A read shorter than the buffer ends the file (no end-of-file read after it); a
+    full buffer is read on: each gives what a buffered read to the end gives."""
+    big = tmp_path / "big"
+    big.write_bytes(bytes(range(256)) * 1000)  # 256000 bytes: several full buffers
+    paths = [
+        "/proc/meminfo",
+        "/proc/self/mountinfo",
+        f"/proc/{os.getpid()}/status",
+        str(kernel_cgroup.path / "memory.stat"),
+        str(big),
+    ]
+    for path in paths:
+        for kept in (None, KeptFiles()):
+            if kept is None:
+                got = read_kernel_text(path)
+            else:
+                with kept:
+                    read_kernel_text(path)
+                    got = read_kernel_text(path)
+                kept.close()
+            with open(path, "rb") as f:
+                expected = f.read().decode("utf-8", "surrogateescape")
+            if path.endswith(("meminfo", "status", "memory.stat")):
+                # Counters move between two reads: the same lines and keys, whole.
+                assert [ln.split()[0] for ln in got.splitlines()] == [
+                    ln.split()[0] for ln in expected.splitlines()
+                ], path
+                assert got.endswith("\n"), path
+            else:
+                assert got == expected, path

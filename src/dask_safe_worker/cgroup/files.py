@@ -47,9 +47,16 @@ _READ_SIZE = 65536
 
 
 def _read_from(fd: int) -> bytes:
-    """The whole file from its start: the kernel generates it anew at offset 0."""
-    chunks = []
-    offset = 0
+    """The whole file from its start: the kernel generates it anew at offset 0.
+
+    A read shorter than asked for is the whole file: seq_file and sysfs fill the buffer
+    until their records end, so the end-of-file read that would follow (half of the
+    watch's reads) is skipped. Only a full buffer (mountinfo) is read on."""
+    first = os.pread(fd, _READ_SIZE, 0)
+    if len(first) < _READ_SIZE:
+        return first
+    chunks = [first]
+    offset = len(first)
     while chunk := os.pread(fd, _READ_SIZE, offset):
         chunks.append(chunk)
         offset += len(chunk)

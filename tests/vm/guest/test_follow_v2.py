@@ -133,7 +133,9 @@ def _sequence(
 
     # (c) a neighbour grows by 128 MiB beside the worker: the budget shrinks by that much.
     neighbour = memory_hog(procs, agent_cg, NEIGHBOUR)
-    _agreed_near(client, first - NEIGHBOUR, 24 * MiB, "the neighbour")
+    # Within the follow band (32 MiB here) of the ideal: a neighbour that grows across
+    # two ticks is followed in two steps, and a rest smaller than the band stays.
+    _agreed_near(client, first - NEIGHBOUR, 40 * MiB, "the neighbour")
     neighbour.kill()
     neighbour.wait()
     _wait(lambda: dask_views(client) == agreed_views(first), "Dask's side to recover")
