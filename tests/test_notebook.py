@@ -30,6 +30,7 @@ from dask_safe_worker.notebook.plan import (
 )
 from dask_safe_worker.plan import make_plan
 from dask_safe_worker.sizes import Amount
+from release_util import require_distributed_at_least
 from test_plan import level, measurement
 
 MiB, GiB = 2**20, 2**30
@@ -159,6 +160,7 @@ NO_OVERRIDE = "-dac_override,-dac_read_search,-fowner"
 def run_kernel(mode: str, *extra: str, writable: bool = True) -> tuple[dict[str, Any], list[Any]]:
     """notebook_kernel.py as the only process of a fresh 2 GiB test cgroup: its report
     and its audit events. Without `writable` the cgroup's directory is read-only to it."""
+    require_distributed_at_least(2025, 12, "LocalCluster is tested from 2025.12 on")
     started: set[int] = set()
     with make_test_cgroup(started) as cg:
         cg.set_limit(2 * GiB)

@@ -19,6 +19,7 @@ import distributed
 from ..cgroup.pool import Pool, find_pool
 from ..cgroup.write import WriteOptions, WriteOutcome
 from ..dask_compat.local_cluster import local_cluster_counts
+from ..dask_compat.release import Version
 from ..events import make_audit
 from ..follow.live_limit import LIVE_FILE_ENV, LiveLimit, write_ack
 from ..options import PLAN_EXPORT_ENV
@@ -34,6 +35,10 @@ FOLLOW_PRELOAD = "dask_safe_worker.follow.worker"
 
 # One safe cluster per process holds a claim in the pool (a claim is named by its pid).
 _claimed_by: list[int] = []
+
+
+# The oldest distributed the cluster is tested with (the compatibility matrix).
+LOCAL_CLUSTER_OLDEST = Version(2025, 12, 0)
 
 
 class LocalCluster(distributed.LocalCluster):
@@ -68,6 +73,14 @@ class LocalCluster(distributed.LocalCluster):
         self._dsw_audit = audit
         write_options = WriteOptions(mode=cgroup_write)  # type: ignore[arg-type]
         release = supported_release()
+        if release.distributed is not None and release.distributed < LOCAL_CLUSTER_OLDEST:
+            # Older releases fail our tests (a worker's close in SpecCluster._close, the
+            # threads' limits): refused with the way that works, never half started.
+            raise RuntimeError(
+                f"dask_safe_worker.LocalCluster needs distributed>={LOCAL_CLUSTER_OLDEST} "
+                f"(this is {release.distributed}); with it, pass "
+                "memory_limit=dask_safe_worker.memory_limit(...) to distributed.LocalCluster"
+            )
         try:
             self._dsw_prepare(
                 release, n_workers, threads_per_worker, processes, reserve, follow,
