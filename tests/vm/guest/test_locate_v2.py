@@ -30,6 +30,11 @@ def test_a_child_cgroup_mounted_before_the_root_does_not_hide_our_controllers(
     # `unified`), so that both sort first as cgroup mounts and mountinfo lists the
     # bare child's before the one that holds us.
     top = shlex.quote(str(CGROUP2))
+    # The same hierarchy options as the mount we cover: a cgroup2 mount from the initial
+    # cgroup namespace applies its options to the whole hierarchy, and one without
+    # nsdelegate would turn it off for every later test (container roots then accept
+    # writes that must be refused).
+    options = _root_options()
     script = " && ".join(
         [
             f"mount --bind {shlex.quote(str(bare.path))} {shlex.quote(str(early))}",
@@ -37,7 +42,7 @@ def test_a_child_cgroup_mounted_before_the_root_does_not_hide_our_controllers(
             f"mount -t tmpfs tmpfs {top}",
             f"mkdir {top}/sandbox {top}/unified",
             f"mount --move {shlex.quote(str(early))} {top}/sandbox",
-            f"mount -t cgroup2 cgroup2 {top}/unified",
+            f"mount -t cgroup2 {options} cgroup2 {top}/unified",
             'exec "$@"',
         ]
     )
@@ -49,3 +54,14 @@ def test_a_child_cgroup_mounted_before_the_root_does_not_hide_our_controllers(
     assert (outcome["strategy"], outcome["enforced"]) == ("own", True), outcome
     assert outcome["target"] == limited.cgroup_path
     assert int(limited.limit()) == page_floor(run.plan["budget"])
+
+
+def _root_options() -> str:
+    """`-o ...` with the hierarchy-wide options of the cgroup2 mount at CGROUP2."""
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == str(CGROUP2):
+            super_options = line.split(" - ", 1)[1].split()[2].split(",")
+            wanted = [o for o in super_options if o not in ("rw", "ro")]
+            return f"-o {','.join(wanted)}" if wanted else ""
+    return ""
