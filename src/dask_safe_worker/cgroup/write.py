@@ -371,18 +371,24 @@ class _Writer:
             outcome.parent_dir = str(self.own_dir)
             return outcome
         except (OSError, ParseError) as exc:
-            reason = errno_reason(exc)
-            undo_error = None if child_dir is None else self._undo(child_dir, True, moved)
-            self.audit(
-                "cgroup.write.failed",
-                target=path,
-                strategy="child",
-                reason=reason,
-                undo_error=undo_error,
-            )
-            return WriteOutcome(
-                enforced=False, written=False, reason=reason, strategy="child", target=path
-            )
+            return self._child_failed(exc, path, child_dir, moved)
+
+    def _child_failed(
+        self, exc: BaseException, path: str, child_dir: Path | None, moved: bool
+    ) -> WriteOutcome:
+        """The child strategy failed: undo what was made (and the move), say why."""
+        reason = errno_reason(exc)
+        undo_error = None if child_dir is None else self._undo(child_dir, True, moved)
+        self.audit(
+            "cgroup.write.failed",
+            target=path,
+            strategy="child",
+            reason=reason,
+            undo_error=undo_error,
+        )
+        return WriteOutcome(
+            enforced=False, written=False, reason=reason, strategy="child", target=path
+        )
 
     def _oom_group_off(self, child_dir: Path, path: str) -> None:
         """memory.oom.group=0 on our child: an OOM inside our limit then kills one

@@ -761,6 +761,13 @@ def start_watch(spec_path: str, audit: Audit) -> Watch | None:
     except (OSError, ValueError) as exc:
         audit("follow.disabled", reason=_describe(exc), spec=spec_path)
         return None
+    report_started(watch, audit)
+    return watch
+
+
+def report_started(watch: Watch, audit: Audit) -> None:
+    """`follow.started`: what the watch follows, from the supervisor or a notebook."""
+    spec = watch.spec
     audit(
         "follow.started",
         interval=spec.interval,
@@ -771,4 +778,3 @@ def start_watch(spec_path: str, audit: Audit) -> Watch | None:
         managed=None if spec.managed is None else spec.managed.directory,
         kernel=spec.kernel_note,
     )
-    return watch

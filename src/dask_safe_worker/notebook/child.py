@@ -42,18 +42,8 @@ class _KernelStaysWriter(_Writer):
             if self.version == 2:
                 self._oom_group_off(child_dir, path)
         except (OSError, ParseError) as exc:
-            reason = errno_reason(exc)
-            undo_error = None if child_dir is None else self._undo(child_dir, True, False)
-            self.audit(
-                "cgroup.write.failed",
-                target=path,
-                strategy="child",
-                reason=reason,
-                undo_error=undo_error,
-            )
-            return WriteOutcome(
-                enforced=False, written=False, reason=reason, strategy="child", target=path
-            )
+            # The kernel's process never moves: nothing to move back.
+            return self._child_failed(exc, path, child_dir, moved=False)
         outcome.created_child = str(child_dir)
         outcome.parent_dir = str(self.own_dir)
         return outcome

@@ -22,6 +22,7 @@ from ..dask_compat.local_cluster import local_cluster_counts
 from ..dask_compat.release import Version
 from ..events import make_audit
 from ..follow.live_limit import LIVE_FILE_ENV, LiveLimit, write_ack
+from ..follow.watch import report_started
 from ..options import PLAN_EXPORT_ENV
 from ..records import replace
 from .budget import plan_and_claim, supported_release
@@ -267,16 +268,7 @@ class LocalCluster(distributed.LocalCluster):
             worker_pids=self._dsw_worker_pids,
             held_in_process=self._dsw_held_in_process,
         )
-        self._dsw_audit(
-            "follow.started",
-            interval=spec.interval,
-            channel=spec.channel,
-            per_worker=watch.record.per_worker,
-            budget=watch.record.budget,
-            cgroup=watch.directories[0] if watch.directories else None,
-            managed=None if spec.managed is None else spec.managed.directory,
-            kernel=spec.kernel_note,
-        )
+        report_started(watch, self._dsw_audit)
         self._dsw_thread = FollowThread(watch, self._dsw_apply)
         self._dsw_undo.append(self._dsw_stop_watch)
 
