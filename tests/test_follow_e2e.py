@@ -326,7 +326,11 @@ def test_kernel_oom_kill_is_reported_with_the_worker(
             victim = next(iter(pids))
             client.submit(lambda: len(b"x" * (3 * GiB)), workers=[victim], pure=False)
             wait_until(lambda: kernel_cgroup.oom_kills() >= 1, 30)
-            time.sleep(2.5)
+            # The victim may take seconds to free its memory and exit; the record
+            # follows it within a tick.
+            wait_until(lambda: not os.path.exists(f"/proc/{pids[victim]}"), 30)
+            log = tmp_path / "stderr.log"
+            wait_until(lambda: '"kernel.oom_kill"' in log.read_text(), 10)
         finally:
             events = stop(proc, tmp_path)
     kills = [e for e in events if e["event"] == "kernel.oom_kill"]

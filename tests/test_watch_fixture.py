@@ -221,6 +221,31 @@ def test_oom_kill_names_the_worker_that_vanished(tree: Tree, tmp_path: Path) -> 
     assert counters == {"high": 4, "max": 9, "oom": 1}
 
 
+def test_oom_kill_waits_ticks_for_a_slow_victim(tree: Tree, tmp_path: Path) -> None:
+    # A victim freeing gigabytes under a tight limit can take seconds to exit: the
+    # record waits for it (a bounded number of ticks) rather than blaming nobody.
+    watch, log = start(tree, tmp_path)
+    tree.write(f"{SCOPE}/memory.events", "low 0\nhigh 0\nmax 1\noom 1\noom_kill 1")
+    for _ in range(3):
+        watch.tick()
+    assert "kernel.oom_kill" not in names(log)
+    tree.write(f"proc/{WORKER}/stat", f"{WORKER} (python) Z {NANNY} 1 1 0")
+    watch.tick()
+    kill = next(f for e, f in log if e == "kernel.oom_kill")
+    assert kill["gone_pids"] == [WORKER]
+
+
+def test_oom_kill_without_a_victim_of_ours_is_reported_in_the_end(
+    tree: Tree, tmp_path: Path
+) -> None:
+    watch, log = start(tree, tmp_path)
+    tree.write(f"{SCOPE}/memory.events", "low 0\nhigh 0\nmax 1\noom 1\noom_kill 1")
+    for _ in range(7):
+        watch.tick()
+    kills = [f for e, f in log if e == "kernel.oom_kill"]
+    assert len(kills) == 1 and kills[0]["gone_pids"] == []
+
+
 def test_a_removed_channel_stops_the_watch_once(tree: Tree, tmp_path: Path) -> None:
     watch, log = start(tree, tmp_path)
     shutil.rmtree(tmp_path / "channel")

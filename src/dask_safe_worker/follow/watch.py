@@ -57,6 +57,8 @@ SPEC_FILE = "follow.json"
 
 # Counters in memory.events (v2) and memory.oom_control (v1) that mean the kernel acted.
 _EVENT_NAMES = ("oom_kill", "oom", "max", "high")
+# Ticks a kernel OOM kill's record waits for one of our processes to disappear.
+_KILL_HOLD_TICKS = 5
 
 
 @mutable_record
@@ -127,7 +129,8 @@ class Watch:
         self.due = clock() + spec.interval
         self.ticks = 0
         self._gone_before: frozenset[int] = frozenset()
-        self._held_kills: list[tuple[dict[str, Any], frozenset[int]]] = []
+        # A counted kill waits for its victim: (fields, pids gone so far, ticks waited).
+        self._held_kills: list[tuple[dict[str, Any], frozenset[int], int]] = []
         self.stopped = False
         self._last_failure: tuple[str, str] | None = None
         self.events = self._read_counters()
@@ -191,7 +194,7 @@ class Watch:
         """The workers are gone: remove the channel (its directory is ours alone)."""
         import contextlib
 
-        self._flush_kills(frozenset())
+        self._flush_kills(frozenset(), final=True)
         self.deaths.close()
         self._files.close()
         if self.pool is not None:
@@ -714,10 +717,16 @@ class Watch:
                 out[directory] = counts
         return out
 
-    def _flush_kills(self, vanished: frozenset[int]) -> None:
+    def _flush_kills(self, vanished: frozenset[int], *, final: bool = False) -> None:
         held, self._held_kills = self._held_kills, []
-        for fields, gone in held:
-            self.audit("kernel.oom_kill", **fields, gone_pids=sorted(gone | vanished))
+        for fields, gone, waited in held:
+            gone = gone | vanished
+            # A victim that frees gigabytes under a tight limit can take seconds to
+            # exit: a record without it would blame nobody. Wait a few ticks for it.
+            if not gone and not final and waited < _KILL_HOLD_TICKS:
+                self._held_kills.append((fields, gone, waited + 1))
+                continue
+            self.audit("kernel.oom_kill", **fields, gone_pids=sorted(gone))
 
     def _report_events(self, counters: dict[str, dict[str, int]], gone: frozenset[int]) -> None:
         assert self.location is not None or not counters
@@ -744,7 +753,7 @@ class Watch:
                     # freeing its memory now. Reported next tick, with our processes
                     # that disappeared over these three ticks: the victim is among them
                     # when it was one of ours.
-                    self._held_kills.append((fields, gone))
+                    self._held_kills.append((fields, gone, 0))
                 else:
                     self.audit("kernel.memory_event", **fields)
 
