@@ -5,6 +5,7 @@ import shutil
 import socket
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,6 +17,18 @@ from scheduler_util import scheduler
 # The machine is shared with other suites; timing deadlines would only make tests flaky.
 settings.register_profile("dsw", deadline=None)
 settings.load_profile("dsw")
+
+
+HOST_RUN_DIR = "/run/dask-safe-worker"
+_HOST_RUN_BEFORE = os.path.exists(HOST_RUN_DIR)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """Name a leak into the host's runtime directory: every start in the suite has a
+    runtime directory of the session's own, so one that appeared there is a test's bug."""
+    if not _HOST_RUN_BEFORE and os.path.exists(HOST_RUN_DIR):
+        found = sorted(str(p) for p in Path(HOST_RUN_DIR).rglob("*"))
+        terminalreporter.write_line(f"WARNING: the suite left {HOST_RUN_DIR}: {found}")
 
 
 @pytest.fixture(scope="session", autouse=True)

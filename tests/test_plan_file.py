@@ -20,6 +20,7 @@ from dask_safe_worker import plan_file
 from scheduler_util import audit_events
 
 DSW = [sys.executable, "-m", "dask_safe_worker"]
+PRIVATE_RUN = 'mount --make-rprivate / && mount -t tmpfs -o mode=755 tmpfs /run && exec "$@"'
 # Prints the plan file variable the worker inherited (or "-").
 SHOW_ENV = f"{sys.executable} -c \"import os; print(os.environ.get('DASK_SAFE_WORKER_PLAN', '-'))\""
 
@@ -55,6 +56,10 @@ def start(
     if shell_prefix:
         # The shell does its work, then execs the tool: the tool runs with the shell's pid.
         argv = ["sh", "-c", f'{shell_prefix}; exec "$@"', "sh", *argv]
+    if os.geteuid() == 0:
+        # As root the fallback is /run/dask-safe-worker: the host's is not the tests' to
+        # fill (parallel suites shared and left it), so a /run of this start's own.
+        argv = ["unshare", "--mount", "sh", "-c", PRIVATE_RUN, "sh", *argv]
     return subprocess.run(
         argv, capture_output=True, text=True, timeout=60, env={**base, **env}, check=False
     )
@@ -399,3 +404,39 @@ def test_a_read_only_run_with_our_directory_falls_back_to_the_next_one(tmp_path:
         path, plan, error = remote._read_plan()
     assert (path, error) == (str(exported), None)
     assert plan is not None and plan["budget"] > 0
+
+
+@pytest.mark.parametrize(
+    "question",
+    [["--print-limit"], ["--dry-run", "tcp://127.0.0.1:1"]],
+    ids=["print-limit", "dry-run"],
+)
+def test_a_question_makes_no_runtime_directory(question: list[str], tmp_path: Path) -> None:
+    # Only an instance that claims memory needs the pool's directory; a question that
+    # made one left an empty directory in /run on every host it was asked on.
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("DASK_SAFE_WORKER", "XDG_"))}
+    proc = subprocess.run(
+        [*DSW, "--cgroup-write", "never", *question],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**base, "XDG_RUNTIME_DIR": str(runtime)},
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert os.listdir(runtime) == []
+
+
+def test_readers_find_the_directory_writers_chose(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    environ = {"XDG_RUNTIME_DIR": str(runtime)}
+    assert plan_file.existing_runtime_dir(environ) is None
+    assert not (runtime / plan_file.DIR_NAME).exists()
+    made = plan_file.runtime_dir(environ)
+    assert plan_file.existing_runtime_dir(environ) == made
+    # A directory open to others is never read from, as it is never written to.
+    made.chmod(0o777)
+    assert plan_file.existing_runtime_dir(environ) != made

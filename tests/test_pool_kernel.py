@@ -300,3 +300,32 @@ def test_fixed_commitments_hold_and_the_following_instances_split_the_rest(
         finally:
             stop_all(procs)
     assert sampler.worst <= LIMIT - HOLDER, sampler.worst
+
+
+def test_a_question_sees_the_live_pool_and_leaves_it_as_it_was(
+    kernel_cgroup: KernelCgroup, started_pids: set[int], client: Any, scheduler_address: str
+) -> None:
+    # `--print-limit` reads the pool without making its directory (a question leaves
+    # nothing behind); it must still find the live instances' claims there.
+    kernel_cgroup.set_limit(LIMIT)
+
+    def ask() -> int:
+        proc = subprocess.run(
+            kernel_cgroup.enter_command([*DSW, "--print-limit"]),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return int(proc.stdout)
+
+    alone = ask()
+    first = start_instance(kernel_cgroup, started_pids, scheduler_address)
+    try:
+        client.wait_for_workers(1, timeout=120)
+        shared = ask()
+    finally:
+        stop_all([first])
+    # The newcomer's share of the pool: about half of what it was alone.
+    assert 0.4 * alone < shared < 0.6 * alone, (alone, shared)

@@ -116,6 +116,16 @@ def pool_plan(*others: Member, args: WorkerArgs = ARGS, **settings: object) -> t
     return plan.share, plan.budget
 
 
+def test_a_question_is_answered_with_the_settled_share() -> None:
+    # `--print-limit` beside a sibling that holds the whole pool: a start would wait for
+    # it to come down; a question answers with the share the start settles at.
+    sibling = member(7, committed=POOL, working_set=200 * MiB)
+    share, budget = pool_plan(sibling, settled=True)
+    assert budget == share == POOL // 2
+    share, budget = pool_plan(member(7, committed=POOL * 3 // 4), settled=True)
+    assert budget == share == POOL // 2
+
+
 def test_alone_the_pool_changes_nothing() -> None:
     m = measurement(levels=(level(POOL, 40 * MiB),))
     alone = make_plan(m, ARGS, Settings(), pool=PoolView("k"))

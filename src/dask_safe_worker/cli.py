@@ -382,7 +382,8 @@ def _plan(
             with claim.locked():
                 try:
                     m, siblings, view = plan_inputs(m, opts.cgroup_child, pool, os.getpid())
-                    plan = make_plan(m, wargs, opts.settings(os.getpid()), siblings, view)
+                    settings = replace(opts.settings(os.getpid()), settled=query)
+                    plan = make_plan(m, wargs, settings, siblings, view)
                 except PoolBusy as exc:
                     # Announced with nothing held yet, so that the others make room.
                     claim.write(_member(m, values.n_workers, 0, None))

@@ -45,6 +45,7 @@ def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | N
     from .measure import measure, unreadable_problem
     from .options import FLAG_NAMES, VALUE_NAMES, fast_options
     from .plan import PlanError, make_plan
+    from .records import replace
     from .worker_args import parse_worker_args, split_argv
 
     # The same split the full command makes, so `--name --print-limit` stays a worker name.
@@ -69,7 +70,8 @@ def fast_print_limit(argv: Sequence[str], environ: Mapping[str, str]) -> int | N
         # Read-only: a query neither makes the pool's directory nor takes its lock.
         pool = find_pool(m, environ, create=False)
         m, siblings, view = plan_inputs(m, opts.cgroup_child, pool, os.getpid())
-        plan = make_plan(m, wargs, opts.settings(os.getpid()), siblings, view)
+        settings = replace(opts.settings(os.getpid()), settled=True)
+        plan = make_plan(m, wargs, settings, siblings, view)
     except (UnsupportedDistributedError, PlanError, OSError, ValueError):
         # WorkerArgsError is a ValueError. The full command reports each of these.
         return None

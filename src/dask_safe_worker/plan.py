@@ -47,6 +47,10 @@ class Settings:
     # Whether a supervisor follows the budget live: an instance that does not cannot
     # give back what it takes at start.
     follows: bool = True
+    # A question (--print-limit, --dry-run, memory_limit()) answers with the share an
+    # instance settles at once the others have come down: it waits for nobody, and no
+    # one makes room for a question.
+    settled: bool = False
 
 
 @record
@@ -270,7 +274,7 @@ def make_plan(
         share = after_fixed * n_workers // (flexible_weight + n_workers)
         commitment = share
     free_now = max(0, pool_budget - sum(o.committed for o in others))
-    budget = min(share, free_now)
+    budget = share if settings.settled else min(share, free_now)
     share_per_worker = _per_worker(share, overhead, n_workers, thread_share, m.dask_memory_limit)
     per_worker = _per_worker(budget, overhead, n_workers, thread_share, m.dask_memory_limit)
     shares = [(o.pid, o.committed) for o in others]

@@ -230,6 +230,36 @@ def _runtime_candidates(environ: Mapping[str, str]) -> Iterator[tuple[Path | Non
         yield directory, ""
 
 
+def existing_runtime_dir(environ: Mapping[str, str]) -> Path | None:
+    """The runtime directory `runtime_dir` would choose, when it exists already; None
+    when it does not. Made for readers (`--print-limit`, `--dry-run`, the notebook's
+    query): a question must not leave a directory in /run behind."""
+    import tempfile
+
+    euid = os.geteuid()
+    try:
+        tmpdir = tempfile.gettempdir()
+    except OSError:
+        tmpdir = "/tmp"
+    for candidate in candidate_dirs(environ, euid, tmpdir):
+        try:
+            info = os.lstat(candidate)
+        except FileNotFoundError:
+            # A writer would have made it here when its parent takes it: nothing to find.
+            if _writable(candidate.parent) is None:
+                return None
+            continue
+        except OSError:
+            continue
+        try:
+            _check_private(info, candidate, euid)
+        except PlanFileError:
+            continue
+        if _writable(candidate) is None:
+            return candidate
+    return None
+
+
 def runtime_dir(environ: Mapping[str, str]) -> Path:
     """The first usable private runtime directory (plan files, pools): private and
     writable; PlanFileError naming every directory tried when none is usable."""

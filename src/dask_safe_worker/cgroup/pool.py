@@ -354,16 +354,18 @@ def find_pool(
 ) -> Pool | None:
     """Our pool in the private runtime directory, made when missing with `create`; None
     when there is no usable directory (no instance can share then: each plans alone)."""
-    from ..plan_file import PlanFileError, private_dir, runtime_dir
+    from ..plan_file import PlanFileError, existing_runtime_dir, private_dir, runtime_dir
 
     key = pool_key(m, skip)
     try:
-        runtime = runtime_dir(environ)
-        directory = runtime / pool_dir_name(key)
         if create:
-            directory = private_dir(directory, os.geteuid())
-        elif not directory.is_dir():
-            return None
+            runtime = runtime_dir(environ)
+            directory = private_dir(runtime / pool_dir_name(key), os.geteuid())
+        else:
+            found = existing_runtime_dir(environ)
+            if found is None or not (found / pool_dir_name(key)).is_dir():
+                return None
+            runtime, directory = found, found / pool_dir_name(key)
     except (PlanFileError, OSError):
         return None
     if create:

@@ -23,6 +23,7 @@ from ..plan import (
     Settings,
     make_plan,
 )
+from ..records import replace
 from ..worker_args import WorkerArgs
 from .plan import NOTEBOOK_RESERVE, ReserveValue, as_neighbour, notebook_args, notebook_settings
 
@@ -70,7 +71,7 @@ def memory_limit(
     args = notebook_args(n_workers, threads_per_worker, processes, m.cpu_count)
     settings = notebook_settings(reserve, min_worker_memory, nanny_allowance)
     pool = find_pool(m, os.environ, create=False)
-    _, plan = plan_once(m, args, settings, pool)
+    _, plan = plan_once(m, args, replace(settings, settled=True), pool)
     return plan.per_worker
 
 
