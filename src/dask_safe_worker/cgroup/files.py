@@ -37,23 +37,29 @@ def read_kernel_text(path: Path | str) -> str:
         return _kept.read(os.fspath(path)).decode("utf-8", "surrogateescape")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _read_from(fd).decode("utf-8", "surrogateescape")
+        return _read_from(fd, os.fspath(path)).decode("utf-8", "surrogateescape")
     finally:
         os.close(fd)
 
 
 # Whole files in one read (memory.stat, meminfo: a few KiB); mountinfo may take several.
 _READ_SIZE = 65536
+# Files the kernel generates one record at a time (a mount, a pid): seq_file hands out at
+# most its buffer's page of whole records per read, so a short read is not their end (a
+# container's mountinfo over 4 KiB came back cut after its first page, without the
+# memory mount). Every other file we read is one record, generated whole.
+_RECORD_FILES = ("mountinfo", "/mounts", "cgroup.procs", "cgroup.threads", "/tasks")
 
 
-def _read_from(fd: int) -> bytes:
+def _read_from(fd: int, path: str) -> bytes:
     """The whole file from its start: the kernel generates it anew at offset 0.
 
-    A read shorter than asked for is the whole file: seq_file and sysfs fill the buffer
-    until their records end, so the end-of-file read that would follow (half of the
-    watch's reads) is skipped. Only a full buffer (mountinfo) is read on."""
+    A one-record file (a cgroup's memory files, meminfo, /proc/<pid>/cgroup) comes whole
+    in a read shorter than asked for: seq_file grows its buffer until the record fits, so
+    the end-of-file read that would follow (half of the watch's reads) is skipped. Record
+    files (`_RECORD_FILES`) and a full buffer are read on to the end."""
     first = os.pread(fd, _READ_SIZE, 0)
-    if len(first) < _READ_SIZE:
+    if len(first) < _READ_SIZE and not path.endswith(_RECORD_FILES):
         return first
     chunks = [first]
     offset = len(first)
@@ -81,7 +87,7 @@ class KeptFiles:
         fd = self._fds.get(path)
         if fd is not None:
             try:
-                data = _read_from(fd)
+                data = _read_from(fd, path)
             except OSError:
                 del self._fds[path]
                 os.close(fd)
@@ -90,7 +96,7 @@ class KeptFiles:
                 return data
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            data = _read_from(fd)
+            data = _read_from(fd, path)
         except OSError:
             os.close(fd)
             raise
