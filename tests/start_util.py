@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -65,3 +66,20 @@ def other_process(cg: KernelCgroup, started: set[int]) -> Iterator[int]:
     finally:
         proc.kill()
         proc.wait()
+
+
+def run_script(script: str, cwd: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """A shell script (namespaces, bind mounts, then the tool), its output captured."""
+    return subprocess.run(
+        ["sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
+    )
+
+
+def dsw_command(*args: str) -> str:
+    """The tool with JSON audit lines, quoted for a shell script."""
+    return shlex.join([*DSW, "--log-format", "json", *args])

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from cgroup_util import KernelCgroup
 from dask_safe_worker.dask_compat.release import installed_release
 from dask_safe_worker.measure import measure, unreadable_problem
 from scheduler_util import closed_port
-from start_util import DSW, cgroup_state
+from start_util import cgroup_state, dsw_command, run_script
 
 GiB, MiB = 2**30, 2**20
 MEMORY = Path("/sys/fs/cgroup/memory")
@@ -124,21 +123,6 @@ def test_unreadable_v2_controllers_without_a_v1_memory_hierarchy_is_not_no_limit
     assert unreadable_problem(m, False, False) is not None
 
 
-def _run(script: str, tmp_path: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=tmp_path,
-    )
-
-
-def _dsw(*args: str) -> str:
-    return shlex.join([*DSW, "--log-format", "json", *args])
-
-
 @pytest.fixture
 def siblings(kernel_cgroup: KernelCgroup) -> tuple[KernelCgroup, KernelCgroup]:
     """B limited to 512 MiB, its sibling R without a limit: both below the test cgroup."""
@@ -161,13 +145,13 @@ def test_an_unreadable_level_stops_the_start_unless_told_to_go_on(
     inner = "; ".join(
         [
             f"mount --bind {shlex.quote(str(r.path))} {MEMORY}",
-            f"{_dsw('--dry-run', SCHEDULER)} >/dev/null 2>dry.err; echo $? > dry.rc",
-            f"{_dsw('--print-limit', SCHEDULER)} >print.out 2>print.err; echo $? > print.rc",
-            f"{_dsw('--dry-run', '--memory-limit', '300MiB', SCHEDULER)} >/dev/null 2>mem.err",
-            "echo $? > mem.rc",
+            f"{dsw_command('--dry-run', SCHEDULER)} >/dev/null 2>dry.err; echo $? > dry.rc",
+            f"{dsw_command('--print-limit', SCHEDULER)} >print.out 2>print.err; echo $? > print.rc",
+            f"{dsw_command('--dry-run', '--memory-limit', '300MiB', SCHEDULER)}"
+            " >/dev/null 2>mem.err; echo $? > mem.rc",
         ]
     )
-    proc = _run(f"{enter} && exec unshare -m sh -c {shlex.quote(inner)}", tmp_path)
+    proc = run_script(f"{enter} && exec unshare -m sh -c {shlex.quote(inner)}", tmp_path)
     assert proc.returncode == 0, proc.stderr
     for name in ("dry", "print"):
         err = (tmp_path / f"{name}.err").read_text()
@@ -200,7 +184,7 @@ def test_the_notebook_api_fails_closed_too(
     enter = f"echo $$ > {shlex.quote(str(b.path))}/cgroup.procs"
     query = shlex.join([sys.executable, "-c", NOTEBOOK_QUERY])
     inner = f"mount --bind {shlex.quote(str(r.path))} {MEMORY} && exec {query}"
-    proc = _run(f"{enter} && exec unshare -m sh -c {shlex.quote(inner)}", tmp_path)
+    proc = run_script(f"{enter} && exec unshare -m sh -c {shlex.quote(inner)}", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("refused cannot read every memory cgroup level"), proc.stdout
     assert "memory_limit=" in proc.stdout

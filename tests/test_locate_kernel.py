@@ -24,7 +24,7 @@ import pytest
 
 from cgroup_util import KernelCgroup
 from scheduler_util import audit_events, closed_port
-from start_util import DSW, NOOP_WORKER, cgroup_state, other_process
+from start_util import DSW, NOOP_WORKER, cgroup_state, dsw_command, other_process, run_script
 
 MiB, GiB = 2**20, 2**30
 MEMORY = Path("/sys/fs/cgroup/memory")
@@ -35,21 +35,6 @@ pytestmark = [
 ]
 
 SCHEDULER = f"tcp://127.0.0.1:{closed_port()}"
-
-
-def _run(script: str, tmp_path: Path, timeout: float = 90) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        ["sh", "-c", script],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        cwd=tmp_path,
-    )
-
-
-def _dsw(*args: str) -> str:
-    return shlex.join([*DSW, "--log-format", "json", *args])
 
 
 def _outcome(stderr: str) -> dict[str, Any]:
@@ -82,14 +67,14 @@ def test_a_sibling_bound_over_the_controller_is_never_planned_from_or_written(
         [
             bind,
             # Row 4: our level exists and cannot be read: the start stops.
-            f"{_dsw('--dry-run', SCHEDULER)} >/dev/null 2>dry.err; echo $? > dry.rc",
+            f"{dsw_command('--dry-run', SCHEDULER)} >/dev/null 2>dry.err; echo $? > dry.rc",
             # Told to go on: it plans from what is certain and writes nothing anywhere.
-            _dsw("--no-init", "--allow-unreadable-cgroup", "--worker-command", NOOP_WORKER)
+            dsw_command("--no-init", "--allow-unreadable-cgroup", "--worker-command", NOOP_WORKER)
             + f" {SCHEDULER} 2>start.err; echo $? > start.rc",
             "cat /proc/self/cgroup > after.cgroup",
         ]
     )
-    proc = _run(f"{enter} && exec unshare -m -C sh -c {shlex.quote(inner)}", tmp_path)
+    proc = run_script(f"{enter} && exec unshare -m -C sh -c {shlex.quote(inner)}", tmp_path)
     assert proc.returncode == 0, proc.stderr
     dry = (tmp_path / "dry.err").read_text()
     assert (tmp_path / "dry.rc").read_text().strip() == "1", dry
@@ -118,12 +103,12 @@ def test_a_move_out_of_our_cgroup_namespace_writes_nothing(
         [
             f"echo $$ > {shlex.quote(str(r.path))}/cgroup.procs",
             "grep :memory: /proc/self/cgroup > ns.cgroup",
-            f"{_dsw('--dry-run', SCHEDULER)} >/dev/null 2>dry.err; echo $? > dry.rc",
-            _dsw("--no-init", "--memory-limit", "300MiB", "--worker-command", NOOP_WORKER)
+            f"{dsw_command('--dry-run', SCHEDULER)} >/dev/null 2>dry.err; echo $? > dry.rc",
+            dsw_command("--no-init", "--memory-limit", "300MiB", "--worker-command", NOOP_WORKER)
             + f" {SCHEDULER} 2>start.err; echo $? > start.rc",
         ]
     )
-    proc = _run(f"{enter} && exec unshare -C sh -c {shlex.quote(inner)}", tmp_path)
+    proc = run_script(f"{enter} && exec unshare -C sh -c {shlex.quote(inner)}", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "ns.cgroup").read_text().strip().endswith(":/../R")
     assert (tmp_path / "dry.rc").read_text().strip() == "1"
@@ -151,7 +136,7 @@ def test_a_nested_namespace_path_is_located_and_limited(
             f"echo $$ > {MEMORY}/B/cgroup.procs",
             "grep :memory: /proc/self/cgroup > ns.cgroup",
             f"grep ' {MEMORY} ' /proc/self/mountinfo > ns.mountinfo",
-            f"{_dsw('--dry-run', '--reserve', '64MiB', SCHEDULER)} > dry.out 2>dry.err",
+            f"{dsw_command('--dry-run', '--reserve', '64MiB', SCHEDULER)} > dry.out 2>dry.err",
             "echo $? > dry.rc",
         ]
     )
@@ -164,7 +149,7 @@ def test_a_nested_namespace_path_is_located_and_limited(
             f"unshare -C sh -c {shlex.quote(deepest)}",
         ]
     )
-    proc = _run(f"{enter} && exec unshare -m -C sh -c {shlex.quote(middle)}", tmp_path)
+    proc = run_script(f"{enter} && exec unshare -m -C sh -c {shlex.quote(middle)}", tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "ns.cgroup").read_text().strip().endswith(":/../../B")
     assert " /../.. " in (tmp_path / "ns.mountinfo").read_text()
