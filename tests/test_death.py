@@ -37,6 +37,7 @@ from dask_safe_worker.follow.death_watch import (
     pending_records,
     remove_record,
 )
+from dask_safe_worker.records import replace
 
 GiB, MiB = 2**30, 2**20
 KILL = -int(signal.SIGKILL)
@@ -300,4 +301,82 @@ def test_two_kills_between_two_ticks_explain_two_deaths(tmp_path: Path) -> None:
         (43, KERNEL_OOM_LIMIT),
         (44, SIGNAL),
     ]
+    watch.close()
+
+
+def test_a_parent_limit_reached_first_is_named_with_its_own_size() -> None:
+    # Our limit on /c/w leaves no room below /c's: /c's limit was hit, /c/w's was not.
+    r = readings(oom_kills={"/c": 1, "/c/w": 1}, hits={"/c": 1, "/c/w": 0}, global_kills=1)
+    rec = attribute(replace(r, cgroup_limits=(("/c", 3 * GiB),)))
+    assert rec["cause"] == KERNEL_OOM_LIMIT and rec["cgroup"] == "/c"
+    assert rec["cgroup_limit"] == 3 * GiB and rec["limit_hits"] == {"/c": 1}
+    # One kill, counted at both levels: one kill.
+    assert rec["oom_kills"] == 1
+    assert "at the limit of cgroup /c (its limit 3.00 GiB; kernel limit 2.41 GiB, " in sentence(rec)
+
+
+def _v2_cgroup(d: Path, events: dict[str, int], local: dict[str, int] | None) -> None:
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "memory.max").write_text(f"{GiB}\n")
+    (d / "memory.events").write_text("".join(f"{k} {v}\n" for k, v in events.items()))
+    if local is not None:
+        (d / "memory.events.local").write_text("".join(f"{k} {v}\n" for k, v in local.items()))
+
+
+@pytest.mark.parametrize("has_local", [True, False])
+def test_v2_hits_are_the_cgroups_own(tmp_path: Path, has_local: bool) -> None:
+    """memory.events counts a child's limit hit in every ancestor: a sibling (the agent
+    beside our worker) hitting its own limit is not a hit of the parent's. Without
+    memory.events.local (before Linux 5.2) only the hierarchical count exists."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "vmstat").write_text("oom_kill 0\n")
+    parent, ours = tmp_path / "m", tmp_path / "m" / "w"
+    zero = {"max": 0, "oom": 0, "oom_kill": 0}
+    _v2_cgroup(parent, zero, zero if has_local else None)
+    _v2_cgroup(ours, zero, zero if has_local else None)
+    live = str(tmp_path / "chan" / "live.json")
+    logged: list[dict[str, Any]] = []
+    watch = DeathWatch(live, lambda e, **f: logged.append(f), 2, [str(ours), str(parent)], proc)
+    # The agent hit its limit below m (counted in m's memory.events only); then a global
+    # OOM kill took our worker (counted in w and m).
+    _v2_cgroup(parent, {"max": 1, "oom": 1, "oom_kill": 1}, zero if has_local else None)
+    local_w = {"max": 0, "oom": 0, "oom_kill": 1}
+    _v2_cgroup(ours, {"max": 0, "oom": 0, "oom_kill": 1}, local_w if has_local else None)
+    (proc / "vmstat").write_text("oom_kill 1\n")
+    note_exit(live, ExitNote(pid=42, exitcode=KILL, at=1.0), 0)
+    watch.tick(lambda: (GiB, str(ours)), list)
+    (rec,) = logged
+    if has_local:
+        assert rec["cause"] == KERNEL_OOM_GLOBAL, rec
+    else:
+        assert rec["cause"] == KERNEL_OOM_LIMIT and rec["cgroup"] == str(parent)
+        assert rec["cgroup_limit"] == GiB
+    assert rec["oom_kills"] == 1
+    watch.close()
+
+
+def test_v2_a_kill_at_our_limit_names_our_cgroup(tmp_path: Path) -> None:
+    """The kernel counts our limit's hit in w and (memory.events) in every ancestor: the
+    record names w, whose limit it was, and its size."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "vmstat").write_text("oom_kill 0\n")
+    parent, ours = tmp_path / "m", tmp_path / "m" / "w"
+    zero = {"max": 0, "oom": 0, "oom_kill": 0}
+    for d in (parent, ours):
+        _v2_cgroup(d, zero, zero)
+    live = str(tmp_path / "chan" / "live.json")
+    logged: list[dict[str, Any]] = []
+    watch = DeathWatch(live, lambda e, **f: logged.append(f), 2, [str(parent), str(ours)], proc)
+    hit = {"max": 3, "oom": 1, "oom_kill": 1}
+    _v2_cgroup(parent, hit, zero)
+    _v2_cgroup(ours, hit, hit)
+    (proc / "vmstat").write_text("oom_kill 1\n")
+    note_exit(live, ExitNote(pid=42, exitcode=KILL, at=1.0), 0)
+    watch.tick(lambda: (GiB, str(ours)), list)
+    (rec,) = logged
+    assert rec["cause"] == KERNEL_OOM_LIMIT and rec["cgroup"] == str(ours)
+    assert rec["limit_hits"] == {str(ours): 1} and rec["cgroup_limit"] == GiB
+    assert f"at the limit of cgroup {ours} (kernel limit 1.00 GiB" in rec["sentence"]
     watch.close()

@@ -19,7 +19,7 @@ import pytest
 
 import dask_safe_worker
 from cgroup_util import KernelCgroup
-from dask_safe_worker.follow.death import TOPIC
+from dask_safe_worker.follow.death import CAUSES, TOPIC
 from scheduler_util import scheduler
 from test_follow_e2e import client_for, start, stop, wait_until
 
@@ -157,3 +157,84 @@ def test_nanny_restart_past_the_terminate_threshold(
     assert "past Dask's terminate threshold" in sentences[0]
     died = [e for e in events if e["event"] == "worker.died"]
     assert [e["cause"] for e in died] == ["nanny_memory_restart"]
+
+
+def scrape(client: Any, nanny: str, save: Path | None = None) -> dict[str, float]:
+    """The /metrics of the worker that `nanny` runs now, over HTTP on 127.0.0.1: each
+    sample of ours as `name` or `name{cause}` (and the page in `save`)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    (port,) = [
+        w["services"]["dashboard"]
+        for w in client.scheduler_info()["workers"].values()
+        if w["nanny"] == nanny
+    ]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    if save is not None:
+        save.write_text(text)
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name.startswith("dask_safe_worker_"):
+                cause = s.labels.get("cause")
+                out[s.name if cause is None else f"{s.name}{{{cause}}}"] = s.value
+    return out
+
+
+def test_metrics_on_the_workers_http_server(
+    kernel_cgroup: KernelCgroup,
+    started_pids: set[int],
+    tmp_path: Path,
+    client_for: Callable[[str], Any],
+) -> None:
+    """The budget, the kernel limit, what is available and the deaths by cause, beside
+    Dask's own metrics; a SIGKILL from outside counts once, for its nanny's worker."""
+    kernel_cgroup.set_limit(2 * GiB)
+    deaths = "dask_safe_worker_worker_deaths_total"
+    with scheduler() as address:
+        proc = start(
+            kernel_cgroup, started_pids, address, tmp_path, "--dashboard-address", "127.0.0.1:0"
+        )
+        try:
+            client = client_for(address)
+            info = client.scheduler_info()["workers"]
+            pids = client.run(os.getpid)
+            limits = client.run(lambda dask_worker: dask_worker.memory_manager.memory_limit)
+            victim, other = sorted(pids)
+            before = {info[a]["nanny"]: scrape(client, info[a]["nanny"]) for a in pids}
+            os.kill(pids[victim], signal.SIGKILL)
+            [death] = records(client, 1)
+            client.wait_for_workers(2, timeout=60)
+            wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, 60)
+            wait_until(lambda: scrape(client, death["nanny"]).get(f"{deaths}{{signal}}") == 1, 60)
+            after = {
+                n: scrape(client, n, tmp_path / f"metrics-{i}.txt") for i, n in enumerate(before)
+            }
+        finally:
+            events = stop(proc, tmp_path)
+    document = json.loads((tmp_path / "plan.json").read_text())
+    plan, outcome = document["plan"], document["cgroup_write"]["outcome"]
+    died = [e for e in events if e["event"] == "worker.died"]
+    assert [e["cause"] for e in died] == ["signal"]
+    for metrics in before.values():
+        assert metrics["dask_safe_worker_memory_limit_bytes"] == plan["effective_per_worker"]
+        assert metrics["dask_safe_worker_budget_bytes"] == plan["budget"]
+        # The limit the kernel holds over the workers: the one the tool wrote, else the
+        # test cgroup's.
+        kernel = outcome["read_back"] if outcome["written"] else 2 * GiB
+        assert metrics["dask_safe_worker_kernel_limit_bytes"] == kernel
+        assert 0 < metrics["dask_safe_worker_available_bytes"] <= 2 * GiB
+        assert {k: v for k, v in metrics.items() if k.startswith(deaths)} == {
+            f"{deaths}{{{cause}}}": 0 for cause in CAUSES
+        }
+    assert set(limits.values()) == {plan["effective_per_worker"]}
+    assert death["cause"] == "signal" and death["worker_pid"] == pids[victim]
+    assert after[death["nanny"]][f"{deaths}{{signal}}"] == 1
+    assert sum(v for k, v in after[death["nanny"]].items() if k.startswith(deaths)) == 1
+    # The other nanny's worker lost none.
+    (unharmed,) = set(after) - {death["nanny"]}
+    assert info[other]["nanny"] == unharmed
+    assert all(v == 0 for k, v in after[unharmed].items() if k.startswith(deaths))

@@ -3,7 +3,7 @@
 The nanny knows how its worker ended (the exit code; whether its own memory monitor
 terminated it past Dask's terminate threshold, the `worker-restart-memory` event), the
 kernel knows whether it OOM-killed somebody (a cgroup's `oom_kill` counter, /proc/vmstat's
-`oom_kill`) and where a limit was hit (v2 `memory.events` `oom`, v1 `memory.failcnt`).
+`oom_kill`) and where a limit was hit (v2 `memory.events.local` `oom`, v1 `memory.failcnt`).
 The supervisor's watch gathers both (`follow/death_watch.py`) and asks `attribute` which
 of five causes it was; `sentence` says it in one line for people.
 
@@ -48,6 +48,8 @@ RECORD_KEYS = frozenset(
         "rss",
         "rss_samples",
         "cgroup",
+        "cgroup_limit",
+        "limit_hits",
         "kernel_limit",
         "dask_limit",
         "terminate_at",
@@ -85,7 +87,8 @@ class Readings:
     note: ExitNote
     # Per cgroup directory of ours: how far `oom_kill` moved since the last attribution.
     oom_kills: Mapping[str, int]
-    # Per cgroup directory of ours: how often its limit was hit (v2 `oom`, v1 failcnt).
+    # Per cgroup directory of ours: how often its own limit was hit (v2 `oom` of
+    # memory.events.local, v1 failcnt): not its descendants' hits.
     limit_hits: Mapping[str, int]
     # How far /proc/vmstat's oom_kill moved (None: unreadable).
     global_oom_kills: int | None
@@ -96,6 +99,8 @@ class Readings:
     cgroup: str | None = None
     # The largest other users of the pool at that moment: (who, bytes), largest first.
     top_users: Sequence[tuple[str, int]] = ()
+    # (cgroup directory, its limit in bytes) when the worker died, for those that hit it.
+    cgroup_limits: Sequence[tuple[str, int]] = ()
 
 
 def signal_of(exitcode: int) -> int | None:
@@ -140,10 +145,19 @@ def attribute(r: Readings) -> dict[str, Any]:
         int(n.dask_limit * n.terminate_fraction) if n.dask_limit and n.terminate_fraction else None
     )
     cgroup = r.cgroup
+    cgroup_limit = r.kernel_limit
+    hit = {d: k for d, k in r.limit_hits.items() if k > 0}
     if cause == KERNEL_OOM_LIMIT:
-        hit = [d for d, k in r.limit_hits.items() if k > 0]
-        # The deepest cgroup that hit its limit: the one whose limit stopped the worker.
+        # The deepest cgroup whose own limit was hit: the one whose limit stopped the
+        # worker. Not always the one we wrote: where our limit leaves no room below a
+        # parent's (reserve 0), the parent's may be reached first, and naming ours would
+        # put the kill at a limit it never reached.
         cgroup = max(hit, key=len)
+        cgroup_limit = dict(r.cgroup_limits).get(cgroup)
+    # The kills counted where the worker ran: the deepest cgroup that counted one (an
+    # ancestor's count includes every descendant's).
+    counted = [d for d, k in r.oom_kills.items() if k > 0]
+    kills = r.oom_kills[max(counted, key=len)] if counted else 0
     return {
         "cause": cause,
         "worker_pid": n.pid,
@@ -156,10 +170,12 @@ def attribute(r: Readings) -> dict[str, Any]:
         "rss": rss,
         "rss_samples": samples,
         "cgroup": cgroup,
+        "cgroup_limit": cgroup_limit,
+        "limit_hits": hit,
         "kernel_limit": r.kernel_limit,
         "dask_limit": n.dask_limit,
         "terminate_at": terminate_at,
-        "oom_kills": sum(r.oom_kills.values()),
+        "oom_kills": kills,
         "global_oom_kills": r.global_oom_kills,
         "top_users": [[who, size] for who, size in r.top_users],
     }
@@ -198,9 +214,12 @@ def sentence(rec: Mapping[str, Any]) -> str:
     at = f" at {_size(rec['rss'])}" if rec.get("rss") is not None else ""
     cause = rec.get("cause")
     if cause == KERNEL_OOM_LIMIT:
+        own = rec.get("cgroup_limit")
+        # A parent's limit reached before the one we wrote: say how large it was.
+        its = f"its limit {_size(own)}; " if own and own != rec.get("kernel_limit") else ""
         text = (
             f"{who} was killed by the kernel OOM killer{at} at the limit of cgroup "
-            f"{rec.get('cgroup')} ({_limits(rec)})"
+            f"{rec.get('cgroup')} ({its}{_limits(rec)})"
         )
     elif cause == KERNEL_OOM_GLOBAL:
         text = (

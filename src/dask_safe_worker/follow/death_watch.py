@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
-from ..cgroup.parse import parse_memory_stat
+from ..cgroup.parse import V1_UNLIMITED_FLOOR, parse_int, parse_memory_stat, parse_v2_limit
 from ..records import as_dict
 from .death import KERNEL_OOM_GLOBAL, KERNEL_OOM_LIMIT, ExitNote, Readings, attribute, sentence
 from .live_limit import _write_atomically
@@ -150,12 +150,19 @@ def read_global_oom_kills(proc_root: Path) -> int | None:
 
 def read_event_counters(version: int, directory: str) -> dict[str, int] | None:
     """(oom_kill, limit hits) counters of one cgroup, under the names `oom_kill` and
-    `hits`: v2 memory.events `oom`; v1 memory.failcnt (v1 has no OOM count per limit)."""
+    `hits`. v2: `oom_kill` of memory.events (hierarchical: a kill in any cgroup below
+    counts), `oom` of memory.events.local (Linux 5.2+) where it exists, since
+    memory.events counts a child's hits in every ancestor too; v1: memory.oom_control
+    and memory.failcnt, both the cgroup's own (v1 has no OOM count per limit)."""
     d = Path(directory)
     try:
         if version == 2:
             counts = parse_memory_stat((d / "memory.events").read_text())
-            hits = counts.get("oom")
+            try:
+                local = parse_memory_stat((d / "memory.events.local").read_text())
+            except FileNotFoundError:
+                local = counts
+            hits = local.get("oom")
         else:
             counts = parse_memory_stat((d / "memory.oom_control").read_text())
             hits = int((d / "memory.failcnt").read_text().strip())
@@ -165,6 +172,18 @@ def read_event_counters(version: int, directory: str) -> dict[str, int] | None:
     if "oom_kill" in counts:
         out["oom_kill"] = counts["oom_kill"]
     return out
+
+
+def read_limit(version: int, directory: str) -> int | None:
+    """A cgroup's memory limit in bytes (v2 memory.max, v1 memory.limit_in_bytes);
+    None for none or unreadable."""
+    name = "memory.max" if version == 2 else "memory.limit_in_bytes"
+    try:
+        text = (Path(directory) / name).read_text()
+        value = parse_v2_limit(text, name) if version == 2 else parse_int(text, name)
+    except (OSError, ValueError):
+        return None
+    return None if value is None or value >= V1_UNLIMITED_FLOOR else value
 
 
 Counters = dict[str, dict[str, int]]
@@ -203,7 +222,8 @@ class DeathWatch:
         self.workers: dict[int, dict[str, Any]] = {}
         self.counters = self._read_counters()
         self.global_oom_kills = read_global_oom_kills(proc_root)
-        self.died: dict[str, int] = {}
+        # Deaths explained so far, per nanny slot and cause (the metrics count them).
+        self.died: dict[int, dict[str, int]] = {}
 
     def _read_counters(self) -> dict[str, dict[str, int]]:
         if self.version is None:
@@ -284,10 +304,17 @@ class DeathWatch:
         ]
         others += list(pool_users())
         kills = _delta(counters, self.counters, "oom_kill")
+        hits = _delta(counters, self.counters, "hits")
+        version = self.version
+        limits = [
+            (d, value)
+            for d, n in hits.items()
+            if n > 0 and version is not None and (value := read_limit(version, d)) is not None
+        ]
         readings = Readings(
             note=note,
             oom_kills=kills,
-            limit_hits=_delta(counters, self.counters, "hits"),
+            limit_hits=hits,
             global_oom_kills=(
                 None
                 if vmstat is None or self.global_oom_kills is None
@@ -297,13 +324,15 @@ class DeathWatch:
             kernel_limit=limit,
             cgroup=cgroup,
             top_users=tuple(sorted(others, key=lambda u: -u[1])[:5]),
+            cgroup_limits=tuple(limits),
         )
         record = attribute(readings)
         self._consume(counters, vmstat, kills, record["cause"] in KERNEL_CAUSES)
         self.workers.pop(note.pid, None)
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(self.directory, f"{note.pid}.worker"))
-        self.died[record["cause"]] = self.died.get(record["cause"], 0) + 1
+        counts = self.died.setdefault(slot, {})
+        counts[record["cause"]] = counts.get(record["cause"], 0) + 1
         self.audit("worker.died", **record, sentence=sentence(record))
         try:
             _write_json(os.path.join(self.directory, f"{slot}-{note.pid}.death"), record)

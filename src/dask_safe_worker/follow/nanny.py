@@ -16,6 +16,7 @@ from typing import Any
 from . import nanny_deaths
 from . import preload as follow_dask
 from .live_limit import LiveLimit, read_live_limit
+from .metrics import NANNY_SLOT_ENV
 
 
 async def dask_setup(nanny: Any) -> None:
@@ -33,6 +34,8 @@ async def dask_setup(nanny: Any) -> None:
     follower = follow_dask.Follower(path, "nanny", apply)
     follower.hold(first)
     follow_dask.start(nanny, follower, first.interval)
+    # Its worker's /metrics counts this nanny's deaths (follow/prometheus.py).
+    nanny.env[NANNY_SLOT_ENV] = str(follower.slot)
     # Before the worker starts: its process object takes the exit hook when it is made.
     nanny_deaths.start(nanny, path, follower.slot, first.interval)
 

@@ -45,6 +45,7 @@ from .live_limit import (
     remove_channel,
     write_live_limit,
 )
+from .metrics import Metrics, remove_metrics, same, write_metrics
 
 TYPE_CHECKING = False  # typing costs ~2 ms (and `re`) in the supervisor; mypy knows this name
 if TYPE_CHECKING:
@@ -164,6 +165,7 @@ class Watch:
             proc_root,
         )
         self._known: tuple[int, int] | None = None
+        self._metrics: Metrics | None = None
         # The level, counter and /proc files every tick reads, kept open between ticks.
         self._files = KeptFiles()
 
@@ -196,6 +198,7 @@ class Watch:
 
         self._flush_kills(frozenset(), final=True)
         self.deaths.close()
+        remove_metrics(self.spec.channel)
         self._files.close()
         if self.pool is not None:
             self.pool.leave(self.pid)
@@ -286,6 +289,7 @@ class Watch:
             # A membership change explains a change of this tick only.
             self.reason = "limit changed"
         self.previous = m
+        self._write_metrics(m)
 
     def _measure(self) -> Measurement:
         """This tick's measurement; the worker tree below us counts as ours. (A notebook's
@@ -300,6 +304,28 @@ class Watch:
             known=self._known,
             rss_when_alone=False,
         )
+
+    # -- metrics -----------------------------------------------------------------------
+
+    def _write_metrics(self, m: Measurement) -> None:
+        """The workers' /metrics read this (follow/metrics.py): written when it changed."""
+        if self.stopped:  # the channel's directory is gone
+            return
+        snapshot = Metrics(
+            per_worker=self.record.per_worker,
+            budget=self.record.budget,
+            kernel_limit=self._kernel_limit()[0],
+            available=m.available,
+            deaths={slot: dict(counts) for slot, counts in self.deaths.died.items()},
+        )
+        if same(self._metrics, snapshot):
+            return
+        try:
+            write_metrics(self.spec.channel, snapshot)
+        except OSError as exc:
+            self._failed("metrics", reason=_describe(exc))
+            return
+        self._metrics = snapshot
 
     # -- worker deaths -----------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import logging
 from typing import Any
 
 from . import preload as follow_dask
+from . import prometheus
 from . import scheduler as _scheduler_side
 from .live_limit import LiveLimit, read_live_limit
 
@@ -77,6 +78,8 @@ async def dask_setup(worker: Any) -> None:
     follower = follow_dask.Follower(path, "worker", apply)
     follower.hold(first)
     follow_dask.start(worker, follower, first.interval)
+    # Beside Dask's own metrics, where distributed serves them (prometheus_client).
+    prometheus.register(path)
 
 
 async def dask_teardown(worker: Any) -> None:
