@@ -11,6 +11,7 @@ unused is deleted, not listed here.
 # pytest: markers, hooks, collection settings and autouse fixtures.
 pytestmark
 pytest_configure
+pytest_terminal_summary
 collect_ignore
 _runtime_dir  # tests/test_instances.py, autouse
 _leave_run_as_it_was  # tests/test_plan_file.py, autouse
