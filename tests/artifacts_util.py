@@ -13,6 +13,7 @@ import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO_ROOT / "docker" / "Dockerfile"
@@ -317,3 +318,16 @@ def exec_start_argv(value: str) -> list[str]:
         raise ValueError("empty ExecStart")
     words[0] = words[0].lstrip("-@:+!")
     return words
+
+
+def helm_worker_args(values: Mapping[str, Any]) -> list[str]:
+    """The worker args the dask/dask chart's template renders from these values."""
+    worker = values["worker"]
+    address = worker.get("custom_scheduler_url") or "dask-scheduler:8786"
+    args = [worker["image"]["dask_worker"], address]
+    limits = worker.get("resources", {}).get("limits")
+    if limits:
+        threads = worker.get("threads_per_worker") or limits.get("cpu")
+        args += ["--nthreads", str(threads), "--memory-limit", str(limits["memory"])]
+    args += ["--no-dashboard", "--dashboard-address", "8790"]
+    return args + list(worker.get("extraArgs", []))

@@ -38,6 +38,7 @@ from artifacts_util import (
     dockerfile_labels,
     dockerfile_stages,
     exec_start_argv,
+    helm_worker_args,
     parse_dockerfile_text,
     parse_unit_file,
     unit_values,
@@ -894,7 +895,7 @@ def test_k8s_manifests_match_the_kubernetes_schemas() -> None:
     container = {
         "name": "worker",
         "image": f"{worker['image']['repository']}:{worker['image']['tag']}",
-        "args": _helm_worker_args(values),
+        "args": helm_worker_args(values),
         "resources": worker["resources"],
         "env": worker["env"],
     }
@@ -929,19 +930,6 @@ def test_k8s_daskcluster_worker_uses_the_image_entrypoint() -> None:
     assert scheduler["command"] == ["dask", "scheduler"]
 
 
-def _helm_worker_args(values: Mapping[str, Any]) -> list[str]:
-    """The worker args the dask/dask chart's template renders from these values."""
-    worker = values["worker"]
-    address = worker.get("custom_scheduler_url") or "dask-scheduler:8786"
-    args = [worker["image"]["dask_worker"], address]
-    limits = worker.get("resources", {}).get("limits")
-    if limits:
-        threads = worker.get("threads_per_worker") or limits.get("cpu")
-        args += ["--nthreads", str(threads), "--memory-limit", str(limits["memory"])]
-    args += ["--no-dashboard", "--dashboard-address", "8790"]
-    return args + list(worker.get("extraArgs", []))
-
-
 def test_k8s_helm_values_worker_section() -> None:
     (values,) = _yaml_documents(K8S / "helm-values.yaml")
     worker = values["worker"]
@@ -970,7 +958,7 @@ def test_k8s_helm_values_make_the_cli_lower_the_charts_memory_limit() -> None:
     (values,) = _yaml_documents(K8S / "helm-values.yaml")
     option = values["worker"]["image"]["dask_worker"]
     assert _our_options().get(option) is False, "a single flag: the chart adds no value after it"
-    args = _helm_worker_args(values)
+    args = helm_worker_args(values)
     argv = dockerfile_entrypoint_argv(DOCKERFILE, args)
     pod_limit = _k8s_quantity(values["worker"]["resources"]["limits"]["memory"])
     # Make the budget ~2 GiB, as in a pod whose limit the chart passes on whole.

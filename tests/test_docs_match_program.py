@@ -47,6 +47,8 @@ FOREIGN_OPTIONS = frozenset(
     | {"--require-hashes", "--bokeh", "--bokeh-port", "--no-bokeh", "--nprocs", "--dryrun"}
     | {"--reconnect", "--no-reconnect", "--jobs", "--build", "--rm", "--change"}
     | {"--customize-hook", "--include", "--variant"}
+    # podman's network create, kube play and pod stop (docs/containers.md)
+    | {"--internal", "--subnet", "--ip", "--time"}
 )
 
 
