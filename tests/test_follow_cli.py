@@ -130,3 +130,57 @@ def test_read_only_channel_disables_follow_and_the_worker_starts(tmp_path: Path)
     assert "dask_safe_worker.follow.worker" not in proc.stdout
     assert "tcp://127.0.0.1:1" in proc.stdout
     assert stat.S_ISCHR(null.lstat().st_mode)
+
+
+def test_the_worker_starts_before_the_supervisor_which_adopts_it(tmp_path: Path) -> None:
+    # The supervisor's start (an interpreter, the watch) is off the way to a registered
+    # worker: the planning process forks the worker, then execs the supervisor.
+    proc = run(
+        [
+            "--cgroup-write",
+            "never",
+            "--log-format",
+            "json",
+            "--plan-file",
+            str(tmp_path / "plan.json"),
+            "--worker-command",
+            f"{sys.executable} -c 'import os, sys; print(os.getppid()); sys.exit(5)'",
+            "tcp://127.0.0.1:1",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 5, proc.stderr
+    events = audit_events(proc.stderr)
+    by_name = {e["event"]: e for e in events}
+    tool = by_name["cli.started"]["pid"]
+    worker = by_name["init.start"]["adopted"]
+    assert by_name["init.child.exited"]["child_pid"] == worker
+    exec_argv = by_name["init.exec"]["argv"]
+    assert exec_argv[exec_argv.index("--adopt") + 1] == str(worker)
+    assert exec_argv.index("--adopt") < exec_argv.index("--")
+    # One process throughout: the planning process, then the supervisor, its parent.
+    assert by_name["init.start"]["pid"] == tool and proc.stdout.split() == [str(tool)]
+    assert by_name["follow.started"]["pid"] == tool
+
+
+def test_no_follow_still_execs_the_worker_itself(tmp_path: Path) -> None:
+    proc = run(
+        [
+            "--no-follow",
+            "--cgroup-write",
+            "never",
+            "--log-format",
+            "json",
+            "--plan-file",
+            str(tmp_path / "plan.json"),
+            "--worker-command",
+            f"{sys.executable} -c 'import os; print(os.getpid())'",
+            "tcp://127.0.0.1:1",
+        ],
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr
+    names = [e["event"] for e in audit_events(proc.stderr)]
+    assert names[-1] == "worker.exec" and not any(n.startswith("init.") for n in names)
+    tool = next(e for e in audit_events(proc.stderr) if e["event"] == "cli.started")["pid"]
+    assert proc.stdout.split() == [str(tool)]

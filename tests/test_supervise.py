@@ -815,3 +815,62 @@ def test_the_worker_dies_with_a_killed_supervisor(
         return fields is None or fields[0] == "Z"
 
     wait_for(gone, "the worker to die with its supervisor")
+
+
+# The CLI's start (run_worker.exec_supervisor): the worker first, then the supervisor,
+# exec'd in the same process, adopts it. Signals stay deferred from before the fork on.
+ADOPT_SCRIPT = """
+import os, sys
+from dask_safe_worker.supervise import defer_signals, start_worker
+defer_signals()
+child = start_worker(sys.argv[1:], os.environ, False)
+supervisor = [sys.executable, "-m", "dask_safe_worker.supervise", "--adopt", str(child)]
+os.execv(sys.executable, [*supervisor, "--", *sys.argv[1:]])
+"""
+
+
+@pytest.mark.parametrize("code", [0, 42])
+def test_an_adopted_worker_is_supervised_as_one_started_here(
+    run_supervisor: Callable[..., Supervisor], code: int
+) -> None:
+    # Exits at once: before the supervisor waits, so its SIGCHLD must survive the exec.
+    sup = run_supervisor(["sh", "-c", f"exit {code}"], script=ADOPT_SCRIPT)
+    rc, events, _ = sup.finish()
+    assert rc == code
+    assert names(events) == ["init.start", "init.child.exited", "init.exit"]
+    start, exited = events[0], events[1]
+    assert start["adopted"] == exited["child_pid"] and start["subreaper"] is True
+    assert start["argv"] == ["sh", "-c", f"exit {code}"]
+
+
+def test_a_signal_before_the_supervisor_reaches_the_adopted_worker(
+    run_supervisor: Callable[..., Supervisor], tmp_path: Path
+) -> None:
+    out = tmp_path / "child"
+    sup = run_supervisor(py(TRAP_CHILD, str(out)), script=ADOPT_SCRIPT)
+    wait_for(lambda: Path(f"{out}.ready").exists(), "child ready")
+    # Whether or not the supervisor is up yet: deferred until it forwards it.
+    os.kill(sup.pid, signal.SIGTERM)
+    rc, events, _ = sup.finish()
+    assert rc == 7
+    assert out.read_text() == "SIGTERM\n"
+    child = next(e for e in events if e["event"] == "init.start")["adopted"]
+    forwarded = [e for e in events if e["event"] == "init.signal.forwarded"]
+    assert [(e["signal"], e["target_pid"]) for e in forwarded] == [("SIGTERM", child)]
+
+
+def test_an_adopted_worker_gets_a_clean_signal_mask(
+    run_supervisor: Callable[..., Supervisor],
+) -> None:
+    # SIGCHLD and the forwarded signals are blocked around the fork; the worker gets none.
+    sup = run_supervisor(["cat", "/proc/self/status"], script=ADOPT_SCRIPT)
+    rc, _, _ = sup.finish()
+    assert rc == 0
+    status = dict(line.split(":\t", 1) for line in sup.stdout.decode().splitlines())
+    assert int(status["SigBlk"], 16) == 0
+    assert int(status["SigIgn"], 16) & (1 << (signal.SIGPIPE - 1)) == 0
+
+
+@pytest.mark.parametrize("pid", ["", "x1", "-3"])
+def test_module_main_refuses_a_bad_adopt(pid: str) -> None:
+    assert main(["--adopt", pid, "--", "true"]) == 2

@@ -579,8 +579,9 @@ def act(prepared: Prepared, audit: Audit) -> NoReturn:
         # Exec a bare supervisor rather than supervising from here: as PID 1 it lives as
         # long as the container, and this process carries click and the planning code
         # (~20 MiB RSS against ~11 MiB for the bare one, benchmarks/supervisor_rss.py).
-        cmd = supervisor_argv(argv, outcome, opts.log_format, opts.init_process_group, follow_spec)
-        exec_supervisor(cmd, env, audit)
+        group = opts.init_process_group
+        cmd = supervisor_argv(argv, outcome, opts.log_format, group, follow_spec)
+        exec_supervisor(cmd, env, audit, worker=argv, process_group=group)
     child = None
     if outcome.created_child and outcome.parent_dir:
         child = (outcome.created_child, outcome.parent_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NoReturn
@@ -64,9 +65,24 @@ def exec_worker(
     _exec(argv, env, audit, event="worker.exec")
 
 
-def exec_supervisor(argv: Sequence[str], env: Mapping[str, str], audit: Audit) -> NoReturn:
+def exec_supervisor(
+    argv: Sequence[str],
+    env: Mapping[str, str],
+    audit: Audit,
+    worker: Sequence[str] | None = None,
+    process_group: bool = False,
+) -> NoReturn:
     """Replace this process with the supervisor, the deferred signals still blocked for
-    it; exit 127 if impossible."""
+    it; exit 127 if impossible. With `worker` (the worker's argv, the last of `argv`),
+    the worker is started first and the supervisor adopts it: the supervisor's own start
+    is then off the way to a registered worker. A stop already pending leaves the start
+    to the supervisor, which cancels it and cleans up."""
+    from .supervise import STOPPING_SIGNALS, start_worker
+
+    if worker is not None and not signal.sigpending() & STOPPING_SIGNALS:
+        child = start_worker(worker, env, process_group)
+        cut = len(argv) - len(worker) - 1  # the supervisor's options end at its `--`
+        argv = [*argv[:cut], "--adopt", str(child), *argv[cut:]]
     _exec(argv, env, audit, event="init.exec")
 
 

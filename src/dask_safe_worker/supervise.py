@@ -34,6 +34,7 @@ __all__ = [
     "main",
     "release_signals_for_exec",
     "remove_child_cgroup",
+    "start_worker",
     "supervise",
 ]
 
@@ -160,6 +161,33 @@ def _exec_child(
             os._exit(EXEC_FAILED)
 
 
+def start_worker(argv: Sequence[str], env: Mapping[str, str], process_group: bool) -> int:
+    """Fork and exec the worker before the supervisor exists; its pid.
+
+    The planning process calls this right before it execs the supervisor, which then
+    adopts the child (``--adopt``): the supervisor's interpreter start, its imports and
+    the watch's set-up run beside the worker's start instead of before it. The exec keeps
+    our pid, so the worker stays our child; made a subreaper here (the flag survives
+    exec), orphans of its start are ours too. SIGCHLD is blocked first, so that a worker
+    which ends before the supervisor waits stays pending across the exec; the forwarded
+    signals are blocked already (`defer_signals`) and wait for the supervisor's loop.
+    """
+    if not is_pid1():
+        _set_child_subreaper()  # reported by the supervisor, which sets it again
+    signal.pthread_sigmask(signal.SIG_BLOCK, {*FORWARDED_SIGNALS, signal.SIGCHLD})
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            stream.flush()
+    parent = os.getpid()
+    child = os.fork()
+    if child == 0:
+        _exec_child(argv, env, process_group, parent)
+    if process_group:
+        with contextlib.suppress(OSError):
+            os.setpgid(child, child)
+    return child
+
+
 def _status_fields(status: int) -> tuple[int, dict[str, Any]]:
     """Exit code as a shell reports it, plus audit fields."""
     if os.WIFSIGNALED(status):
@@ -242,6 +270,7 @@ def supervise(
     reap_grace: float = 1.0,
     restore_signal_mask: bool = True,
     ticker: Callable[[], float] | None = None,
+    adopted: int | None = None,
 ) -> int:
     """Run ``argv`` as a supervised child and return its exit code (128+N if killed by N).
 
@@ -255,6 +284,8 @@ def supervise(
     exec gives 127. ``restore_signal_mask=False`` is for a process that exits right
     after: a late signal then cannot change its exit code. ``ticker`` (--follow's watch)
     is called on every wake-up and returns the seconds until it wants to be called again.
+    ``adopted``: the pid of a child already running ``argv`` (`start_worker`), supervised
+    as if it had been started here; a stop that arrives now is forwarded to it.
     """
     if not argv:
         raise ValueError("supervise() needs a command to run")
@@ -265,7 +296,7 @@ def supervise(
     try:
         try:
             code = _start_and_wait(
-                argv, env, process_group, audit, reap_grace, pid1, subreaper_error, ticker
+                argv, env, process_group, audit, reap_grace, pid1, subreaper_error, ticker, adopted
             )
         finally:
             if on_child_exit is not None:
@@ -289,17 +320,23 @@ def _start_and_wait(
     pid1: bool,
     subreaper_error: str | None,
     ticker: Callable[[], float] | None = None,
+    adopted: int | None = None,
 ) -> int:
+    start_fields: dict[str, Any] = {
+        "argv": list(argv),
+        "pid1": pid1,
+        "process_group": process_group,
+        "subreaper": pid1 or subreaper_error is None,
+        **({"subreaper_error": subreaper_error} if subreaper_error else {}),
+    }
+    if adopted is not None:
+        audit("init.start", **start_fields, adopted=adopted)
+        code = _wait_for_main(adopted, process_group, audit, ticker)
+        _drain_orphans(adopted, process_group, audit, reap_grace)
+        return code
     stop = _pending_stop()
     if stop is None:
-        audit(
-            "init.start",
-            argv=list(argv),
-            pid1=pid1,
-            process_group=process_group,
-            subreaper=pid1 or subreaper_error is None,
-            **({"subreaper_error": subreaper_error} if subreaper_error else {}),
-        )
+        audit("init.start", **start_fields)
         # Buffered output would otherwise be written twice or out of order around the fork.
         for stream in (sys.stdout, sys.stderr):
             if stream is not None:
@@ -376,14 +413,20 @@ def _wait_for_main(
 
 def caught_signals(pid: int, proc_root: str = "/proc") -> int | None:
     """The signals `pid` has a handler for (SigCgt of its status), or None if unknown."""
+    # Read on every wake-up: one descriptor read, not a buffered file's lines.
     try:
-        with open(f"{proc_root}/{pid}/status", "rb") as f:
-            for line in f:
-                if line.startswith(b"SigCgt:"):
-                    return int(line.split()[1], 16)
-    except (OSError, ValueError, IndexError):
+        fd = os.open(f"{proc_root}/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            text = os.read(fd, 65536)
+        finally:
+            os.close(fd)
+        at = text.find(b"\nSigCgt:")
+        if at < 0:
+            return None
+        end = text.find(b"\n", at + 1)
+        return int(text[at + 8 : end if end >= 0 else len(text)], 16)
+    except (OSError, ValueError):
         return None
-    return None
 
 
 def handled_own_copy(signum: int, before: int | None, now: int | None) -> bool:
@@ -481,7 +524,7 @@ USAGE = (
     "usage: python -m dask_safe_worker.supervise [-g] [--log-format json|console|auto|none]\n"
     "       [--start-id ID] [--worker-name NAME]\n"
     "       [--remove-cgroup CHILD_DIR --parent-cgroup PARENT_DIR] [--follow SPEC_FILE]\n"
-    "       [--] CMD [ARGS...]\n"
+    "       [--adopt PID] [--] CMD [ARGS...]\n"
 )
 
 _VALUE_OPTIONS = (
@@ -490,6 +533,7 @@ _VALUE_OPTIONS = (
     "--worker-name",
     "--remove-cgroup",
     "--parent-cgroup",
+    "--adopt",
 )
 
 
@@ -499,6 +543,7 @@ def main(args: Sequence[str] | None = None) -> int:
     ``--remove-cgroup``/``--parent-cgroup`` hand over the cleanup that the caller's
     ``on_child_exit`` would otherwise do: move back to the parent, then rmdir the child.
     ``--start-id`` and ``--worker-name`` stamp its audit lines like the caller's.
+    ``--adopt PID``: the caller already started CMD as PID (`start_worker`), our child.
     """
     rest = list(sys.argv[1:] if args is None else args)
     process_group = False
@@ -520,6 +565,11 @@ def main(args: Sequence[str] | None = None) -> int:
     fmt = values.get("--log-format", "json")
     if fmt not in ("json", "console", "auto", "none"):
         rest = []
+    adopted: int | None = None
+    if "--adopt" in values:
+        adopted = int(values["--adopt"]) if values["--adopt"].isdigit() else None
+        if adopted is None:
+            rest = []
     stamp = Stamp.here(values.get("--start-id"), values.get("--worker-name"))
     audit = stderr_audit(fmt if rest else "json", stamp)
     cgroup = {k: v for k, v in values.items() if k in ("--remove-cgroup", "--parent-cgroup")}
@@ -552,6 +602,7 @@ def main(args: Sequence[str] | None = None) -> int:
         on_child_exit=on_child_exit if cleanups else None,
         restore_signal_mask=False,
         ticker=ticker,
+        adopted=adopted,
     )
 
 

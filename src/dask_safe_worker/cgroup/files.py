@@ -131,7 +131,9 @@ _kept: KeptFiles | None = None
 
 class MemoryCgroupFiles(Protocol):
     version: int
-    directory: Path
+
+    @property
+    def directory(self) -> Path: ...
 
     def limit(self, mem_total: int) -> int | None:
         """The hard limit; None is the one sentinel for 'no limit'."""
@@ -165,11 +167,16 @@ class V1MemoryCgroup:
 
     version = 1
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self, directory: Path | str) -> None:
+        self._directory = directory
         # Joined as text: a Path per file read costs more than the read on every tick.
         self._prefix = f"{directory}/"
         self._stat_text: str | None = None
+
+    @property
+    def directory(self) -> Path:
+        # A Path only where one is needed (a write): the watch's reads join text.
+        return Path(self._directory)
 
     def _int(self, filename: str) -> int:
         return cp.parse_int(read_kernel_text(self._prefix + filename), filename)
@@ -208,9 +215,13 @@ class V1MemoryCgroup:
 class V2MemoryCgroup:
     version = 2
 
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
+    def __init__(self, directory: Path | str) -> None:
+        self._directory = directory
         self._prefix = f"{directory}/"
+
+    @property
+    def directory(self) -> Path:
+        return Path(self._directory)
 
     def _read(self, name: str) -> str:
         return read_kernel_text(self._prefix + name)
@@ -253,5 +264,5 @@ class V2MemoryCgroup:
         return self._read(name)
 
 
-def open_memory_cgroup(version: int, directory: Path) -> MemoryCgroupFiles:
+def open_memory_cgroup(version: int, directory: Path | str) -> MemoryCgroupFiles:
     return V1MemoryCgroup(directory) if version == 1 else V2MemoryCgroup(directory)

@@ -41,7 +41,18 @@ class CgroupLocation:
 
     def level_paths(self, root: Path) -> list[tuple[str, Path]]:
         """(cgroup path, directory) of the own cgroup, then of each ancestor up to the
-        visible root: the levels a `Measurement` reads, in the same order."""
+        visible root: the levels a `Measurement` reads, in the same order. Made once per
+        location and root: the watch asks every tick, and the joins cost more than the
+        reads of the small files at their ends."""
+        key = (self, root)
+        known = _LEVEL_PATHS.get(key)
+        if known is None:
+            if len(_LEVEL_PATHS) >= 64:
+                _LEVEL_PATHS.clear()
+            known = _LEVEL_PATHS[key] = tuple(self._level_paths(root))
+        return list(known)
+
+    def _level_paths(self, root: Path) -> list[tuple[str, Path]]:
         top = self.root_directory(root)
         parts = [p for p in self.relative.split("/") if p]
         out: list[tuple[str, Path]] = []
@@ -49,6 +60,10 @@ class CgroupLocation:
             rel = "/".join(parts[:depth])
             out.append(("/" + rel, top / rel if rel else top))
         return out
+
+
+# Few keys in a process: the watch's one location (and tests' roots).
+_LEVEL_PATHS: dict[tuple[CgroupLocation, Path], tuple[tuple[str, Path], ...]] = {}
 
 
 @record

@@ -260,7 +260,7 @@ class Pool:
         for stem, name, member in claims:
             if int(stem) == exclude:
                 continue
-            if self._locked(self.directory / name) or _occupied(member):
+            if self._locked(f"{self.directory}/{name}") or _occupied(member):
                 if member is not None:
                     found.append(member)
                 continue
@@ -309,7 +309,7 @@ class Pool:
             return None
 
     @staticmethod
-    def _locked(lock_path: Path) -> bool:
+    def _locked(lock_path: Path | str) -> bool:
         """Whether a live process holds the lock (an unreadable lock counts as held)."""
         try:
             fd = os.open(lock_path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
@@ -393,7 +393,8 @@ def with_kernel_working_sets(members: tuple[Member, ...], version: int) -> tuple
     for member in members:
         if member.cgroup is not None:
             try:
-                cg = open_memory_cgroup(version, Path(member.cgroup))
+                # The text path: a Path per member and tick costs more than its reads.
+                cg = open_memory_cgroup(version, member.cgroup)
                 member = replace(member, working_set=working_set(cg.usage(), cg.inactive_file()))
             except (OSError, ParseError, ValueError):
                 pass

@@ -592,7 +592,7 @@ class Watch:
         """Stop managing a limit that someone else has changed since our last write."""
         if self.managed is None:
             return
-        cg = open_memory_cgroup(self.managed.version, Path(self.managed.directory))
+        cg = open_memory_cgroup(self.managed.version, self.managed.directory)
         try:
             now = cg.raw_limit()
         except (OSError, ParseError) as exc:
@@ -621,7 +621,7 @@ class Watch:
         goal = self.kernel_goal
         if goal is None:
             return {"action": "none"}
-        cg = open_memory_cgroup(self.managed.version, Path(self.managed.directory))
+        cg = open_memory_cgroup(self.managed.version, self.managed.directory)
         try:
             index = self.directories.index(self.managed.directory)
         except ValueError:
