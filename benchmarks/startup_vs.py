@@ -106,6 +106,36 @@ def start_path_cpu(contenders: dict[str, list[str]], runs: int) -> dict[str, Any
     }
 
 
+def to_worker(contenders: dict[str, list[str]], runs: int) -> dict[str, Any]:
+    """Wall milliseconds from each contender's launch to the start of its worker (a `sh`
+    that prints the clock): what the start puts before the worker, on the way to its
+    registration. Without a cgroup write, the contenders alternating run by run, one
+    warm-up round. Wall time, so noisy on a shared machine; read it pair by pair."""
+    took: dict[str, list[float]] = {n: [] for n in contenders}
+    with tempfile.TemporaryDirectory(prefix="dsw-toworker-") as tmp:
+        runtime = Path(tmp) / "run"
+        runtime.mkdir(mode=0o700)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
+        env["XDG_RUNTIME_DIR"] = str(runtime)
+        # The clock first thing in the worker; the arguments the start adds are ignored.
+        clock = f"sh -c 'exec {sys.executable} -S -c \"import time; print(time.time())\"' sh"
+        for i in range(runs + 1):
+            for name, command in contenders.items():
+                argv = [*command[:1], "--cgroup-write", "never", "--worker-command", clock]
+                argv += [*command[1:], "--log-format", "none", "tcp://127.0.0.1:1"]
+                argv += ["--plan-file", str(Path(tmp) / f"plan-{name}.json")]
+                since = time.time()
+                out = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+                if out.returncode != 0:
+                    raise RuntimeError(f"{name}: exited {out.returncode}: {out.stderr}")
+                if i:
+                    took[name].append(1000 * (float(out.stdout.split()[-1]) - since))
+    return {
+        "to_worker_ms": {n: [round(x, 1) for x in xs] for n, xs in took.items()},
+        "to_worker_ms_median": {n: round(statistics.median(xs), 1) for n, xs in took.items()},
+    }
+
+
 def measure(contenders: dict[str, list[str]], rounds: int) -> dict[str, Any]:
     from distributed import Client
 
@@ -163,6 +193,10 @@ def main() -> int:
         "--start-path", type=int, default=0, metavar="RUNS",
         help="also the CPU of each contender's start path, RUNS runs each",
     )  # fmt: skip
+    parser.add_argument(
+        "--to-worker", type=int, default=0, metavar="RUNS",
+        help="also the wall time from each contender's launch to its worker's start",
+    )  # fmt: skip
     ns = parser.parse_args()
     reason = kernel_cgroups_usable()
     if reason:
@@ -183,6 +217,8 @@ def main() -> int:
     doc: dict[str, Any] = {"benchmark": "startup_vs", "loadavg_before": os.getloadavg()}
     if ns.start_path:
         doc.update(start_path_cpu(contenders, ns.start_path))
+    if ns.to_worker:
+        doc.update(to_worker(contenders, ns.to_worker))
     if ns.rounds:
         doc.update(measure(contenders, ns.rounds))
     doc["command"] = shlex.join(["uv", "run", "python", "benchmarks/startup_vs.py", *sys.argv[1:]])
