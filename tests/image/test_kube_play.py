@@ -15,6 +15,7 @@ scheduler pod's fixed address on an internal bridge network that routes nowhere)
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import tempfile
@@ -216,7 +217,7 @@ def kube(podman: Engine, built: Built) -> Iterator[Kube]:
                     finally:
                         k.podman("pod", "rm", "--all", "--force", check=False)
                         k.podman("network", "rm", "--force", NETWORK, check=False)
-                        # Podman 4.3 makes an emptyDir a named volume, which down keeps.
+                        # The emptyDir's volume, where a test ended before its down.
                         k.podman("volume", "prune", "--force", check=False)
                     assert pod_cgroups(cgroup) == []
             finally:
@@ -309,7 +310,9 @@ def test_deployment_worker_registers_within_the_pod_limit_follows_and_goes_down_
         output = kube.down(manifest, pod, container, log, grace)
     (ended,) = events_by_name(output)["init.exit"]
     assert ended["code"] == 0, output[-3000:]
-    assert "Traceback" not in output
+    # distributed may log a traceback of its own while the connection closes (a heartbeat
+    # in flight); none may come from our code.
+    assert not re.findall(r'File "[^"]*/dask_safe_worker/', output), output[-3000:]
     # The scheduler saw it leave; the pod's cgroups are gone.
     kube.wait_no_workers()
     assert not directory.parent.exists()
