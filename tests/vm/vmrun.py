@@ -266,12 +266,20 @@ _WARM_MODULES = (
     "pytest",
     "pytest_timeout",
 )
+# prometheus_client where installed (the dev group): with it the scheduler and every
+# worker import distributed's /metrics handlers, and our worker preload its collector.
 _WARM_PACKAGES = ("distributed", "dask", "tornado", "dask_safe_worker", "_pytest")
+_WARM_OPTIONAL = ("prometheus_client",)
 _WARM_CODE = f"""
 import compileall, importlib, os, sys
 for name in {_WARM_MODULES!r}:
     importlib.import_module(name)
-for name in {_WARM_PACKAGES!r}:
+for name in {_WARM_OPTIONAL!r}:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        continue
+for name in {_WARM_PACKAGES!r} + tuple(n for n in {_WARM_OPTIONAL!r} if n in sys.modules):
     compileall.compile_dir(os.path.dirname(sys.modules[name].__file__), quiet=2)
 """
 
