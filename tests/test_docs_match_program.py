@@ -35,6 +35,7 @@ EVENT_NAMESPACES = frozenset(
 # Files and keys of other programs that share an event namespace's first word.
 NOT_EVENTS = frozenset(
     {"cgroup.controllers", "cgroup.procs", "cgroup.subtree_control", "cgroup.threads"}
+    | {"cgroup.event_control"}
     | {"worker.resources.limits", "worker.image.dask_worker", "live.json"}
 )
 FILE_SUFFIXES = (".py", ".sh", ".json", ".toml", ".conf", ".yaml", ".lock", ".md")

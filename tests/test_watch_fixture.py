@@ -100,8 +100,14 @@ def start(
         managed=ManagedLimit(scope_dir, 2, managed.original, plan.budget),
     )
     log: list[tuple[str, dict[str, Any]]] = []
+    # A file tree, not the kernel: nothing to register wake-ups on (follow/wake.py).
     watch = Watch(
-        spec, lambda event, **f: log.append((event, f)), tree.proc, tree.root, release=RELEASE
+        spec,
+        lambda event, **f: log.append((event, f)),
+        tree.proc,
+        tree.root,
+        release=RELEASE,
+        wake=False,
     )
     return watch, log
 

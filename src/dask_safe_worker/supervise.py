@@ -25,7 +25,15 @@ from .event_line import Stamp, console_line, errno_name, json_line, record
 
 TYPE_CHECKING = False  # typing costs ~2 ms (and `re`) before the worker starts
 if TYPE_CHECKING:
-    from typing import Any
+    from typing import Any, Protocol
+
+    class Waker(Protocol):
+        """Kernel fds that wake the loop before the ticker is due (follow/wake.py)."""
+
+        def fds(self) -> list[tuple[int, int]]: ...  # (fd, poll events)
+
+        def fired(self, fds: list[int]) -> None: ...
+
 
 __all__ = [
     "FORWARDED_SIGNALS",
@@ -271,6 +279,7 @@ def supervise(
     restore_signal_mask: bool = True,
     ticker: Callable[[], float] | None = None,
     adopted: int | None = None,
+    waker: Waker | None = None,
 ) -> int:
     """Run ``argv`` as a supervised child and return its exit code (128+N if killed by N).
 
@@ -283,7 +292,8 @@ def supervise(
     :func:`defer_signals`) means the worker is not started: the result is 128+N. A failed
     exec gives 127. ``restore_signal_mask=False`` is for a process that exits right
     after: a late signal then cannot change its exit code. ``ticker`` (--follow's watch)
-    is called on every wake-up and returns the seconds until it wants to be called again.
+    is called on every wake-up and returns the seconds until it wants to be called again;
+    ``waker``'s fds (the kernel's memory signals) wake the loop as a signal does.
     ``adopted``: the pid of a child already running ``argv`` (`start_worker`), supervised
     as if it had been started here; a stop that arrives now is forwarded to it.
     """
@@ -296,7 +306,16 @@ def supervise(
     try:
         try:
             code = _start_and_wait(
-                argv, env, process_group, audit, reap_grace, pid1, subreaper_error, ticker, adopted
+                argv,
+                env,
+                process_group,
+                audit,
+                reap_grace,
+                pid1,
+                subreaper_error,
+                ticker,
+                adopted,
+                waker,
             )
         finally:
             if on_child_exit is not None:
@@ -321,6 +340,7 @@ def _start_and_wait(
     subreaper_error: str | None,
     ticker: Callable[[], float] | None = None,
     adopted: int | None = None,
+    waker: Waker | None = None,
 ) -> int:
     start_fields: dict[str, Any] = {
         "argv": list(argv),
@@ -331,7 +351,7 @@ def _start_and_wait(
     }
     if adopted is not None:
         audit("init.start", **start_fields, adopted=adopted)
-        code = _wait_for_main(adopted, process_group, audit, ticker)
+        code = _wait_for_main(adopted, process_group, audit, ticker, waker)
         _drain_orphans(adopted, process_group, audit, reap_grace)
         return code
     stop = _pending_stop()
@@ -357,7 +377,7 @@ def _start_and_wait(
         # EACCES (already exec'd) or ESRCH (already gone) means the child's own call won.
         with contextlib.suppress(OSError):
             os.setpgid(child, child)
-    code = _wait_for_main(child, process_group, audit, ticker)
+    code = _wait_for_main(child, process_group, audit, ticker, waker)
     _drain_orphans(child, process_group, audit, reap_grace)
     return code
 
@@ -376,6 +396,69 @@ def _wait_for_main(
     process_group: bool,
     audit: Callable[..., None],
     ticker: Callable[[], float] | None = None,
+    waker: Waker | None = None,
+) -> int:
+    wait_set = {*FORWARDED_SIGNALS, signal.SIGCHLD}
+    signals = None if waker is None else _signal_fd(wait_set, audit)
+    try:
+        return _wait_loop(child, process_group, audit, ticker, waker, signals)
+    finally:
+        if signals is not None:
+            os.close(signals)
+
+
+def _signal_fd(wait_set: set[signal.Signals], audit: Callable[..., None]) -> int | None:
+    """A signalfd for the blocked `wait_set`: readable while one of them is pending, so
+    that one poll waits for signals and the kernel's memory fds together. Python has no
+    signalfd; ctypes is loaded already (the subreaper's prctl). None (logged) without one:
+    then the loop waits for signals alone, and following keeps to its tick."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        mask = ctypes.create_string_buffer(128)  # sizeof(sigset_t) in glibc and musl
+        libc.sigemptyset(mask)
+        for signum in wait_set:
+            libc.sigaddset(mask, int(signum))
+        fd = int(libc.signalfd(-1, mask, os.O_NONBLOCK | os.O_CLOEXEC))
+        error = None if fd >= 0 else errno_name(ctypes.get_errno())
+    except (OSError, AttributeError) as exc:
+        fd, error = -1, type(exc).__name__
+    if fd < 0:
+        audit("follow.wake.unavailable", source="signalfd", reason=error, fallback="tick")
+        return None
+    return fd
+
+
+def _next_signal(
+    wait_set: set[signal.Signals], timeout: float, waker: Waker | None, signals: int | None
+) -> signal.struct_siginfo | None:
+    """The next signal within `timeout` s; a ready fd of `waker`'s ends the wait too."""
+    fds = [] if waker is None or signals is None else waker.fds()
+    if not fds or signals is None:
+        return signal.sigtimedwait(wait_set, timeout)
+    import select
+
+    poller = select.poll()
+    poller.register(signals, select.POLLIN)
+    for fd, events in fds:
+        poller.register(fd, events)
+    # Rounded up: a wait rounded down to 0 ms would spin until the tick is due.
+    ready = poller.poll(-(-timeout * 1000 // 1))
+    woke = [fd for fd, _ in ready if fd != signals]
+    if woke and waker is not None:
+        waker.fired(woke)
+    # The signalfd only says that one is pending: take it as sigtimedwait always did.
+    return signal.sigtimedwait(wait_set, 0)
+
+
+def _wait_loop(
+    child: int,
+    process_group: bool,
+    audit: Callable[..., None],
+    ticker: Callable[[], float] | None,
+    waker: Waker | None,
+    signals: int | None,
 ) -> int:
     wait_set = {*FORWARDED_SIGNALS, signal.SIGCHLD}
     timeout = _WAIT_TIMEOUT_S
@@ -383,7 +466,7 @@ def _wait_for_main(
     forwarded: set[int] = set()
     while True:
         caught = caught_signals(child)
-        info = signal.sigtimedwait(wait_set, timeout)
+        info = _next_signal(wait_set, timeout, waker, signals)
         if info is not None and info.si_signo != signal.SIGCHLD:
             # Before the watch's tick: a stop must not wait for a measurement.
             if _worker_has_it(info, child, process_group):
@@ -603,6 +686,7 @@ def main(args: Sequence[str] | None = None) -> int:
         restore_signal_mask=False,
         ticker=ticker,
         adopted=adopted,
+        waker=None if ticker is None or ticker.wake is None else ticker,
     )
 
 

@@ -279,3 +279,56 @@ def kernel_target(
     if target > current:
         return target
     return None
+
+
+# A usage threshold never sits closer than this to the usage it was set from: the kernel
+# counts usage in per-CPU batches, and a threshold at the current usage would fire on
+# every page our own workers touch.
+WAKE_STEP_FLOOR = 8 * MiB
+
+
+@record
+class WakePoints:
+    """What the kernel should wake the watch on before its next tick (`follow/wake.py`).
+
+    `thresholds`: (cgroup directory, usage in bytes) pairs; v1 signals when the level's
+    usage crosses one in either direction. `pressure`: the directories whose memory
+    pressure to watch (v1 `memory.pressure_level`, v2 PSI `memory.pressure` and
+    `memory.events`).
+    """
+
+    thresholds: tuple[tuple[str, int], ...]
+    pressure: tuple[str, ...]
+
+
+def wake_points(
+    m: Measurement, directories: list[str], current: int, proposed: int | None, ceiling: int
+) -> WakePoints:
+    """Where a change of the limiting level's usage could move the per-worker limit.
+
+    The plan's per-worker limit moves by at most what the pool moves (a share, a
+    fraction of the pool, a reserve that is a fraction: every factor is at most 1), and
+    the pool by at most what a level's usage moves. So a limit that `decide` would
+    lower needs the usage to rise by at least `band - (target - current)` first, and a
+    raise to fall by `band + current - target`: thresholds there wake the watch no later
+    than the change needs it. Our own workers' growth crosses them too; the watch then
+    ticks, finds nothing to do, and the thresholds move with the usage.
+    """
+    by_path = {lvl.path: (lvl, d) for lvl, d in zip(m.levels, directories, strict=False)}
+    own = [directories[0]] if directories else []
+    found = by_path.get(m.limiting)
+    if found is None or found[0].usage is None:
+        # The host limits (or nothing readable does): the pressure of our own level.
+        return WakePoints(thresholds=(), pressure=tuple(own))
+    level, directory = found
+    assert level.usage is not None
+    band = hysteresis(current)
+    target = max(1, min(ceiling, current if proposed is None else proposed))
+    up = level.usage + max(WAKE_STEP_FLOOR, band - (current - target))
+    thresholds = [(directory, up)]
+    if current < ceiling:
+        down = level.usage - max(WAKE_STEP_FLOOR, band + current - target)
+        if down > 0:
+            thresholds.append((directory, down))
+    pressure = tuple(dict.fromkeys([directory, *own]))
+    return WakePoints(thresholds=tuple(thresholds), pressure=pressure)

@@ -41,4 +41,5 @@ async def dask_setup(nanny: Any) -> None:
 
 
 async def dask_teardown(nanny: Any) -> None:
+    follow_dask.stop(nanny)
     await follow_dask.teardown_configured(nanny)

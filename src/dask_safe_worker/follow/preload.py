@@ -45,6 +45,9 @@ class Follower:
         self._seen: tuple[int, int] | None = None
         self.slot = _slots.get(role, 0)
         _slots[role] = self.slot + 1
+        # The periodic poll and the directory's wake-up may both ask: one poll at a time.
+        self._polling = False
+        self._again = False
 
     def changed(self) -> LiveLimit | None:
         """A record newer than the one held, or None (cheap when nothing changed)."""
@@ -73,6 +76,19 @@ class Follower:
             logger.warning("dask-safe-worker: cannot acknowledge the live limit: %s", exc)
 
     async def poll(self) -> None:
+        if self._polling:
+            self._again = True
+            return
+        self._polling = True
+        try:
+            self._again = True
+            while self._again:
+                self._again = False
+                await self._poll_once()
+        finally:
+            self._polling = False
+
+    async def _poll_once(self) -> None:
         record = self.changed()
         if record is None:
             return
@@ -90,10 +106,66 @@ def live_file() -> str | None:
 
 
 def start(server: Any, follower: Follower, interval: float) -> None:
-    """Poll twice per supervisor interval, so a change lands within 1.5 intervals."""
+    """Poll twice per supervisor interval, so a change lands within 1.5 intervals; and
+    at once when the kernel says a record was renamed into the channel's directory."""
     pc = PeriodicCallback(follower.poll, max(0.02, interval / 2) * 1000)
     server.periodic_callbacks[CALLBACK_NAME] = pc
     pc.start()
+    fd = _renames(os.path.dirname(follower.live_file))
+    if fd is None:
+        return
+    from tornado.ioloop import IOLoop
+
+    loop = IOLoop.current()
+
+    def ready(_fd: int, _events: int) -> None:
+        try:
+            while os.read(fd, 4096):
+                pass
+        except OSError:
+            pass
+        loop.add_callback(follower.poll)
+
+    loop.add_handler(fd, ready, IOLoop.READ)
+    _renamed[id(server)] = fd
+
+
+# inotify(7): a file renamed into the watched directory (the channel's every rewrite).
+_IN_MOVED_TO = 0x80
+
+
+def _renames(directory: str) -> int | None:
+    """An inotify fd that becomes readable when a file is renamed into `directory`, or
+    None where inotify is not available (the periodic poll then carries on alone)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = int(libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    except (OSError, AttributeError):
+        return None
+    if fd < 0:
+        return None
+    if libc.inotify_add_watch(fd, os.fsencode(directory), _IN_MOVED_TO) < 0:
+        os.close(fd)
+        return None
+    return fd
+
+
+def stop(server: Any) -> None:
+    """Stop the wake-ups of `start` (the periodic callback stops with the server)."""
+    fd = _renamed.pop(id(server), None)
+    if fd is None:
+        return
+    from tornado.ioloop import IOLoop
+
+    try:
+        IOLoop.current().remove_handler(fd)
+    finally:
+        os.close(fd)
+
+
+_renamed: dict[int, int] = {}
 
 
 async def start_configured(server: Any, role: str) -> None:

@@ -35,6 +35,7 @@ from .decide import (
     kernel_target,
     replan,
     seen_ancestors,
+    wake_points,
     with_original_limit,
 )
 from .live_limit import (
@@ -46,6 +47,7 @@ from .live_limit import (
     write_live_limit,
 )
 from .metrics import Metrics, remove_metrics, same, write_metrics
+from .wake import Wake
 
 TYPE_CHECKING = False  # typing costs ~2 ms (and `re`) in the supervisor; mypy knows this name
 if TYPE_CHECKING:
@@ -58,8 +60,13 @@ SPEC_FILE = "follow.json"
 
 # Counters in memory.events (v2) and memory.oom_control (v1) that mean the kernel acted.
 _EVENT_NAMES = ("oom_kill", "oom", "max", "high")
+# "0" turns the kernel's wake-ups off: the tick alone, as before (for comparisons).
+WAKE_ENV = "DASK_SAFE_WORKER_FOLLOW_WAKE"
 # Ticks a kernel OOM kill's record waits for one of our processes to disappear.
 _KILL_HOLD_TICKS = 5
+# A kernel wake-up ticks at once, but never sooner than this after the last tick: our
+# own workers' growth crosses the usage thresholds too, and each tick costs ~1 ms.
+WAKE_GAP_S = 0.1
 
 
 @mutable_record
@@ -101,6 +108,7 @@ class Watch:
         clock: Callable[[], float] = time.monotonic,
         *,
         release: Release,
+        wake: bool = True,
     ) -> None:
         self.spec = spec
         self.audit = audit
@@ -168,6 +176,12 @@ class Watch:
         self._metrics: Metrics | None = None
         # The level, counter and /proc files every tick reads, kept open between ticks.
         self._files = KeptFiles()
+        # Kernel signals that bring the next tick forward (wake.py); None: the tick alone.
+        self.wake: Wake | None = None
+        if wake and self.location is not None:
+            self.wake = Wake(self.location.version, audit)
+        self._wake_key: tuple[int, str] | None = None
+        self.last_tick = clock()
 
     # -- the supervisor's hook -------------------------------------------------------
 
@@ -181,9 +195,21 @@ class Watch:
                 self.tick()
             except Exception as exc:  # the watch must never take the supervisor down
                 self._failed("tick", reason=repr(exc))
+            self.last_tick = now
             self.due = max(now, self.due) + self.spec.interval
             now = self.clock()
         return max(0.0, self.due - now)
+
+    def fds(self) -> list[tuple[int, int]]:
+        """The kernel's fds that bring the next tick forward, with their poll events."""
+        return [] if self.wake is None or self.stopped else self.wake.fds()
+
+    def fired(self, fds: list[int]) -> None:
+        """Some of `fds()` are ready: tick now (or once the gap since the last has passed)."""
+        if self.wake is None or not self.wake.fired(fds):
+            return
+        self._wake_key = None  # the usage moved: the thresholds move with it
+        self.due = min(self.due, self.last_tick + min(WAKE_GAP_S, self.spec.interval))
 
     def _failed(self, stage: str, **fields: Any) -> None:
         """Log a failure once: the same one on every tick would only bury the log."""
@@ -197,6 +223,8 @@ class Watch:
         import contextlib
 
         self._flush_kills(frozenset(), final=True)
+        if self.wake is not None:
+            self.wake.close()
         self.deaths.close()
         remove_metrics(self.spec.channel)
         self._files.close()
@@ -283,6 +311,7 @@ class Watch:
                 # Settled at once where no worker has started yet.
                 self._settle(m)
             self._publish(working_set=m.own_working_set)
+            self._arm(m, proposed, ceiling)
         finally:
             if lock is not None:
                 os.close(lock)
@@ -290,6 +319,18 @@ class Watch:
             self.reason = "limit changed"
         self.previous = m
         self._write_metrics(m)
+
+    def _arm(self, m: Measurement, proposed: int | None, ceiling: int) -> None:
+        """Set the kernel's wake-ups around this tick's plan: anew only when a wake-up
+        fired, the limit in force moved or another level limits; the rest of the time
+        they stay registered and a tick costs no extra system call."""
+        if self.wake is None:
+            return
+        key = (self.record.generation, m.limiting)
+        if key == self._wake_key:
+            return
+        self._wake_key = key
+        self.wake.arm(wake_points(m, self.directories, self.record.per_worker, proposed, ceiling))
 
     def _measure(self) -> Measurement:
         """This tick's measurement; the worker tree below us counts as ours. (A notebook's
@@ -792,7 +833,8 @@ def start_watch(spec_path: str, audit: Audit) -> Watch | None:
         with open(spec_path, encoding="utf-8") as f:
             spec = FollowSpec.from_json(json.load(f))
         # The release the worker runs: the supervisor shares its Python.
-        watch = Watch(spec, audit, release=installed_release())
+        wake = os.environ.get(WAKE_ENV, "1") != "0"
+        watch = Watch(spec, audit, release=installed_release(), wake=wake)
     except (OSError, ValueError) as exc:
         audit("follow.disabled", reason=_describe(exc), spec=spec_path)
         return None

@@ -83,4 +83,5 @@ async def dask_setup(worker: Any) -> None:
 
 
 async def dask_teardown(worker: Any) -> None:
+    follow_dask.stop(worker)
     await follow_dask.teardown_configured(worker)

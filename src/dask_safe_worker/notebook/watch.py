@@ -33,7 +33,8 @@ class NotebookWatch(Watch):
         worker_pids: Callable[[], list[int]],
         held_in_process: Callable[[], int],
     ) -> None:
-        super().__init__(spec, audit, release=release)  # type: ignore[arg-type]
+        # Its thread sleeps between ticks: no kernel wake-ups (follow/wake.py) here.
+        super().__init__(spec, audit, release=release, wake=False)  # type: ignore[arg-type]
         self.child = child
         self.worker_pids = worker_pids
         self.held_in_process = held_in_process
