@@ -26,6 +26,7 @@ import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -42,18 +43,18 @@ M_LIMIT = 2 * GiB
 STEP = 192 * MiB
 VARIANTS = ("tick", "events")
 
-# Reads "+N" (allocate and touch N bytes, print the time the first `band` bytes were
+# Reads "+N BAND" (map and touch N bytes, print the time the first `band` bytes were
 # touched) or "-" (free the last allocation); prints one line per command.
 AGENT = """
-import sys, time
+import mmap, sys, time
 held = []
 for line in sys.stdin:
     if line.startswith("-"):
-        held.pop()
+        held.pop().close()
         print("freed", time.time(), flush=True)
         continue
     n, band = (int(x) for x in line[1:].split())
-    b = bytearray(n)
+    b = mmap.mmap(-1, n)  # untouched: charged page by page below (bytearray zero-fills)
     crossed = None
     for i in range(0, n, 4096):
         b[i] = 1
@@ -87,6 +88,17 @@ def held(channel: str) -> tuple[int, float, int]:
     return min(a.generation for a in acks.values()), max(a.at for a in acks.values()), len(acks)
 
 
+def first_holds(channel: str, above: int, first: dict[Any, float], timeout: float = 30) -> None:
+    """Fill `first` with when each server (worker, nanny) first held a generation past
+    `above` (its acknowledgement's time), until both have."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and len(first) < 2:
+        for key, ack in read_acks(channel).items():
+            if ack.generation > above and key not in first:
+                first[key] = ack.at
+        time.sleep(0.002)
+
+
 def wait_generation(channel: str, above: int, timeout: float) -> tuple[int, float] | None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,16 +109,18 @@ def wait_generation(channel: str, above: int, timeout: float) -> tuple[int, floa
     return None
 
 
-def settled(channel: str, start: int, timeout: float) -> int | None:
-    """The generation once the start's limit is back and held by the worker and nanny."""
+def settled(channel: str, timeout: float) -> tuple[int, int] | None:
+    """(generation, per-worker limit) once the worker and nanny hold the current record
+    and nothing has changed for 1.5 s (the raise back after a step has landed)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         record = json.loads(Path(channel).read_text())
         gen, _, n = held(channel)
-        if record["per_worker"] == start and n >= 2 and gen >= record["generation"]:
-            time.sleep(0.5)  # and a tick more: nothing else under way
-            if json.loads(Path(channel).read_text())["generation"] == record["generation"]:
-                return int(record["generation"])
+        if n >= 2 and gen >= record["generation"]:
+            time.sleep(1.5)
+            again = json.loads(Path(channel).read_text())
+            if again["generation"] == record["generation"]:
+                return int(record["generation"]), int(record["per_worker"])
         time.sleep(0.05)
     return None
 
@@ -155,20 +169,25 @@ def run_variant(variant: str, steps: int, idle: float, work: Path) -> dict[str, 
                     c0, t0 = cpu_s(worker.pid), time.monotonic()
                     time.sleep(idle)
                     res["idle_cpu_pct"] = 100 * (cpu_s(worker.pid) - c0) / (time.monotonic() - t0)
-                    start = json.loads(Path(channel).read_text())["per_worker"]
                     for _ in range(steps):
-                        gen = settled(channel, start, 60)
-                        if gen is None:
+                        now = settled(channel, 60)
+                        if now is None:
                             res["missed"] += 1
                             continue
-                        band = max(32 * MiB, start // 50)
+                        gen, limit = now
+                        band = max(32 * MiB, limit // 50)
+                        # Watched from before the growth: the first generation past `gen`
+                        # each server took, not a later one of the same step.
+                        first: dict[Any, float] = {}
+                        watcher = threading.Thread(target=first_holds, args=(channel, gen, first))
+                        watcher.start()
                         reply = command(agent, f"+{STEP} {band}")
                         crossed = float(reply.split()[1])
-                        got = wait_generation(channel, gen, 30)
-                        if got is None:
+                        watcher.join(30)
+                        if len(first) < 2:
                             res["missed"] += 1
                         else:
-                            res["reaction_s"].append(got[1] - crossed)
+                            res["reaction_s"].append(max(first.values()) - crossed)
                         command(agent, "-")
                 finally:
                     end_process(worker, 20)
