@@ -172,6 +172,22 @@ def test_neighbour_grows_kernel_waits_for_dask_then_follows(tree: Tree, tmp_path
     assert log[-1][1]["kernel"]["action"] == "raised" and log[-1][1]["action"] == "raise"
 
 
+def test_follow_changed_names_a_lowered_limit_and_grown_neighbours_apart(
+    tree: Tree, tmp_path: Path
+) -> None:
+    watch, log = start(tree, tmp_path)
+    watch.tick()  # the first reading, which the next is compared with
+    tree.add(f"{SLICE}/memory.current", 512 * MiB)
+    watch.tick()
+    assert [f["reason"] for e, f in log if e == "follow.changed"] == ["neighbours grew"]
+    log.clear()
+    # The slice's limit lowered (an in-place resize): less is available too, but it is the
+    # limit that moved (podman's kube play test saw "neighbours grew" for this).
+    tree.write(f"{SLICE}/memory.max", int(tree.read(f"{SLICE}/memory.max")) - 512 * MiB)
+    watch.tick()
+    assert [f["reason"] for e, f in log if e == "follow.changed"] == ["limit changed"]
+
+
 def test_usage_above_the_new_budget_holds_the_kernel_limit_up(tree: Tree, tmp_path: Path) -> None:
     watch, log = start(tree, tmp_path)
     written = int(tree.read(f"{SCOPE}/memory.max"))

@@ -302,8 +302,10 @@ def test_deployment_worker_registers_within_the_pod_limit_follows_and_goes_down_
         assert replanned["new_budget"] <= lowered < replanned["old_budget"], replanned
         assert events["follow.applied"][-1]["per_worker"] == now
         # The level that moved is the pod's own, from the engine's limit to the new one.
-        (level,) = events["follow.changed"][-1]["levels"]
+        changed = events["follow.changed"][-1]
+        (level,) = changed["levels"]
         assert (level["old_limit"], level["new_limit"]) == (pod_limit, lowered), level
+        assert changed["reason"] == "limit changed", changed
         print(f"\nfollow: {started['per_worker']} -> {now} (pod limit {pod_limit} -> {lowered})")
     finally:
         grace = document["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]

@@ -531,9 +531,26 @@ class Watch:
     ) -> None:
         reason, self.reason = self.reason, "limit changed"
         previous = self.previous
-        if reason == "limit changed" and previous is not None and m.available < previous.available:
+        diff = self._diff(m)
+        # Less available while every limit but the one we write stayed is the neighbours'
+        # doing; a limit moved from outside (an in-place resize, a new MemoryMax=) is named.
+        ours = {
+            level.path
+            for level, directory in zip(m.levels, self.directories, strict=False)
+            if self.managed is not None and directory == self.managed.directory
+        }
+        moved = any(
+            lvl["old_limit"] != lvl["new_limit"] and lvl["level"] not in ours
+            for lvl in diff["levels"]
+        )
+        if (
+            reason == "limit changed"
+            and not moved
+            and previous is not None
+            and m.available < previous.available
+        ):
             reason = "neighbours grew"
-        self.audit("follow.changed", action=action, reason=reason, **self._diff(m))
+        self.audit("follow.changed", action=action, reason=reason, **diff)
         self.audit(
             "follow.replanned",
             old_budget=self.record.budget,
