@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from dask_safe_worker.events import SCHEMA_VERSION
 from dask_safe_worker.supervise import main, supervise
@@ -874,3 +876,35 @@ def test_an_adopted_worker_gets_a_clean_signal_mask(
 @pytest.mark.parametrize("pid", ["", "x1", "-3"])
 def test_module_main_refuses_a_bad_adopt(pid: str) -> None:
     assert main(["--adopt", pid, "--", "true"]) == 2
+
+
+_MASK_FIELDS = ("SigQ", "SigPnd", "ShdPnd", "SigBlk", "SigIgn", "SigCgt")
+
+
+@given(
+    masks=st.fixed_dictionaries({f: st.integers(0, 2**64 - 1) for f in _MASK_FIELDS[1:]}),
+    tail=st.booleans(),
+)
+def test_status_masks_read_back_as_written(masks: dict[str, int], tail: bool) -> None:
+    from dask_safe_worker.supervise import status_mask
+
+    lines = ["Name:\tpython", "SigQ:\t0/94752"] + [f"{f}:\t{v:016x}" for f, v in masks.items()]
+    text = ("\n".join(lines) + ("\nCpus_allowed:\t3\n" if tail else "")).encode()
+    for field, value in masks.items():
+        assert status_mask(text, field.encode()) == value
+    assert status_mask(text, b"Missing") is None and status_mask(None, b"SigCgt") is None
+
+
+def test_a_copy_pending_in_the_worker_counts_as_its_own() -> None:
+    from dask_safe_worker.supervise import own_copy_pending, status_mask
+
+    term = 1 << (signal.SIGTERM - 1)
+    thread = b"Name:\tw\nSigPnd:\t%016x\nShdPnd:\t0000000000000000\n" % term
+    process = b"Name:\tw\nSigPnd:\t0000000000000000\nShdPnd:\t%016x\n" % term
+    neither = b"Name:\tw\nSigPnd:\t0000000000000000\nShdPnd:\t0000000000000000\n"
+    assert own_copy_pending(signal.SIGTERM, thread) and own_copy_pending(signal.SIGTERM, process)
+    assert not own_copy_pending(signal.SIGTERM, neither)
+    assert not own_copy_pending(signal.SIGINT, process) and not own_copy_pending(15, None)
+    # The real file of a live process parses.
+    own = Path("/proc/self/status").read_bytes()
+    assert status_mask(own, b"SigCgt") is not None and status_mask(own, b"ShdPnd") is not None

@@ -464,8 +464,14 @@ def _wait_loop(
     timeout = _WAIT_TIMEOUT_S
     # A signal we forwarded once is a deliberate repeat when it comes again: forwarded.
     forwarded: set[int] = set()
+    earlier: int | None = None
     while True:
-        caught = caught_signals(child)
+        # The handlers seen at this wake-up and the one before: a launcher's copy that
+        # reached the worker first may have been handled (its handler reset) just
+        # before this wake-up, whose reading then no longer shows the handler.
+        now = caught_signals(child)
+        caught = now if earlier is None or now is None else now | earlier
+        earlier = now
         info = _next_signal(wait_set, timeout, waker, signals)
         if info is not None and info.si_signo != signal.SIGCHLD:
             # Before the watch's tick: a stop must not wait for a measurement.
@@ -475,9 +481,7 @@ def _wait_loop(
                     signal=signal_name(info.si_signo),
                     target_pgid=os.getpgrp(),
                 )
-            elif info.si_signo not in forwarded and handled_own_copy(
-                info.si_signo, caught, caught_signals(child)
-            ):
+            elif info.si_signo not in forwarded and _got_own_copy(info.si_signo, child, caught):
                 audit(
                     "init.signal.shared",
                     signal=signal_name(info.si_signo),
@@ -494,22 +498,68 @@ def _wait_loop(
             return main_code
 
 
-def caught_signals(pid: int, proc_root: str = "/proc") -> int | None:
-    """The signals `pid` has a handler for (SigCgt of its status), or None if unknown."""
+# How long a signal may stay pending in the worker, not yet handled, before ours goes
+# too; and how long a handler that has taken it may take to run (Python runs it at its
+# next instruction, on a busy host later).
+_OWN_COPY_PENDING_S = 1.0
+_OWN_COPY_GRACE_S = 0.05
+
+
+def _status(pid: int, proc_root: str = "/proc") -> bytes | None:
     # Read on every wake-up: one descriptor read, not a buffered file's lines.
     try:
         fd = os.open(f"{proc_root}/{pid}/status", os.O_RDONLY | os.O_CLOEXEC)
         try:
-            text = os.read(fd, 65536)
+            return os.read(fd, 65536)
         finally:
             os.close(fd)
-        at = text.find(b"\nSigCgt:")
-        if at < 0:
-            return None
-        end = text.find(b"\n", at + 1)
-        return int(text[at + 8 : end if end >= 0 else len(text)], 16)
-    except (OSError, ValueError):
+    except OSError:
         return None
+
+
+def status_mask(text: bytes | None, field: bytes) -> int | None:
+    """A signal mask of /proc/<pid>/status (`SigCgt`, `SigPnd`, `ShdPnd`), or None."""
+    if text is None:
+        return None
+    at = text.find(b"\n" + field + b":")
+    if at < 0:
+        return None
+    end = text.find(b"\n", at + 1)
+    try:
+        return int(text[at + len(field) + 2 : end if end >= 0 else len(text)], 16)
+    except ValueError:
+        return None
+
+
+def caught_signals(pid: int, proc_root: str = "/proc") -> int | None:
+    """The signals `pid` has a handler for (SigCgt of its status), or None if unknown."""
+    return status_mask(_status(pid, proc_root), b"SigCgt")
+
+
+def own_copy_pending(signum: int, text: bytes | None) -> bool:
+    """Whether `signum` waits in the process (its thread's or the whole process's)."""
+    bit = 1 << (signum - 1)
+    return any((status_mask(text, f) or 0) & bit for f in (b"SigPnd", b"ShdPnd"))
+
+
+def _got_own_copy(signum: int, child: int, before: int | None) -> bool:
+    """Whether the worker got a copy of `signum` from the same sender (a launcher that
+    signals the whole job): handled already, or still pending and then handled. A
+    worker without a handler then gets ours at once; with one, after a short grace."""
+    import time
+
+    if before is None or not before & (1 << (signum - 1)):
+        return False
+    start = time.monotonic()
+    while True:
+        text = _status(child)
+        if handled_own_copy(signum, before, status_mask(text, b"SigCgt")):
+            return True
+        waited = time.monotonic() - start
+        limit = _OWN_COPY_PENDING_S if own_copy_pending(signum, text) else _OWN_COPY_GRACE_S
+        if text is None or waited >= limit:
+            return False
+        time.sleep(0.005)
 
 
 def handled_own_copy(signum: int, before: int | None, now: int | None) -> bool:
