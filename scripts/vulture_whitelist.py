@@ -16,6 +16,7 @@ collect_ignore
 _runtime_dir  # tests/test_instances.py, autouse
 _leave_run_as_it_was  # tests/test_plan_file.py, autouse
 _private_runtime_dir  # tests/conftest.py, autouse
+_host_run_dir_untouched  # tests/conftest.py, autouse
 _.add_pid  # tests/cgroup_util.py: helper API kept beside enter_command
 _.memory_dir  # tests/image/podman_engine.py: used when a test fails, to explain it
 _.leftovers

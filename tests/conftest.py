@@ -23,12 +23,26 @@ HOST_RUN_DIR = "/run/dask-safe-worker"
 _HOST_RUN_BEFORE = os.path.exists(HOST_RUN_DIR)
 
 
+_HOST_RUN_MADE_BY: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _host_run_dir_untouched(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Which test made the host's runtime directory, if one did (named in the summary)."""
+    before = os.path.exists(HOST_RUN_DIR)
+    yield
+    if not before and os.path.exists(HOST_RUN_DIR) and not _HOST_RUN_MADE_BY:
+        _HOST_RUN_MADE_BY.append(request.node.nodeid)
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """Name a leak into the host's runtime directory: every start in the suite has a
     runtime directory of the session's own, so one that appeared there is a test's bug."""
     if not _HOST_RUN_BEFORE and os.path.exists(HOST_RUN_DIR):
         found = sorted(str(p) for p in Path(HOST_RUN_DIR).rglob("*"))
         terminalreporter.write_line(f"WARNING: the suite left {HOST_RUN_DIR}: {found}")
+    if _HOST_RUN_MADE_BY:
+        terminalreporter.write_line(f"WARNING: {HOST_RUN_DIR} made during {_HOST_RUN_MADE_BY[0]}")
 
 
 @pytest.fixture(scope="session", autouse=True)

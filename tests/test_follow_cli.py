@@ -96,7 +96,9 @@ def test_read_only_channel_disables_follow_and_the_worker_starts(tmp_path: Path)
     mounts = " && ".join(
         f"mount --bind {d} {d} && mount -o remount,bind,ro {d}" for d in ("/tmp", "/var/tmp")
     )
-    script = f'{mounts} && cd /tmp && exec "$@"'
+    # A /run of its own: the pool's runtime directory falls back there from the
+    # read-only temp directory, and the host's is not the test's to fill.
+    script = f'{mounts} && mount -t tmpfs -o mode=755 tmpfs /run && cd /tmp && exec "$@"'
     # A null device of this test's own: written into, it works on the read-only /tmp.
     null = tmp_path / "null"
     os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
