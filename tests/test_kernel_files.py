@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from cgroup_util import KernelCgroup
 from dask_safe_worker.cgroup.files import KeptFiles, read_kernel_text
 
 pytestmark = pytest.mark.kernel
@@ -88,3 +89,48 @@ def test_a_kept_mountinfo_is_read_whole_every_time(long_mountinfo: str) -> None:
         assert kept.read(long_mountinfo) == whole
     finally:
         kept.close()
+
+
+MEMORY_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+@pytest.mark.kernel
+def test_a_kept_pid_list_shows_a_process_that_joined_since(
+    kernel_cgroup: KernelCgroup, started_pids: set[int]
+) -> None:
+    # cgroup v1 hands an open cgroup.procs's first pid list out again to every read
+    # within a second of the last: a watch ticking every second never saw a new worker,
+    # nor lost its OOM victim (gone_pids stayed empty in CI).
+    def sleeper() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(kernel_cgroup.enter_command(["sleep", "60"]))
+        started_pids.add(proc.pid)
+        return proc
+
+    procs = kernel_cgroup.path / "cgroup.procs"
+    first = sleeper()
+    try:
+        wait_for_pids(kernel_cgroup, {first.pid})
+        with KeptFiles():
+            assert read_kernel_text(procs).split() == [str(first.pid)]
+            second = sleeper()
+            try:
+                wait_for_pids(kernel_cgroup, {first.pid, second.pid})
+                assert set(read_kernel_text(procs).split()) == {str(first.pid), str(second.pid)}
+            finally:
+                second.kill()
+                second.wait()
+    finally:
+        first.kill()
+        first.wait()
+
+
+def wait_for_pids(cg: KernelCgroup, pids: set[int]) -> None:
+    """Until every pid is in the cgroup, as its own /proc/<pid>/cgroup says: a fresh
+    read of cgroup.procs would renew the kernel's shared pid list for the kept one."""
+    import time
+
+    rel = "/" + str(cg.path.relative_to(MEMORY_ROOT))
+    deadline = time.monotonic() + 10
+    while not all(f"memory:{rel}\n" in Path(f"/proc/{p}/cgroup").read_text() for p in pids):
+        assert time.monotonic() < deadline, pids
+        time.sleep(0.02)

@@ -35,11 +35,22 @@ def read_kernel_text(path: Path | str) -> str:
     """
     if _kept is not None:
         return _kept.read(os.fspath(path)).decode("utf-8", "surrogateescape")
+    return _read_fresh(os.fspath(path)).decode("utf-8", "surrogateescape")
+
+
+def _read_fresh(path: str) -> bytes:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        return _read_from(fd, os.fspath(path)).decode("utf-8", "surrogateescape")
+        return _read_from(fd, path)
     finally:
         os.close(fd)
+
+
+# Never kept open: cgroup v1 builds a pid list at an open file's first read and hands the
+# same list out again to every later read of that file while it is re-read within a
+# second of the last (unless someone opens the file afresh meanwhile), so a watch ticking
+# every second never saw a new worker, nor lost its OOM victim.
+_PID_LISTS = ("cgroup.procs", "cgroup.threads", "/tasks")
 
 
 # Whole files in one read (memory.stat, meminfo: a few KiB); mountinfo may take several.
@@ -84,6 +95,8 @@ class KeptFiles:
         self._used: set[str] = set()
 
     def read(self, path: str) -> bytes:
+        if path.endswith(_PID_LISTS):
+            return _read_fresh(path)
         fd = self._fds.get(path)
         if fd is not None:
             try:
