@@ -41,8 +41,11 @@ def _env() -> dict[str, str]:
 
 
 def _in_namespace(setup: str, argv: list[str], cwd: str = "/") -> list[str]:
-    """argv run after `setup` in a private mount namespace (nothing leaks to the host)."""
-    script = f'set -e; {setup}; cd {shlex.quote(cwd)}; exec "$@"'
+    """argv run after `setup` in a private mount namespace (nothing leaks to the host).
+    /run is the namespace's own too: with /tmp covered, the runtime directory under it
+    falls back to /run/dask-safe-worker, and a plan file there outlived the test."""
+    private_run = "mount -t tmpfs -o mode=755 tmpfs /run"
+    script = f'set -e; {private_run}; {setup}; cd {shlex.quote(cwd)}; exec "$@"'
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *argv]
 
 
