@@ -186,11 +186,18 @@ def start_worker(argv: Sequence[str], env: Mapping[str, str], process_group: boo
     for stream in (sys.stdout, sys.stderr):
         if stream is not None:
             stream.flush()
+    return _fork_child(argv, env, process_group)
+
+
+def _fork_child(argv: Sequence[str], env: Mapping[str, str], process_group: bool) -> int:
+    """Fork, exec `argv` in the child; the child's pid."""
     parent = os.getpid()
     child = os.fork()
     if child == 0:
         _exec_child(argv, env, process_group, parent)
     if process_group:
+        # Both sides call setpgid so that no signal can arrive before the group exists.
+        # EACCES (already exec'd) or ESRCH (already gone) means the child's own call won.
         with contextlib.suppress(OSError):
             os.setpgid(child, child)
     return child
@@ -367,16 +374,7 @@ def _start_and_wait(
     if stop is not None:
         audit("init.start.cancelled", signal=signal_name(stop), code=128 + stop)
         return 128 + stop
-    child_env = os.environ if env is None else env
-    parent = os.getpid()
-    child = os.fork()
-    if child == 0:
-        _exec_child(argv, child_env, process_group, parent)
-    if process_group:
-        # Both sides call setpgid so that no signal can arrive before the group exists.
-        # EACCES (already exec'd) or ESRCH (already gone) means the child's own call won.
-        with contextlib.suppress(OSError):
-            os.setpgid(child, child)
+    child = _fork_child(argv, os.environ if env is None else env, process_group)
     code = _wait_for_main(child, process_group, audit, ticker, waker)
     _drain_orphans(child, process_group, audit, reap_grace)
     return code
