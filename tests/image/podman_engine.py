@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,10 +218,16 @@ class Engine:
         ]
 
     def podman(
-        self, *args: str, check: bool = True, timeout: float = HANG_GUARD_S
+        self,
+        *args: str,
+        check: bool = True,
+        timeout: float = HANG_GUARD_S,
+        enter: Callable[[list[str]], list[str]] | None = None,
     ) -> subprocess.CompletedProcess[str]:
+        """`podman ARGS`; with `enter`, the command as `enter` wraps it (a namespace)."""
+        argv = self.argv(*args)
         result = subprocess.run(
-            self.argv(*args),
+            argv if enter is None else enter(argv),
             env=self.env(),
             capture_output=True,
             text=True,

@@ -86,19 +86,7 @@ class Kube:
     def podman(
         self, *args: str, check: bool = True, timeout: float = HANG_GUARD_S
     ) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(
-            self.ns.enter(self.engine.argv(*args)),
-            env=self.engine.env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
-        if check and result.returncode != 0:
-            raise AssertionError(
-                f"podman {' '.join(args)} exited {result.returncode}:\n{result.stderr}"
-            )
-        return result
+        return self.engine.podman(*args, check=check, timeout=timeout, enter=self.ns.enter)
 
     def play(self, manifest: Path, *options: str) -> None:
         self.podman("kube", "play", "--network", NETWORK, *options, str(manifest))
