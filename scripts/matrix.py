@@ -3,13 +3,18 @@
 
 Each cell gets a fresh venv (uv venv + uv pip install) with the project (editable), that
 distributed/dask release and the dev dependency group, then runs
-  1. the unit tests (everything not marked kernel/e2e/container/vm),
+  1. unit tests (not marked kernel/e2e/container/vm): all of them in the cells of the
+     oldest and the newest Python, only the release-sensitive files (RELEASE_SENSITIVE) in
+     the others,
   2. the parity tests against that release (tests/test_parity.py, its e2e part included),
   3. one real end-to-end start in a test cgroup (tests/test_e2e.py, --nworkers 1).
-It prints the time per cell and a closing "matrix: N passed, N failed" line, and exits
-non-zero if any cell failed.
+Set-up and unit tests of `--jobs` cells run at once (each pytest is one process, so two
+fill two cores); parity and e2e then run one cell at a time, since they start real
+workers and compare live readings. It prints the time per cell and a closing
+"matrix: N passed, N failed" line, and exits non-zero if any cell failed.
 
-    uv run python scripts/matrix.py                 # the default cells (CI)
+    uv run python scripts/matrix.py                 # the default cells, one at a time
+    uv run python scripts/matrix.py --jobs 2        # CI: two cells' unit tests at once
     uv run python scripts/matrix.py --list
     uv run python scripts/matrix.py --cell 3.13:2022.9.2 --cell 3.10:2026.8.0
     uv run python scripts/matrix.py --quick         # unit + parity only, no e2e
@@ -38,16 +43,35 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 NEWEST = "2026.8.0"
 OLDEST = "2022.9.2"  # dask_compat.release.OLDEST_SUPPORTED: the first release with v2 detection
-# Each supported Python with the newest release; the newest Python with the oldest
-# release (2022.9.2 installs and runs on 3.13), 2024.12 and a 2025 release.
+# Each supported Python with the newest release but 3.11, the locked environment's, whose
+# whole suite the main pytest run already is; the newest Python with the oldest release
+# (2022.9.2 installs and runs on 3.13), 2024.12 and a 2025 release.
 DEFAULT_CELLS: tuple[tuple[str, str], ...] = (
     ("3.10", NEWEST),
-    ("3.11", NEWEST),
     ("3.12", NEWEST),
     ("3.13", NEWEST),
     ("3.13", OLDEST),
     ("3.13", "2024.12.1"),
     ("3.13", "2025.12.0"),
+)
+# Every unit test runs on the oldest and the newest Python (what differs between Pythons
+# can break any module); the other cells run the files whose outcome depends on the
+# installed dask/distributed: the per-release rules, the CLI and worker arguments judged
+# by the release's click command, dask's configuration, LocalCluster's counts, the
+# preloads and `dask cuda worker`'s division. A new test that imports dask or distributed,
+# or compares with them, belongs in one of these files or on this list.
+FULL_UNIT_PYTHONS = ("3.10", "3.13")
+RELEASE_SENSITIVE = (
+    "tests/test_dask_compat.py",
+    "tests/test_cli.py",
+    "tests/test_worker_args.py",
+    "tests/test_worker_cli.py",
+    "tests/test_start_exit_codes.py",
+    "tests/test_leading_command.py",
+    "tests/test_gpu_workers.py",
+    "tests/test_follow_dask.py",
+    "tests/test_notebook.py",
+    "tests/test_audit_odd_workers.py",
 )
 # Releases below the range, expected to fail at start-up with one clear line. Empty until
 # the CLI calls dask_compat.release.check_supported(); then add ("3.13", "2022.9.1").
@@ -151,9 +175,49 @@ def cell_paths_and_env(
     return workdir / name, log, env
 
 
-def run_cell(
-    python_version: str, dist: str, workdir: Path, quick: bool, env0: dict[str, str]
-) -> Result:
+@dataclass(frozen=True)
+class Cell:
+    """A cell whose venv is installed: what its later steps run with."""
+
+    name: str
+    py: str
+    log: Path
+    env: dict[str, str]
+
+
+def unit_tests(python_version: str, dist: str) -> list[str]:
+    """The unit step's test paths: everything on the oldest and the newest Python with the
+    newest release, the release-sensitive files elsewhere."""
+    if dist == NEWEST and python_version in FULL_UNIT_PYTHONS:
+        return ["tests", "--ignore=tests/containers", "--ignore=tests/vm"]
+    return list(RELEASE_SENSITIVE)
+
+
+def pytest_command(py: str) -> list[str]:
+    return [py, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra"]
+
+
+def run_step(res: Result, cell: Cell, step: str, cmd: list[str], workdir: Path) -> None:
+    t0 = time.monotonic()
+    mark = cell.log.stat().st_size
+    ok, why = run(cmd, cell.log, cell.env, 1200)
+    with cell.log.open() as f:
+        f.seek(mark)
+        tail = f.read()
+    tmp = workdir / f"{cell.name}.{step}.part"
+    tmp.write_text(tail)
+    summary = pytest_summary(tmp) or why
+    tmp.unlink()
+    res.steps.append((step, ok, time.monotonic() - t0, summary))
+    if not ok:
+        res.ok = False
+        res.error = f"{step} failed ({why}); see {cell.log}"
+
+
+def set_up_and_unit(
+    python_version: str, dist: str, workdir: Path, env0: dict[str, str]
+) -> tuple[Result, Cell | None]:
+    """The venv and the unit step: the part of a cell that may run beside another cell's."""
     res = Result(python_version, dist)
     name = f"py{python_version}-distributed{dist}"
     venv, log, env = cell_paths_and_env(name, workdir, env0)
@@ -161,7 +225,7 @@ def run_cell(
     interpreter = find_python(python_version)
     if interpreter is None:
         res.error = f"no Python {python_version} interpreter found"
-        return res
+        return res, None
     py = str(venv / "bin/python")
     ok, why = run(["uv", "venv", "-q", "--python", interpreter, str(venv)], log, env, 300)
     if ok:
@@ -187,7 +251,7 @@ def run_cell(
     res.setup_s = time.monotonic() - start
     if not ok:
         res.error = f"setup failed ({why}); see {log}"
-        return res
+        return res, None
     probe = subprocess.run(
         [
             py,
@@ -200,43 +264,32 @@ def run_cell(
         text=True,
     )
     res.versions = probe.stdout.strip()
-
-    pytest = [py, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-ra"]
-    steps: list[tuple[str, list[str]]] = [
-        (
-            "unit",
-            [
-                *pytest,
-                "-m",
-                UNIT_MARKERS,
-                "tests",
-                "--ignore=tests/containers",
-                "--ignore=tests/vm",
-                "--ignore=tests/test_parity.py",
-                *(f"--deselect={t}" for t in NOT_PORTABLE),
-            ],
-        ),
-        ("parity", [*pytest, "tests/test_parity.py", *(["-m", "not e2e"] if quick else [])]),
-    ]
-    if not quick:
-        steps.append(("e2e", [*pytest, E2E_TEST]))
+    cell = Cell(name, py, log, env)
     res.ok = True
-    for step, cmd in steps:
-        t0 = time.monotonic()
-        mark = log.stat().st_size
-        ok, why = run(cmd, log, env, 1200)
-        with log.open() as f:
-            f.seek(mark)
-            tail = f.read()
-        tmp = workdir / f"{name}.{step}.part"
-        tmp.write_text(tail)
-        summary = pytest_summary(tmp) or why
-        tmp.unlink()
-        res.steps.append((step, ok, time.monotonic() - t0, summary))
-        if not ok:
-            res.ok = False
-            res.error = f"{step} failed ({why}); see {log}"
-    return res
+    unit = [
+        *pytest_command(py),
+        "-m",
+        UNIT_MARKERS,
+        *unit_tests(python_version, dist),
+        "--ignore=tests/test_parity.py",
+        *(f"--deselect={t}" for t in NOT_PORTABLE),
+    ]
+    run_step(res, cell, "unit", unit, workdir)
+    return res, cell
+
+
+def parity_and_e2e(res: Result, cell: Cell, quick: bool, workdir: Path) -> None:
+    """The steps that start real workers or compare live readings: one cell at a time."""
+    pytest = pytest_command(cell.py)
+    run_step(
+        res,
+        cell,
+        "parity",
+        [*pytest, "tests/test_parity.py", *(["-m", "not e2e"] if quick else [])],
+        workdir,
+    )
+    if not quick:
+        run_step(res, cell, "e2e", [*pytest, E2E_TEST], workdir)
 
 
 def run_unsupported_cell(
@@ -340,8 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     env0 = dict(os.environ)
 
-    def one(cell: tuple[str, str]) -> Result:
-        res = run_cell(cell[0], cell[1], workdir, args.quick, env0)
+    def report(res: Result) -> None:
         status = "PASS" if res.ok else "FAIL"
         print(
             f"matrix: {status} python {res.python} distributed {res.distributed}: "
@@ -350,7 +402,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             + ")",
             flush=True,
         )
-        return res
+
+    def first(cell: tuple[str, str]) -> tuple[Result, Cell | None]:
+        res, ready = set_up_and_unit(cell[0], cell[1], workdir, env0)
+        print(
+            f"matrix: unit {'ok' if res.ok else 'FAILED'} python {res.python} "
+            f"distributed {res.distributed}",
+            flush=True,
+        )
+        return res, ready
 
     def one_unsupported(cell: tuple[str, str]) -> Result:
         res = run_unsupported_cell(cell[0], cell[1], workdir, env0)
@@ -362,8 +422,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return res
 
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        results = list(pool.map(one, cells))
-        results += list(pool.map(one_unsupported, args.unsupported))
+        firsts = list(pool.map(first, cells))
+        unsupported = list(pool.map(one_unsupported, args.unsupported))
+    results: list[Result] = []
+    for res, ready in firsts:
+        # A cell whose unit step failed still runs the rest: the report names every
+        # step that fails, not only the first.
+        if ready is not None:
+            parity_and_e2e(res, ready, args.quick, workdir)
+        report(res)
+        results.append(res)
+    results += unsupported
 
     print("\nmatrix results")
     print(f"{'python':<7} {'distributed':<12} {'result':<6} {'total':>6} {'setup':>6}  steps")
