@@ -2,25 +2,40 @@
 """distributed's own CLI tests, run with `dask worker` and again with dask-safe-worker.
 
 A drop-in check: `distributed/cli/tests/test_dask_worker.py` of the installed
-distributed release runs twice with pytest, once as written (plain `dask worker`) and
-once with every `dask worker` it starts replaced by `dask-safe-worker`; the passing test
-ids must be the same. It prints one row per test and the differing ids with an excerpt
-of their failures, and exits 1 when they differ.
+distributed release (or of Debian's package, with that package's release: below) runs
+twice with pytest, once as written (plain `dask worker`) and once with every `dask
+worker` it starts replaced by `dask-safe-worker`; the passing test ids must be the same.
+It prints one row per test and the differing ids with an excerpt of their failures, and
+exits 1 when they differ.
 
     uv run python scripts/distributed_cli_suite.py
     uv run python scripts/distributed_cli_suite.py --source ~/src/distributed
     uv run python scripts/distributed_cli_suite.py --source /path/to/distributed.git --ref 2026.8.0
+    uv run python scripts/distributed_cli_suite.py --debian
 
-Where the tests come from. The installed wheel has no tests. By default they come from
-the sdist of exactly the installed version on PyPI (the index's JSON API, the file's
-sha256 checked), cached under ~/.cache/dask-safe-worker/distributed-sdist/ so that later
-runs are offline. Some releases' sdists ship no tests either (2026.8.0's pyproject.toml
-excludes "*tests*"): then a source of that release is needed, given by --source or
-$DSW_DISTRIBUTED_SOURCE: a checkout, an unpacked or packed source tarball, or a git
-directory with --ref / $DSW_DISTRIBUTED_REF (default: the tag named like the installed
-version). Without one the script exits 2 and says so. Only the test file, its package's
-__init__.py and distributed's root conftest.py and pytest configuration are written, into
-a temporary directory; nothing of distributed is kept in this repository.
+Where the tests come from, the first that has them:
+1. --source or $DSW_DISTRIBUTED_SOURCE, a source of the installed release: a checkout,
+   an unpacked or packed source tarball, or a git directory with --ref /
+   $DSW_DISTRIBUTED_REF (default: the tag named like the installed version).
+2. The sdist of exactly the installed version on PyPI (the index's JSON API, the file's
+   sha256 checked), cached under ~/.cache/dask-safe-worker/distributed-sdist/. The
+   sdists of 2022.12.1, 2024.12.1 and 2026.8.0 ship no tests (2026.8.0's pyproject.toml
+   excludes "*tests*"), so with those this step only costs one cached download.
+3. Debian's python3-distributed, which installs the tests for its autopkgtests (Debian 12:
+   2022.12.1+ds.1-3): fetched once with `apt-get download` into
+   ~/.cache/dask-safe-worker/debian-python3-distributed/ and unpacked with dpkg-deb. Its
+   release is not the installed one, so the runs use a venv of their own (uv venv + uv
+   pip install, in the work directory): the project editable, distributed and dask of the
+   package's upstream release (2022.12.1) from PyPI, pytest and pytest-timeout. Debian's
+   only change to the file (diffed against the 2022.12.1 tag) is a
+   `@pytest.mark.isinstalled` on 25 tests, its marker for tests that need the installed
+   scripts; they all run here. The package has neither distributed's root conftest.py nor
+   its pytest configuration: STAND_IN puts in what the file needs (utils_test's fixtures,
+   --runslow, the markers under --strict-markers, the 300 s per-test timeout).
+   apt-get failing (no package lists, no Debian) is SourceUnavailable: the caller skips.
+Only the test file, its package's __init__.py and distributed's root conftest.py and
+pytest configuration are written, into a temporary directory; nothing of distributed is
+kept in this repository. --debian goes straight to 3.
 
 How `dask worker` is replaced. distributed's popen() starts workers as
 `<python> -m dask worker ARGS`, resolving a bare "dask" to the script beside the
@@ -63,7 +78,7 @@ import tempfile
 import time
 import urllib.request
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -72,9 +87,39 @@ REPO = Path(__file__).resolve().parent.parent
 SHIM = REPO / "scripts" / "distributed_cli_shim"
 TEST_FILE = "distributed/cli/tests/test_dask_worker.py"
 REQUIRED = (TEST_FILE, "distributed/cli/tests/__init__.py", "conftest.py")
-# distributed's pytest configuration: pyproject.toml since 2023, setup.cfg before.
-CONFIG = ("pyproject.toml", "setup.cfg")
+# distributed's pytest configuration: pyproject.toml since 2023, setup.cfg before;
+# pytest.ini is the stand-in written for Debian's package (STAND_IN).
+CONFIG = ("pyproject.toml", "setup.cfg", "pytest.ini")
 INDEX = "https://pypi.org/simple/distributed/"
+DEBIAN_PACKAGE = "python3-distributed"
+DIST_PACKAGES = "usr/lib/python3/dist-packages"
+# Debian's package installs the tests but not distributed's root conftest.py and pytest
+# configuration; these stand in for them with what the test file needs: the fixtures of
+# distributed.utils_test (loop, requires_default_ports), --runslow, the markers it uses
+# under --strict-markers (`isinstalled` is Debian's, added by its patch), and the
+# per-test timeout of distributed's own configuration.
+STAND_IN: dict[str, bytes] = {
+    "conftest.py": b"""\
+# dask-safe-worker's stand-in for distributed's root conftest.py (not in Debian's package).
+from distributed.utils_test import *  # noqa: F403
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run slow tests")
+""",
+    "pytest.ini": b"""\
+[pytest]
+addopts = --strict-markers -p no:asyncio
+markers =
+    slow: marks tests as slow (run with --runslow)
+    isinstalled: Debian's marker for tests that need distributed's installed scripts
+timeout = 300
+timeout_method = signal
+""",
+}
+# What the release's own venv gets besides the project and distributed/dask: the test
+# runner and the timeout plugin of the stand-in configuration.
+VENV_EXTRAS = ("pytest", "pytest-timeout")
 MODES = ("plain", "safe")
 
 _LOOPBACK_SCHEDULER = "schedulers bind 127.0.0.1 only"
@@ -108,6 +153,15 @@ NETWORK_DESELECTED: dict[str, str] = {
     "test_listen_address_ipv6[tcp://:---nanny]": "--listen-address tcp://: (every interface)",
     "test_listen_address_ipv6[tcp://:---no-nanny]": "--listen-address tcp://: (every interface)",
 }
+# The tests in which several worker processes or instances share the host: a subset
+# for a second comparison where instances write cgroups and see each other's.
+SHARED_HOST = (
+    "test_nanny_worker_port_range",
+    "test_nworkers_requires_nanny",
+    "test_nworkers_negative",
+    "test_nworkers_auto",
+    "test_nworkers_expands_name",
+)
 # What makes a test function need a reviewed deselection: an IPv4 literal outside
 # 127.0.0.0/8 (0.0.0.0 is reviewed per parameter above), the host's outward address, or
 # a `dask scheduler` started without --host.
@@ -133,6 +187,15 @@ class Source:
 
     description: str
     files: Mapping[str, bytes]
+
+
+@dataclass(frozen=True)
+class Suite:
+    """The test file and the interpreter that runs it, with that release installed."""
+
+    source: Source
+    version: str
+    python: str = sys.executable
 
 
 def _as_is(argv: list[str]) -> list[str]:
@@ -327,6 +390,119 @@ def resolve_source(
     return Source(description, files)
 
 
+def deb_version(filename: str) -> str:
+    """The package version in a .deb's name as apt-get download writes it
+    (`python3-distributed_2022.12.1+ds.1-3_all.deb`: an epoch's colon is %3a)."""
+    parts = filename.removesuffix(".deb").split("_")
+    if len(parts) != 3 or parts[0] != DEBIAN_PACKAGE or not parts[1]:
+        raise ValueError(f"{filename!r} is not a {DEBIAN_PACKAGE} .deb")
+    return parts[1].replace("%3a", ":")
+
+
+def upstream_release(version: str) -> str:
+    """distributed's release in a Debian version: 2022.12.1+ds.1-3 -> 2022.12.1 (no
+    epoch, no Debian revision, no +ds/+dfsg repack suffix)."""
+    upstream = version.split(":", 1)[-1].rsplit("-", 1)[0]
+    release = re.split(r"[+~]", upstream, maxsplit=1)[0]
+    if not re.fullmatch(r"\d+(\.\d+)+", release):
+        raise ValueError(f"no distributed release in Debian version {version!r}")
+    return release
+
+
+def debian_files(package: Mapping[str, bytes]) -> dict[str, bytes]:
+    """The runs' files from the package's files (paths as in the package, without the
+    leading /): its test file and package __init__.py, and the stand-ins."""
+    installed = {rel: f"{DIST_PACKAGES}/{rel}" for rel in REQUIRED}
+    files = {rel: package[path] for rel, path in installed.items() if path in package}
+    files.update(STAND_IN)
+    return files
+
+
+def venv_install(python: str, release: str) -> list[str]:
+    """The uv command that puts the project (editable), distributed and dask `release`
+    and the runner into the venv of `python`."""
+    pins = (f"distributed=={release}", f"dask=={release}")
+    return ["uv", "pip", "install", "-q", "--python", python, "-e", str(REPO), *pins, *VENV_EXTRAS]
+
+
+def debian_cache() -> Path:
+    return cache_dir().parent / f"debian-{DEBIAN_PACKAGE}"
+
+
+def tool(
+    argv: Sequence[str], what: str, cwd: Path | None = None, env: Mapping[str, str] | None = None
+) -> None:
+    """One step of the Debian source; SourceUnavailable with the step and the last line
+    it printed if it fails."""
+    if shutil.which(argv[0]) is None:
+        raise SourceUnavailable(f"{what}: {argv[0]} is not on PATH")
+    done = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        raise SourceUnavailable(
+            f"{what}: `{' '.join(argv)}` exited {done.returncode}{': ' + said[-1] if said else ''}"
+        )
+
+
+def debian_suite(cache: Path, work: Path) -> Suite:
+    """The test file of Debian's python3-distributed (fetched once with apt-get download
+    into `cache`) and a venv in `work` with the project and the package's upstream
+    release of distributed and dask from PyPI."""
+    cache.mkdir(parents=True, exist_ok=True)
+    debs = sorted(cache.glob(f"{DEBIAN_PACKAGE}_*.deb"))
+    if not debs:
+        tool(
+            ["apt-get", "download", DEBIAN_PACKAGE],
+            f"fetching Debian's {DEBIAN_PACKAGE}",
+            cwd=cache,
+        )
+        debs = sorted(cache.glob(f"{DEBIAN_PACKAGE}_*.deb"))
+    if len(debs) != 1:
+        raise SourceUnavailable(f"{cache}: expected one {DEBIAN_PACKAGE} .deb, found {len(debs)}")
+    deb = debs[0]
+    version = deb_version(deb.name)
+    release = upstream_release(version)
+    unpacked = work / "deb"
+    tool(["dpkg-deb", "-x", str(deb), str(unpacked)], f"unpacking {deb.name}")
+    files = debian_files(files_from_tree(unpacked, (f"{DIST_PACKAGES}/{r}" for r in REQUIRED)))
+    if TEST_FILE not in files:
+        raise SourceUnavailable(f"{deb.name} ships no {TEST_FILE}")
+    venv = work / f"venv-distributed-{release}"
+    python = str(venv / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    # Only PyPI is reachable: uv must use an interpreter that is here.
+    env["UV_PYTHON_DOWNLOADS"] = "never"
+    tool(["uv", "venv", "-q", "--python", sys.executable, str(venv)], "making a venv", env=env)
+    try:
+        tool(venv_install(python, release), f"installing distributed {release}", env=env)
+    except SourceUnavailable as e:
+        # PyPI is reachable where the suite runs: a failed install is a failure, not a skip.
+        raise RuntimeError(str(e)) from e
+    description = (
+        f"Debian's {DEBIAN_PACKAGE} {version} ({deb.name}; stand-ins for {' and '.join(STAND_IN)})"
+    )
+    return Suite(Source(description, files), release, python)
+
+
+def resolve_suite(given: str | None, ref: str | None, work: Path, debian: bool = False) -> Suite:
+    """The first that has the test file: `given` (a source of the installed release),
+    the PyPI sdist of the installed release, Debian's python3-distributed (run with its
+    own release, in a venv in `work`). `debian` goes straight to the last."""
+    version = installed_version()
+    if given and not debian:
+        return Suite(resolve_source(version, given, ref), version)
+    reasons: list[str] = []
+    if not debian:
+        try:
+            return Suite(resolve_source(version), version)
+        except SourceUnavailable as e:
+            reasons.append(str(e))
+    try:
+        return debian_suite(debian_cache(), work)
+    except SourceUnavailable as e:
+        raise SourceUnavailable("; ".join([*reasons, str(e)])) from e
+
+
 def write_source(source: Source, root: Path) -> None:
     for rel, content in source.files.items():
         target = root / rel
@@ -357,8 +533,14 @@ def unreviewed(test_source: str, collected: Iterable[str]) -> list[str]:
     )
 
 
-def child_env(mode: str, work: Path, cgroup_write: str = "never") -> dict[str, str]:
+def child_env(
+    mode: str, work: Path, cgroup_write: str = "never", python: str = sys.executable
+) -> dict[str, str]:
     env = dict(os.environ)
+    if python != sys.executable:
+        # A venv of the release's own: its scripts first, as if it were activated.
+        bin_dir = str(Path(python).parent)
+        env.update(VIRTUAL_ENV=str(Path(bin_dir).parent), PATH=f"{bin_dir}:{env.get('PATH', '')}")
     # Options for the outer pytest (when a test of ours calls this) are not distributed's.
     for name in ("PYTEST_ADDOPTS", "PYTEST_PLUGINS", "PYTEST_CURRENT_TEST"):
         env.pop(name, None)
@@ -376,9 +558,9 @@ def child_env(mode: str, work: Path, cgroup_write: str = "never") -> dict[str, s
     return env
 
 
-def pytest_argv(extra: Sequence[str]) -> list[str]:
+def pytest_argv(extra: Sequence[str], python: str = sys.executable) -> list[str]:
     return [
-        sys.executable,
+        python,
         "-m",
         "pytest",
         TEST_FILE,
@@ -388,16 +570,20 @@ def pytest_argv(extra: Sequence[str]) -> list[str]:
         "-p",
         "dsw_suite_markers",
         "--color=no",
+        # Python's own traceback format: pytest's re-parses source with ast, which
+        # CPython 3.11.7 can fail with "SystemError: AST constructor recursion depth
+        # mismatch" as an INTERNALERROR that ends the whole run.
+        "--tb=native",
         *extra,
     ]
 
 
-def collect(root: Path, work: Path) -> list[str]:
+def collect(root: Path, work: Path, python: str) -> list[str]:
     work.mkdir(parents=True, exist_ok=True)
     done = subprocess.run(
-        pytest_argv(["--collect-only", "-q", "-o", "addopts="]),
+        pytest_argv(["--collect-only", "-q", "-o", "addopts="], python),
         cwd=root,
-        env=child_env("plain", work),
+        env=child_env("plain", work, python=python),
         capture_output=True,
         text=True,
     )
@@ -432,7 +618,9 @@ def read_starts(path: Path) -> dict[str, int]:
     return starts
 
 
-def run_mode(mode: str, root: Path, work: Path, deselect: Iterable[str], place: Placement) -> Run:
+def run_mode(
+    mode: str, root: Path, work: Path, deselect: Iterable[str], place: Placement, python: str
+) -> Run:
     work.mkdir(parents=True, exist_ok=True)
     xml, log = work / "junit.xml", work / "pytest.log"
     argv = pytest_argv(
@@ -442,10 +630,11 @@ def run_mode(mode: str, root: Path, work: Path, deselect: Iterable[str], place: 
             "junit_logging=all",
             f"--basetemp={work / 'tmp'}",
             *(f"--deselect={t}" for t in deselect),
-        ]
+        ],
+        python,
     )
     started = time.monotonic()
-    env = child_env(mode, work, place.cgroup_write)
+    env = child_env(mode, work, place.cgroup_write, python)
     with (
         log.open("w") as out,
         subprocess.Popen(
@@ -463,17 +652,19 @@ def run_mode(mode: str, root: Path, work: Path, deselect: Iterable[str], place: 
 
 
 def compare(
-    source: Source,
+    suite: Suite,
     work: Path,
-    version: str,
     log: Callable[[str], None] = print,
     place: Placement | None = None,
+    only: Collection[str] | None = None,
 ) -> Comparison:
-    """Both runs of the test file, one after the other (some tests use fixed ports)."""
+    """Both runs of the test file, one after the other (some tests use fixed ports);
+    with `only` (test function names), both runs run just those."""
     place = place or Placement()
+    source = suite.source
     root = work / "distributed-src"
     write_source(source, root)
-    collected = collect(root, work / "collect")
+    collected = collect(root, work / "collect", suite.python)
     risky = unreviewed(source.files[TEST_FILE].decode(), collected)
     if risky:
         raise UnreviewedTest(
@@ -482,13 +673,16 @@ def compare(
         )
     names = {test_name(t) for t in collected}
     deselected = {t: why for t, why in NETWORK_DESELECTED.items() if t in names}
+    if only is not None:
+        outside = sorted(t for t in names - set(deselected) if t.split("[", 1)[0] not in only)
+        deselected.update(dict.fromkeys(outside, "not in this comparison's subset"))
     deselect = [f"{TEST_FILE}::{t}" for t in deselected]
     runs: dict[str, Run] = {}
     for mode in MODES:
         log(f"running distributed's CLI tests with {mode_label(mode)} ...")
-        runs[mode] = run_mode(mode, root, work / mode, deselect, place)
+        runs[mode] = run_mode(mode, root, work / mode, deselect, place, suite.python)
         log(f"  {mode}: {runs[mode].seconds:.0f} s, {len(runs[mode].passed())} passed")
-    return Comparison(source.description, version, runs["plain"], runs["safe"], deselected)
+    return Comparison(source.description, suite.version, runs["plain"], runs["safe"], deselected)
 
 
 def mode_label(mode: str) -> str:
@@ -586,18 +780,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get("DSW_DISTRIBUTED_REF"),
         help="commit or tag when --source is a git directory (default: the installed version)",
     )
+    parser.add_argument(
+        "--debian",
+        action="store_true",
+        help=f"run the test file of Debian's {DEBIAN_PACKAGE} with its release in a venv"
+        " of its own (the default when the installed release's sdist ships no tests)",
+    )
     parser.add_argument("--work", help="keep the runs' files here (default: a temporary dir)")
     args = parser.parse_args(argv)
-    version = installed_version()
-    try:
-        source = resolve_source(version, args.source, args.ref)
-    except SourceUnavailable as e:
-        print(f"distributed_cli_suite: {e}", file=sys.stderr)
-        return 2
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="dsw-cli-suite-"))
     try:
-        comparison = compare(source, work, version)
-    except UnreviewedTest as e:
+        suite = resolve_suite(args.source, args.ref, work, args.debian)
+        comparison = compare(suite, work)
+    except (SourceUnavailable, UnreviewedTest) as e:
         print(f"distributed_cli_suite: {e}", file=sys.stderr)
         return 2
     print(report(comparison))

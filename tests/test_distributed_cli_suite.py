@@ -31,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from cgroup_util import KernelCgroup
 
@@ -120,12 +122,93 @@ def test_tests_that_may_leave_loopback_are_refused_unless_deselected() -> None:
     assert suite.unreviewed(RISKY_TESTS, ids) == ["test_scheduler_everywhere"]
 
 
-def source_or_skip(suite: Any) -> Any:
+@pytest.mark.parametrize(
+    ("name", "version"),
+    [
+        ("python3-distributed_2022.12.1+ds.1-3_all.deb", "2022.12.1+ds.1-3"),
+        ("python3-distributed_1%3a2024.12.1+ds-1_all.deb", "1:2024.12.1+ds-1"),
+    ],
+)
+def test_deb_version_is_read_from_the_name_apt_get_download_writes(name: str, version: str) -> None:
+    assert load_suite().deb_version(name) == version
+
+
+@pytest.mark.parametrize(
+    "name", ["python3-dask_2022.12.1+dfsg-2_all.deb", "python3-distributed_all.deb", "x.deb"]
+)
+def test_other_debs_are_refused(name: str) -> None:
+    with pytest.raises(ValueError):
+        load_suite().deb_version(name)
+
+
+@given(
+    release=st.lists(st.integers(0, 3000), min_size=2, max_size=4).map(
+        lambda parts: ".".join(map(str, parts))
+    ),
+    epoch=st.sampled_from(["", "1:", "12:"]),
+    repack=st.sampled_from(["", "+ds", "+ds.1", "+dfsg", "~rc1"]),
+    revision=st.sampled_from(["-1", "-3", "-1~bpo11+1", "-2+deb12u1"]),
+)
+def test_the_upstream_release_is_the_debian_version_without_epoch_repack_and_revision(
+    release: str, epoch: str, repack: str, revision: str
+) -> None:
+    assert load_suite().upstream_release(f"{epoch}{release}{repack}{revision}") == release
+
+
+@pytest.mark.parametrize("version", ["", "-1", "ds-1", "2022-1", "1:x.y-1"])
+def test_a_debian_version_without_a_release_is_refused(version: str) -> None:
+    with pytest.raises(ValueError):
+        load_suite().upstream_release(version)
+
+
+def test_debian_files_are_the_installed_test_package_and_the_stand_ins() -> None:
+    suite = load_suite()
+    installed = f"{suite.DIST_PACKAGES}/distributed/cli/tests"
+    package = {
+        f"{installed}/test_dask_worker.py": b"def test_x(): pass\n",
+        f"{installed}/__init__.py": b"",
+        f"{installed}/test_dask_scheduler.py": b"",
+    }
+    files = suite.debian_files(package)
+    assert files == {
+        suite.TEST_FILE: b"def test_x(): pass\n",
+        "distributed/cli/tests/__init__.py": b"",
+        **suite.STAND_IN,
+    }
+    # Everything resolve_source asks of a source is there: the required files and a config.
+    assert set(suite.REQUIRED) <= set(files) and set(suite.CONFIG) & set(files)
+
+
+def test_the_venv_gets_the_project_and_one_release_of_distributed_and_dask() -> None:
+    suite = load_suite()
+    argv = suite.venv_install("/v/bin/python", "2022.12.1")
+    assert argv[:3] == ["uv", "pip", "install"]
+    assert argv[argv.index("--python") + 1] == "/v/bin/python"
+    assert argv[argv.index("-e") + 1] == str(SCRIPTS.parent)
+    assert {"distributed==2022.12.1", "dask==2022.12.1", "pytest"} <= set(argv)
+
+
+def test_a_failing_step_of_the_debian_source_says_which_and_why(tmp_path: Path) -> None:
+    """apt-get download without package lists, or a tool that is not there: one line
+    that the tests skip with."""
+    suite = load_suite()
+    with pytest.raises(suite.SourceUnavailable, match=r"fetching: `sh -c .*` exited 100: E: no"):
+        suite.tool(["sh", "-c", "echo E: no >&2; exit 100"], "fetching", cwd=tmp_path)
+    with pytest.raises(suite.SourceUnavailable, match="unpacking: no-such-tool-here is not on"):
+        suite.tool(["no-such-tool-here"], "unpacking")
+
+
+@pytest.fixture(scope="module")
+def resolved(tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, Any]:
+    """The suite module and what it runs: a given source, else the installed release's
+    sdist, else Debian's python3-distributed in a venv of its own (made once for both
+    tests)."""
+    suite = load_suite()
     try:
-        return suite.resolve_source(
-            suite.installed_version(),
+        return suite, suite.resolve_suite(
             os.environ.get("DSW_DISTRIBUTED_SOURCE"),
             os.environ.get("DSW_DISTRIBUTED_REF"),
+            tmp_path_factory.mktemp("distributed-cli-suite"),
         )
     except suite.SourceUnavailable as e:
         pytest.skip(str(e))
@@ -141,11 +224,12 @@ def assert_alike(suite: Any, comparison: Any, work: Path) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.timeout(1800)
-def test_distributed_cli_tests_pass_alike_with_dask_safe_worker(tmp_path: Path) -> None:
+def test_distributed_cli_tests_pass_alike_with_dask_safe_worker(
+    resolved: tuple[Any, Any], tmp_path: Path
+) -> None:
     """In this session's cgroup, with the tool's cgroup writing off."""
-    suite = load_suite()
-    source = source_or_skip(suite)
-    comparison = suite.compare(source, tmp_path, suite.installed_version())
+    suite, what = resolved
+    comparison = suite.compare(what, tmp_path)
     assert_alike(suite, comparison, tmp_path)
 
 
@@ -153,14 +237,15 @@ def test_distributed_cli_tests_pass_alike_with_dask_safe_worker(tmp_path: Path) 
 @pytest.mark.kernel
 @pytest.mark.timeout(1800)
 def test_distributed_cli_tests_pass_alike_in_a_test_cgroup(
-    kernel_cgroup: KernelCgroup, started_pids: set[int], tmp_path: Path
+    resolved: tuple[Any, Any], kernel_cgroup: KernelCgroup, started_pids: set[int], tmp_path: Path
 ) -> None:
     """Both runs inside a test cgroup (8 GiB) with the tool's default `--cgroup-write
     auto`: instances make and limit child cgroups below it and see each other's, as on a
-    host. Every cgroup the tool may write is below this test's own, removed afterwards."""
-    suite = load_suite()
-    source = source_or_skip(suite)
+    host. Every cgroup the tool may write is below this test's own, removed afterwards.
+    Only the tests where several workers share the host (SHARED_HOST): the others ran
+    above already, and CI's time is short."""
+    suite, what = resolved
     kernel_cgroup.set_limit(8 * 2**30)
     place = suite.Placement("auto", kernel_cgroup.enter_command, started_pids)
-    comparison = suite.compare(source, tmp_path, suite.installed_version(), place=place)
+    comparison = suite.compare(what, tmp_path, place=place, only=suite.SHARED_HOST)
     assert_alike(suite, comparison, tmp_path)
