@@ -249,3 +249,15 @@ def test_distributed_cli_tests_pass_alike_in_a_test_cgroup(
     place = suite.Placement("auto", kernel_cgroup.enter_command, started_pids)
     comparison = suite.compare(what, tmp_path, place=place, only=suite.SHARED_HOST)
     assert_alike(suite, comparison, tmp_path)
+
+
+def test_a_test_passes_in_a_mode_if_it_passed_in_either_of_its_runs(tmp_path: Path) -> None:
+    suite = load_suite()
+    ok, bad = suite.Outcome("passed"), suite.Outcome("failed", "TimeoutError: 30 s")
+    first = suite.Run("safe", 10.0, {"a": ok, "b": bad, "c": bad}, {"b": 1}, tmp_path)
+    again = suite.Run("safe", 4.0, {"b": ok, "c": bad}, {"b": 1, "c": 2}, tmp_path)
+    merged = suite.with_retry(first, again)
+    assert merged.passed() == {"a", "b"}
+    assert merged.outcomes["c"] is bad
+    assert merged.starts == {"b": 2, "c": 2}
+    assert merged.seconds == 14.0
