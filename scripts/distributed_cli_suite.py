@@ -66,11 +66,13 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -640,11 +642,21 @@ def run_mode(
     with (
         log.open("w") as out,
         subprocess.Popen(
-            place.enter(argv), cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT
+            place.enter(argv),
+            cwd=root,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         ) as proc,
     ):
         place.started.add(proc.pid)
         returncode = proc.wait()
+        # A test that timed out can leave its workers behind (test_signal_handling's
+        # nanny, waited for in a `with Popen`, outlives the run): the run's process group
+        # is ours, and nothing in it may outlive the run.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     seconds = time.monotonic() - started
     # 0: all passed, 1: some failed; anything else means pytest itself did not finish.
     if returncode not in (0, 1) or not xml.is_file():
