@@ -6,18 +6,19 @@ distributed/dask release and the dev dependency group, then runs
   1. unit tests (not marked kernel/e2e/container/vm): all of them in the cells of the
      oldest and the newest Python, only the release-sensitive files (RELEASE_SENSITIVE) in
      the others,
-  2. the parity tests against that release (tests/test_parity.py, its e2e part included),
-  3. one real end-to-end start in a test cgroup (tests/test_e2e.py, --nworkers 1).
-Set-up and unit tests of `--jobs` cells run at once (each pytest is one process, so two
-fill two cores); parity and e2e then run one cell at a time, since they start real
-workers and compare live readings. It prints the time per cell and a closing
+  2. the parity tests against that release (tests/test_parity.py) that start nothing,
+  3. the real starts: the parity tests' real `dask worker` runs and one end-to-end start of
+     ours in a test cgroup (tests/test_e2e.py, --nworkers 1).
+Steps 1 and 2 of `--jobs` cells run at once (each pytest is one process, so two fill two
+cores); step 3 then runs one cell at a time, since it compares what real workers got
+with predictions on a host the other cells would load. It prints the time per cell and a closing
 "matrix: N passed, N failed" line, and exits non-zero if any cell failed.
 
     uv run python scripts/matrix.py                 # the default cells, one at a time
     uv run python scripts/matrix.py --jobs 2        # CI: two cells' unit tests at once
     uv run python scripts/matrix.py --list
     uv run python scripts/matrix.py --cell 3.13:2022.9.2 --cell 3.10:2026.8.0
-    uv run python scripts/matrix.py --quick         # unit + parity only, no e2e
+    uv run python scripts/matrix.py --quick         # no real starts (step 3)
     uv run python scripts/matrix.py --cell 3.13:2026.8.0 --unsupported 3.13:2022.9.1
 
 Interpreters: $DSW_PYTHON_3_12 (etc.) if set, else pyenv's versions directory, else
@@ -217,7 +218,8 @@ def run_step(res: Result, cell: Cell, step: str, cmd: list[str], workdir: Path) 
 def set_up_and_unit(
     python_version: str, dist: str, workdir: Path, env0: dict[str, str]
 ) -> tuple[Result, Cell | None]:
-    """The venv and the unit step: the part of a cell that may run beside another cell's."""
+    """The venv, the unit step and the parity tests that start nothing: the part of a cell
+    that may run beside another cell's."""
     res = Result(python_version, dist)
     name = f"py{python_version}-distributed{dist}"
     venv, log, env = cell_paths_and_env(name, workdir, env0)
@@ -275,21 +277,21 @@ def set_up_and_unit(
         *(f"--deselect={t}" for t in NOT_PORTABLE),
     ]
     run_step(res, cell, "unit", unit, workdir)
+    parity = [*pytest_command(py), "-m", "not e2e", "tests/test_parity.py"]
+    run_step(res, cell, "parity", parity, workdir)
     return res, cell
 
 
-def parity_and_e2e(res: Result, cell: Cell, quick: bool, workdir: Path) -> None:
-    """The steps that start real workers or compare live readings: one cell at a time."""
-    pytest = pytest_command(cell.py)
+def real_starts(res: Result, cell: Cell, workdir: Path) -> None:
+    """The steps that start real workers: one cell at a time, since their predictions and
+    limits are compared with what a loaded host gives them."""
     run_step(
         res,
         cell,
-        "parity",
-        [*pytest, "tests/test_parity.py", *(["-m", "not e2e"] if quick else [])],
+        "e2e",
+        [*pytest_command(cell.py), "-m", "e2e", "tests/test_parity.py", E2E_TEST],
         workdir,
     )
-    if not quick:
-        run_step(res, cell, "e2e", [*pytest, E2E_TEST], workdir)
 
 
 def run_unsupported_cell(
@@ -366,7 +368,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="PYTHON:DISTRIBUTED below the range; expect a clear start-up error (repeatable)",
     )
     ap.add_argument("--list", action="store_true", help="print the cells and exit")
-    ap.add_argument("--quick", action="store_true", help="skip the end-to-end start")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="skip the real starts (the parity tests' `dask worker` runs and the e2e start)",
+    )
     ap.add_argument("--jobs", type=int, default=int(os.environ.get("DSW_MATRIX_JOBS", "1")))
     ap.add_argument("--workdir", type=Path, help="keep venvs and logs here (default: a temp dir)")
     args = ap.parse_args(argv)
@@ -428,8 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     for res, ready in firsts:
         # A cell whose unit step failed still runs the rest: the report names every
         # step that fails, not only the first.
-        if ready is not None:
-            parity_and_e2e(res, ready, args.quick, workdir)
+        if ready is not None and not args.quick:
+            real_starts(res, ready, workdir)
         report(res)
         results.append(res)
     results += unsupported
