@@ -12,7 +12,7 @@ The supervisor is the launched process itself (it forks the worker and stays bes
 the script checks that it is `dask-safe-worker` and the parent of the nanny.
 
     uv run python benchmarks/follow_cost_instances.py [--instances 4] [--seconds 60]
-        [--json benchmarks/data/follow-cost-instances.json]
+        [--json benchmarks/data/follow-cost-instances.json] [--window-at EPOCH]
 
 Prints one JSON document on stdout. Only processes it started are ended, by pid.
 """
@@ -90,7 +90,9 @@ def audit_lines(text: str) -> list[dict[str, Any]]:
     return out
 
 
-def measure(instances: int, seconds: float, warmup: float, limit: int) -> dict[str, Any]:
+def measure(
+    instances: int, seconds: float, warmup: float, limit: int, window_at: float = 0.0
+) -> dict[str, Any]:
     from distributed import Client
 
     started: set[int] = set()
@@ -120,6 +122,8 @@ def measure(instances: int, seconds: float, warmup: float, limit: int) -> dict[s
                         procs.append(proc)
                     client.wait_for_workers(instances, timeout=240)
                     time.sleep(warmup)
+                    # Two checkouts run side by side share one window: both wait for it.
+                    time.sleep(max(0.0, window_at - time.time()))
                     pids = [p.pid for p in procs]
                     for pid in pids:
                         assert "dask-safe-worker" in cmdline(pid), cmdline(pid)
@@ -130,6 +134,7 @@ def measure(instances: int, seconds: float, warmup: float, limit: int) -> dict[s
                         for i in range(instances)
                     ]
                     load0 = os.getloadavg()
+                    window_start = time.time()
                     c0 = [cpu_s(pid) for pid in pids]
                     t0 = time.monotonic()
                     time.sleep(seconds)
@@ -184,6 +189,7 @@ def measure(instances: int, seconds: float, warmup: float, limit: int) -> dict[s
         "follow_events_in_window": events_in_window,
         "audit": audit,
         "instances_alive": alive,
+        "window_start_unix": round(window_start, 1),
         "loadavg_start": load0,
         "loadavg_end": load1,
         "cpu_count": os.cpu_count(),
@@ -198,6 +204,13 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=20.0)
     parser.add_argument("--limit", type=int, default=4 * GiB, help="the test cgroup's limit")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--window-at",
+        type=float,
+        default=0.0,
+        help="start the window no sooner than this time (seconds since the epoch): two "
+        "checkouts measured side by side then share one window",
+    )
     ns = parser.parse_args()
     reason = kernel_cgroups_usable()
     if reason:
@@ -205,7 +218,7 @@ def main() -> int:
         return 2
     compile_bytecode()
     doc = {"benchmark": "follow_cost_instances", **measure(
-        ns.instances, ns.seconds, ns.warmup, ns.limit)}  # fmt: skip
+        ns.instances, ns.seconds, ns.warmup, ns.limit, ns.window_at)}  # fmt: skip
     given = " ".join(sys.argv[1:])
     doc["command"] = f"uv run python benchmarks/follow_cost_instances.py {given}".rstrip()
     text = json.dumps(doc, indent=1)

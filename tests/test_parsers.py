@@ -56,6 +56,72 @@ def test_meminfo_estimate_without_memavailable(
     assert host.available == total * 1024
 
 
+_MEMINFO_NAMES = (
+    "MemTotal",
+    "MemAvailable",
+    "MemFree",
+    "Active(file)",
+    "Inactive(file)",
+    "SReclaimable",
+)
+
+
+def _meminfo_by_lines(text: str) -> tuple[int, int, bool] | None:
+    """The parser as it was before it looked only at the lines its names occur in."""
+    fields: dict[str, int] = {}
+    for line in text.split("\n"):
+        name, sep, rest = line.partition(":")
+        if not sep or name.strip() not in _MEMINFO_NAMES:
+            continue
+        parts = rest.split()
+        if not parts:
+            continue
+        try:
+            value = int(parts[0])
+        except ValueError:
+            continue
+        unit = parts[1] if len(parts) > 1 else ""
+        fields[name.strip()] = value * 1024 if unit.lower() == "kb" else value
+    if "MemTotal" not in fields:
+        return None
+    total = fields["MemTotal"]
+    if "MemAvailable" in fields:
+        return total, min(fields["MemAvailable"], total), False
+    estimate = sum(fields.get(n, 0) for n in _MEMINFO_NAMES[2:])
+    return total, min(estimate, total), True
+
+
+_MEMINFO_NOISE = [
+    "Mem",
+    "Inactive(anon)",
+    "XMemTotal",
+    ":",
+    " ",
+    "\t",
+    "\n",
+    " kB",
+    " KB",
+    "x",
+    "-",
+]
+_meminfo_piece = st.sampled_from([*_MEMINFO_NAMES, *_MEMINFO_NOISE]) | st.integers(
+    min_value=0, max_value=2**45
+).map(str)
+
+
+@given(st.lists(_meminfo_piece, max_size=40).map("".join))
+@example("MemTotal: 5 kB\nMemTotal: 7 kB\nMemAvailable: x kB\nMemAvailable: 3\n")
+@example(" MemTotal : 9 kB MemTotal\nMemFree: 1 kB\nInactive(file): 2 kB\nActive(file): 3")
+def test_meminfo_looks_only_at_its_lines_and_reads_them_as_every_line_would(text: str) -> None:
+    expected = _meminfo_by_lines(text)
+    if expected is None:
+        with pytest.raises(ParseError):
+            parse_meminfo(text)
+        return
+    host = parse_meminfo(text)
+    assert (host.total, host.available, host.available_estimated) == expected
+
+
 def test_meminfo_without_total_is_an_error() -> None:
     with pytest.raises(ParseError):
         parse_meminfo("MemFree: 1 kB\n")

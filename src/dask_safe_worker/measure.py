@@ -63,22 +63,32 @@ class LevelReading:
 
     @property
     def effective_limit(self) -> int | None:
-        limits = [v for v in (self.limit, self.hierarchical_limit) if v is not None]
-        return min(limits) if limits else None
+        limit, hierarchical = self.limit, self.hierarchical_limit
+        if limit is None:
+            return hierarchical
+        return limit if hierarchical is None else min(limit, hierarchical)
 
     @property
     def ceiling(self) -> int | None:
         """The lower of the hard limit and memory.high: above either the worker stalls."""
-        values = [v for v in (self.effective_limit, self.high) if v is not None]
-        return min(values) if values else None
+        limit, high = self.effective_limit, self.high
+        if limit is None:
+            return high
+        return limit if high is None else min(limit, high)
 
     @property
     def headroom(self) -> int | None:
         """ceiling - working set; None when this level sets no limit and no memory.high."""
+        # Kept beside the fields (the record is frozen; equality and `replace` see only
+        # the fields): the watch asks each level's headroom some thirty times a tick.
+        try:
+            return self.__dict__["_headroom"]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
         limit = self.ceiling
-        if limit is None:
-            return None
-        return max(0, limit - (self.working_set or 0))
+        value = None if limit is None else max(0, limit - (self.working_set or 0))
+        self.__dict__["_headroom"] = value
+        return value
 
     def as_dict(self) -> dict[str, object]:
         """The reading; `error` only when there is one.
@@ -136,18 +146,26 @@ class Measurement:
     @property
     def available(self) -> int:
         """min(MemAvailable, each limited level's limit - working set)."""
-        values = [self.host.available]
-        values += [lvl.headroom for lvl in self.levels if lvl.headroom is not None]
-        return min(values)
+        return self._limited()[0]
 
     @property
     def limiting(self) -> str:
         """What sets `available`: "host" or the cgroup path that does."""
+        return self._limited()[1]
+
+    def _limited(self) -> tuple[int, str]:
+        # Kept beside the fields, as a level's headroom: asked several times a tick.
+        try:
+            return self.__dict__["_limited_by"]  # type: ignore[no-any-return]
+        except KeyError:
+            pass
         best, name = self.host.available, "host"
         for lvl in self.levels:
-            if lvl.headroom is not None and lvl.headroom < best:
-                best, name = lvl.headroom, lvl.path
-        return name
+            headroom = lvl.headroom
+            if headroom is not None and headroom < best:
+                best, name = headroom, lvl.path
+        self.__dict__["_limited_by"] = (best, name)
+        return best, name
 
     @property
     def sole_occupant(self) -> bool:
@@ -203,6 +221,7 @@ class Measurement:
 # What a level's ceiling and headroom come from: one of them unread is a level we cannot
 # count (fail closed). inactive_file and memory.oom.group only refine or annotate.
 _CEILING_READS = ("limit", "hierarchical_limit", "usage", "high")
+_LEVEL_READS = ("limit", "hierarchical_limit", "usage", "inactive_file")
 
 
 def _read_level(
@@ -210,20 +229,22 @@ def _read_level(
 ) -> tuple[LevelReading, list[str]]:
     """The level, and the errors of the reads its ceiling and headroom need."""
     cg = open_memory_cgroup(version, directory)
-    values: dict[str, int | None] = {}
+    values: list[int | None] = []
     errors: list[str] = []
     blind: list[str] = []
-    readers = {
-        "limit": lambda: cg.limit(mem_total),
-        "hierarchical_limit": lambda: cg.hierarchical_limit(mem_total),
-        "usage": cg.usage,
-        "inactive_file": cg.inactive_file,
-    }
-    for name, read in readers.items():
+    # No closure per read: the watch reads every level on every tick.
+    for name in _LEVEL_READS:
         try:
-            values[name] = read()
+            if name == "limit":
+                values.append(cg.limit(mem_total))
+            elif name == "hierarchical_limit":
+                values.append(cg.hierarchical_limit(mem_total))
+            elif name == "usage":
+                values.append(cg.usage())
+            else:
+                values.append(cg.inactive_file())
         except (OSError, ParseError) as exc:
-            values[name] = None
+            values.append(None)
             # The v2 root has no memory.max or memory.current: that is not an error.
             if not (version == 2 and is_root and isinstance(exc, FileNotFoundError)):
                 errors.append(f"{name}: {_describe(exc)}")
@@ -247,15 +268,10 @@ def _read_level(
             pass
         except (OSError, ParseError) as exc:
             errors.append(f"oom_group: {_describe(exc)}")
+    limit, hierarchical, usage, inactive = values
+    # Positional: the records' quick path (fields in order).
     reading = LevelReading(
-        path=path,
-        limit=values["limit"],
-        hierarchical_limit=values["hierarchical_limit"],
-        usage=values["usage"],
-        inactive_file=values["inactive_file"],
-        error="; ".join(errors) or None,
-        high=high,
-        oom_group=oom_group,
+        path, limit, hierarchical, usage, inactive, "; ".join(errors) or None, high, oom_group
     )
     return reading, blind
 
@@ -456,7 +472,7 @@ def remeasure(
     for the watch. Raises
     OSError/ParseError only for /proc/meminfo.
     """
-    host = parse_meminfo(read_kernel_text(proc_root / "meminfo"))
+    host = parse_meminfo(read_kernel_text(f"{proc_root}/meminfo"))
     notes: list[str] = list(warnings)
     blind: list[str] = list(unreadable)
     levels: list[LevelReading] = []

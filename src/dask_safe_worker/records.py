@@ -115,6 +115,13 @@ def _build(cls: type[T], frozen: bool, order: bool = False) -> type[T]:
             if has_post_init:
                 getattr(self, "__post_init__")()  # noqa: B009 - object has no such method
             return
+        if not args and len(kwargs) == count and kwargs.keys() == fields.keys():
+            # Every field by keyword (a measurement, on every tick of the watch): checked
+            # as a whole, not one name at a time.
+            self.__dict__.update({n: kwargs[n] for n in names})
+            if has_post_init:
+                getattr(self, "__post_init__")()  # noqa: B009 - object has no such method
+            return
         values = dict(zip(names, args, strict=False))
         for key, value in kwargs.items():
             if key not in fields:
@@ -138,8 +145,10 @@ def _build(cls: type[T], frozen: bool, order: bool = False) -> type[T]:
                         f"{cls.__name__}() missing required argument(s): "
                         + ", ".join(map(repr, missing))
                     )
-        # In field order, as dataclasses assigns them (vars() and as_dict read it).
-        self.__dict__.update((n, values[n]) for n in names)
+        # In field order, as dataclasses assigns them (vars() and as_dict read it). A
+        # comprehension, not a generator: the watch builds records with keywords on every
+        # tick, and a generator resumes once per field.
+        self.__dict__.update({n: values[n] for n in names})
         if has_post_init:
             getattr(self, "__post_init__")()  # noqa: B009 - object has no such method
 

@@ -199,7 +199,8 @@ class Pool:
 
         from ..plan_file import private_dir
 
-        path = self.directory / LOCK_NAME
+        # Text, not a Path join: the watch takes the lock on every tick.
+        path = f"{self.directory}/{LOCK_NAME}"
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         while True:
             try:
@@ -385,7 +386,6 @@ def with_kernel_working_sets(members: tuple[Member, ...], version: int) -> tuple
     """Members whose child cgroup the kernel can tell about, with its working set: it
     is current, where the claim's is as old as its last update."""
     from ..proc_parse import ParseError
-    from ..records import replace
     from .files import open_memory_cgroup
     from .parse import working_set
 
@@ -395,9 +395,14 @@ def with_kernel_working_sets(members: tuple[Member, ...], version: int) -> tuple
             try:
                 # The text path: a Path per member and tick costs more than its reads.
                 cg = open_memory_cgroup(version, member.cgroup)
-                member = replace(member, working_set=working_set(cg.usage(), cg.inactive_file()))
+                ws = working_set(cg.usage(), cg.inactive_file())
             except (OSError, ParseError, ValueError):
                 pass
+            else:
+                # Positionally, not by `replace`: every member on every tick of the watch.
+                member = Member(
+                    member.pid, member.weight, member.fixed, member.committed, ws, member.cgroup
+                )
         out.append(member)
     return tuple(out)
 

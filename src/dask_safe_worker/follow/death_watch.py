@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from ..cgroup.files import read_kernel_text
 from ..cgroup.parse import V1_UNLIMITED_FLOOR, parse_int, parse_memory_stat, parse_v2_limit
 from ..records import as_dict
 from .death import KERNEL_OOM_GLOBAL, KERNEL_OOM_LIMIT, ExitNote, Readings, attribute, sentence
@@ -130,7 +131,8 @@ def parse_note(doc: dict[str, Any]) -> tuple[ExitNote, int]:
 def read_rss(proc_root: Path, pid: int) -> int | None:
     """Resident bytes of `pid` (statm's second field), None once it is gone."""
     try:
-        fields = (proc_root / str(pid) / "statm").read_bytes().split()
+        # Through the watch's kept descriptors when it ticks (a worker's, every tick).
+        fields = read_kernel_text(f"{proc_root}/{pid}/statm").split()
         return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, IndexError, ValueError):
         return None
