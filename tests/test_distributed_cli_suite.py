@@ -10,13 +10,15 @@ run only, with an excerpt of its failure.
 
 - The test file comes from $DSW_DISTRIBUTED_SOURCE (+ $DSW_DISTRIBUTED_REF for a git
   directory) when set, else from the PyPI sdist of the installed version (cached per
-  user). When that has none (the sdists of recent releases ship no tests), the tests
-  skip and say so.
+  user), else from Debian's python3-distributed (apt-get download, cached per user),
+  run with that package's release of distributed and dask in a uv venv of its own (made
+  once for both tests). Only when apt-get cannot fetch it do the tests skip, saying why.
 - The first test runs in this session's cgroup with DASK_SAFE_WORKER_CGROUP_WRITE=never:
   no test may write that cgroup; planning, --memory-limit and the exec of the worker,
   what distributed's tests see, are unchanged by it. The second runs inside a test
   cgroup of its own with the tool's default `auto`, so that instances also make child
-  cgroups and see each other's, as they do on a host.
+  cgroups and see each other's, as they do on a host. For CI's time they split the
+  file: the second runs SHARED_HOST, the first the rest but ELSEWHERE.
 - Tests that dial outside loopback (192.168.1.100, the host's outward address), start a
   scheduler without --host, or put a worker on every interface are deselected in both
   runs, each listed with its reason in the report.
@@ -227,9 +229,11 @@ def assert_alike(suite: Any, comparison: Any, work: Path) -> None:
 def test_distributed_cli_tests_pass_alike_with_dask_safe_worker(
     resolved: tuple[Any, Any], tmp_path: Path
 ) -> None:
-    """In this session's cgroup, with the tool's cgroup writing off."""
+    """In this session's cgroup, with the tool's cgroup writing off; without the tests
+    that the test-cgroup comparison runs and those that start no `dask worker` but cost
+    time (ELSEWHERE)."""
     suite, what = resolved
-    comparison = suite.compare(what, tmp_path)
+    comparison = suite.compare(what, tmp_path, without=suite.ELSEWHERE)
     assert_alike(suite, comparison, tmp_path)
 
 
@@ -261,3 +265,17 @@ def test_a_test_passes_in_a_mode_if_it_passed_in_either_of_its_runs(tmp_path: Pa
     assert merged.outcomes["c"] is bad
     assert merged.starts == {"b": 2, "c": 2}
     assert merged.seconds == 14.0
+
+
+def test_a_comparison_leaves_out_what_is_not_in_its_subset_or_left_out() -> None:
+    suite = load_suite()
+    names = ["test_a[1]", "test_a[2]", "test_b", "test_c[x]"]
+    assert suite.left_out(names, None, {}) == {}
+    assert suite.left_out(names, ("test_a",), {}) == {
+        "test_b": "not in this comparison's subset",
+        "test_c[x]": "not in this comparison's subset",
+    }
+    assert suite.left_out(names, None, {"test_a": "elsewhere"}) == {
+        "test_a[1]": "elsewhere",
+        "test_a[2]": "elsewhere",
+    }
