@@ -12,6 +12,7 @@ unused is deleted, not listed here.
 pytestmark
 pytest_configure
 pytest_terminal_summary
+pytest_runtest_makereport  # tests/vm/guest/conftest.py
 collect_ignore
 _runtime_dir  # tests/test_instances.py, autouse
 _leave_run_as_it_was  # tests/test_plan_file.py, autouse

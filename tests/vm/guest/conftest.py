@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from guest_cgroups import CGROUP2, Cgroup, Processes, make_cgroup_tree
@@ -28,6 +29,20 @@ def pytest_configure(config: pytest.Config) -> None:
             "or scripts/vm_suite.py",
             returncode=4,
         )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """Each test's outcome in the results directory as soon as it is known: junit XML is
+    written only at the end, which a VM killed at its timeout never reaches."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when == "call" or report.outcome != "passed":
+        line = f"{report.nodeid} {report.when} {report.outcome} {report.duration:.1f}s\n"
+        with open(Path(os.environ["DSW_VM_RESULTS"]) / "outcomes.log", "a") as log:
+            log.write(line)
 
 
 def _mount_options() -> list[str]:
