@@ -142,3 +142,44 @@ def test_garbage_in_the_channel_changes_nothing(cluster: tuple[Any, str]) -> Non
     assert views(client)["worker"] == {800 * MiB}
     write_live_limit(live, LiveLimit(5, 500 * MiB, 1200 * MiB, 0.5, time.time()))
     wait_until(lambda: views(client)["scheduler"] == {500 * MiB}, 3)
+
+
+CONFIGURED_PRELOAD = """
+def dask_setup(server):
+    server.setups = getattr(server, "setups", 0) + 1
+
+def dask_teardown(server):
+    server.teardowns = getattr(server, "teardowns", 0) + 1
+"""
+
+
+@pytest.mark.parametrize("release_api", ["installed", "list of Preload (2022.12.1 and older)"])
+def test_preloads_named_only_in_dask_config_run_with_either_api(
+    release_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A user's `distributed.worker.preload` still runs beside our --preload: with
+    the installed release's process_preloads, and with the plain list of Preload objects
+    that distributed returned before PreloadManager (distributed's own
+    test_preload_config on 2022.12.1 found 'list' object has no attribute 'start')."""
+    import asyncio
+    import types
+
+    import dask
+    import distributed.preloading
+
+    from dask_safe_worker.follow import preload as follow_dask
+    from dask_safe_worker.follow.live_limit import CONFIGURED_PRELOADS_ENV
+
+    if release_api != "installed":
+        real = distributed.preloading.process_preloads
+
+        def as_list(*args: Any, **kwargs: Any) -> list[Any]:
+            return list(real(*args, **kwargs))
+
+        monkeypatch.setattr(distributed.preloading, "process_preloads", as_list)
+    monkeypatch.setenv(CONFIGURED_PRELOADS_ENV, "worker")
+    server = types.SimpleNamespace(local_directory=str(tmp_path))
+    with dask.config.set({"distributed.worker.preload": [CONFIGURED_PRELOAD]}):
+        asyncio.run(follow_dask.start_configured(server, "worker"))
+        asyncio.run(follow_dask.teardown_configured(server))
+    assert (server.setups, server.teardowns) == (1, 1)

@@ -181,17 +181,28 @@ async def start_configured(server: Any, role: str) -> None:
     if not names:
         return
     argv = dask.config.get(f"distributed.{role}.preload-argv", default=[])
-    manager = process_preloads(
+    preloads = process_preloads(
         server, names, argv, file_dir=getattr(server, "local_directory", None)
     )
-    _configured[id(server)] = manager
-    await manager.start()
+    _configured[id(server)] = preloads
+    # distributed before PreloadManager (2022.12.1 and older) returns a plain list of
+    # Preload objects, which its servers start one by one.
+    if hasattr(preloads, "start"):
+        await preloads.start()
+    else:
+        for preload in preloads:
+            await preload.start()
 
 
 async def teardown_configured(server: Any) -> None:
-    manager = _configured.pop(id(server), None)
-    if manager is not None:
-        await manager.teardown()
+    preloads = _configured.pop(id(server), None)
+    if preloads is None:
+        return
+    if hasattr(preloads, "teardown"):
+        await preloads.teardown()
+    else:
+        for preload in reversed(preloads):
+            await preload.teardown()
 
 
 _configured: dict[int, Any] = {}
