@@ -380,3 +380,41 @@ def test_v2_a_kill_at_our_limit_names_our_cgroup(tmp_path: Path) -> None:
     assert rec["limit_hits"] == {str(ours): 1} and rec["cgroup_limit"] == GiB
     assert f"at the limit of cgroup {ours} (kernel limit 1.00 GiB" in rec["sentence"]
     watch.close()
+
+
+def test_v2_a_kill_elsewhere_below_an_ancestor_is_not_ours(tmp_path: Path) -> None:
+    """memory.events counts every kill below a cgroup: the agent beside our worker,
+    OOM-killed at its own limit, counts in the parent m too. Only w's count says whether
+    our worker was the kernel's victim, and a kill that was not ours never holds back
+    the next measurement (a later kill at w's limit, then a global kill, each named)."""
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "vmstat").write_text("oom_kill 0\n")
+    parent, ours = tmp_path / "m", tmp_path / "m" / "w"
+    for d in (parent, ours):
+        _v2_cgroup(d, {"oom": 0, "oom_kill": 0}, {"oom": 0, "oom_kill": 0})
+    live = str(tmp_path / "chan" / "live.json")
+    logged: list[dict[str, Any]] = []
+    watch = DeathWatch(live, lambda e, **f: logged.append(f), 2, [str(parent), str(ours)], proc)
+
+    def kernel(vmstat: int, m: tuple[int, int], w: tuple[int, int], w_hits: int) -> None:
+        """(oom, oom_kill) of memory.events; w's own limit hits (memory.events.local)."""
+        (proc / "vmstat").write_text(f"oom_kill {vmstat}\n")
+        _v2_cgroup(parent, {"oom": m[0], "oom_kill": m[1]}, {"oom": 0, "oom_kill": 0})
+        _v2_cgroup(ours, {"oom": w[0], "oom_kill": w[1]}, {"oom": w_hits, "oom_kill": w[1]})
+
+    def died(pid: int) -> dict[str, Any]:
+        note_exit(live, ExitNote(pid=pid, exitcode=KILL, at=float(pid)), 0)
+        watch.tick(lambda: (GiB, str(ours)), list)
+        return logged[-1]
+
+    # The agent, below m, is killed at its own limit; then somebody SIGKILLs our worker.
+    kernel(vmstat=1, m=(1, 1), w=(0, 0), w_hits=0)
+    outside = died(42)
+    assert outside["cause"] == SIGNAL and outside["oom_kills"] == 0, outside
+    # A kill at w's limit, then a global OOM kill: each its own cause.
+    kernel(vmstat=2, m=(2, 2), w=(1, 1), w_hits=1)
+    assert died(43)["cause"] == KERNEL_OOM_LIMIT
+    kernel(vmstat=3, m=(2, 3), w=(1, 2), w_hits=1)
+    assert died(44)["cause"] == KERNEL_OOM_GLOBAL, logged[-1]
+    watch.close()

@@ -107,6 +107,14 @@ def signal_of(exitcode: int) -> int | None:
     return -exitcode if exitcode < 0 else None
 
 
+def own_kills(oom_kills: Mapping[str, int]) -> int:
+    """The kills counted in the deepest of our cgroups, the one the worker ran in. The
+    kernel counts a kill in the victim's cgroup (and, v2, in every ancestor): an
+    ancestor's count also holds kills of others below it (an agent beside the worker
+    killed at its own limit), which say nothing about ours."""
+    return oom_kills[max(oom_kills, key=len)] if oom_kills else 0
+
+
 def cause_of(r: Readings) -> str:
     """One of CAUSES.
 
@@ -119,7 +127,7 @@ def cause_of(r: Readings) -> str:
     if r.note.restart_rss is not None:
         return NANNY_MEMORY_RESTART
     if sig == signal.SIGKILL:
-        counted = any(n > 0 for n in r.oom_kills.values())
+        counted = own_kills(r.oom_kills) > 0
         if counted or (not r.oom_kills and (r.global_oom_kills or 0) > 0):
             at_limit = any(n > 0 for n in r.limit_hits.values())
             return KERNEL_OOM_LIMIT if at_limit else KERNEL_OOM_GLOBAL
@@ -154,10 +162,7 @@ def attribute(r: Readings) -> dict[str, Any]:
         # put the kill at a limit it never reached.
         cgroup = max(hit, key=len)
         cgroup_limit = dict(r.cgroup_limits).get(cgroup)
-    # The kills counted where the worker ran: the deepest cgroup that counted one (an
-    # ancestor's count includes every descendant's).
-    counted = [d for d, k in r.oom_kills.items() if k > 0]
-    kills = r.oom_kills[max(counted, key=len)] if counted else 0
+    kills = own_kills(r.oom_kills)
     return {
         "cause": cause,
         "worker_pid": n.pid,

@@ -28,7 +28,15 @@ from pathlib import Path
 from ..cgroup.files import read_kernel_text
 from ..cgroup.parse import V1_UNLIMITED_FLOOR, parse_int, parse_memory_stat, parse_v2_limit
 from ..records import as_dict
-from .death import KERNEL_OOM_GLOBAL, KERNEL_OOM_LIMIT, ExitNote, Readings, attribute, sentence
+from .death import (
+    KERNEL_OOM_GLOBAL,
+    KERNEL_OOM_LIMIT,
+    ExitNote,
+    Readings,
+    attribute,
+    own_kills,
+    sentence,
+)
 from .live_limit import _write_atomically
 
 TYPE_CHECKING = False  # typing costs ~2 ms (and `re`) in the supervisor; mypy knows this name
@@ -349,8 +357,9 @@ class DeathWatch:
         kernel: bool,
     ) -> None:
         """A kernel kill explains one death: the next death is measured from one kill
-        later, so two kills between two ticks explain two deaths. Once no counted kill is
-        left over, everything (the limit hits too) is measured from now."""
+        later, so two kills between two ticks explain two deaths. Once no kill is left
+        over in the worker's cgroup (others' kills, counted in an ancestor, are never
+        ours to explain), everything (the limit hits too) is measured from now."""
         if kernel:
             for d, n in kills.items():
                 if n > 0:
@@ -362,7 +371,7 @@ class DeathWatch:
                 self.global_oom_kills = min(vmstat, self.global_oom_kills + 1)
         left = _delta(counters, self.counters, "oom_kill")
         if left:
-            done = not any(n > 0 for n in left.values())
+            done = own_kills(left) <= 0
         else:
             # No cgroup counts kills (v1 before Linux 4.13): the host's count decides.
             done = not kernel or vmstat is None or (self.global_oom_kills or 0) >= vmstat
