@@ -54,7 +54,7 @@ def test_kernel_oom_kill_at_the_cgroup_limit_then_a_sigkill_from_outside(
     # Without the nanny's restart, only the kernel stops a task past the cgroup's limit.
     monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE", "False")
     with scheduler() as address:
-        proc = start(kernel_cgroup, started_pids, address, tmp_path)
+        proc = start(kernel_cgroup, started_pids, address, tmp_path, *DASHBOARD)
         try:
             client = client_for(address)
             pids = client.run(os.getpid)
@@ -72,6 +72,9 @@ def test_kernel_oom_kill_at_the_cgroup_limit_then_a_sigkill_from_outside(
             client.wait_for_workers(2, timeout=60)
             wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, 60)
             nannies = {a: w["nanny"] for a, w in client.scheduler_info()["workers"].items()}
+            counted = {
+                d["nanny"]: counted_deaths(client, d["nanny"], d["cause"]) for d in (kill, outside)
+            }
             doc, table = audit(address)
             (tmp_path / "audit.txt").write_text(table)
         finally:
@@ -108,6 +111,8 @@ def test_kernel_oom_kill_at_the_cgroup_limit_then_a_sigkill_from_outside(
         ("signal", pids[other]),
     ]
     assert died[0]["sentence"] == sentences[0]
+    # Each nanny's worker of today counts its predecessor's death, under its cause only.
+    assert counted == {kill["nanny"]: {"kernel_oom_limit": 1}, outside["nanny"]: {"signal": 1}}
 
 
 def test_nanny_restart_past_the_terminate_threshold(
@@ -118,7 +123,7 @@ def test_nanny_restart_past_the_terminate_threshold(
 ) -> None:
     kernel_cgroup.set_limit(2 * GiB)
     with scheduler() as address:
-        proc = start(kernel_cgroup, started_pids, address, tmp_path)
+        proc = start(kernel_cgroup, started_pids, address, tmp_path, *DASHBOARD)
         try:
             client = client_for(address)
             pids = client.run(os.getpid)
@@ -142,6 +147,8 @@ def test_nanny_restart_past_the_terminate_threshold(
             del task
             sentences = dask_safe_worker.deaths(client)
             dask_own = client.get_events("worker-restart-memory")
+            counted = counted_deaths(client, restart["nanny"], restart["cause"])
+            doc, table = audit(address)
         finally:
             events = stop(proc, tmp_path)
     assert restart["cause"] == "nanny_memory_restart", restart
@@ -157,6 +164,27 @@ def test_nanny_restart_past_the_terminate_threshold(
     assert "past Dask's terminate threshold" in sentences[0]
     died = [e for e in events if e["event"] == "worker.died"]
     assert [e["cause"] for e in died] == ["nanny_memory_restart"]
+    assert died[0]["sentence"] == sentences[0]
+    assert counted == {"nanny_memory_restart": 1}
+    assert f"  - {sentences[0]}" in table
+    listed = [[d["cause"] for d in row["deaths"]] for row in doc["workers"]]
+    assert sorted(listed) == [[], ["nanny_memory_restart"]]
+
+
+DEATHS = "dask_safe_worker_worker_deaths_total"
+# The workers' HTTP server, for /metrics (start() passes --no-dashboard before these).
+DASHBOARD = ("--dashboard-address", "127.0.0.1:0")
+
+
+def counted_deaths(client: Any, nanny: str, cause: str) -> dict[str, float]:
+    """The death counts above zero on the /metrics of `nanny`'s worker of today, once
+    the supervisor has counted a death of `cause` there (the nanny's new worker and the
+    supervisor's count arrive in either order)."""
+    client.wait_for_workers(2, timeout=60)
+    wait_until(lambda: len(client.scheduler_info()["workers"]) == 2, 60)
+    wait_until(lambda: scrape(client, nanny).get(f"{DEATHS}{{{cause}}}", 0) > 0, 60)
+    found = scrape(client, nanny)
+    return {k[len(DEATHS) + 1 : -1]: v for k, v in found.items() if k.startswith(DEATHS) and v}
 
 
 def scrape(client: Any, nanny: str, save: Path | None = None) -> dict[str, float]:
@@ -193,11 +221,9 @@ def test_metrics_on_the_workers_http_server(
     """The budget, the kernel limit, what is available and the deaths by cause, beside
     Dask's own metrics; a SIGKILL from outside counts once, for its nanny's worker."""
     kernel_cgroup.set_limit(2 * GiB)
-    deaths = "dask_safe_worker_worker_deaths_total"
+    deaths = DEATHS
     with scheduler() as address:
-        proc = start(
-            kernel_cgroup, started_pids, address, tmp_path, "--dashboard-address", "127.0.0.1:0"
-        )
+        proc = start(kernel_cgroup, started_pids, address, tmp_path, *DASHBOARD)
         try:
             client = client_for(address)
             info = client.scheduler_info()["workers"]
