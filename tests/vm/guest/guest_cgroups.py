@@ -316,3 +316,38 @@ def run_safe_worker(
         document = json.loads(plan_file.read_text())
     lines = report.read_text().splitlines() if report.exists() else []
     return SafeRun(proc.returncode, stdout, stderr, audit_events(stderr), document, lines)
+
+
+def wait_for_workers(client: Any, n: int, timeout: float, cg: Cgroup, record: Path) -> None:
+    """`client.wait_for_workers`, noting every minute what the processes in `cg` do (state,
+    CPU seconds, RSS, where they sleep) in `record`: a worker that never registers is then
+    either slow (its CPU time grows) or stuck (it does not)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.wait_for_workers(n, timeout=min(60.0, max(1.0, deadline - time.monotonic())))
+            return
+        except Exception:  # WorkerStartTimeoutError, which distributed's types do not name
+            with open(record, "a") as out:
+                out.write(f"--- {time.strftime('%H:%M:%S')}\n")
+                for pid in cg.pids():
+                    out.write(f"{_process_line(pid)}\n")
+            if time.monotonic() >= deadline:
+                raise
+
+
+def _process_line(pid: int) -> str:
+    proc = Path(f"/proc/{pid}")
+    try:
+        stat = (proc / "stat").read_text()
+        wchan = (proc / "wchan").read_text()
+        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError as exc:
+        return f"{pid} gone ({errno_name(exc)})"
+    # The fields after the command's closing parenthesis: state is the first, utime and
+    # stime the 12th and 13th, rss (in pages) the 22nd.
+    rest = stat.rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    cpu = (int(rest[11]) + int(rest[12])) / ticks
+    rss = int(rest[21]) * PAGE // MiB
+    return f"{pid} {rest[0]} cpu={cpu:.1f}s rss={rss}MiB wchan={wchan or '-'} {cmd[:120]}"
