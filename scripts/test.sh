@@ -35,7 +35,14 @@ install_system_packages() {
         command -v python3 >/dev/null || need+=(python3)
         python3 -m ensurepip --version >/dev/null 2>&1 || need+=(python3-venv)
     fi
+    # tests/test_distributed_cli_suite.py fetches Debian's python3-distributed (its test
+    # file) with `apt-get download`, which needs the package lists even when nothing is
+    # missing.
     if [ "${#need[@]}" -eq 0 ]; then
+        if [ "$(id -u)" = 0 ] && ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
+            log "apt-get update (no package lists)"
+            apt-get update -qq
+        fi
         return
     fi
     if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
