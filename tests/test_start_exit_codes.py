@@ -197,13 +197,16 @@ def test_dry_run_exits_as_a_required_start_on_a_read_only_cgroupfs(
 ) -> None:
     # Docker and Kubernetes mount the cgroupfs read-only: the start's write fails with
     # EROFS, and `--cgroup-write required` exits 4. The remount is in a mount namespace
-    # of this test's own; the tool runs in a test cgroup with another process in it.
+    # of this test's own; the tool runs in a test cgroup with another process in it. The
+    # namespace has a /run of its own: the start takes the pool's lock before it writes,
+    # and the host's /run/dask-safe-worker must not keep it.
     sleeper = subprocess.Popen(["sleep", "300"])
     try:
         kernel_cgroup.add_pid(sleeper.pid)
         script = (
             f"echo $$ > {kernel_cgroup.path}/cgroup.procs && "
-            f'mount --make-rprivate / && mount -o remount,bind,ro {V1_ROOT} && exec "$@"'
+            "mount --make-rprivate / && mount -t tmpfs tmpfs /run && "
+            f'mount -o remount,bind,ro {V1_ROOT} && exec "$@"'
         )
         codes = {}
         outputs = {}
