@@ -8,6 +8,8 @@ including those `str.splitlines` would take for a line break.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from .records import record
 
 
@@ -28,22 +30,30 @@ def lines(text: str) -> list[str]:
     return text.split("\n")
 
 
-def _meminfo_field(text: str, name: str) -> int | None:
-    """The value of the last line whose name is `name`, in bytes; None without one.
+def lines_with(text: str, name: str) -> Iterator[str]:
+    """The lines (as `lines` splits them) that `name` occurs in, each once, in order.
 
-    Only the lines `name` occurs in are looked at (found with `str.find`): the watch
-    reads meminfo every tick, and splitting its ~55 lines cost more than the read."""
-    value = None
+    Found with `str.find`, the others never split: for a file read on every tick of the
+    watch (meminfo, v1's memory.stat) that asks for one or two of its many lines."""
     at = text.find(name)
     while at != -1:
-        # The line `name` was found in, as `lines` splits them.
         start = text.rfind("\n", 0, at) + 1
         end = text.find("\n", at)
         end = len(text) if end == -1 else end
-        parsed = _meminfo_line(text[start:end], name)
+        yield text[start:end]
+        at = text.find(name, end)
+
+
+def _meminfo_field(text: str, name: str) -> int | None:
+    """The value of the last line whose name is `name`, in bytes; None without one.
+
+    Only the lines `name` occurs in are looked at (`lines_with`): the watch reads meminfo
+    every tick, and splitting its ~55 lines cost more than the read."""
+    value = None
+    for line in lines_with(text, name):
+        parsed = _meminfo_line(line, name)
         if parsed is not None:
             value = parsed
-        at = text.find(name, end)
     return value
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..proc_parse import ParseError, lines
+from ..proc_parse import ParseError, lines, lines_with
 
 # str.strip() would also take Unicode spaces and the \x1c-\x1f separators for blanks.
 _BLANK = " \t\n"
@@ -71,16 +71,10 @@ def memory_stat_value(text: str, name: str) -> int | None:
     """`parse_memory_stat(text).get(name)` without parsing the other lines: the watch
     wants two of v1's ~40 counters at every level on every tick."""
     value = None
-    at = text.find(name)
-    while at != -1:
-        # The line `name` was found in, as `lines` splits them.
-        start = text.rfind("\n", 0, at) + 1
-        end = text.find("\n", at)
-        end = len(text) if end == -1 else end
-        parts = [p for p in text[start:end].split(" ") if p]
+    for line in lines_with(text, name):
+        parts = [p for p in line.split(" ") if p]
         if len(parts) == 2 and parts[0] == name and _is_integer(parts[1]):
             value = int(parts[1])
-        at = text.find(name, end)
     return value
 
 
