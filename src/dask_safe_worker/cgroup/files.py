@@ -69,7 +69,11 @@ def _read_from(fd: int, path: str) -> bytes:
     in a read shorter than asked for: seq_file grows its buffer until the record fits, so
     the end-of-file read that would follow (half of the watch's reads) is skipped. Record
     files (`_RECORD_FILES`) and a full buffer are read on to the end."""
-    first = os.pread(fd, _READ_SIZE, 0)
+    return _read_on(fd, path, os.pread(fd, _READ_SIZE, 0))
+
+
+def _read_on(fd: int, path: str, first: bytes) -> bytes:
+    """The whole file, given its first read: that read alone where it is whole."""
     if len(first) < _READ_SIZE and not path.endswith(_RECORD_FILES):
         return first
     chunks = [first]
@@ -97,12 +101,10 @@ class KeptFiles:
     def read(self, path: str) -> bytes:
         fd = self._fds.get(path)
         if fd is not None:
-            # A kept file is never a pid list, and a one-record file read short is whole
-            # (`_read_from`): that test first, inline, for the thirty files of a tick.
+            # A kept file is never a pid list; the first read goes on from where it ended
+            # (`_read_on`), not again from the start.
             try:
-                data = os.pread(fd, _READ_SIZE, 0)
-                if len(data) == _READ_SIZE or path.endswith(_RECORD_FILES):
-                    data = _read_from(fd, path)
+                data = _read_on(fd, path, os.pread(fd, _READ_SIZE, 0))
             except OSError:
                 del self._fds[path]
                 os.close(fd)
