@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from dask_safe_worker.dask_compat.release import installed_release
 from dask_safe_worker.follow.decide import (
     HYSTERESIS_FLOOR,
+    SETTLE_STEP,
     Decision,
     FollowSpec,
     ManagedLimit,
@@ -134,6 +135,31 @@ def test_a_squeeze_just_past_the_band_does_not_flap_back() -> None:
     assert decide(low.target, first, ceiling=first) == Decision(
         "raise", low.target, first, first, hysteresis(low.target)
     )
+
+
+@given(
+    share=st.integers(min_value=256 * MiB, max_value=32 * GiB),
+    under=st.integers(min_value=SETTLE_STEP + 1, max_value=HYSTERESIS_FLOOR),
+)
+def test_settling_reaches_the_share_from_within_the_band(share: int, under: int) -> None:
+    # Issue 25's flake: a newcomer 35 MB under a 667 MB share stayed there, inside the
+    # band. Settling, the share is reached from either side, and nothing moves after.
+    for current in (share - under, share + under):
+        assert decide(current, share, share).action == "keep"
+        d = decide(current, share, share, settling=True)
+        assert d.target == share and d.action == ("raise" if current < share else "lower")
+        assert decide(d.target, share, share, settling=True).action == "keep"
+
+
+@given(current=sizes, proposed=sizes, ceiling=sizes)
+def test_settling_moves_only_onto_the_share(current: int, proposed: int, ceiling: int) -> None:
+    # Below the share (the memory is not free yet), the band rules as ever: no churn
+    # while the siblings come down.
+    plain = decide(current, proposed, ceiling)
+    settling = decide(current, proposed, ceiling, settling=True)
+    if settling != plain:
+        assert settling.target == ceiling
+        assert abs(ceiling - current) > SETTLE_STEP
 
 
 # --- the kernel rules ---------------------------------------------------------------

@@ -30,6 +30,12 @@ MiB = 2**20
 HYSTERESIS_FLOOR = 32 * MiB
 HYSTERESIS_FRACTION = 0.02
 
+# After the pool's members change, a move onto our exact share counts from this far: the
+# band is there to ignore measurement noise, and a share is computed, not measured. Left
+# at the band, a newcomer that started below its share (what was free then) stayed up
+# to 5 % under it for good (issue 25's fairness). Above a few pages of v1 rounding.
+SETTLE_STEP = 4 * MiB
+
 # The same margin the start keeps between a kernel limit and the cgroup's usage.
 KERNEL_MARGIN = 32 * MiB
 
@@ -221,7 +227,7 @@ class Decision:
     band: int
 
 
-def decide(current: int, proposed: int, ceiling: int) -> Decision:
+def decide(current: int, proposed: int, ceiling: int, *, settling: bool = False) -> Decision:
     """Whether the per-worker limit moves, and to what.
 
     The target is the proposal capped at the start's plan (`ceiling`), and a raise that
@@ -229,9 +235,15 @@ def decide(current: int, proposed: int, ceiling: int) -> Decision:
     it leaves the band `current ± hysteresis(current)`; the band is centred on the limit
     in force, so after a move the next one needs another full band and noise around a
     level never flaps the limit back and forth.
+
+    `settling`: the pool's members changed and our share (`ceiling`) is not reached
+    yet. A target at the share then counts from `SETTLE_STEP` on, either way; the share
+    is a fixed point, so this cannot flap either.
     """
     band = hysteresis(current)
     target = max(1, min(proposed, ceiling))
+    if settling and target == ceiling and abs(target - current) > SETTLE_STEP:
+        return Decision("raise" if target > current else "lower", current, proposed, target, band)
     if target < current - band:
         return Decision("lower", current, proposed, target, band)
     if target > current + band:

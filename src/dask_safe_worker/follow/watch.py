@@ -27,6 +27,7 @@ from ..proc_parse import ParseError
 from ..records import mutable_record, replace
 from .death_watch import DeathWatch
 from .decide import (
+    SETTLE_STEP,
     FollowSpec,
     ManagedLimit,
     ancestor_limit,
@@ -164,6 +165,8 @@ class Watch:
         self.reason = "limit changed"
         self._others: tuple[int, ...] = ()
         self._raise_wanted = False
+        # Until our share is reached after the pool's members changed (decide.SETTLE_STEP).
+        self._settling = False
         # Worker deaths, explained (death_watch.py): every cgroup whose counters tell.
         self.deaths = DeathWatch(
             spec.channel,
@@ -290,13 +293,18 @@ class Watch:
                 # within a band of the start's plan is the start's plan: the same
                 # conditions measure a few MiB apart (the supervisor's own pages).
                 self.share_budget = plan.share
-                if abs(plan.share_per_worker - ceiling) > hysteresis(ceiling):
+                # Settling after a member came or went, the share itself: a newcomer
+                # that started under it (what was free then) has no start plan to keep.
+                if self._settling or abs(plan.share_per_worker - ceiling) > hysteresis(ceiling):
                     ceiling = plan.share_per_worker
+            else:
+                self._settling = False
             if proposed is not None and self.spec.fixed is None:
-                d = decide(self.record.per_worker, proposed, ceiling)
-                if d.action == "raise" and not self._raise_confirmed():
-                    pass
-                elif d.action != "keep":
+                d = decide(self.record.per_worker, proposed, ceiling, settling=self._settling)
+                confirmed = d.action != "raise" or self._raise_confirmed()
+                if confirmed and abs(d.target - ceiling) <= SETTLE_STEP:
+                    self._settling = False
+                if confirmed and d.action != "keep":
                     if d.action == "raise":
                         # Claimed before any limit rises: the others plan around it.
                         self._publish(committed=max(self.member.committed, plan.budget))
@@ -458,6 +466,7 @@ class Watch:
             arrived = set(pids) - set(self._others)
             self.reason = "sibling arrived" if arrived else "sibling left"
             self._others = pids
+            self._settling = True
         return PoolView(self.pool.key, members)
 
     def _publish(self, committed: int | None = None, working_set: int | None = None) -> None:
