@@ -251,8 +251,9 @@ def test_four_at_once_all_start_in_their_own_children(
 
 def kill_whole(cg: KernelCgroup, instance: int) -> None:
     """SIGKILL every process of the child cgroup that holds `instance`, until none is
-    left: a nanny killed while it forks its worker leaves that new worker behind, and
-    a worker without its nanny never leaves the cluster (CI saw it, 30 s on)."""
+    left: one pass leaves whatever was forked after `cgroup.procs` was read, and a worker
+    left without its nanny stays registered (CI once found the child still full 30 s
+    after a single pass)."""
     child = next(c for c in cg.path.iterdir() if c.is_dir() and instance in KernelCgroup(c).pids())
     deadline = time.monotonic() + 10
     while pids := KernelCgroup(child).pids():
