@@ -217,6 +217,17 @@ def hysteresis(current: int) -> int:
     return max(HYSTERESIS_FLOOR, int(current * HYSTERESIS_FRACTION))
 
 
+def share_ceiling(first_per_worker: int, share_per_worker: int, settling: bool) -> int:
+    """The per-worker limit never to go above, in a pool shared with other instances:
+    our share as it is now. Back within a band of the start's plan is the start's plan
+    (the same conditions measure a few MiB apart: the supervisor's own pages), except
+    while settling after a member came or went: a newcomer that started under its share
+    (what was free then) has no start plan to keep, and would stay under its share."""
+    if settling or abs(share_per_worker - first_per_worker) > hysteresis(first_per_worker):
+        return share_per_worker
+    return first_per_worker
+
+
 @record
 class Decision:
     action: str  # "keep" | "lower" | "raise"

@@ -32,10 +32,10 @@ from .decide import (
     ManagedLimit,
     ancestor_limit,
     decide,
-    hysteresis,
     kernel_target,
     replan,
     seen_ancestors,
+    share_ceiling,
     wake_points,
     with_original_limit,
 )
@@ -289,14 +289,8 @@ class Watch:
             proposed = plan.effective_per_worker
             ceiling = self.spec.first_per_worker
             if view is not None and plan.share is not None and plan.share_per_worker:
-                # Never above the current plan: our share of the pool as it is now. Back
-                # within a band of the start's plan is the start's plan: the same
-                # conditions measure a few MiB apart (the supervisor's own pages).
                 self.share_budget = plan.share
-                # Settling after a member came or went, the share itself: a newcomer
-                # that started under it (what was free then) has no start plan to keep.
-                if self._settling or abs(plan.share_per_worker - ceiling) > hysteresis(ceiling):
-                    ceiling = plan.share_per_worker
+                ceiling = share_ceiling(ceiling, plan.share_per_worker, self._settling)
             else:
                 self._settling = False
             if proposed is not None and self.spec.fixed is None:
