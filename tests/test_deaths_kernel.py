@@ -21,7 +21,7 @@ import dask_safe_worker
 from cgroup_util import KernelCgroup
 from dask_safe_worker.follow.death import CAUSES, TOPIC
 from scheduler_util import scheduler
-from test_follow_e2e import client_for, start, stop, wait_until
+from test_follow_e2e import DSW, client_for, start, stop, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.kernel]
 
@@ -264,3 +264,77 @@ def test_metrics_on_the_workers_http_server(
     (unharmed,) = set(after) - {death["nanny"]}
     assert info[other]["nanny"] == unharmed
     assert all(v == 0 for k, v in after[unharmed].items() if k.startswith(deaths))
+
+
+def test_a_kill_that_takes_the_nanny_too_is_reported_as_the_supervisor_exits(
+    kernel_cgroup: KernelCgroup,
+    started_pids: set[int],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The kernel kills the worker at the cgroup's limit and its nanny dies before any
+    tick reads the counters (in the v2 VM the kernel took the nanny too, 0.05 s after
+    the worker): the supervisor exits with the nanny's 137, and on its way out it still
+    logs the kill and the worker's death, attributed from the status it reaped."""
+    from distributed import Client
+
+    kernel_cgroup.set_limit(1536 * MiB)
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE", "False")
+    # No tick at all while the test runs: neither the interval nor the kernel's signals.
+    monkeypatch.setenv("DASK_SAFE_WORKER_FOLLOW_WAKE", "0")
+    argv = [
+        *DSW,
+        "--log-format",
+        "json",
+        "--plan-file",
+        str(tmp_path / "plan.json"),
+        "--follow",
+        "--follow-interval",
+        "3600",
+    ]
+    with scheduler() as address:
+        err = open(tmp_path / "stderr.log", "w")  # noqa: SIM115 - read after the process ends
+        cmd = [*argv, address, "--no-dashboard", "--nworkers", "1", "--nthreads", "1"]
+        proc = subprocess.Popen(
+            kernel_cgroup.enter_command(cmd), stderr=err, stdout=subprocess.DEVNULL
+        )
+        started_pids.add(proc.pid)
+        client = Client(address, timeout=30)  # type: ignore[no-untyped-call,unused-ignore]
+        try:
+            client.wait_for_workers(1, timeout=90)
+            (worker,) = client.run(os.getpid).values()
+            (nanny,) = client.run(os.getpid, nanny=True).values()
+            started_pids.update({worker, nanny})
+            # Stopped, the nanny neither reaps its worker nor notes its end: the kill is
+            # known only to the kernel's counters until the nanny is gone.
+            os.kill(nanny, signal.SIGSTOP)
+            client.submit(lambda: len(b"x" * (2 * GiB)), pure=False)
+            wait_until(lambda: kernel_cgroup.oom_kills() >= 1 and _zombie(worker), 120)
+            os.kill(nanny, signal.SIGKILL)
+            code = proc.wait(60)
+        finally:
+            client.close()  # type: ignore[no-untyped-call,unused-ignore]
+            events = stop(proc, tmp_path)
+    assert code == 128 + signal.SIGKILL
+    kills = [e for e in events if e["event"] == "kernel.oom_kill"]
+    assert len(kills) == 1 and kills[0]["counter"] == "oom_kill", kills
+    assert {worker, nanny} <= set(kills[0]["gone_pids"])
+    died = [e for e in events if e["event"] == "worker.died"]
+    assert [(e["cause"], e["worker_pid"], e["exitcode"]) for e in died] == [
+        ("kernel_oom_limit", worker, -signal.SIGKILL)
+    ], died
+    assert died[0]["cgroup"] == str(kernel_cgroup.path)
+    assert died[0]["kernel_limit"] == 1536 * MiB
+    assert "was killed by the kernel OOM killer at the limit of cgroup" in died[0]["sentence"]
+    # Killed on the way out, the death is told (the audit log), not lost with the channel.
+    names = [e["event"] for e in events]
+    assert names.index("worker.died") < names.index("init.exit")
+
+
+def _zombie(pid: int) -> bool:
+    """`pid` has ended (a zombie its stopped parent has not reaped), or is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"

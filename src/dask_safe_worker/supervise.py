@@ -668,6 +668,19 @@ _VALUE_OPTIONS = (
 )
 
 
+def _telling(audit: Callable[..., None], reaped: Callable[[int, int], None]) -> Callable[..., None]:
+    """`audit`, which also tells the watch each exit code it logs: a worker whose nanny
+    died first is reaped here, and only its exit code says how it ended."""
+
+    def telling(event: str, **fields: Any) -> None:
+        if event in ("init.child.exited", "init.orphan.reaped") and "code" in fields:
+            signum = fields["code"] - 128 if "signal" in fields else None
+            reaped(int(fields["child_pid"]), fields["code"] if signum is None else -signum)
+        audit(event, **fields)
+
+    return telling
+
+
 def main(args: Sequence[str] | None = None) -> int:
     """A bare supervisor, for a launcher that execs it to shed its own imports.
 
@@ -729,7 +742,7 @@ def main(args: Sequence[str] | None = None) -> int:
     return supervise(
         rest,
         process_group=process_group,
-        audit=audit,
+        audit=audit if ticker is None else _telling(audit, ticker.reaped),
         on_child_exit=on_child_exit if cleanups else None,
         restore_signal_mask=False,
         ticker=ticker,

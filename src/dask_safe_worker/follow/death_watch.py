@@ -22,7 +22,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 from ..cgroup.files import read_kernel_text
@@ -302,6 +302,55 @@ class DeathWatch:
         except ValueError as exc:
             self.audit("worker.death.failed", stage="note", file=path, reason=str(exc))
             return
+        self._attribute(note, slot, kernel_limit, pool_users)
+
+    def last_look(
+        self,
+        kernel_limit: Callable[[], tuple[int | None, str | None]],
+        pool_users: Callable[[], Iterable[tuple[str, int]]],
+        reaped: Mapping[int, int],
+    ) -> None:
+        """The supervisor is about to exit: explain the notes still here, then every
+        started worker that ended with no note. Its nanny died first (the kernel may kill
+        the nanny with its worker: both live in the cgroup whose limit we write), so the
+        worker was reparented to us and `reaped` holds its exit code (multiprocessing's
+        convention: -N for signal N)."""
+        self.tick(kernel_limit, pool_users)
+        try:
+            names = sorted(os.listdir(self.directory))
+        except OSError:
+            return
+        for name in names:
+            stem, _, kind = name.partition(".")
+            if kind != "worker" or not stem.isdigit():
+                continue
+            pid = int(stem)
+            doc = self.workers.get(pid) or _read_json(os.path.join(self.directory, name)) or {}
+            if pid not in reaped:
+                self.audit(
+                    "worker.death.failed",
+                    stage="close",
+                    worker_pid=pid,
+                    reason="the worker ended with no note, and not as our child",
+                )
+                continue
+            note = ExitNote(
+                pid=pid,
+                exitcode=reaped[pid],
+                at=time.time(),
+                worker=None if doc.get("worker") is None else str(doc["worker"]),
+                name=None if doc.get("name") is None else str(doc["name"]),
+            )
+            slot = doc.get("slot", 0)
+            self._attribute(note, slot if isinstance(slot, int) else 0, kernel_limit, pool_users)
+
+    def _attribute(
+        self,
+        note: ExitNote,
+        slot: int,
+        kernel_limit: Callable[[], tuple[int | None, str | None]],
+        pool_users: Callable[[], Iterable[tuple[str, int]]],
+    ) -> None:
         counters = self._read_counters()
         vmstat = read_global_oom_kills(self.proc_root)
         limit, cgroup = kernel_limit()

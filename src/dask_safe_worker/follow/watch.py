@@ -25,7 +25,7 @@ from ..measure import Measurement, locate, remeasure
 from ..plan import PlanError, PoolView
 from ..proc_parse import ParseError
 from ..records import mutable_record, replace
-from .death_watch import DeathWatch
+from .death_watch import DeathWatch, read_limit
 from .decide import (
     SETTLE_STEP,
     FollowSpec,
@@ -141,6 +141,9 @@ class Watch:
         self._gone_before: frozenset[int] = frozenset()
         # A counted kill waits for its victim: (fields, pids gone so far, ticks waited).
         self._held_kills: list[tuple[dict[str, Any], frozenset[int], int]] = []
+        # Exit codes of the processes the supervisor reaped (multiprocessing's -N for a
+        # signal), for the deaths no nanny lived to note.
+        self._reaped: dict[int, int] = {}
         self.stopped = False
         self._last_failure: tuple[str, str] | None = None
         self.events = self._read_counters()
@@ -225,7 +228,7 @@ class Watch:
         """The workers are gone: remove the channel (its directory is ours alone)."""
         import contextlib
 
-        self._flush_kills(frozenset(), final=True)
+        self._last_look()
         if self.wake is not None:
             self.wake.close()
         self.deaths.close()
@@ -238,6 +241,27 @@ class Watch:
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(os.path.dirname(self.spec.channel), SPEC_FILE))
             os.rmdir(os.path.dirname(self.spec.channel))
+
+    def reaped(self, pid: int, exitcode: int) -> None:
+        """The supervisor reaped `pid` (the nanny, or a worker orphaned by its death)."""
+        self._reaped[pid] = exitcode
+
+    def _last_look(self) -> None:
+        """The kernel's counters once more before the supervisor exits. A kill at the
+        limit we write may take the nanny too (it lives in that cgroup, with its worker
+        and us): the supervisor then exits before a tick reads the kill, and the death
+        would go unreported."""
+        gone = frozenset(self._reaped) | frozenset(
+            p for p in self.ours if p != self.pid and not os.path.exists(self.proc_root / str(p))
+        )
+        try:
+            with self._files:
+                if self.location is not None:
+                    self._report_events(self._read_counters(), self._gone_before | gone)
+                self.deaths.last_look(self._kernel_limit, self._pool_users, self._reaped)
+        except Exception as exc:  # the worker's exit code matters more
+            self._failed("close", reason=repr(exc))
+        self._flush_kills(gone, final=True)
 
     # -- one tick ----------------------------------------------------------------------
 
@@ -387,6 +411,11 @@ class Watch:
             for level, directory in zip(self.previous.levels, self.directories, strict=False):
                 if level.effective_limit is not None:
                     return level.effective_limit, directory
+        elif self.location is not None:
+            # Never measured (a death before the first tick): as the kernel has it now.
+            for directory in self.directories:
+                if (value := read_limit(self.location.version, directory)) is not None:
+                    return value, directory
         return None, self.directories[0] if self.directories else None
 
     def _pool_users(self) -> list[tuple[str, int]]:
