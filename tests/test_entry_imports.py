@@ -248,3 +248,37 @@ def test_structlog_writes_the_audit_log_and_only_when_there_is_one() -> None:
         loaded[fmt] = set(proc.stdout.split())
     assert "structlog" in loaded["json"]
     assert not {m for m in loaded["none"] if is_one_of(m, ("structlog", "asyncio"))}
+
+
+# What the planning process imports for following before it forks the worker: the
+# channel and the spec (follow.setup), never the supervisor's watch with its cgroup
+# readers, death watch and kernel wake-ups, which the supervisor imports after the fork,
+# beside the worker's own start.
+START_FOLLOWING_PROGRAM = """
+import sys
+import dask_safe_worker.cli
+import dask_safe_worker.follow.setup
+import dask_safe_worker.run_worker
+import dask_safe_worker.supervise
+print(" ".join(sorted(sys.modules)))
+"""
+WATCH_ONLY = (
+    "dask_safe_worker.follow.watch",
+    "dask_safe_worker.follow.death_watch",
+    "dask_safe_worker.follow.wake",
+    "dask_safe_worker.follow.metrics",
+)
+
+
+def test_the_start_leaves_the_watch_to_the_supervisor() -> None:
+    proc = subprocess.run(
+        [sys.executable, "-c", START_FOLLOWING_PROGRAM],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    loaded = set(proc.stdout.split())
+    assert "dask_safe_worker.follow.setup" in loaded
+    assert not loaded & set(WATCH_ONLY)

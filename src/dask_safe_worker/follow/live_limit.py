@@ -24,6 +24,10 @@ LIVE_FILE_ENV = "DASK_SAFE_WORKER_LIVE_FILE"
 # config: our --preload on the command line makes dask ignore them (follow/preload.py).
 CONFIGURED_PRELOADS_ENV = "DASK_SAFE_WORKER_RUN_CONFIGURED_PRELOADS"
 ACKS = "acks"
+# The follow spec's file name in the channel directory: the start writes it (follow/setup),
+# the supervisor's watch reads it. Here, so that the start need not import the watch
+# (its cgroup readers, death watch and kernel wake-ups) before the worker is forked.
+SPEC_FILE = "follow.json"
 
 
 @record

@@ -26,11 +26,11 @@ from .decide import FollowSpec, ManagedLimit
 from .live_limit import (
     CONFIGURED_PRELOADS_ENV,
     LIVE_FILE_ENV,
+    SPEC_FILE,
     LiveLimit,
     prepare_channel,
     write_live_limit,
 )
-from .watch import SPEC_FILE
 
 WORKER_PRELOAD = "dask_safe_worker.follow.worker"
 NANNY_PRELOAD = "dask_safe_worker.follow.nanny"

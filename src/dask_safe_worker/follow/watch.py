@@ -40,6 +40,7 @@ from .decide import (
     with_original_limit,
 )
 from .live_limit import (
+    SPEC_FILE,
     LiveLimit,
     read_acks,
     read_live_limit,
@@ -56,8 +57,6 @@ if TYPE_CHECKING:
 
 Audit = Callable[..., None]
 
-# The spec's file name in the channel directory (cli writes it, the supervisor reads it).
-SPEC_FILE = "follow.json"
 
 # Counters in memory.events (v2) and memory.oom_control (v1) that mean the kernel acted.
 _EVENT_NAMES = ("oom_kill", "oom", "max", "high")
