@@ -14,11 +14,12 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 
@@ -104,15 +105,29 @@ def start_instance(
 ) -> subprocess.Popen[str]:
     base = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
     argv = [*DSW, "--log-format", "json", *args, address, "--nthreads", "2", "--no-dashboard"]
+    # A file, not a pipe: nobody reads a pipe while the test runs, and a full one (64 KiB
+    # of audit lines and the workers' own logging) would stop the instance at a write.
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 (read by said() after the end)
     proc = subprocess.Popen(
         cg.enter_command(argv),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
         text=True,
         env=base,
     )
     started.add(proc.pid)
+    _STDERR[proc.pid] = log
     return proc
+
+
+_STDERR: dict[int, IO[str]] = {}
+
+
+def said(proc: subprocess.Popen[str]) -> str:
+    """The end of what an instance (and its workers) wrote to stderr so far."""
+    log = _STDERR[proc.pid]
+    log.seek(0)
+    return log.read()[-1500:]
 
 
 def children(cg: KernelCgroup) -> dict[int, int]:
@@ -185,6 +200,18 @@ def wait_fair(
         time.sleep(0.1)
 
 
+def wait_workers(client: Any, procs: list[subprocess.Popen[str]], n: int) -> None:
+    """Wait for `n` workers; on a timeout, fail with what each instance said (an exit 3
+    and its reason, or a start still waiting for the pool) instead of the bare timeout."""
+    from distributed.exceptions import WorkerStartTimeoutError
+
+    try:
+        client.wait_for_workers(n, timeout=120)
+    except WorkerStartTimeoutError:
+        status = {proc.pid: (proc.poll(), said(proc)) for proc in procs}
+        raise AssertionError(f"not {n} workers in 120 s: {status}") from None
+
+
 def stop_all(procs: list[subprocess.Popen[str]]) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -210,7 +237,7 @@ def test_three_instances_two_seconds_apart_share_fairly_and_live(
                     client.wait_for_workers(1, timeout=120)
                     first = client.run(os.getpid)
                 time.sleep(2)
-            client.wait_for_workers(3, timeout=120)
+            wait_workers(client, procs, 3)
             waited, _, _ = wait_fair(kernel_cgroup, client, 3, timeout=30)
             # Within 3 s of the last worker's registration (measured from there).
             assert waited <= 3, waited
@@ -220,7 +247,7 @@ def test_three_instances_two_seconds_apart_share_fairly_and_live(
             stop_all(procs)
     assert sampler.samples > 50
     assert sampler.worst <= LIMIT - HOLDER, sampler.worst
-    assert all(p.returncode == 0 for p in procs), [p.stderr.read() for p in procs]  # type: ignore[union-attr]
+    assert all(p.returncode == 0 for p in procs), [said(p) for p in procs]
 
 
 def test_four_at_once_all_start_in_their_own_children(
@@ -233,7 +260,7 @@ def test_four_at_once_all_start_in_their_own_children(
             procs = [
                 start_instance(kernel_cgroup, started_pids, scheduler_address) for _ in range(4)
             ]
-            client.wait_for_workers(4, timeout=120)
+            wait_workers(client, procs, 4)
             _, kernel, _ = wait_fair(kernel_cgroup, client, 4, timeout=30)
             names = [p.name for p in kernel_cgroup.path.iterdir() if p.is_dir()]
             assert len(names) == 4 and len(set(names)) == 4, names
@@ -286,7 +313,7 @@ def test_fixed_commitments_hold_and_the_following_instances_split_the_rest(
             # a second following instance shares what is left with the first.
             def start(n: int, *args: str) -> subprocess.Popen[str]:
                 procs.append(start_instance(kernel_cgroup, started_pids, scheduler_address, *args))
-                client.wait_for_workers(n, timeout=120)
+                wait_workers(client, procs, n)
                 return procs[-1]
 
             first = start(1)

@@ -28,6 +28,7 @@ FRONTIER_ALLOWANCES = (40, 64, 96)
 
 PY = sys.executable
 SAFE = str(Path(PY).parent / "dask-safe-worker")
+AUDIT = str(Path(PY).parent / "dask-safe-audit")
 CONTENDERS = ("plain", "safe", "seed")
 WORKLOADS = ("spill", "burst", "fastburst", "steady")
 # Per-workload bound after which a run counts as hung.

@@ -19,6 +19,7 @@ from typing import IO, Any
 
 from .common import (
     AGENT_BYTES,
+    AUDIT,
     CONTENDERS,
     FRONTIER_ALLOWANCES,
     M_LIMIT,
@@ -254,6 +255,36 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
         pool.shutdown(wait=False)
 
 
+def deaths_seen(client: Any, address: str) -> dict[str, list[str]]:
+    """The workers' deaths as a user finds them: the causes of our events on the
+    scheduler, `dask_safe_worker.deaths(client)`'s sentences, and the causes that
+    `dask-safe-audit --json` lists (each row's deaths and those of workers gone)."""
+    from dask_safe_worker import deaths
+    from dask_safe_worker.deaths_client import death_records
+
+    records = call_with_timeout(lambda: death_records(client), 20)
+    sentences = call_with_timeout(lambda: deaths(client), 20)
+    audit = subprocess.run(
+        [AUDIT, address, "--json", "--timeout", "30"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=bench_env(),
+    )
+    try:
+        doc = json.loads(audit.stdout)
+        listed = [d for row in doc["workers"] for d in row.get("deaths") or []]
+        listed += list(doc["deaths_of_workers_gone"])
+        audit_causes = [str(d["cause"]) for d in listed]
+    except (ValueError, KeyError, TypeError):
+        audit_causes = [f"no audit JSON (exit {audit.returncode}): {audit.stderr[-160:]}"]
+    return {
+        "events": [str(r["cause"]) for r in records] if isinstance(records, list) else [],
+        "sentences": list(sentences) if isinstance(sentences, list) else [repr(sentences)],
+        "audit": audit_causes,
+    }
+
+
 # --------------------------------------------------------------------------- a run
 
 
@@ -297,6 +328,10 @@ class RunResult:
     nanny_rss_median: int | None = None
     nanny_rss_max: int | None = None
     processes_in_w: list[tuple[int, int | None, int | None, str]] = field(default_factory=list)
+    # Why workers died, where users look (issue 20): the causes in the scheduler's events
+    # (`client.get_events`), the helper's sentences and the causes `dask-safe-audit
+    # --json` lists; empty for contenders without our supervisor.
+    deaths: dict[str, list[str]] = field(default_factory=dict)
     series: Series = field(default_factory=Series)
 
     def summary(self) -> dict[str, Any]:
@@ -395,6 +430,8 @@ def run_once(
                     else:
                         res.stats_error = f"{type(stats).__name__}: {stats}"[:200]
                     time.sleep(0.5)
+                    if contender != "plain" and contender != "seed":
+                        res.deaths = deaths_seen(client, address)
                     events = call_with_timeout(lambda: client.get_events(), 10)
                     if isinstance(events, dict):
                         (run_dir / "events.json").write_text(json.dumps(events, default=str))
