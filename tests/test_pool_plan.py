@@ -217,3 +217,79 @@ def os_pid() -> int:
     import os
 
     return os.getpid()
+
+
+def _settled(directory: Path) -> None:
+    """The directory's mtime set back: a watch's Pool trusts a listing older than 1 s."""
+    import os
+    import time
+
+    st = os.stat(directory)
+    os.utime(directory, ns=(st.st_atime_ns, time.time_ns() - 5 * 10**9))
+
+
+def _open_fds() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_a_watch_keeps_the_lock_files_open_and_still_sees_a_death(tmp_path: Path) -> None:
+    import os
+
+    watch_pool = Pool(tmp_path, "k", remember=True)
+    other = member(2**22 + 3, committed=GiB)
+    fd = Pool(tmp_path, "k").claim(other)
+    _settled(tmp_path)
+    before = _open_fds()
+    assert watch_pool.members() == (other,)
+    assert watch_pool.members() == (other,)
+    # One descriptor kept across both readings: its lock file's.
+    assert _open_fds() == before + 1
+    os.close(fd)  # the other instance ends: its lock is free
+    assert watch_pool.members() == ()
+    assert sorted(os.listdir(tmp_path)) == []
+    assert _open_fds() == before - 1  # the other's descriptor closed, and ours
+
+
+def test_a_changed_pool_directory_drops_the_kept_lock_files(tmp_path: Path) -> None:
+    import os
+
+    watch_pool = Pool(tmp_path, "k", remember=True)
+    fds = [Pool(tmp_path, "k").claim(member(2**22 + i, committed=GiB)) for i in (5, 6)]
+    _settled(tmp_path)
+    before = _open_fds()
+    assert len(watch_pool.members()) == 2
+    assert _open_fds() == before + 2
+    Pool(tmp_path, "k").leave(2**22 + 6)  # a claim removed: the directory changed
+    os.close(fds.pop())
+    assert len(watch_pool.members()) == 1
+    assert _open_fds() == before - 1  # listed afresh, not settled yet: none kept
+    os.close(fds.pop())
+    watch_pool.forget()
+
+
+def test_a_lock_file_made_again_under_an_unchanged_mtime_is_not_removed(tmp_path: Path) -> None:
+    # The pid of an instance that ended went to a new one, which claimed under the same
+    # name, and the directory's mtime did not show it (a coarse clock): the descriptor
+    # kept for the old lock file is of another inode, free now. The new claim stays.
+    import os
+
+    watch_pool = Pool(tmp_path, "k", remember=True)
+    pid = 2**22 + 7
+    fd = Pool(tmp_path, "k").claim(member(pid, committed=GiB))
+    _settled(tmp_path)
+    assert len(watch_pool.members()) == 1
+    seen = os.stat(tmp_path)
+    os.close(fd)
+    Pool(tmp_path, "k").leave(pid)
+    fd = Pool(tmp_path, "k").claim(member(pid, committed=2 * GiB))
+    os.utime(tmp_path, ns=(seen.st_atime_ns, seen.st_mtime_ns))
+    try:
+        # Held this once, as last read; then read afresh.
+        assert watch_pool.members() == (member(pid, committed=GiB),)
+        assert sorted(os.listdir(tmp_path)) == [f"{pid}.claim", f"{pid}.lock"]
+        assert watch_pool.members() == (member(pid, committed=2 * GiB),)
+    finally:
+        os.close(fd)
+        watch_pool.forget()

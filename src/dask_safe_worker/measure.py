@@ -7,7 +7,7 @@ points, and `root/sys`), so tests point the whole measurement at a fixture tree.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .cgroup.files import V2MemoryCgroup, open_memory_cgroup, read_kernel_text
@@ -29,6 +29,8 @@ from .records import field, record
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
 if TYPE_CHECKING:
     from typing_extensions import TypedDict, Unpack
+
+    from .cgroup.files import MemoryCgroupFiles
 
     class Pins(TypedDict, total=False):
         """What a test pins instead of asking this process: the CPU affinity,
@@ -224,18 +226,80 @@ _CEILING_READS = ("limit", "hierarchical_limit", "usage", "high")
 _LEVEL_READS = ("limit", "hierarchical_limit", "usage", "inactive_file")
 
 
-def _read_level(
-    version: int, path: str, directory: Path, mem_total: int, is_root: bool
-) -> tuple[LevelReading, list[str]]:
-    """The level, and the errors of the reads its ceiling and headroom need."""
+def _bare_level(path: str) -> LevelReading:
+    """A level known to set no limit, whose usage counts for nothing (no headroom)."""
+    return LevelReading(path, None, None, None, None)
+
+
+def _ceiling_reads(
+    version: int, directory: Path, mem_total: int, is_root: bool
+) -> tuple[MemoryCgroupFiles, bool, tuple[int | None, int | None] | None]:
+    """Whether a level above our own surely sets no ceiling (the watch's `lean`
+    reading), from the files that decide it: v1, its hierarchical limit (the lowest of
+    its own limit and every ancestor's that the kernel applies to it: none means its own
+    is none too); v2, memory.max and memory.high (the v2 root has neither). The cgroup
+    (v1 keeps its memory.stat for the rest of the level), the answer, and v2's two values
+    as read. A failed read answers False: the level is then read as always."""
     cg = open_memory_cgroup(version, directory)
+    try:
+        if isinstance(cg, V2MemoryCgroup):
+            ceiling = (_optional(cg.limit, mem_total, is_root), _optional(cg.high, mem_total, True))
+            return cg, ceiling == (None, None), ceiling
+        return cg, cg.hierarchical_limit(mem_total) is None, None
+    except (OSError, ParseError):
+        return cg, False, None
+
+
+def _optional(read: Callable[[int], int | None], mem_total: int, absent_ok: bool) -> int | None:
+    try:
+        return read(mem_total)
+    except FileNotFoundError:
+        if absent_ok:
+            return None
+        raise
+
+
+def hierarchy_inherited(version: int, directories: Sequence[str]) -> bool:
+    """Whether each level's v1 `hierarchical_memory_limit` covers every level above it:
+    every level above our own (`directories[1:]`) has `memory.use_hierarchy` 1.
+
+    A v1 child's limits count against its parent only when the parent had
+    use_hierarchy set as the child was made, and a cgroup with children cannot change
+    it (EBUSY; Linux 5.11 on always has it set): read once, it holds for as long as the
+    levels exist. False for v2 and for anything unreadable."""
+    if version != 1 or not directories:
+        return False
+    for directory in directories[1:]:
+        try:
+            if read_kernel_text(f"{directory}/memory.use_hierarchy").strip() != "1":
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _read_level(
+    version: int,
+    path: str,
+    directory: Path,
+    mem_total: int,
+    is_root: bool,
+    cg: MemoryCgroupFiles | None = None,
+    v2_ceiling: tuple[int | None, int | None] | None = None,
+) -> tuple[LevelReading, list[str]]:
+    """The level, and the errors of the reads its ceiling and headroom need. `cg`: the
+    level's files as read so far; `v2_ceiling`: its memory.max and memory.high as read."""
+    if cg is None:
+        cg = open_memory_cgroup(version, directory)
     values: list[int | None] = []
     errors: list[str] = []
     blind: list[str] = []
     # No closure per read: the watch reads every level on every tick.
     for name in _LEVEL_READS:
         try:
-            if name == "limit":
+            if name == "limit" and v2_ceiling is not None:
+                values.append(v2_ceiling[0])
+            elif name == "limit":
                 values.append(cg.limit(mem_total))
             elif name == "hierarchical_limit":
                 values.append(cg.hierarchical_limit(mem_total))
@@ -256,7 +320,7 @@ def _read_level(
         # Optional files: the v2 root has neither, and memory.oom.group is new in 4.19.
         # A missing one is an absent setting, not an error.
         try:
-            high = cg.high(mem_total)
+            high = cg.high(mem_total) if v2_ceiling is None else v2_ceiling[1]
         except FileNotFoundError:
             pass
         except (OSError, ParseError) as exc:
@@ -459,6 +523,8 @@ def remeasure(
     unreadable: Sequence[str] = (),
     known: tuple[int, int] | None = None,
     rss_when_alone: bool = True,
+    lean: bool = False,
+    inherited: bool = False,
 ) -> Measurement:
     """`measure` for a cgroup located before: only /proc/meminfo and the level files.
 
@@ -469,7 +535,12 @@ def remeasure(
     running worker computed both once, when it imported dask). Without
     `rss_when_alone`, `own_rss` stays 0 where `own_working_set` does not use it (we are
     alone in our cgroup, whose working set is then ours): four /proc reads less a tick
-    for the watch. Raises
+    for the watch. `lean` (the watch): a level above our own that surely sets no
+    ceiling (`_ceiling_reads`) is not read further, as its usage and page cache count for
+    nothing in any plan (its headroom is none), and with `inherited`
+    (`hierarchy_inherited`) such a v1 level ends the reads: no level above it sets a
+    limit either. Such levels carry no usage then, nor an unreadable file's error (the
+    start's `measure` reads every file: it alone refuses unreadable levels). Raises
     OSError/ParseError only for /proc/meminfo.
     """
     host = parse_meminfo(read_kernel_text(f"{proc_root}/meminfo"))
@@ -483,13 +554,32 @@ def remeasure(
         if location.unlocated is not None:
             blind.append(location.unlocated)
         paths = location.level_paths(root)
+        unlimited_above = False
         for i, (path, directory) in enumerate(paths):
+            if unlimited_above:
+                levels.append(_bare_level(path))
+                continue
+            is_root = i == len(paths) - 1
+            cg: MemoryCgroupFiles | None = None
+            v2_ceiling: tuple[int | None, int | None] | None = None
+            if lean and i > 0:
+                cg, bare, v2_ceiling = _ceiling_reads(
+                    location.version, directory, host.total, is_root
+                )
+                if bare:
+                    levels.append(_bare_level(path))
+                    unlimited_above = inherited
+                    continue
             level, errors = _read_level(
-                location.version, path, directory, host.total, i == len(paths) - 1
+                location.version, path, directory, host.total, is_root, cg, v2_ceiling
             )
             levels.append(level)
             if errors:
                 blind.append(f"cgroup {path}: " + "; ".join(errors))
+            # Our own level is read whole (its working set is ours), and ends the reads
+            # the same way.
+            if inherited and lean and level.hierarchical_limit is None and not errors:
+                unlimited_above = True
     if exact is not None:
         # Only an exact location's first level is ours: a mere ancestor's processes are not.
         try:

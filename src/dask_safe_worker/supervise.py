@@ -428,21 +428,45 @@ def _signal_fd(wait_set: set[signal.Signals], audit: Callable[..., None]) -> int
     return fd
 
 
+class _Poll:
+    """One poll object for the whole wait: its fds registered anew only when they change
+    (the watch re-arms its wake-ups far less often than the loop wakes up)."""
+
+    def __init__(self) -> None:
+        import select
+
+        self.poller = select.poll()
+        self.registered: list[tuple[int, int]] = []
+
+    def poll(self, fds: list[tuple[int, int]], timeout_ms: float) -> list[tuple[int, int]]:
+        if fds != self.registered:
+            for fd, _ in self.registered:
+                self.poller.unregister(fd)
+            self.registered = []
+            for fd, events in fds:
+                self.poller.register(fd, events)
+                self.registered.append((fd, events))
+        return self.poller.poll(timeout_ms)
+
+
 def _next_signal(
-    wait_set: set[signal.Signals], timeout: float, waker: Waker | None, signals: int | None
+    wait_set: set[signal.Signals],
+    timeout: float,
+    waker: Waker | None,
+    signals: int | None,
+    poller: _Poll | None = None,
 ) -> signal.struct_siginfo | None:
-    """The next signal within `timeout` s; a ready fd of `waker`'s ends the wait too."""
+    """The next signal within `timeout` s; a ready fd of `waker`'s ends the wait too.
+    `poller`: the wait's poll object, kept between calls."""
     fds = [] if waker is None or signals is None else waker.fds()
     if not fds or signals is None:
         return signal.sigtimedwait(wait_set, timeout)
     import select
 
-    poller = select.poll()
-    poller.register(signals, select.POLLIN)
-    for fd, events in fds:
-        poller.register(fd, events)
+    if poller is None:
+        poller = _Poll()
     # Rounded up: a wait rounded down to 0 ms would spin until the tick is due.
-    ready = poller.poll(-(-timeout * 1000 // 1))
+    ready = poller.poll([(signals, select.POLLIN), *fds], -(-timeout * 1000 // 1))
     woke = [fd for fd, _ in ready if fd != signals]
     if woke and waker is not None:
         waker.fired(woke)
@@ -458,19 +482,36 @@ def _wait_loop(
     waker: Waker | None,
     signals: int | None,
 ) -> int:
+    status = _KeptStatus(child)
+    try:
+        return _wait_loop_on(child, process_group, audit, ticker, waker, signals, status)
+    finally:
+        status.close()
+
+
+def _wait_loop_on(
+    child: int,
+    process_group: bool,
+    audit: Callable[..., None],
+    ticker: Callable[[], float] | None,
+    waker: Waker | None,
+    signals: int | None,
+    status: _KeptStatus,
+) -> int:
     wait_set = {*FORWARDED_SIGNALS, signal.SIGCHLD}
     timeout = _WAIT_TIMEOUT_S
     # A signal we forwarded once is a deliberate repeat when it comes again: forwarded.
     forwarded: set[int] = set()
     earlier: int | None = None
+    poller = _Poll()
     while True:
         # The handlers seen at this wake-up and the one before: a launcher's copy that
         # reached the worker first may have been handled (its handler reset) just
         # before this wake-up, whose reading then no longer shows the handler.
-        now = caught_signals(child)
+        now = status_mask(status.read(), b"SigCgt")
         caught = now if earlier is None or now is None else now | earlier
         earlier = now
-        info = _next_signal(wait_set, timeout, waker, signals)
+        info = _next_signal(wait_set, timeout, waker, signals, poller)
         if info is not None and info.si_signo != signal.SIGCHLD:
             # Before the watch's tick: a stop must not wait for a measurement.
             if _worker_has_it(info, child, process_group):
@@ -503,6 +544,35 @@ _OWN_COPY_PENDING_S = 1.0
 _OWN_COPY_GRACE_S = 0.05
 
 
+class _KeptStatus:
+    """The worker's /proc/<pid>/status, read on every wake-up through one descriptor kept
+    for the wait (read again at offset 0, the kernel makes it anew). The worker is our
+    child: its pid is not reused before we reap it, and a descriptor of an exited
+    process fails its read rather than show another's."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.fd: int | None = None
+
+    def read(self) -> bytes | None:
+        if self.fd is None:
+            try:
+                self.fd = os.open(f"/proc/{self.pid}/status", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+        try:
+            return os.pread(self.fd, 65536, 0)
+        except OSError:
+            self.close()
+            return None
+
+    def close(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = None
+
+
 def _status(pid: int, proc_root: str = "/proc") -> bytes | None:
     # Read on every wake-up: one descriptor read, not a buffered file's lines.
     try:
@@ -527,11 +597,6 @@ def status_mask(text: bytes | None, field: bytes) -> int | None:
         return int(text[at + len(field) + 2 : end if end >= 0 else len(text)], 16)
     except ValueError:
         return None
-
-
-def caught_signals(pid: int, proc_root: str = "/proc") -> int | None:
-    """The signals `pid` has a handler for (SigCgt of its status), or None if unknown."""
-    return status_mask(_status(pid, proc_root), b"SigCgt")
 
 
 def own_copy_pending(signum: int, text: bytes | None) -> bool:

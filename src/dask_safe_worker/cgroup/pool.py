@@ -190,6 +190,11 @@ class Pool:
         # lock is still held must be asked every time.
         self._remember = remember
         self._seen: tuple[tuple[int, int], list[tuple[str, str, Member | None]]] | None = None
+        # With `remember`: the other members' lock files, kept open while the claims as
+        # last read stand (an open and a close less per member and tick). Dropped at any
+        # change of the directory: a lock file removed and made again (a dead instance's
+        # pid given to a new one) is another inode, which a kept descriptor never sees.
+        self._lock_fds: dict[str, int] = {}
 
     def acquire(self, wait: bool = True) -> int | None:
         """The pool's lock, held until the descriptor is closed; None when another holds
@@ -261,7 +266,7 @@ class Pool:
         for stem, name, member in claims:
             if int(stem) == exclude:
                 continue
-            if self._locked(f"{self.directory}/{name}") or _occupied(member):
+            if self._held(name) or _occupied(member):
                 if member is not None:
                     found.append(member)
                 continue
@@ -301,7 +306,52 @@ class Pool:
             self._seen = (version, claims)
         else:
             self._seen = None
+        # Listed afresh: the directory changed, so every kept lock descriptor may be stale.
+        self.forget()
         return claims
+
+    def forget(self) -> None:
+        """Close the lock files kept open (the watch's end, or a changed directory)."""
+        fds, self._lock_fds = self._lock_fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _held(self, name: str) -> bool:
+        """Whether a live process holds the claim's lock `name`; the descriptor is kept
+        (`remember`) while the directory stands as last listed."""
+        path = f"{self.directory}/{name}"
+        fd = self._lock_fds.pop(name, None)
+        if fd is None:
+            if not self._remember or self._seen is None:
+                return self._locked(path)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            except FileNotFoundError:
+                return False
+            except OSError:
+                return True
+        try:
+            if not _try_lock(fd):
+                self._lock_fds[name] = fd
+                fd = -1
+                return True
+            # Taken: nobody holds it, unless the name is another file by now (removed and
+            # made again since the directory was read): then it is not ours to judge.
+            try:
+                now = os.stat(path, follow_symlinks=False)
+            except FileNotFoundError:
+                return False
+            held = os.fstat(fd)
+            if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                self._seen = None
+                return True
+            return False
+        except OSError:
+            return True
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def _read(self, stem: str) -> Member | None:
         try:

@@ -21,7 +21,7 @@ from ..cgroup.files import KeptFiles, open_memory_cgroup, read_kernel_text
 from ..cgroup.parse import parse_memory_stat
 from ..cgroup.pool import Member, Pool, with_kernel_working_sets
 from ..dask_compat.release import Release, installed_release
-from ..measure import Measurement, locate, remeasure
+from ..measure import Measurement, hierarchy_inherited, locate, remeasure
 from ..plan import PlanError, PoolView
 from ..proc_parse import ParseError
 from ..records import mutable_record, replace
@@ -121,6 +121,10 @@ class Watch:
         self.location = locate(proc_root, root)
         self.directories = (
             [str(d) for _, d in self.location.level_paths(root)] if self.location else []
+        )
+        # v1: a level whose hierarchical limit is none ends each tick's reads (measure.py).
+        self._inherited = self.location is not None and hierarchy_inherited(
+            self.location.version, self.directories
         )
         first = read_live_limit(spec.channel)
         if first is None:
@@ -234,6 +238,7 @@ class Watch:
         remove_metrics(self.spec.channel)
         self._files.close()
         if self.pool is not None:
+            self.pool.forget()
             self.pool.leave(self.pid)
             self.pool.remove_if_empty()
         remove_channel(self.spec.channel)
@@ -369,6 +374,8 @@ class Watch:
             own_pid=self.pid,
             known=self._known,
             rss_when_alone=False,
+            lean=True,
+            inherited=self._inherited,
         )
 
     # -- metrics -----------------------------------------------------------------------
