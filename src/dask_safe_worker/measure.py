@@ -227,8 +227,18 @@ _LEVEL_READS = ("limit", "hierarchical_limit", "usage", "inactive_file")
 
 
 def _bare_level(path: str) -> LevelReading:
-    """A level known to set no limit, whose usage counts for nothing (no headroom)."""
-    return LevelReading(path, None, None, None, None)
+    """A level known to set no limit, whose usage counts for nothing (no headroom): one
+    record per path, as records never change."""
+    try:
+        return _BARE[path]
+    except KeyError:
+        if len(_BARE) >= 64:
+            _BARE.clear()
+        reading = _BARE[path] = LevelReading(path, None, None, None, None)
+        return reading
+
+
+_BARE: dict[str, LevelReading] = {}
 
 
 def _ceiling_reads(
@@ -438,7 +448,12 @@ def _threads(proc_root: Path, pid: int) -> int:
 
 
 def hidden_neighbours(
-    location: CgroupLocation, procs: Sequence[int], proc_root: Path, root: Path, count: bool
+    location: CgroupLocation,
+    procs: Sequence[int],
+    proc_root: Path,
+    root: Path,
+    count: bool,
+    initial_ns: bool | None = None,
 ) -> str | None:
     """Why our PID namespace may not show every process of our cgroup, or None.
 
@@ -446,11 +461,15 @@ def hidden_neighbours(
     namespace cgroup.procs leaves out the processes outside it (v1 drops them, v2 lists
     them as 0), so a shared cgroup can look like ours alone. `count` also compares v2's
     pids.current with the tasks of the processes we see (at the start only: a live
-    worker's threads come and go between the two reads).
+    worker's threads come and go between the two reads). `initial_ns`:
+    `initial_pid_namespace(proc_root)` as asked before (a process never leaves its PID
+    namespace).
     """
     if 0 in procs:
         return "cgroup.procs lists pid 0: processes outside our PID namespace share our cgroup"
-    if location.relative != "" and not initial_pid_namespace(proc_root):
+    if initial_ns is None and location.relative != "":
+        initial_ns = initial_pid_namespace(proc_root)
+    if location.relative != "" and not initial_ns:
         return (
             "we are in a PID namespace, and our cgroup is not the root of our cgroup view "
             "(no cgroup namespace or container mount made for it): processes outside the "
@@ -525,6 +544,7 @@ def remeasure(
     rss_when_alone: bool = True,
     lean: bool = False,
     inherited: bool = False,
+    initial_ns: bool | None = None,
 ) -> Measurement:
     """`measure` for a cgroup located before: only /proc/meminfo and the level files.
 
@@ -540,7 +560,9 @@ def remeasure(
     nothing in any plan (its headroom is none), and with `inherited`
     (`hierarchy_inherited`) such a v1 level ends the reads: no level above it sets a
     limit either. Such levels carry no usage then, nor an unreadable file's error (the
-    start's `measure` reads every file: it alone refuses unreadable levels). Raises
+    start's `measure` reads every file: it alone refuses unreadable levels).
+    `initial_ns`: whether `proc_root` shows the initial PID namespace, as asked
+    before (`hidden_neighbours`). Raises
     OSError/ParseError only for /proc/meminfo.
     """
     host = parse_meminfo(read_kernel_text(f"{proc_root}/meminfo"))
@@ -587,7 +609,9 @@ def remeasure(
         except (OSError, ParseError) as exc:
             notes.append(f"cannot list the own cgroup's processes: {_describe(exc)}")
         else:
-            hidden = hidden_neighbours(exact, own_procs, proc_root, root, tree_root is None)
+            hidden = hidden_neighbours(
+                exact, own_procs, proc_root, root, tree_root is None, initial_ns
+            )
     me = os.getpid() if own_pid is None else own_pid
     ours: frozenset[int] = frozenset()
     zombies: frozenset[int] = frozenset()

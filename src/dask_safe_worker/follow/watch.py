@@ -21,7 +21,13 @@ from ..cgroup.files import KeptFiles, open_memory_cgroup, read_kernel_text
 from ..cgroup.parse import parse_memory_stat
 from ..cgroup.pool import Member, Pool, with_kernel_working_sets
 from ..dask_compat.release import Release, installed_release
-from ..measure import Measurement, hierarchy_inherited, locate, remeasure
+from ..measure import (
+    Measurement,
+    hierarchy_inherited,
+    initial_pid_namespace,
+    locate,
+    remeasure,
+)
 from ..plan import PlanError, PoolView
 from ..proc_parse import ParseError
 from ..records import mutable_record, replace
@@ -126,6 +132,7 @@ class Watch:
         self._inherited = self.location is not None and hierarchy_inherited(
             self.location.version, self.directories
         )
+        self._initial_ns = initial_pid_namespace(proc_root)
         first = read_live_limit(spec.channel)
         if first is None:
             raise OSError(f"no live-limit record at {spec.channel}")
@@ -294,7 +301,7 @@ class Watch:
         self._flush_kills(vanished)
         self._report_events(counters, self._gone_before | vanished)
         self._gone_before = vanished
-        self._check_managed()
+        self._check_managed(m)
         planned_m = m
         if self.managed is not None:
             self.ancestors = seen_ancestors(m, self.managed, self.directories, self.ancestors)
@@ -376,6 +383,7 @@ class Watch:
             rss_when_alone=False,
             lean=True,
             inherited=self._inherited,
+            initial_ns=self._initial_ns,
         )
 
     # -- metrics -----------------------------------------------------------------------
@@ -684,10 +692,16 @@ class Watch:
 
     # -- the kernel limit we wrote -------------------------------------------------
 
-    def _check_managed(self) -> None:
+    def _check_managed(self, m: Measurement | None = None) -> None:
         """Stop managing a limit that someone else has changed since our last write."""
         if self.managed is None:
             return
+        if m is not None and self.managed_value is not None:
+            # This tick's reading of that level holds the limit as the kernel has it
+            # (a limit is reported as read unless it is none): the same, no read again.
+            for level, directory in zip(m.levels, self.directories, strict=False):
+                if directory == self.managed.directory and level.limit == self.managed_value:
+                    return
         cg = open_memory_cgroup(self.managed.version, self.managed.directory)
         try:
             now = cg.raw_limit()
