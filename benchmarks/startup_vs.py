@@ -8,7 +8,10 @@ A contender is `LABEL=EXECUTABLE [ARGS...]` (e.g. the `dask-safe-worker` of anot
 checkout's venv, to compare before and after a change under the same load); its ratio
 to the plain worker of the same round is what counts on a shared, noisy machine.
 Bytecode is compiled first for this venv and for each contender's checkout (`--compile`),
-as pip installs it. The pool's claims go to a private runtime directory.
+as pip installs it. The pool's claims go to a private runtime directory. Each start's
+CPU by process (supervisor, main process, Dask's worker process) is sampled when its
+registration is seen: CPU, unlike wall time, tells where a contender's extra work goes
+even on a loaded machine.
 
     uv run python benchmarks/startup_vs.py --rounds 8 \
         'before=/path/to/other/.venv/bin/dask-safe-worker' \
@@ -38,7 +41,14 @@ from typing import Any
 
 # dswbench is found beside this file (a script's directory leads sys.path).
 from dswbench.common import PY, compile_bytecode
-from dswbench.harness import end_process, proc_ppid, scheduler, tree_pids, wait_registered
+from dswbench.harness import (
+    end_process,
+    proc_cmd,
+    proc_ppid,
+    scheduler,
+    tree_pids,
+    wait_registered,
+)
 from dswbench.harness import worker_args as base_worker_args
 from dswbench.support import kernel_cgroups_usable, make_test_cgroup
 
@@ -49,16 +59,54 @@ def contender_argv(command: list[str], args: list[str], plan_file: Path) -> list
     return [command[0], "--log-format", "json", "--plan-file", str(plan_file), *command[1:], *args]
 
 
+def role_of(cmd: str) -> str:
+    """Which process of a start's tree: the supervisor (its CPU includes our start path
+    before its exec, same pid), Dask's worker process and resource tracker (children of
+    the nanny), or the main process (the nanny; with --no-follow it includes our start
+    path before the exec)."""
+    if "dask_safe_worker.supervise" in cmd:
+        return "supervisor"
+    if "resource_tracker" in cmd:
+        return "resource_tracker"
+    if "multiprocessing" in cmd:
+        return "worker_process"
+    return "main"
+
+
+def proc_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of `pid` so far (/proc/PID/stat fields 14 and 15)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu(cg: Any) -> dict[str, float]:
+    """CPU seconds by role of every process in the start's cgroup, now."""
+    out: dict[str, float] = {}
+    for pid in tree_pids(cg):
+        cpu = proc_cpu(pid)
+        if cpu is not None:
+            role = role_of(proc_cmd(pid))
+            out[role] = out.get(role, 0.0) + cpu
+    return out
+
+
 def one_start(
     argv: list[str], cg: Any, client: Any, started: set[int], env: dict[str, str]
-) -> float:
+) -> tuple[float, dict[str, float]]:
+    """Seconds from launch to the scheduler's add-worker, and the CPU each process of the
+    start had used by then (sampled right after the registration was seen)."""
     since = time.time()
     proc = subprocess.Popen(
         cg.enter_command(argv), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
     )
     started.add(proc.pid)
+    cpu: dict[str, float] = {}
     try:
         took = wait_registered(client, since, 120)
+        cpu = tree_cpu(cg)
     finally:
         end_process(proc, 20)
         for pid in tree_pids(cg):
@@ -70,7 +118,7 @@ def one_start(
     deadline = time.monotonic() + 20
     while client.scheduler_info()["workers"] and time.monotonic() < deadline:
         time.sleep(0.1)
-    return took
+    return took, cpu
 
 
 def start_path_cpu(contenders: dict[str, list[str]], runs: int) -> dict[str, Any]:
@@ -136,11 +184,19 @@ def to_worker(contenders: dict[str, list[str]], runs: int) -> dict[str, Any]:
     }
 
 
+def cpu_medians(samples: list[dict[str, float]]) -> dict[str, float]:
+    """Per role, and for the whole tree ("total"), the median CPU seconds at registration."""
+    totals = [{**s, "total": sum(s.values())} for s in samples]
+    roles = sorted({r for s in totals for r in s})
+    return {r: round(statistics.median(s.get(r, 0.0) for s in totals), 3) for r in roles}
+
+
 def measure(contenders: dict[str, list[str]], rounds: int) -> dict[str, Any]:
     from distributed import Client
 
     names = ["plain", *contenders]
     times: dict[str, list[float]] = {n: [] for n in names}
+    cpus: dict[str, list[dict[str, float]]] = {n: [] for n in names}
     loads = [os.getloadavg()[0]]
     started: set[int] = set()
     with tempfile.TemporaryDirectory(prefix="dsw-startup-vs-") as tmp:
@@ -163,7 +219,9 @@ def measure(contenders: dict[str, list[str]], rounds: int) -> dict[str, Any]:
                         argv = contender_argv(
                             contenders.get(name, []), args, work / f"plan-{name}-{r}.json"
                         )
-                        times[name].append(one_start(argv, cg, client, started, env))
+                        took, cpu = one_start(argv, cg, client, started, env)
+                        times[name].append(took)
+                        cpus[name].append(cpu)
                     loads.append(os.getloadavg()[0])
                     line = " ".join(f"{n} {times[n][-1]:.3f}s" for n in names)
                     print(f"[{time.strftime('%H:%M:%S')}] round {r}: {line}", file=sys.stderr)
@@ -177,6 +235,7 @@ def measure(contenders: dict[str, list[str]], rounds: int) -> dict[str, Any]:
         "ratio_to_plain": {n: [round(x, 3) for x in xs] for n, xs in ratios.items()},
         "ratio_median": {n: round(statistics.median(xs), 3) for n, xs in ratios.items()},
         "ratio_range": {n: [round(min(xs), 3), round(max(xs), 3)] for n, xs in ratios.items()},
+        "cpu_at_registered_s_median": {n: cpu_medians(cpus[n]) for n in names},
         "contenders": {n: " ".join(c) for n, c in contenders.items()},
         "loadavg_1min_per_round": [round(x, 2) for x in loads],
         "measured_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
