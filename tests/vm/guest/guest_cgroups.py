@@ -254,11 +254,15 @@ def start_safe_worker(
     plan_file: Path,
     log: Path,
     options: Sequence[str] = (),
+    *,
+    nanny_terminates: float | None = None,
 ) -> subprocess.Popen[Any]:
     """dask-safe-worker in `cg` with JSON audit lines and a plan file, 2 threads. The
-    nanny must not terminate first: these tests are about the kernel's kill, whose race
-    with the nanny's 100 ms RSS poll would make them flaky."""
-    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE": "False"}
+    nanny must not terminate first where a test is about the kernel's kill, whose race
+    with the nanny's 100 ms RSS poll would make it flaky; `nanny_terminates` is Dask's
+    terminate threshold (a fraction of the Dask limit) where a test wants the restart."""
+    terminate = "False" if nanny_terminates is None else str(nanny_terminates)
+    env = {**os.environ, "DASK_DISTRIBUTED__WORKER__MEMORY__TERMINATE": terminate}
     with open(log, "wb") as out:
         return procs.popen(
             enter(
