@@ -49,6 +49,7 @@ COMPOSE = REPO_ROOT / "docker" / "compose.yaml"
 DOCKERIGNORE = REPO_ROOT / "docker" / "Dockerfile.dockerignore"
 PRESTART = REPO_ROOT / "entrypoints" / "host-prestart.sh"
 UNIT = REPO_ROOT / "entrypoints" / "systemd" / "dask-safe-worker.service"
+TEMPLATE_UNIT = REPO_ROOT / "entrypoints" / "systemd" / "dask-safe-worker@.service"
 UNIT_ENV = REPO_ROOT / "entrypoints" / "systemd" / "worker.env"
 # Where the unit's install lines put the command (a virtualenv made from a clone).
 UNIT_COMMAND = "/opt/dask-safe-worker/bin/dask-safe-worker"
@@ -705,6 +706,8 @@ def test_unit_memory_and_stop_settings() -> None:
     assert _one("Service", "OOMPolicy") == "continue"
     assert _one("Service", "KillMode") == "mixed"
     assert _one("Service", "TimeoutStopSec") == "30"
+    # A stop during the worker's start: the tool's 128 + SIGTERM (tests/image/).
+    assert _one("Service", "SuccessExitStatus") == "143"
     assert _one("Install", "WantedBy") == "multi-user.target"
 
 
@@ -790,7 +793,7 @@ def test_unit_env_file_options_are_real_cli_options_and_execstart_is_accepted() 
     _assert_passes_through(argv, document)
 
 
-def _verify(unit_text: str, tmp_path: Path) -> list[str]:
+def _verify(unit_text: str, tmp_path: Path, name: str = "dask-safe-worker.service") -> list[str]:
     analyze = shutil.which("systemd-analyze")
     if analyze is None:
         pytest.skip("systemd-analyze is not installed (the key checks above still ran)")
@@ -799,7 +802,7 @@ def _verify(unit_text: str, tmp_path: Path) -> list[str]:
     # verify checks that the command exists; point it at the real one of this environment.
     text = re.sub(f"^ExecStart={UNIT_COMMAND}", f"ExecStart={TOOL}", unit_text, flags=re.M)
     assert TOOL in text
-    path = tmp_path / "dask-safe-worker.service"
+    path = tmp_path / name
     path.write_text(text)
     result = _run([analyze, "verify", "--man=no", str(path)])
     problems = [line for line in result.stderr.splitlines() if path.name in line]
@@ -810,6 +813,26 @@ def _verify(unit_text: str, tmp_path: Path) -> list[str]:
 
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
     assert _verify(UNIT.read_text(), tmp_path) == []
+
+
+def test_template_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    # verify loads a template only by an instance's name.
+    assert _verify(TEMPLATE_UNIT.read_text(), tmp_path, "dask-safe-worker@1.service") == []
+
+
+def test_template_unit_differs_only_where_instances_share() -> None:
+    """The template is the single unit plus what several instances need (a per-instance
+    state directory, one user and one runtime directory for the pool's claims)."""
+    single = parse_unit_file(UNIT.read_text())
+    template = parse_unit_file(TEMPLATE_UNIT.read_text())
+    sharing = {"User", "RuntimeDirectory", "RuntimeDirectoryPreserve", "Environment"}
+    per_instance = {"StateDirectory", "WorkingDirectory", "Description"}
+    for section in ("Unit", "Service", "Install"):
+        keys = {k for k, _ in single.get(section, [])} | {k for k, _ in template.get(section, [])}
+        for key in keys - sharing - per_instance:
+            assert unit_values(single, section, key) == unit_values(template, section, key), key
+    assert unit_values(template, "Service", "User") == ["dask-safe-worker"]
+    assert "XDG_RUNTIME_DIR=%t/dask-safe-worker" in unit_values(template, "Service", "Environment")
 
 
 def test_systemd_analyze_verify_does_catch_a_bad_unit(tmp_path: Path) -> None:

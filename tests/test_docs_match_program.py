@@ -50,6 +50,8 @@ FOREIGN_OPTIONS = frozenset(
     | {"--customize-hook", "--include", "--variant"}
     # podman's network create, kube play and pod stop (docs/containers.md)
     | {"--internal", "--subnet", "--ip", "--time"}
+    # systemctl enable --now; podman run --systemd (docs/containers.md's systemd part)
+    | {"--now", "--systemd"}
 )
 
 

@@ -22,6 +22,7 @@ from dask_safe_worker.cgroup.pool import (
     pool_dir_name,
     pool_key,
 )
+from dask_safe_worker.measure import LevelReading
 from dask_safe_worker.plan import PlanError, PoolBusy, PoolView, Settings, make_plan
 from dask_safe_worker.worker_args import WorkerArgs
 from test_plan import level, measurement
@@ -89,6 +90,15 @@ def test_the_pool_is_the_nearest_limited_level_else_the_host() -> None:
     own_limited = replace(m, levels=(level(GiB, 0, path="/a/b/c"), *levels[1:]))
     assert pool_key(own_limited) == "v1:/a/b/c"
     assert pool_key(own_limited, skip="/a/b/c") == "v1:/a/b"
+    # v1: a limit set above shows on every level below as its hierarchical limit; the
+    # pool is where it is set (seen: systemd template instances in a slice with MemoryMax=
+    # each made a pool of their own and planned the whole slice).
+    inherited = (
+        LevelReading("/a/b/c", None, 2 * GiB, 0, 0),
+        LevelReading("/a/b", 2 * GiB, 2 * GiB, 0, 0),
+        LevelReading("/", None, None, 0, 0),
+    )
+    assert pool_key(replace(m, levels=inherited)) == "v1:/a/b"
     unlimited = replace(m, levels=(levels[0], level(None, 0, path="/a/b"), levels[2]))
     assert pool_key(unlimited) == HOST_KEY
     assert pool_key(replace(m, location=None)) == HOST_KEY

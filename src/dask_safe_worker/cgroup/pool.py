@@ -133,11 +133,16 @@ def pool_key(m: Measurement, skip: str | None = None) -> str:
     child cgroup of ours, whose limit we wrote (it is ours, not the pool's)."""
     if m.location is None:
         return HOST_KEY
-    for lvl in m.levels:
-        if skip is not None and lvl.path == skip:
+    levels = [lvl for lvl in m.levels if skip is None or lvl.path != skip]
+    for lvl, parent in zip(levels, [*levels[1:], None], strict=True):
+        if lvl.ceiling is None:
             continue
-        if lvl.ceiling is not None:
-            return f"v{m.location.version}:{lvl.path}"
+        # v1 shows a limit set above on every level below it (hierarchical_memory_limit):
+        # the pool is where it is set, else each of several siblings in a limited parent
+        # (systemd's template instances in their slice) would be a pool of its own.
+        if parent is not None and parent.ceiling == lvl.ceiling:
+            continue
+        return f"v{m.location.version}:{lvl.path}"
     return HOST_KEY
 
 
