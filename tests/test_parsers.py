@@ -421,3 +421,23 @@ def test_kernel_release_reads_major_minor(major: int, minor: int, tail: str) -> 
 def test_kernel_release_refuses_what_is_not_one(text: str) -> None:
     with pytest.raises(ParseError):
         parse_kernel_release(text)
+
+
+@given(st.text(alphabet="0123456789-+_ \t\n\u0663\u00b2\u00b9\u07c0\uff11x", max_size=12))
+def test_an_integer_is_ascii_digits_with_an_optional_minus(text: str) -> None:
+    # The fast path (str.isdigit) must not take what int() would: Unicode digits,
+    # superscripts, "+5", "1_000". The kernel writes `-?[0-9]+`.
+    import re
+
+    stripped = text.strip(" \t\n")
+    want = re.fullmatch(r"-?[0-9]+", stripped)
+    try:
+        value = parse_int(text, "memory.current")
+    except ParseError:
+        assert want is None
+    else:
+        assert want is not None and value == int(stripped)
+    if not any(c in stripped for c in " \t\n"):  # one value on one line
+        line = f"total_inactive_file {stripped}\n"
+        expected = None if want is None else int(stripped)
+        assert memory_stat_value(line, "total_inactive_file") == expected

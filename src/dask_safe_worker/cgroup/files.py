@@ -104,7 +104,10 @@ class KeptFiles:
             # A kept file is never a pid list; the first read goes on from where it ended
             # (`_read_on`), not again from the start.
             try:
-                data = _read_on(fd, path, os.pread(fd, _READ_SIZE, 0))
+                data = os.pread(fd, _READ_SIZE, 0)
+                # `_read_on`'s test inline: a call less on each of the tick's reads.
+                if len(data) >= _READ_SIZE or path.endswith(_RECORD_FILES):
+                    data = _read_on(fd, path, data)
             except OSError:
                 del self._fds[path]
                 os.close(fd)

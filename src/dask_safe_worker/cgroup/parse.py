@@ -21,6 +21,9 @@ def _is_integer(s: str) -> bool:
 
 def parse_int(text: str, what: str = "value") -> int:
     s = text.strip(_BLANK)
+    # ASCII digits alone: `_is_integer` at once, without its call (the watch's reads).
+    if s.isdigit() and s.isascii():
+        return int(s)
     if not _is_integer(s):
         raise ParseError(f"{what} is not an integer: {s[:40]!r}")
     return int(s)
@@ -73,8 +76,10 @@ def memory_stat_value(text: str, name: str) -> int | None:
     value = None
     for line in lines_with(text, name):
         parts = [p for p in line.split(" ") if p]
-        if len(parts) == 2 and parts[0] == name and _is_integer(parts[1]):
-            value = int(parts[1])
+        if len(parts) == 2 and parts[0] == name:
+            number = parts[1]
+            if (number.isdigit() and number.isascii()) or _is_integer(number):
+                value = int(number)
     return value
 
 
