@@ -22,6 +22,12 @@ and the cgroups' memory.events), the agent's memory and W's memory.max against t
 spill, the follow audit events (latencies) and the supervisor's CPU over the workload.
 benchmarks/neighbour_report.py renders the results into docs/benchmarks.md.
 
+Workloads "burst" and "fastburst" (issue 20, `--workload burst,fastburst` runs both in one
+boot): the v1 benchmark's bursts (dswbench.workloads) with dask-safe-worker, and after
+each run the deaths as users find them (`deaths_seen`: the scheduler's events,
+`dask_safe_worker.deaths(client)`, `dask-safe-audit --json`), beside W's memory.events
+and the nanny's restarts in the worker's log.
+
 Host side:  uv run python benchmarks/pressure_vm.py [--workload spill|neighbour] [--rounds 3]
             [--contenders plain,safe,seed] [--json out.json]
             uv run python benchmarks/pressure_vm.py --collect --json out.json  # cut short
@@ -52,8 +58,16 @@ WORKLOAD_TIMEOUT = 300.0
 START_TIMEOUT = 600.0
 RESTART_MEMORY_RE = re.compile(r"exceeded \d+% memory budget\. Restarting")
 KILLED_RE = re.compile(r"Worker process \d+ was killed by signal (\d+)")
-WORKLOADS = ("spill", "neighbour")
-CONTENDERS = {"spill": ("plain", "safe", "seed"), "neighbour": ("plain", "safe", "follow", "seed")}
+WORKLOADS = ("spill", "neighbour", "burst", "fastburst")
+CONTENDERS = {
+    "spill": ("plain", "safe", "seed"),
+    "neighbour": ("plain", "safe", "follow", "seed"),
+    # Issue 20: the deaths each causes, as users find them (only ours explain them).
+    "burst": ("safe",),
+    "fastburst": ("safe",),
+}
+# The burst workloads' share of MemAvailable and their bound, as on v1 (dswbench).
+BURSTS = ("burst", "fastburst")
 # "neighbour grows": the agent grows by half the worker's budget (MemAvailable measured
 # before the start, which is what every contender's budget is cut from) once W's charge has
 # reached GROW_AT of that budget, i.e. when the worker holds real data, shortly before it
@@ -106,9 +120,10 @@ def run_tag(workload: str, contender: str, round_no: int) -> str:
     return f"{prefix}{contender}-{round_no}"
 
 
-def guest_main(contenders: list[str], round_no: int, results: Path, workload: str) -> int:
-    """The contenders one after the other in this boot, each in fresh cgroups."""
-    for contender in contenders:
+def guest_main(contenders: list[str], round_no: int, results: Path, workloads: str) -> int:
+    """The contenders one after the other in this boot, each in fresh cgroups; for each
+    of the comma-separated workloads in turn (the bursts share a boot)."""
+    for workload, contender in [(w, c) for w in workloads.split(",") for c in contenders]:
         try:
             guest_run(contender, round_no, results, workload)
         except Exception as exc:
@@ -163,10 +178,12 @@ def _oom_kill_lines() -> list[str]:
 def guest_run(contender: str, round_no: int, results: Path, workload: str = "spill") -> int:
     for path in ("tests", "tests/vm/guest", "benchmarks"):
         sys.path.insert(0, str(REPO / path))
+    from dswbench.harness import deaths_seen
     from dswbench.workloads import (
         GROWING_AGENT_CODE,
         persist_and_sum,
         pickle_by_value,
+        run_workload,
         spill_bytes,
         worker_stats,
     )
@@ -337,9 +354,16 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
                     out["charge_spilled"] = charge_snapshot(w)
 
             try:
-                persist_and_sum(
-                    client, out["workload_bytes"], CHUNK, WORKLOAD_TIMEOUT, charge_spilled
-                )
+                if workload in BURSTS:
+                    info: dict[str, Any] = {}
+                    try:
+                        run_workload(client, workload, available, WORKLOAD_TIMEOUT, info, False)
+                    finally:
+                        out["populate_probe_s"] = info.get("populate_probe_s")
+                else:
+                    persist_and_sum(
+                        client, out["workload_bytes"], CHUNK, WORKLOAD_TIMEOUT, charge_spilled
+                    )
                 out["outcome"] = "completed"
             except TimeoutError:
                 out["outcome"] = f"hung (>{WORKLOAD_TIMEOUT:.0f} s)"
@@ -357,6 +381,9 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
             out["scheduler_alive"] = scheduler.poll() is None
             out["nanny_alive"] = worker.poll() is None
             out["global_oom_kills"] = _vmstat("oom_kill") - oom_before
+            if workload in BURSTS:
+                time.sleep(2)  # the last death's record on its way to the scheduler
+                out["deaths"] = deaths_seen(client, address)
             out["w_events"] = w.events()
             out["agent_events"] = agent_cg.events()
             out["base_events"] = base.events()
@@ -404,7 +431,8 @@ def _print(msg: str) -> None:
 def run_round(
     round_no: int, order: list[str], results: Path, log: Any = _print, workload: str = "spill"
 ) -> list[dict[str, Any]]:
-    """One boot: the contenders in `order`, one after the other; a result per contender."""
+    """One boot: the contenders in `order`, one after the other, for each workload of the
+    comma-separated `workload`; a result per workload and contender."""
     sys.path.insert(0, str(REPO / "tests" / "vm"))
     from vmrun import VMBootError, VMUnavailable, run_in_vm
 
@@ -421,25 +449,28 @@ def run_round(
         f"--guest {','.join(order)} --round {round_no} --results {shlex.quote(str(results))} "
         f"--workload {workload}"
     )
+    workloads = workload.split(",")
     t = time.monotonic()
     try:
         # warm_python: bytecode compiled on the host, else every Python process that
         # imports distributed compiles it again in the emulated CPU (~20 s each).
         completed = run_in_vm(
-            command, memory=VM_MEMORY, timeout=900 * len(order), rwdirs=[results], env=env,
+            command, memory=VM_MEMORY, timeout=900 * len(order) * len(workloads), rwdirs=[results],
+            env=env,
             warm_python=True,
         )  # fmt: skip
     except VMUnavailable as exc:
-        return [{"contender": c, "round": round_no, "workload": workload, "outcome": "not run",
-                 "error": str(exc)[:400]} for c in order]  # fmt: skip
+        return [{"contender": c, "round": round_no, "workload": w, "outcome": "not run",
+                 "error": str(exc)[:400]} for w in workloads for c in order]  # fmt: skip
     except VMBootError as exc:
         # The guest may have died under memory pressure: keep what it saved so far.
         completed = subprocess.CompletedProcess([], -1, "", str(exc)[-1500:])
     boot_s = time.monotonic() - t
     docs = []
-    for position, contender in enumerate(order):
-        doc: dict[str, Any] = {"contender": contender, "round": round_no, "workload": workload}
-        result_file = results / f"vm-{run_tag(workload, contender, round_no)}.json"
+    runs = [(w, c) for w in workloads for c in order]
+    for position, (one, contender) in enumerate(runs):
+        doc: dict[str, Any] = {"contender": contender, "round": round_no, "workload": one}
+        result_file = results / f"vm-{run_tag(one, contender, round_no)}.json"
         if result_file.exists():
             doc = json.loads(result_file.read_text())
         doc.setdefault("outcome", "VM ended before the run finished")
@@ -453,7 +484,7 @@ def run_round(
             f"dask_limit={doc.get('dask_memory_limit')} W.max={doc.get('w_memory_max')} "
             f"global_oom={doc.get('global_oom_kills')} agent={doc.get('agent_alive')} "
             f"sched={doc.get('scheduler_alive')} boot+runs={boot_s:.0f}s "
-            f"exit={completed.returncode}"
+            f"exit={completed.returncode} deaths={doc.get('deaths')}"
         )
         docs.append(doc)
     return docs
@@ -462,11 +493,12 @@ def run_round(
 def collect(results: Path, workload: str) -> list[dict[str, Any]]:
     """The runs the guest has saved so far, in round order: for a series cut short (its
     current run, still without an outcome, left out)."""
+    workloads = workload.split(",")
     docs = []
     for path in results.glob("vm-*.json"):
         doc = json.loads(path.read_text())
         # Plan files have no contender; spill runs of older versions no workload.
-        if "contender" in doc and "outcome" in doc and doc.get("workload", "spill") == workload:
+        if "contender" in doc and "outcome" in doc and doc.get("workload", "spill") in workloads:
             docs.append(doc)
     return sorted(docs, key=lambda d: (int(d.get("round", 0)), str(d.get("contender"))))
 
@@ -496,7 +528,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--guest", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--results", type=Path, default=REPO / ".tmp" / "pressure-vm")
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
-    parser.add_argument("--workload", choices=WORKLOADS, default="spill")
+    parser.add_argument(
+        "--workload",
+        default="spill",
+        help=f"one of {', '.join(WORKLOADS)}; several, comma-separated, share each boot",
+    )
     parser.add_argument(
         "--contenders", default=None, help="comma-separated; default: all of the workload's"
     )
@@ -509,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         help="no run: write the runs saved in --results so far to --json",
     )
     ns = parser.parse_args(argv)
+    unknown = [w for w in ns.workload.split(",") if w not in WORKLOADS]
+    if unknown:
+        parser.error(f"unknown workload {', '.join(unknown)}: choose from {', '.join(WORKLOADS)}")
     if ns.guest:
         return guest_main(ns.guest.split(","), ns.round, ns.results, ns.workload)
     if ns.collect:
@@ -516,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--collect needs --json")
         ns.json.write_text(json.dumps(collect(ns.results, ns.workload), default=str))
         return 0
-    contenders = ns.contenders.split(",") if ns.contenders else list(CONTENDERS[ns.workload])
+    first = ns.workload.split(",")[0]
+    contenders = ns.contenders.split(",") if ns.contenders else list(CONTENDERS[first])
     docs = run_rounds(
         contenders, ns.rounds, ns.results.resolve(), ns.first_round, _print, ns.workload, ns.json
     )

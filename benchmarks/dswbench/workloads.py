@@ -102,16 +102,23 @@ def pickle_by_value() -> None:
 
 
 def run_workload(
-    client: Any, workload: str, budget: int, timeout: float, info: dict[str, Any] | None = None
+    client: Any,
+    workload: str,
+    budget: int,
+    timeout: float,
+    info: dict[str, Any] | None = None,
+    warm_huge_pages: bool = True,
 ) -> tuple[str, Any]:
     """Run one workload sized from `budget`; `info` receives measurements made on the way
-    (the fast burst's probe time), kept even when the workload then fails."""
+    (the fast burst's probe time), kept even when the workload then fails.
+    `warm_huge_pages`: False inside a small VM, whose RAM the warm-up alone would fill."""
     if workload == "fastburst":
         # First the achieved rate, on a size that fits (no kill); then the burst itself.
         # Huge pages come fast only when free ones exist; on a busy host the kernel first
         # compacts memory (hundreds of MiB/s). Populating and freeing the burst's size
         # here, outside M, leaves free huge pages behind for the worker to take.
-        populate(int(1.5 * SHARES["fastburst"] * budget))
+        if warm_huge_pages:
+            populate(int(1.5 * SHARES["fastburst"] * budget))
         client.submit(populate, PROBE_BYTES, pure=False).result(timeout=timeout)
         probe = client.submit(populate, PROBE_BYTES, pure=False).result(timeout=timeout)
         if info is not None:
