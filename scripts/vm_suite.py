@@ -1,6 +1,6 @@
 """Run the cgroup v2 guest suite (tests/vm/guest) in one VM boot and print its results.
 
-    uv run python scripts/vm_suite.py [--memory 1500M] [--results DIR] [-- PYTEST ARGS]
+    uv run python scripts/vm_suite.py [--memory 1500M] [--results DIR] [--extended] [-- PYTEST ARGS]
 
 Exit status: the guest pytest's own (0 when every guest test passed), 3 when the VM
 cannot be booted here (with the packages to install), 2 when it booted but never finished.
@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory", default=DEFAULT_MEMORY, help="guest RAM (qemu -m)")
     parser.add_argument("--timeout", type=float, default=VM_TIMEOUT, help="seconds for the boot")
     parser.add_argument("--results", type=Path, default=None, help="keep junit and logs here")
+    parser.add_argument(
+        "--extended",
+        action="store_true",
+        help="also the tests that cost minutes of emulated work each (not in CI's boot)",
+    )
     parser.add_argument("pytest_args", nargs="*", help="extra arguments for the guest pytest")
     args = parser.parse_args(argv)
     if args.results is None:
@@ -39,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = args.results.resolve()
     try:
-        suite = run_guest_suite(results, args.memory, args.timeout, args.pytest_args)
+        suite = run_guest_suite(
+            results, args.memory, args.timeout, args.pytest_args, extended=args.extended
+        )
     except VMUnavailable as exc:
         print(exc, file=sys.stderr)
         return 3

@@ -331,8 +331,11 @@ def run_guest_suite(
     memory: str = DEFAULT_MEMORY,
     timeout: float = VM_TIMEOUT,
     pytest_args: Sequence[str] = (),
+    extended: bool = False,
 ) -> GuestSuiteResult:
-    """One boot, the whole tests/vm/guest suite; junit XML and logs land in results_dir."""
+    """One boot, the whole tests/vm/guest suite; junit XML and logs land in results_dir.
+    `extended`: also the tests and parts that cost minutes of emulated work each (the
+    `extended` marker, DSW_VM_EXTENDED in the guest); CI's boot leaves them out."""
     results_dir.mkdir(parents=True, exist_ok=True)
     junit = results_dir / "junit.xml"
     junit.unlink(missing_ok=True)
@@ -352,6 +355,7 @@ def run_guest_suite(
         f"--junitxml={junit}",
         "-v",
         "-rA",
+        *([] if extended else ["-m", "not extended"]),
         *pytest_args,
         str(GUEST_TESTS),
     ]
@@ -359,6 +363,7 @@ def run_guest_suite(
         "PATH": f"{venv_bin}:/usr/sbin:/usr/bin:/sbin:/bin",
         "DSW_VM_RESULTS": str(results_dir),
         "DSW_VM_MEMORY": memory,
+        "DSW_VM_EXTENDED": "1" if extended else "0",
         "PYTHONUNBUFFERED": "1",
     }
     completed = run_in_vm(

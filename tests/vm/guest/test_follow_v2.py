@@ -203,7 +203,10 @@ def _sequence(
     died = [e for e in _events(worker_log) if e["event"] == "worker.died"]
     assert [e["cause"] for e in died] == ["kernel_oom_limit"]
 
-    _global_oom(client, machine, worker_cg, old_pid, worker_log, procs)
+    if os.environ.get("DSW_VM_EXTENDED") == "1":
+        # Minutes of emulated work (a new worker, then the guest's RAM filled): only in
+        # the extended boot (scripts/vm_suite.py --extended), not in CI's.
+        _global_oom(client, machine, worker_cg, old_pid, worker_log, procs)
 
     names = [e["event"] for e in _events(worker_log)]
     assert "follow.started" in names and "follow.applied" in names

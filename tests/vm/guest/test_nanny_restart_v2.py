@@ -51,6 +51,7 @@ def _wait(check: Callable[[], bool], what: str, timeout: float = EVENT_TIMEOUT) 
         time.sleep(0.2)
 
 
+@pytest.mark.extended
 @pytest.mark.timeout(2000)
 def test_nanny_restart_on_cgroup_v2(cgroup2_root: Cgroup) -> None:
     from distributed import Client
