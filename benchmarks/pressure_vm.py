@@ -382,8 +382,11 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
             out["nanny_alive"] = worker.poll() is None
             out["global_oom_kills"] = _vmstat("oom_kill") - oom_before
             if workload in BURSTS:
-                time.sleep(2)  # the last death's record on its way to the scheduler
-                out["deaths"] = deaths_seen(client, address)
+                log_so_far = (results / f"vm-{tag}-worker.log").read_text(errors="replace")
+                counted = int(w.events().get("oom_kill", 0)) + len(
+                    RESTART_MEMORY_RE.findall(log_so_far)
+                )
+                out["deaths"] = deaths_seen(client, address, counted)
             out["w_events"] = w.events()
             out["agent_events"] = agent_cg.events()
             out["base_events"] = base.events()

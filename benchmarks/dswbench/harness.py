@@ -255,14 +255,24 @@ def call_with_timeout(fn: Callable[[], Any], timeout: float) -> Any:
         pool.shutdown(wait=False)
 
 
-def deaths_seen(client: Any, address: str) -> dict[str, list[str]]:
+def deaths_seen(client: Any, address: str, expected: int = 0) -> dict[str, list[str]]:
     """The workers' deaths as a user finds them: the causes of our events on the
     scheduler, `dask_safe_worker.deaths(client)`'s sentences, and the causes that
-    `dask-safe-audit --json` lists (each row's deaths and those of workers gone)."""
+    `dask-safe-audit --json` lists (each row's deaths and those of workers gone).
+
+    A nanny sends its record once its new worker runs, seconds after the death: first
+    wait (up to 60 s) until the scheduler holds `expected` records, what the kernel and
+    the nanny's log counted."""
     from dask_safe_worker import deaths
     from dask_safe_worker.deaths_client import death_records
 
-    records = call_with_timeout(lambda: death_records(client), 20)
+    deadline = time.monotonic() + 60
+    while True:
+        records = call_with_timeout(lambda: death_records(client), 20)
+        done = isinstance(records, list) and len(records) >= expected
+        if done or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     sentences = call_with_timeout(lambda: deaths(client), 20)
     audit = subprocess.run(
         [AUDIT, address, "--json", "--timeout", "30"],
@@ -431,7 +441,9 @@ def run_once(
                         res.stats_error = f"{type(stats).__name__}: {stats}"[:200]
                     time.sleep(0.5)
                     if contender != "plain" and contender != "seed":
-                        res.deaths = deaths_seen(client, address)
+                        log_so_far = (run_dir / "worker.log").read_text(errors="replace")
+                        counted = w.oom_kills() + len(RESTART_MEMORY_RE.findall(log_so_far))
+                        res.deaths = deaths_seen(client, address, counted)
                     events = call_with_timeout(lambda: client.get_events(), 10)
                     if isinstance(events, dict):
                         (run_dir / "events.json").write_text(json.dumps(events, default=str))
