@@ -386,7 +386,8 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
                 counted = int(w.events().get("oom_kill", 0)) + len(
                     RESTART_MEMORY_RE.findall(log_so_far)
                 )
-                out["deaths"] = deaths_seen(client, address, counted)
+                # The audit imports distributed and asks every worker: minutes when emulated.
+                out["deaths"] = deaths_seen(client, address, counted, audit_timeout=900)
             out["w_events"] = w.events()
             out["agent_events"] = agent_cg.events()
             out["base_events"] = base.events()
