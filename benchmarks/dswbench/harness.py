@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -192,10 +196,20 @@ def scheduler(log_path: Path, started: set[int]) -> Iterator[tuple[str, subproce
 
 def bench_env() -> dict[str, str]:
     """Our environment plus this package on the path: distributed pickles a task graph as a
-    whole, by reference, so the scheduler and worker must import dswbench.workloads."""
+    whole, by reference, so the scheduler and worker must import dswbench.workloads. And
+    a runtime directory of the benchmark's own: as root the tool's default is
+    /run/dask-safe-worker, where its records of the runs' cgroups would outlive them."""
     path = os.environ.get("PYTHONPATH")
     bench = str(REPO / "benchmarks")
-    return {**os.environ, "PYTHONPATH": f"{bench}:{path}" if path else bench}
+    env = {**os.environ, "PYTHONPATH": f"{bench}:{path}" if path else bench}
+    return {**env, "XDG_RUNTIME_DIR": env.get("XDG_RUNTIME_DIR") or _runtime_dir()}
+
+
+@functools.cache
+def _runtime_dir() -> str:
+    directory = tempfile.mkdtemp(prefix="dsw-bench-run-")  # mode 0700, ours
+    atexit.register(shutil.rmtree, directory, ignore_errors=True)
+    return directory
 
 
 def worker_args(address: str, local_dir: str) -> list[str]:
