@@ -68,6 +68,10 @@ CONTENDERS = {
 }
 # The burst workloads' share of MemAvailable and their bound, as on v1 (dswbench).
 BURSTS = ("burst", "fastburst")
+# Seconds of VM time per run. A burst ends in four worker deaths, each followed by a new
+# worker's start: 7.5 minutes for the first start alone at a host load of 12 (22:00 UTC
+# on 2026-12-07), and the audit in the guest took over 2 minutes.
+RUN_BOUND_S = {"burst": 2400, "fastburst": 2400}
 # "neighbour grows": the agent grows by half the worker's budget (MemAvailable measured
 # before the start, which is what every contender's budget is cut from) once W's charge has
 # reached GROW_AT of that budget, i.e. when the worker holds real data, shortly before it
@@ -458,9 +462,9 @@ def run_round(
     try:
         # warm_python: bytecode compiled on the host, else every Python process that
         # imports distributed compiles it again in the emulated CPU (~20 s each).
+        bound = sum(RUN_BOUND_S.get(w, 900) for w in workloads) * len(order)
         completed = run_in_vm(
-            command, memory=VM_MEMORY, timeout=900 * len(order) * len(workloads), rwdirs=[results],
-            env=env,
+            command, memory=VM_MEMORY, timeout=bound, rwdirs=[results], env=env,
             warm_python=True,
         )  # fmt: skip
     except VMUnavailable as exc:
