@@ -86,12 +86,44 @@ def _wait(what: str, check: Callable[[], T | None], deadline: float = DEADLINE) 
         time.sleep(0.5)
 
 
-def _bind_mounts() -> list[str]:
+# DynamicUser= implies PrivateTmp=: a unit sees its own /tmp and /var/tmp, so a checkout
+# or venv there (CI clones into /tmp) would be hidden from it and its ExecStart missing.
+PRIVATE_TMP = (Path("/tmp"), Path("/var/tmp"))
+# Where such a path is bound a second time, outside them, for the units' drop-in.
+ALIASES = Path("/srv/dsw-test-binds")
+
+
+def _tops() -> list[Path]:
     """The venv (the project is installed editable: the repository too) and the
-    interpreter it was made from, read-only at their own paths."""
+    interpreter it was made from: the outermost of them."""
     paths = {REPO, Path(sys.prefix), Path(sys.base_prefix)}
-    tops = [p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths)]
-    return [f"--volume={p}:{p}:ro" for p in sorted(tops)]
+    return sorted(p for p in paths if not any(p != q and p.is_relative_to(q) for q in paths))
+
+
+def _hidden() -> list[tuple[Path, Path]]:
+    """(alias, path) for each of `_tops()` that a unit's private /tmp would hide."""
+    hidden = [p for p in _tops() if any(p.is_relative_to(t) for t in PRIVATE_TMP)]
+    return [(ALIASES / str(i), p) for i, p in enumerate(hidden)]
+
+
+def _bind_mounts() -> list[str]:
+    """`_tops()` read-only at their own paths, and again at their aliases when hidden."""
+    own = [f"--volume={p}:{p}:ro" for p in _tops()]
+    return own + [f"--volume={p}:{alias}:ro" for alias, p in _hidden()]
+
+
+def _drop_in_lines() -> list[str]:
+    """Shell lines that give both units the hidden paths back, bound at their own paths
+    in the unit's namespace (a test's set-up, not the user's: the docs install to /opt)."""
+    if not _hidden():
+        return []
+    binds = " ".join(f"{alias}:{p}" for alias, p in _hidden())
+    text = f"printf '%s\\n' '[Service]' {shlex.quote(f'BindReadOnlyPaths={binds}')}"
+    lines = []
+    for unit in (SERVICE, TEMPLATE):
+        d = f"/etc/systemd/system/{unit}.d"
+        lines += [f"mkdir -p {d}", f"{text} > {d}/test-paths.conf"]
+    return lines
 
 
 @dataclass
@@ -179,6 +211,7 @@ def host(podman: Engine) -> Iterator[Host]:
                 f"install -m 0644 {UNITS}/{SERVICE} {UNITS}/{TEMPLATE} /etc/systemd/system/",
                 # What the comment says to edit: the scheduler's address.
                 f"sed -i 's|tcp://scheduler:8786|{address}|' /etc/dask-safe-worker/worker.env",
+                *_drop_in_lines(),
                 "systemctl daemon-reload",
             ]
             h.run("sh", "-c", " && ".join(install))
