@@ -208,16 +208,21 @@ print(" ".join(sorted(sys.modules)))
 """
 
 
-def test_the_following_supervisor_imports_nothing_heavy() -> None:
+def modules_loaded_by(program: str) -> set[str]:
+    """The modules a fresh interpreter holds after `program`, which prints them."""
     proc = subprocess.run(
-        [sys.executable, "-c", SUPERVISOR_PROGRAM],
+        [sys.executable, "-c", program],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded = set(proc.stdout.split())
+    return set(proc.stdout.split())
+
+
+def test_the_following_supervisor_imports_nothing_heavy() -> None:
+    loaded = modules_loaded_by(SUPERVISOR_PROGRAM)
     assert "dask_safe_worker.follow.watch" in loaded
     heavy = [name for name in HEAVY if name != "json"]
     assert not {m for m in loaded if is_one_of(m, tuple(heavy))}
@@ -271,14 +276,6 @@ WATCH_ONLY = (
 
 
 def test_the_start_leaves_the_watch_to_the_supervisor() -> None:
-    proc = subprocess.run(
-        [sys.executable, "-c", START_FOLLOWING_PROGRAM],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    loaded = set(proc.stdout.split())
+    loaded = modules_loaded_by(START_FOLLOWING_PROGRAM)
     assert "dask_safe_worker.follow.setup" in loaded
     assert not loaded & set(WATCH_ONLY)

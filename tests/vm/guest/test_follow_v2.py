@@ -27,7 +27,7 @@ from guest_cgroups import (
     wait_for_workers,
 )
 
-from scheduler_util import agreed_views, dask_views
+from scheduler_util import agreed_views, audit_events, dask_views
 
 MACHINE = 896 * MiB
 LOWERED = 640 * MiB
@@ -40,14 +40,7 @@ FOLLOW_TIMEOUT = 180.0
 
 
 def _events(log: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+    return audit_events(log.read_text(errors="replace"))
 
 
 def _wait(check: Callable[[], bool], what: str, timeout: float = FOLLOW_TIMEOUT) -> None:

@@ -5,7 +5,6 @@ beside Dask's own `worker-restart-memory` event."""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -23,6 +22,8 @@ from guest_cgroups import (
     wait_for_workers,
 )
 
+from scheduler_util import audit_events
+
 MACHINE = 896 * MiB
 # Guards against hangs in a software-emulated guest; not measurements. A worker's start
 # took 20 s on a quiet host and over 5 minutes on a busy one (its imports, emulated).
@@ -33,14 +34,7 @@ TERMINATE = 0.5
 
 
 def _events(log: Path) -> list[dict[str, Any]]:
-    out = []
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
-    return out
+    return audit_events(log.read_text(errors="replace"))
 
 
 def _wait(check: Callable[[], bool], what: str, timeout: float = EVENT_TIMEOUT) -> None:
