@@ -12,6 +12,7 @@ import os
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 
+import background
 import pytest
 from vmrun import (
     GUEST_TESTS,
@@ -72,12 +73,15 @@ def _in_ci() -> bool:
 
 @pytest.fixture(scope="session")
 def guest_suite() -> GuestSuiteResult:
-    """Boot once and run the whole guest suite; every test below reads its results."""
-    # Results come back through a directory shared with the guest (gitignored .tmp/vm);
-    # it is kept after the run for the guest's logs.
-    results = default_workdir() / f"results-{os.getpid()}"
+    """The whole guest suite in one boot, started by conftest.py beside the host tests (or
+    here, if it was not); every test below reads its results."""
+    running = background.started()
     try:
-        return run_guest_suite(results, timeout=VM_TIMEOUT)
+        if running is not None:
+            return running.result()
+        # Results come back through a directory shared with the guest (gitignored
+        # .tmp/vm); it is kept after the run for the guest's logs.
+        return run_guest_suite(default_workdir() / f"results-{os.getpid()}", timeout=VM_TIMEOUT)
     except VMUnavailable as exc:
         if _in_ci():
             pytest.fail(f"CI must run the cgroup v2 VM suite, but {exc}", pytrace=False)

@@ -25,6 +25,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -139,9 +140,11 @@ class _BootHung:
     stderr: str
 
 
-def _boot(argv: list[str], started: Path, timeout: float) -> tuple[int, str, str] | _BootHung:
+def _boot(
+    argv: list[str], started: Path, timeout: float, stop: threading.Event | None = None
+) -> tuple[int, str, str] | _BootHung:
     """Run vng once: (its exit code, stdout, stderr), or _BootHung if the guest never
-    started the script within BOOT_TIMEOUT."""
+    started the script within BOOT_TIMEOUT. `stop` set: the VM is killed (VMBootError)."""
     proc = subprocess.Popen(
         argv,
         stdin=subprocess.DEVNULL,
@@ -159,11 +162,14 @@ def _boot(argv: list[str], started: Path, timeout: float) -> tuple[int, str, str
         except subprocess.TimeoutExpired:
             elapsed = time.monotonic() - begin
             hung = not started.exists() and elapsed > BOOT_TIMEOUT
-            if hung or elapsed > timeout:
+            stopped = stop is not None and stop.is_set()
+            if hung or stopped or elapsed > timeout:
                 _kill_group(proc)
                 stdout, stderr = proc.communicate()
                 if hung:
                     return _BootHung(stdout, stderr)
+                if stopped:
+                    raise VMBootError(f"the VM was stopped after {elapsed:.0f} s") from None
                 raise VMBootError(
                     f"the VM did not finish within {timeout:.0f} s\n--- stdout\n"
                     f"{stdout[-4000:]}\n--- stderr\n{stderr[-4000:]}"
@@ -180,6 +186,7 @@ def run_in_vm(
     env: Mapping[str, str] | None = None,
     workdir: Path | None = None,
     warm_python: bool = False,
+    stop: threading.Event | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """Boot a VM, run `command` with /bin/sh as root in the guest, and power off.
 
@@ -231,10 +238,10 @@ def run_in_vm(
             "--",
             f"sh {shlex.quote(str(script))}",
         ]
-        outcome = _boot(argv, control / _STARTED_FILE, timeout)
+        outcome = _boot(argv, control / _STARTED_FILE, timeout, stop)
         for _ in range(BOOT_ATTEMPTS - 1):
             if isinstance(outcome, _BootHung):
-                outcome = _boot(argv, control / _STARTED_FILE, timeout)
+                outcome = _boot(argv, control / _STARTED_FILE, timeout, stop)
         if isinstance(outcome, _BootHung):
             raise VMBootError(
                 f"the VM did not boot within {BOOT_TIMEOUT:.0f} s, {BOOT_ATTEMPTS} times\n"
@@ -332,10 +339,12 @@ def run_guest_suite(
     timeout: float = VM_TIMEOUT,
     pytest_args: Sequence[str] = (),
     extended: bool = False,
+    stop: threading.Event | None = None,
 ) -> GuestSuiteResult:
     """One boot, the whole tests/vm/guest suite; junit XML and logs land in results_dir.
     `extended`: also the tests and parts that cost minutes of emulated work each (the
-    `extended` marker, DSW_VM_EXTENDED in the guest); CI's boot leaves them out."""
+    `extended` marker, DSW_VM_EXTENDED in the guest); CI's boot leaves them out.
+    `stop`: set from another thread, it kills the VM (VMBootError)."""
     results_dir.mkdir(parents=True, exist_ok=True)
     junit = results_dir / "junit.xml"
     junit.unlink(missing_ok=True)
@@ -373,6 +382,7 @@ def run_guest_suite(
         rwdirs=[results_dir],
         env=env,
         warm_python=True,
+        stop=stop,
     )
     xml = junit.read_text() if junit.exists() else ""
     return GuestSuiteResult(completed=completed, junit_xml=xml, results_dir=results_dir)
