@@ -451,6 +451,9 @@ def run_round(
         "PYTHONUNBUFFERED": "1",
         # Not the guest test suite: its conftest refuses to run outside it, this does not.
         "DSW_VM_RESULTS": str(results),
+        # The bursts' tasks are dswbench.workloads functions, pickled by reference: the
+        # guest's scheduler and worker must import them (harness.bench_env on v1).
+        "PYTHONPATH": str(REPO / "benchmarks"),
     }
     command = (
         f"{shlex.quote(sys.executable)} {shlex.quote(str(Path(__file__).resolve()))} "
