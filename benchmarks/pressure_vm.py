@@ -6,6 +6,8 @@ scheduler in the root cgroup, and the worker in a cgroup W without a limit. Cont
 - plain: `python -m distributed.cli.dask_worker` in W; only the global OOM killer can
   stop it;
 - safe: `dask-safe-worker` with the same arguments in W (it writes W's memory.max);
+- safe-high (`--contenders safe,safe-high`): safe with `--memory-high-fraction`
+  HIGH_FRACTION, the throttle zone of issue 21;
 - seed: the blog post's approach, reproduced exactly: W's memory.max set to MemAvailable
   read just before the start, and the plain worker started in a private cgroup namespace
   with cgroup2 remounted, so that dask itself reads that limit at /sys/fs/cgroup.
@@ -82,6 +84,14 @@ RUN_BOUND_S = {"burst": 2400, "fastburst": 2400}
 GROW_AT = 0.5
 GROW_FALLBACK_S = 90.0
 FOLLOW_INTERVAL = 1.0
+# Contender "safe-high" (issue 21, throttle before kill; not in any workload's default
+# set, `--contenders safe,safe-high`): dask-safe-worker with memory.high at this fraction
+# of the budget. Dask's terminate threshold (95 % of its limit, itself the budget less
+# the nanny's allowance) puts W's charge at about 0.95 of the budget in these runs; the
+# throttle zone starts above it, so a burst is slowed where the nanny is about to act
+# instead of running on into memory.max, and Dask's own spilling and pausing below it are
+# never throttled.
+HIGH_FRACTION = 0.97
 OOM_KILL_RE = re.compile(r"oom-kill:.*task_memcg=(\S*?),task=(\S+?),pid=(\d+)")
 
 
@@ -268,6 +278,8 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
                 str(results / f"vm-{tag}-plan.json")]  # fmt: skip
         if contender == "safe":
             argv = enter(w, [*safe, *args])
+        elif contender == "safe-high":
+            argv = enter(w, [*safe, "--memory-high-fraction", str(HIGH_FRACTION), *args])
         elif contender == "follow":
             interval = ["--follow-interval", str(FOLLOW_INTERVAL)]
             argv = enter(w, [*safe, "--follow", *interval, *args])
@@ -415,7 +427,7 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
             text = (results / f"vm-{tag}-worker.log").read_text(errors="replace")
             out["memory_restarts"] = len(RESTART_MEMORY_RE.findall(text))
             out["killed_by_signal"] = len(KILLED_RE.findall(text))
-            if contender in ("safe", "follow"):
+            if contender in ("safe", "safe-high", "follow"):
                 out["audit"] = _audit_events(text)[:60]
             lines = _oom_kill_lines()
             out["dmesg_oom"] = [line for line in lines if "Killed process" in line][-20:]
@@ -568,6 +580,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     first = ns.workload.split(",")[0]
     contenders = ns.contenders.split(",") if ns.contenders else list(CONTENDERS[first])
+    known = {"plain", "safe-high", *(c for cs in CONTENDERS.values() for c in cs)}
+    if not set(contenders) <= known:
+        parser.error(f"unknown contender: choose from {', '.join(sorted(known))}")
     docs = run_rounds(
         contenders, ns.rounds, ns.results.resolve(), ns.first_round, _print, ns.workload, ns.json
     )
