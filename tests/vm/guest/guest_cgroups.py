@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -320,6 +320,15 @@ def run_safe_worker(
         document = json.loads(plan_file.read_text())
     lines = report.read_text().splitlines() if report.exists() else []
     return SafeRun(proc.returncode, stdout, stderr, audit_events(stderr), document, lines)
+
+
+def wait_until(check: Callable[[], bool], what: str, timeout: float) -> None:
+    """Poll `check` until it holds; fail naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
 
 
 def wait_for_workers(client: Any, n: int, timeout: float, cg: Cgroup, record: Path) -> None:

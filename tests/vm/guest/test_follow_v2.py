@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from guest_cgroups import (
     start_safe_worker,
     start_scheduler,
     wait_for_workers,
+    wait_until,
 )
 
 from scheduler_util import agreed_views, audit_events, dask_views
@@ -44,11 +44,7 @@ def _events(log: Path) -> list[dict[str, Any]]:
 
 
 def _wait(check: Callable[[], bool], what: str, timeout: float = FOLLOW_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    wait_until(check, what, timeout)
 
 
 # Starting the cluster alone takes minutes in a TCG guest on a busy host.

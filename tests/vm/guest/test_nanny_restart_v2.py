@@ -20,6 +20,7 @@ from guest_cgroups import (
     start_safe_worker,
     start_scheduler,
     wait_for_workers,
+    wait_until,
 )
 
 from scheduler_util import audit_events
@@ -38,11 +39,7 @@ def _events(log: Path) -> list[dict[str, Any]]:
 
 
 def _wait(check: Callable[[], bool], what: str, timeout: float = EVENT_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
+    wait_until(check, what, timeout)
 
 
 @pytest.mark.extended
