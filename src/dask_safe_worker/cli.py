@@ -30,7 +30,7 @@ from .dask_compat.release import (
     is_tested,
 )
 from .event_line import worker_name
-from .events import Audit, make_audit
+from .events import Audit, StartAudit
 from .exits import (
     EXIT_EXEC_FAILED,
     EXIT_MEASURE_FAILED,
@@ -200,7 +200,7 @@ class PassThrough:
     argv: list[str]
 
 
-def prepare(worker_args: list[str], opts: Options, audit: Audit) -> Prepared | PassThrough:
+def prepare(worker_args: list[str], opts: Options, audit: StartAudit) -> Prepared | PassThrough:
     """Check, parse, measure, plan: reads only. The first refusal raises `Refused`;
     nothing is written before everything is checked."""
     worker_command, worker_args = take_leading_command(worker_args, opts.worker_command, audit)
@@ -325,7 +325,7 @@ def _measure(release: Release, audit: Audit, quiet: bool = False) -> Measurement
     return m
 
 
-def _check_readable(m: Measurement, wargs: WorkerArgs, opts: Options, audit: Audit) -> None:
+def _check_readable(m: Measurement, wargs: WorkerArgs, opts: Options, audit: StartAudit) -> None:
     """Fail closed on a level we know exists but cannot read (issue 24 row 4), unless
     the user said how to go on; then say what the plan cannot see."""
     if not m.unreadable:
@@ -334,6 +334,7 @@ def _check_readable(m: Measurement, wargs: WorkerArgs, opts: Options, audit: Aud
     if problem is not None:
         raise Refused(EXIT_MEASURE_FAILED, problem, event="measure.failed")
     audit("measure.unreadable.warning", levels=list(m.unreadable))
+    audit.flush()  # the log's lines before this one on stderr, as they were decided
     click.echo(
         "dask-safe-worker: warning: planning without the memory cgroup levels that cannot "
         "be read: " + "; ".join(m.unreadable),
@@ -357,7 +358,7 @@ def _plan(
     release: Release,
     query: bool,
     movable: bool,
-    audit: Audit,
+    audit: StartAudit,
 ) -> tuple[Measurement, Plan, Pool | None, Member | None]:
     """The plan in our pool: the measurement it was made from, the plan, the pool, and
     our claim in it. A start holds the pool's lock from reading the others' claims until
@@ -420,6 +421,7 @@ def _plan(
                 budget=plan.budget,
                 planned=plan.per_worker,
             )
+            audit.flush()
             click.echo(f"dask-safe-worker: warning: {user_limit_warning(plan)}", err=True)
     return m, plan, claim.pool, member
 
@@ -449,7 +451,7 @@ class _Claim:
     """Our claim in the pool while we plan: the pool's lock, and the claim's own lock
     (kept open, inheritable, for the life of the instance)."""
 
-    def __init__(self, pool: Pool | None, audit: Audit) -> None:
+    def __init__(self, pool: Pool | None, audit: StartAudit) -> None:
         self.pool, self.audit = pool, audit
         self.fd: int | None = None
         self.announced = False
@@ -460,7 +462,12 @@ class _Claim:
             yield
             return
         try:
-            lock = self.pool.acquire()
+            lock = self.pool.acquire(wait=False)
+            if lock is None:
+                # Another instance holds it: whoever watches sees the start so far
+                # while it waits, not after.
+                self.audit.flush()
+                lock = self.pool.acquire()
         except OSError as exc:
             lock = None
             self._lost(exc)
@@ -489,6 +496,8 @@ class _Claim:
         if not self.announced and self.pool is not None:
             self.audit("pool.waiting", reason=reason, pool=self.pool.key)
             self.announced = True
+        # A wait of up to ARRIVAL_WAIT: its reason is shown while it lasts.
+        self.audit.flush()
 
     def withdraw(self) -> None:
         if self.pool is not None and self.fd is not None:
@@ -504,7 +513,7 @@ class _Claim:
         self.pool = None
 
 
-def act(prepared: Prepared, audit: Audit) -> NoReturn:
+def act(prepared: Prepared, audit: StartAudit) -> NoReturn:
     """Write the kernel limit and the plan file, then exec the worker (or the supervisor)."""
     opts, m, plan = prepared.opts, prepared.measurement, prepared.plan
     program = prepared.prefix[0]
@@ -617,6 +626,9 @@ def run(ctx: click.Context, opts: Options) -> None:
     """One start, as named steps: log, prepare (reads only), then answer or act."""
     worker_args: list[str] = ctx.meta.get("dask_safe_worker.worker_args", [])
     audit = _start_audit(worker_args, opts)
+    # Held until the worker has been started (run_worker), so that structlog's import is
+    # off the worker's way; every other way out writes them first (the `finally` below).
+    audit.hold()
     audit("cli.started", version=__version__, options=_params_for_log(ctx), argv=worker_args)
     try:
         prepared = prepare(worker_args, opts, audit)
@@ -624,6 +636,8 @@ def run(ctx: click.Context, opts: Options) -> None:
             from .run_worker import exec_worker
 
             exec_worker(prepared.argv, os.environ, audit)
+        if opts.print_limit or opts.dry_run:
+            audit.flush()  # a query's answer comes after its lines, as they were decided
         if opts.print_limit:
             click.echo(str(prepared.plan.budget))
             return
@@ -634,14 +648,18 @@ def run(ctx: click.Context, opts: Options) -> None:
     except Refused as refused:
         if refused.event:
             audit(refused.event, message=refused.message, exit_code=refused.code)
+        audit.flush()
         click.echo(f"dask-safe-worker: {refused.message}", err=True)
         sys.exit(refused.code)
+    finally:
+        # An exit, an exception or a return: no line of the start is lost.
+        audit.flush()
 
 
-def _start_audit(worker_args: list[str], opts: Options) -> Audit:
+def _start_audit(worker_args: list[str], opts: Options) -> StartAudit:
     """The audit log of this start; a query (--print-limit, --dry-run) is quiet by default."""
     query = opts.print_limit or opts.dry_run
-    return make_audit(
+    return StartAudit(
         "none" if query and opts.log_format == "auto" else opts.log_format,
         worker_name=worker_name(worker_args, dask_worker.WORKER_VALUE_OPTIONS),
     )

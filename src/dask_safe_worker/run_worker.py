@@ -8,7 +8,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, NoReturn
 
-from .events import Audit
+from .events import StartAudit
 from .exits import EXIT_EXEC_FAILED
 
 if TYPE_CHECKING:
@@ -45,7 +45,7 @@ def supervisor_argv(
 def exec_worker(
     argv: Sequence[str],
     env: Mapping[str, str],
-    audit: Audit,
+    audit: StartAudit,
     child: tuple[str, str] | None = None,
 ) -> NoReturn:
     """Replace this process with the worker itself; exit 127 if impossible. `child`:
@@ -61,6 +61,7 @@ def exec_worker(
         if child is not None:
             remove_child_cgroup(child[0], child[1], audit)
         audit("worker.exec.cancelled", signal=signal_name(stop), code=128 + stop)
+        audit.flush()
         sys.exit(128 + stop)
     _exec(argv, env, audit, event="worker.exec")
 
@@ -68,7 +69,7 @@ def exec_worker(
 def exec_supervisor(
     argv: Sequence[str],
     env: Mapping[str, str],
-    audit: Audit,
+    audit: StartAudit,
     worker: Sequence[str] | None = None,
     process_group: bool = False,
 ) -> NoReturn:
@@ -86,8 +87,10 @@ def exec_supervisor(
     _exec(argv, env, audit, event="init.exec")
 
 
-def _exec(argv: Sequence[str], env: Mapping[str, str], audit: Audit, event: str) -> NoReturn:
+def _exec(argv: Sequence[str], env: Mapping[str, str], audit: StartAudit, event: str) -> NoReturn:
     audit(event, argv=list(argv))
+    # The start's held lines: after the worker's fork (exec_supervisor), before the exec.
+    audit.flush()
     # execvpe discards Python's buffers; what we printed must reach the pipe first.
     sys.stdout.flush()
     sys.stderr.flush()
@@ -95,5 +98,6 @@ def _exec(argv: Sequence[str], env: Mapping[str, str], audit: Audit, event: str)
         os.execvpe(argv[0], list(argv), dict(env))
     except OSError as exc:
         audit("worker.exec.failed", argv0=argv[0], reason=exc.strerror or str(exc))
+        audit.flush()
         print(f"dask-safe-worker: cannot run {argv[0]!r}: {exc.strerror}", file=sys.stderr)
         sys.exit(EXIT_EXEC_FAILED)
