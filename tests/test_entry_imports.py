@@ -279,3 +279,34 @@ def test_the_start_leaves_the_watch_to_the_supervisor() -> None:
     loaded = modules_loaded_by(START_FOLLOWING_PROGRAM)
     assert "dask_safe_worker.follow.setup" in loaded
     assert not loaded & set(WATCH_ONLY)
+
+
+# What the start imports before the worker's fork (following) or exec (--no-follow),
+# with JSON lines: printed by an audit hook at the first fork or exec, then the start
+# goes on (worker `true`, no kernel write).
+START_PATH_PROGRAM = """
+import os, sys
+def at_start(event, args):
+    if event in ("os.fork", "os.exec") and not hasattr(at_start, "seen"):
+        at_start.seen = True
+        os.write(1, (" ".join(sorted(sys.modules)) + "\\n").encode())
+sys.addaudithook(at_start)
+from dask_safe_worker.cli import main
+main({args!r})
+"""
+START_ARGS = ["--cgroup-write", "never", "--log-format", "json", "--worker-command", "true"]
+# Taken off the start path (each only for a rare case now): tempfile with shutil,
+# random, bz2 and lzma (~8 ms; the temp directory is asked of tempfile only where the
+# plain answer is not usable).
+RARE_ON_THE_START = ("tempfile", "shutil", "random", "bz2", "lzma")
+
+
+def test_the_start_leaves_rare_modules_off_its_way() -> None:
+    for mode in ([], ["--no-follow"]):
+        program = START_PATH_PROGRAM.format(args=[*mode, *START_ARGS, "tcp://127.0.0.1:1"])
+        loaded = modules_loaded_by(program)
+        assert "dask_safe_worker.cli" in loaded, mode
+        assert not {m for m in loaded if is_one_of(m, RARE_ON_THE_START)}, mode
+        if not mode:
+            # Following: the start's lines are held until the worker is started.
+            assert "structlog" not in loaded

@@ -440,3 +440,30 @@ def test_readers_find_the_directory_writers_chose(tmp_path: Path) -> None:
     # A directory open to others is never read from, as it is never written to.
     made.chmod(0o777)
     assert plan_file.existing_runtime_dir(environ) != made
+
+
+def test_the_temp_directory_is_the_one_tempfile_gives(tmp_path: Path) -> None:
+    """`temp_dir` answers without tempfile where the answer is plain, and as tempfile
+    would: with TMPDIR usable, missing, or not given."""
+    ask = (
+        "import sys\n"
+        "from dask_safe_worker.plan_file import temp_dir\n"
+        "print(temp_dir(), 'tempfile' in sys.modules)\n"
+        "import tempfile\n"
+        "print(tempfile.gettempdir())\n"
+    )
+    base = {k: v for k, v in os.environ.items() if k not in ("TMPDIR", "TEMP", "TMP")}
+    for extra in ({"TMPDIR": str(tmp_path)}, {"TMPDIR": str(tmp_path / "missing")}, {}):
+        proc = subprocess.run(
+            [sys.executable, "-c", ask],
+            capture_output=True,
+            text=True,
+            env={**base, **extra},
+            check=True,
+            timeout=60,
+        )
+        ours, theirs = proc.stdout.splitlines()
+        answer, loaded = ours.rsplit(" ", 1)
+        assert answer == theirs, extra
+        # A missing TMPDIR is tempfile's to judge.
+        assert loaded == str(extra.get("TMPDIR", "").endswith("missing"))

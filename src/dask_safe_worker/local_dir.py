@@ -56,10 +56,10 @@ def scratch_problem(
         if problem is None:
             return None
         return f"DASK_TEMPORARY_DIRECTORY {configured}: {problem}; {FIX}"
-    import tempfile
+    from .plan_file import temp_dir
 
     try:
-        tempfile.gettempdir()
+        temp_dir()
     except OSError:
         return f"no writable temporary directory for the worker's files: {FIX}"
     return None

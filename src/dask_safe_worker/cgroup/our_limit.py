@@ -117,12 +117,10 @@ def _key(directory: Path) -> str:
 
 
 def _dirs(environ: Mapping[str, str]) -> list[Path]:
-    import tempfile
-
-    from ..plan_file import candidate_dirs
+    from ..plan_file import candidate_dirs, temp_dir
 
     try:
-        tmpdir = tempfile.gettempdir()
+        tmpdir = temp_dir()
     except OSError:
         tmpdir = "/tmp"
     return [d / SUBDIR for d in candidate_dirs(environ, os.geteuid(), tmpdir)]
