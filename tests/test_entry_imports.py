@@ -310,3 +310,13 @@ def test_the_start_leaves_rare_modules_off_its_way() -> None:
         if not mode:
             # Following: the start's lines are held until the worker is started.
             assert "structlog" not in loaded
+
+
+def test_the_nanny_preload_leaves_the_death_watch_to_its_workers_start() -> None:
+    """The nanny imports its preload before it starts its worker: death_watch (notes
+    and records) is imported once the worker's process is there."""
+    loaded = modules_loaded_by(
+        "import sys\nimport dask_safe_worker.follow.nanny\nprint(' '.join(sorted(sys.modules)))\n"
+    )
+    assert "dask_safe_worker.follow.nanny_deaths" in loaded
+    assert "dask_safe_worker.follow.death_watch" not in loaded

@@ -18,13 +18,6 @@ from tornado.ioloop import PeriodicCallback
 
 from . import scheduler as _scheduler_side
 from .death import TOPIC, ExitNote, sentence
-from .death_watch import (
-    forget_started,
-    note_exit,
-    note_started,
-    pending_records,
-    remove_record,
-)
 
 logger = logging.getLogger("dask_safe_worker.follow")
 
@@ -95,6 +88,10 @@ class DeathNotes:
         self.pid = pid
         self.address = self.nanny.worker_address
         name = self.nanny.name
+        # death_watch is imported here, after the worker's process was started, not
+        # when the preload is (~2 ms before the nanny starts its worker).
+        from .death_watch import note_started
+
         try:
             note_started(
                 self.live_file, pid, self.address, None if name is None else str(name), self.slot
@@ -106,6 +103,8 @@ class DeathNotes:
         pid, self.pid = self.pid, None
         if pid is None:
             return
+        from .death_watch import forget_started, note_exit
+
         restart_rss = self.restarts.pop(pid, None)
         asked = self.deliberate > 0 or self.nanny.status.name in _CLOSING
         if asked and restart_rss is None:
@@ -129,6 +128,8 @@ class DeathNotes:
 
     async def send(self) -> None:
         """Every record the supervisor made for this nanny, to the scheduler."""
+        from .death_watch import pending_records, remove_record
+
         for path, record in pending_records(self.live_file, self.slot):
             try:
                 await report(self.nanny, record)
