@@ -11,7 +11,10 @@ Bytecode is compiled first for this venv and for each contender's checkout (`--c
 as pip installs it. The pool's claims go to a private runtime directory. Each start's
 CPU by process (supervisor, main process, Dask's worker process) is sampled when its
 registration is seen: CPU, unlike wall time, tells where a contender's extra work goes
-even on a loaded machine.
+even on a loaded machine. `--cpu-to-worker N` gives the CPU each contender's start has
+used when its worker starts (JSON lines, worker `true`): the start's cost before the
+worker in a figure that load barely moves. `--to-worker-log-format json` makes
+`--to-worker`'s starts write their audit lines as a real start does.
 
     uv run python benchmarks/startup_vs.py --rounds 8 \
         'before=/path/to/other/.venv/bin/dask-safe-worker' \
@@ -154,11 +157,15 @@ def start_path_cpu(contenders: dict[str, list[str]], runs: int) -> dict[str, Any
     }
 
 
-def to_worker(contenders: dict[str, list[str]], runs: int) -> dict[str, Any]:
+def to_worker(
+    contenders: dict[str, list[str]], runs: int, log_format: str = "none"
+) -> dict[str, Any]:
     """Wall milliseconds from each contender's launch to the start of its worker (a `sh`
     that prints the clock): what the start puts before the worker, on the way to its
     registration. Without a cgroup write, the contenders alternating run by run, one
-    warm-up round. Wall time, so noisy on a shared machine; read it pair by pair."""
+    warm-up round. Wall time, so noisy on a shared machine; read it pair by pair.
+    `log_format` json: with the audit lines a real start writes (their writer's import
+    included, where it comes before the worker)."""
     took: dict[str, list[float]] = {n: [] for n in contenders}
     with tempfile.TemporaryDirectory(prefix="dsw-toworker-") as tmp:
         runtime = Path(tmp) / "run"
@@ -170,7 +177,7 @@ def to_worker(contenders: dict[str, list[str]], runs: int) -> dict[str, Any]:
         for i in range(runs + 1):
             for name, command in contenders.items():
                 argv = [*command[:1], "--cgroup-write", "never", "--worker-command", clock]
-                argv += [*command[1:], "--log-format", "none", "tcp://127.0.0.1:1"]
+                argv += [*command[1:], "--log-format", log_format, "tcp://127.0.0.1:1"]
                 argv += ["--plan-file", str(Path(tmp) / f"plan-{name}.json")]
                 since = time.time()
                 out = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
@@ -179,6 +186,7 @@ def to_worker(contenders: dict[str, list[str]], runs: int) -> dict[str, Any]:
                 if i:
                     took[name].append(1000 * (float(out.stdout.split()[-1]) - since))
     return {
+        "to_worker_log_format": log_format,
         "to_worker_ms": {n: [round(x, 1) for x in xs] for n, xs in took.items()},
         "to_worker_ms_median": {n: round(statistics.median(xs), 1) for n, xs in took.items()},
     }
@@ -242,6 +250,50 @@ def measure(contenders: dict[str, list[str]], rounds: int) -> dict[str, Any]:
     }
 
 
+# Prints the CPU (user + system) this process has used when it first forks (following:
+# the worker's start) or execs (--no-follow: the worker's exec), then starts as usual.
+_CPU_AT_WORKER = """
+import os, sys, time
+def at_worker(event, args):
+    if event in ("os.fork", "os.exec") and not hasattr(at_worker, "seen"):
+        at_worker.seen = True
+        os.write(1, f"{time.process_time():.6f}\\n".encode())
+sys.addaudithook(at_worker)
+from dask_safe_worker.cli import main
+main(sys.argv[1:])
+"""
+
+
+def cpu_to_worker(contenders: dict[str, list[str]], runs: int) -> dict[str, Any]:
+    """CPU milliseconds (user + system) of each contender's start when its worker starts,
+    JSON lines written, worker `true`, no cgroup write: what the start spends before the
+    worker, in CPU, which a loaded machine barely moves (wall time it moves a lot). Run
+    with the Python beside the contender's executable (its venv); the contenders
+    alternate run by run, after one warm-up round."""
+    cpu: dict[str, list[float]] = {n: [] for n in contenders}
+    with tempfile.TemporaryDirectory(prefix="dsw-cpu-to-worker-") as tmp:
+        runtime = Path(tmp) / "run"
+        runtime.mkdir(mode=0o700)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
+        env["XDG_RUNTIME_DIR"] = str(runtime)
+        for i in range(runs + 1):
+            for name, command in contenders.items():
+                python = str(Path(command[0]).parent / "python")
+                argv = [python, "-c", _CPU_AT_WORKER, "--cgroup-write", "never"]
+                argv += ["--worker-command", "true", *command[1:], "--log-format", "json"]
+                argv += ["--plan-file", str(Path(tmp) / f"plan-{name}.json")]
+                argv += ["tcp://127.0.0.1:1"]
+                out = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+                if out.returncode != 0 or not out.stdout.strip():
+                    raise RuntimeError(f"{name}: exited {out.returncode}: {out.stderr}")
+                if i:
+                    cpu[name].append(1000 * float(out.stdout.split()[0]))
+    return {
+        "cpu_to_worker_ms": {n: [round(x, 1) for x in xs] for n, xs in cpu.items()},
+        "cpu_to_worker_ms_median": {n: round(statistics.median(xs), 1) for n, xs in cpu.items()},
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("contender", nargs="+", help="LABEL=EXECUTABLE [ARGS...]")
@@ -255,6 +307,14 @@ def main() -> int:
     parser.add_argument(
         "--to-worker", type=int, default=0, metavar="RUNS",
         help="also the wall time from each contender's launch to its worker's start",
+    )  # fmt: skip
+    parser.add_argument(
+        "--cpu-to-worker", type=int, default=0, metavar="RUNS",
+        help="also the CPU each contender's start has used when its worker starts",
+    )  # fmt: skip
+    parser.add_argument(
+        "--to-worker-log-format", choices=("none", "json"), default="none",
+        help="the contenders' --log-format in --to-worker's runs (default none)",
     )  # fmt: skip
     ns = parser.parse_args()
     reason = kernel_cgroups_usable()
@@ -276,8 +336,10 @@ def main() -> int:
     doc: dict[str, Any] = {"benchmark": "startup_vs", "loadavg_before": os.getloadavg()}
     if ns.start_path:
         doc.update(start_path_cpu(contenders, ns.start_path))
+    if ns.cpu_to_worker:
+        doc.update(cpu_to_worker(contenders, ns.cpu_to_worker))
     if ns.to_worker:
-        doc.update(to_worker(contenders, ns.to_worker))
+        doc.update(to_worker(contenders, ns.to_worker, ns.to_worker_log_format))
     if ns.rounds:
         doc.update(measure(contenders, ns.rounds))
     doc["command"] = shlex.join(["uv", "run", "python", "benchmarks/startup_vs.py", *sys.argv[1:]])
