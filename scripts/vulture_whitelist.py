@@ -13,6 +13,8 @@ pytestmark
 pytest_configure
 pytest_terminal_summary
 pytest_runtest_makereport  # tests/vm/guest/conftest.py
+pytest_collection_finish  # tests/vm/conftest.py
+pytest_sessionfinish  # tests/vm/conftest.py
 collect_ignore
 _runtime_dir  # tests/test_instances.py, autouse
 _leave_run_as_it_was  # tests/test_plan_file.py, autouse
