@@ -9,6 +9,7 @@ a user finds them: the scheduler's events (`client.get_events`), the sentences o
 the kernel's own count (W's `oom_kill`) and the nanny's restarts in the worker's log.
 
     uv run python benchmarks/deaths_by_cause.py --repeats 2 --json out.json
+    uv run python benchmarks/deaths_by_cause.py --from-vm vm.json   # the v2 VM's runs
 
 Prints a Markdown table and, with --json, the runs' summaries; exits 1 when a run's
 causes disagree with the kernel's count of kills in W or the nanny's restarts in the
@@ -21,7 +22,9 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dswbench.harness import RunResult, run_retrying
 
@@ -31,7 +34,44 @@ from dswbench.harness import RunResult, run_retrying
 EXPECTED = {"fastburst": "kernel_oom_limit", "burst": "nanny_memory_restart"}
 
 
-def verdict(res: RunResult) -> str:
+@dataclass(frozen=True)
+class Seen:
+    """One run as the table judges it: what the kernel and the nanny counted, and the
+    deaths as users found them (`dswbench.harness.deaths_seen`)."""
+
+    workload: str
+    repeat: int
+    outcome: str
+    oom_kills_w: int
+    memory_restarts: int
+    deaths: dict[str, Any]
+
+    @classmethod
+    def of_run(cls, res: RunResult) -> Seen:
+        return cls(
+            res.workload,
+            res.repeat,
+            res.outcome,
+            res.oom_kills_w,
+            res.memory_restarts,
+            res.deaths,
+        )
+
+    @classmethod
+    def of_vm(cls, doc: dict[str, Any]) -> Seen:
+        """A run of `benchmarks/pressure_vm.py --workload burst,fastburst` (cgroup v2): the
+        kernel's count is W's `memory.events` `oom_kill`."""
+        return cls(
+            str(doc.get("workload")),
+            int(doc.get("round", 0)),
+            str(doc.get("outcome")),
+            int((doc.get("w_events") or {}).get("oom_kill", 0)),
+            int(doc.get("memory_restarts") or 0),
+            doc.get("deaths") or {},
+        )
+
+
+def verdict(res: Seen) -> str:
     """'right' when the causes agree with the kernel's count of kills in W and the
     nanny's restarts in the worker's log, in the events and in the audit, with one
     sentence per event; else what is wrong."""
@@ -50,7 +90,7 @@ def verdict(res: RunResult) -> str:
     return "right"
 
 
-def row(res: RunResult) -> str:
+def row(res: Seen) -> str:
     seen = res.deaths
     first = seen.get("sentences", ["-"])[0] if seen.get("sentences") else "-"
     return (
@@ -64,23 +104,36 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the runs' summaries here")
+    parser.add_argument(
+        "--from-vm",
+        type=Path,
+        help="no run: judge the runs of pressure_vm.py --workload burst,fastburst --json FILE",
+    )
     args = parser.parse_args(argv)
-    runs: list[RunResult] = []
-    with tempfile.TemporaryDirectory(prefix="dsw-deaths-bench-") as tmp:
-        for repeat in range(args.repeats):
-            for workload in EXPECTED:
-                log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
-                runs.append(run_retrying("safe", workload, repeat, Path(tmp), log))
+    if args.from_vm is not None:
+        try:
+            docs = json.loads(args.from_vm.read_text())
+        except (OSError, ValueError) as exc:
+            parser.error(f"--from-vm {args.from_vm}: {exc}")
+        seen = [Seen.of_vm(d) for d in docs if d.get("workload") in EXPECTED]
+    else:
+        runs: list[RunResult] = []
+        with tempfile.TemporaryDirectory(prefix="dsw-deaths-bench-") as tmp:
+            for repeat in range(args.repeats):
+                for workload in EXPECTED:
+                    log = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+                    runs.append(run_retrying("safe", workload, repeat, Path(tmp), log))
+        seen = [Seen.of_run(r) for r in runs]
+        if args.json:
+            args.json.write_text(json.dumps([r.summary() for r in runs], indent=1, default=str))
     print(
         "| workload | run | outcome | kernel kills in W | nanny restarts (log) "
         "| causes, `client.get_events` | causes, `dask-safe-audit` | | first sentence |"
     )
     print("|---|---|---|---|---|---|---|---|---|")
-    for res in runs:
+    for res in seen:
         print(row(res))
-    if args.json:
-        args.json.write_text(json.dumps([r.summary() for r in runs], indent=1, default=str))
-    return 0 if all(verdict(r) == "right" for r in runs) else 1
+    return 0 if seen and all(verdict(r) == "right" for r in seen) else 1
 
 
 if __name__ == "__main__":

@@ -54,3 +54,27 @@ def test_refresh_replaces_the_start_up_section_only(tmp_path: Path) -> None:
     assert outside(twice) == outside(original)
     assert "| 91 ms | ≤ 60 ms | no |" in section(twice)
     assert "| 23 ms |" not in section(twice)
+
+
+def _vm_doc(events: list[str], audit: list[str], oom_kill: int, restarts: int) -> dict[str, object]:
+    return {
+        "workload": "fastburst",
+        "round": 0,
+        "outcome": "Dask error",
+        "w_events": {"oom_kill": oom_kill, "max": 3},
+        "memory_restarts": restarts,
+        "deaths": {"events": events, "audit": audit, "sentences": ["s"] * len(events)},
+    }
+
+
+def test_deaths_verdict_on_the_v2_vm_runs_counts_memory_events_kills() -> None:
+    from deaths_by_cause import Seen, verdict
+
+    both = ["kernel_oom_limit", "nanny_memory_restart"]
+    assert verdict(Seen.of_vm(_vm_doc(both, both, 1, 1))) == "right"
+    # A kill the kernel counted in W's memory.events that no event explains.
+    wrong = Seen.of_vm(_vm_doc(["nanny_memory_restart"], ["nanny_memory_restart"], 1, 1))
+    assert verdict(wrong) == "events: 0 kernel_oom_limit, the kernel/log: 1"
+    # The audit disagreeing with the events is named.
+    assert verdict(Seen.of_vm(_vm_doc(both, both[:1], 1, 1))) == "audit: kernel_oom_limit"
+    assert verdict(Seen.of_vm(_vm_doc([], [], 0, 0))) == "no death recorded"
