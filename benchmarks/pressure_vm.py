@@ -73,7 +73,11 @@ BURSTS = ("burst", "fastburst")
 # Seconds of VM time per run. A burst ends in four worker deaths, each followed by a new
 # worker's start: 7.5 minutes for the first start alone at a host load of 12 (22:00 UTC
 # on 2026-12-07), and the audit in the guest took over 2 minutes.
-RUN_BOUND_S = {"burst": 2400, "fastburst": 2400}
+RUN_BOUND_S = {"burst": 3600, "fastburst": 3600}
+# A burst's workload is four deaths and three new workers: at a host load of 5-15
+# (2026-12-08) each new worker took about 6 minutes to register in the guest, so 300 s
+# cut the burst short after its third death ("hung").
+BURST_WORKLOAD_TIMEOUT = 1800.0
 # "neighbour grows": the agent grows by half the worker's budget (MemAvailable measured
 # before the start, which is what every contender's budget is cut from) once W's charge has
 # reached GROW_AT of that budget, i.e. when the worker holds real data, shortly before it
@@ -373,7 +377,9 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
                 if workload in BURSTS:
                     info: dict[str, Any] = {}
                     try:
-                        run_workload(client, workload, available, WORKLOAD_TIMEOUT, info, False)
+                        run_workload(
+                            client, workload, available, BURST_WORKLOAD_TIMEOUT, info, False
+                        )
                     finally:
                         out["populate_probe_s"] = info.get("populate_probe_s")
                 else:
@@ -382,7 +388,8 @@ def guest_run(contender: str, round_no: int, results: Path, workload: str = "spi
                     )
                 out["outcome"] = "completed"
             except TimeoutError:
-                out["outcome"] = f"hung (>{WORKLOAD_TIMEOUT:.0f} s)"
+                bound = BURST_WORKLOAD_TIMEOUT if workload in BURSTS else WORKLOAD_TIMEOUT
+                out["outcome"] = f"hung (>{bound:.0f} s)"
             except Exception as exc:
                 out["outcome"] = "Dask error"
                 out["error"] = f"{type(exc).__name__}: {str(exc)[:160]}"
