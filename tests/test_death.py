@@ -418,3 +418,41 @@ def test_v2_a_kill_elsewhere_below_an_ancestor_is_not_ours(tmp_path: Path) -> No
     kernel(vmstat=3, m=(2, 3), w=(1, 2), w_hits=1)
     assert died(44)["cause"] == KERNEL_OOM_GLOBAL, logged[-1]
     watch.close()
+
+
+@pytest.mark.parametrize("settled", [True, False])
+def test_a_note_is_seen_though_the_listing_is_reused_between_changes(
+    tmp_path: Path, settled: bool
+) -> None:
+    # The notes' directory is listed again only when its (inode, mtime) moved; a listing
+    # taken less than a second after a change is never reused, since a change within the
+    # file system's clock step could keep the mtime (here: utime puts it back).
+    import time
+
+    proc = tmp_path / "proc"
+    (proc / "42").mkdir(parents=True)
+    (proc / "vmstat").write_text("oom_kill 0\n")
+    (proc / "42" / "statm").write_text(f"1000 {GiB // os.sysconf('SC_PAGE_SIZE')} 0\n")
+    cg = tmp_path / "cg"
+    _v1_cgroup(cg, 0, 0)
+    live = str(tmp_path / "chan" / "live.json")
+    logged: list[dict[str, Any]] = []
+    watch = DeathWatch(live, lambda e, **f: logged.append(f), 1, [str(cg)], proc)
+    note_started(live, 42, "tcp://127.0.0.1:4000", "w-0", 0)
+    notes = tmp_path / "chan" / "deaths"
+    if settled:
+        os.utime(notes, ns=(0, time.time_ns() - 5 * 10**9))
+
+    def limit() -> tuple[int | None, str | None]:
+        return 3 * GiB, str(cg)
+
+    for _ in range(3):  # the worker is sampled on every tick, listed or not
+        watch.tick(limit, list)
+    seen = os.stat(notes)
+    (proc / "42" / "statm").unlink()  # gone
+    note_exit(live, ExitNote(pid=42, exitcode=1, at=5.0), 0)
+    if not settled:
+        os.utime(notes, ns=(seen.st_atime_ns, seen.st_mtime_ns))
+    watch.tick(limit, list)
+    assert [(r["worker_pid"], len(r["rss_samples"])) for r in logged] == [(42, 3)]
+    watch.close()

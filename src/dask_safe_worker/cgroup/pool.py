@@ -200,6 +200,74 @@ class Pool:
         # change of the directory: a lock file removed and made again (a dead instance's
         # pid given to a new one) is another inode, which a kept descriptor never sees.
         self._lock_fds: dict[str, int] = {}
+        # `hold`'s descriptor of the pool's lock file, kept open between the watch's
+        # ticks, and the directory's (inode, mtime) at which its name was last seen to be
+        # that file (None: ask again).
+        self._pool_fd: int | None = None
+        self._pool_fd_at: tuple[int, int] | None = None
+
+    def hold(self) -> int:
+        """The pool's lock as `acquire(wait=True)` takes it, on a descriptor kept open
+        between calls (the watch takes it every tick); `release` lets it go.
+
+        Why the kept file is still the lock: only `remove_if_empty` unlinks it, while
+        holding it on the current file, and any unlink, create or rename in the directory
+        changes the directory's mtime. So while the directory's (inode, mtime) is as it
+        was when the name was last seen to be our file, it still is, and the lock taken
+        on it excludes everyone else's `acquire`, as a fresh one would. A directory that
+        changed less than a second before that sighting could change again within the
+        file system's clock step, with the same mtime: such a sighting is not kept."""
+        import fcntl
+        import time
+
+        fd = self._pool_fd
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                st = os.stat(self.directory)
+                if (st.st_ino, st.st_mtime_ns) == self._pool_fd_at:
+                    return fd
+                held, now = os.fstat(fd), os.stat(f"{self.directory}/{LOCK_NAME}")
+                same = (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino)
+            except OSError:
+                same = False
+            if same:
+                self._seen_lock_at(st, time.time_ns())
+                return fd
+            self._drop_pool_fd()
+        fd = self.acquire()
+        assert fd is not None  # it waits
+        self._pool_fd = fd
+        try:
+            # After the lock is ours and its name checked (acquire): the name stays ours
+            # while we hold it, so this directory state has it too.
+            self._seen_lock_at(os.stat(self.directory), time.time_ns())
+        except OSError:
+            self._pool_fd_at = None
+        return fd
+
+    def _seen_lock_at(self, st: os.stat_result, now_ns: int) -> None:
+        settled = now_ns - st.st_mtime_ns > _SETTLED_NS
+        self._pool_fd_at = (st.st_ino, st.st_mtime_ns) if settled else None
+
+    def release(self, fd: int) -> None:
+        """Let a lock from `hold` or `acquire` go (`hold`'s descriptor stays open)."""
+        import fcntl
+
+        if fd == self._pool_fd:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                return
+            except OSError:
+                self._drop_pool_fd()
+                return
+        os.close(fd)
+
+    def _drop_pool_fd(self) -> None:
+        fd, self._pool_fd, self._pool_fd_at = self._pool_fd, None, None
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def acquire(self, wait: bool = True) -> int | None:
         """The pool's lock, held until the descriptor is closed; None when another holds
@@ -312,11 +380,16 @@ class Pool:
         else:
             self._seen = None
         # Listed afresh: the directory changed, so every kept lock descriptor may be stale.
-        self.forget()
+        # (The pool's own lock, held now by `hold`, checks its name itself.)
+        self._forget_members()
         return claims
 
     def forget(self) -> None:
-        """Close the lock files kept open (the watch's end, or a changed directory)."""
+        """Close the lock files kept open (the watch's end)."""
+        self._forget_members()
+        self._drop_pool_fd()
+
+    def _forget_members(self) -> None:
         fds, self._lock_fds = self._lock_fds, {}
         for fd in fds.values():
             with contextlib.suppress(OSError):

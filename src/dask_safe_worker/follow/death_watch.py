@@ -49,6 +49,11 @@ KERNEL_CAUSES = (KERNEL_OOM_LIMIT, KERNEL_OOM_GLOBAL)
 SAMPLES = 5
 # Records no nanny took (its process died too) are dropped after this long.
 RECORD_TTL_S = 600.0
+# A directory listing is reused while the directory's (inode, mtime) stands, once the
+# mtime is older than this: a change within the file system's clock step after a listing
+# could leave the mtime as it was.
+_SETTLED_NS = 1_000_000_000
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
 def deaths_dir(live_file: str) -> str:
@@ -141,7 +146,7 @@ def read_rss(proc_root: Path, pid: int) -> int | None:
     try:
         # Through the watch's kept descriptors when it ticks (a worker's, every tick).
         fields = read_kernel_text(f"{proc_root}/{pid}/statm").split()
-        return int(fields[1]) * os.sysconf("SC_PAGE_SIZE")
+        return int(fields[1]) * _PAGE_SIZE
     except (OSError, IndexError, ValueError):
         return None
 
@@ -234,6 +239,28 @@ class DeathWatch:
         self.global_oom_kills = read_global_oom_kills(proc_root)
         # Deaths explained so far, per nanny slot and cause (the metrics count them).
         self.died: dict[int, dict[str, int]] = {}
+        # The directory's (inode, mtime) and its names, as last listed (`_names`).
+        self._listed: tuple[tuple[int, int], list[str]] | None = None
+
+    def _names(self) -> list[str] | None:
+        """The notes in the directory; None when it cannot be read. A note is only ever
+        made by rename and removed by unlink, both of which change the directory's mtime:
+        while it stands, so do the names, and the tick asks one stat instead of a
+        listing."""
+        try:
+            st = os.stat(self.directory)
+        except OSError:
+            return None
+        version = (st.st_ino, st.st_mtime_ns)
+        if self._listed is not None and self._listed[0] == version:
+            return self._listed[1]
+        try:
+            names = os.listdir(self.directory)
+        except OSError:
+            return None
+        settled = time.time_ns() - st.st_mtime_ns > _SETTLED_NS
+        self._listed = (version, names) if settled else None
+        return names
 
     def _read_counters(self) -> dict[str, dict[str, int]]:
         if self.version is None:
@@ -250,9 +277,8 @@ class DeathWatch:
         kernel_limit: Callable[[], tuple[int | None, str | None]],
         pool_users: Callable[[], Iterable[tuple[str, int]]],
     ) -> None:
-        try:
-            names = os.listdir(self.directory)
-        except OSError:
+        names = self._names()
+        if names is None:
             return
         now = time.time()
         exits: list[str] = []

@@ -350,8 +350,8 @@ class Watch:
             self._publish(working_set=m.own_working_set)
             self._arm(m, proposed, ceiling)
         finally:
-            if lock is not None:
-                os.close(lock)
+            if lock is not None and self.pool is not None:
+                self.pool.release(lock)
             # A membership change explains a change of this tick only.
             self.reason = "limit changed"
         self.previous = m
@@ -448,7 +448,7 @@ class Watch:
         if self.pool is None:
             return None
         try:
-            return self.pool.acquire()
+            return self.pool.hold()
         except OSError as exc:
             self._failed("pool", reason=_describe(exc))
             return None
