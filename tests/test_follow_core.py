@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from dask_safe_worker.cgroup.pool import Member
 from dask_safe_worker.dask_compat.release import installed_release
 from dask_safe_worker.follow.decide import (
     HYSTERESIS_FLOOR,
@@ -19,6 +21,7 @@ from dask_safe_worker.follow.decide import (
     decide,
     hysteresis,
     kernel_target,
+    plan_key,
     replan,
     seen_ancestors,
     share_ceiling,
@@ -26,7 +29,7 @@ from dask_safe_worker.follow.decide import (
     with_original_limit,
 )
 from dask_safe_worker.measure import LevelReading, Measurement, descendants_among, remeasure
-from dask_safe_worker.plan import Settings, make_plan
+from dask_safe_worker.plan import PlanError, PoolView, Settings, make_plan
 from dask_safe_worker.proc_parse import HostMemory, ParseError, parse_stat_ppid
 from dask_safe_worker.records import replace
 from dask_safe_worker.sizes import Amount
@@ -404,3 +407,130 @@ def test_remeasure_does_not_read_mountinfo(tmp_path: Path) -> None:
     again = remeasure(loc, proc, root, release=release, own_pid=1)
     assert again.levels == first.levels and again.location == loc
     assert again.available == first.available
+
+
+# --- the quiet tick's key ---------------------------------------------------------------
+
+_few_sizes = st.sampled_from([None, 512 * MiB, GiB, 3 * GiB // 2, 2 * GiB, 3 * GiB])
+_level_st = st.builds(
+    LevelReading,
+    path=st.sampled_from(["/a", "/a/b"]),
+    limit=_few_sizes,
+    hierarchical_limit=_few_sizes,
+    usage=st.sampled_from([None, 256 * MiB, GiB]),
+    inactive_file=st.sampled_from([None, 0, 128 * MiB]),
+    high=_few_sizes,
+)
+_member_st = st.builds(
+    Member,
+    pid=st.sampled_from([101, 102]),
+    weight=st.sampled_from([1, 2]),
+    fixed=st.sampled_from([None, 600 * MiB]),
+    committed=st.sampled_from([0, 512 * MiB, GiB]),
+    working_set=st.sampled_from([0, 256 * MiB]),
+    cgroup=st.sampled_from([None, "/a/b/c"]),
+)
+
+
+def _perturbed(data: st.DataObject, m: Measurement, v: PoolView | None) -> tuple[Any, Any]:
+    """One field of the measurement or the pool view drawn again: many keep the key."""
+    field = data.draw(
+        st.sampled_from(
+            [
+                "mem_available",
+                "mem_total",
+                "level",
+                "limit",
+                "path",
+                "own_rss",
+                "own_procs",
+                "cpu_count",
+                "dask_limit",
+                "member",
+                "members",
+                "pool_key",
+            ]
+        )
+    )
+    if field == "mem_available":
+        m = replace(m, host=replace(m.host, available=data.draw(st.sampled_from([GiB, 8 * GiB]))))
+    elif field == "mem_total":
+        m = replace(m, host=replace(m.host, total=data.draw(st.sampled_from([16 * GiB, 32 * GiB]))))
+    elif field == "level" and m.levels:
+        i = data.draw(st.integers(0, len(m.levels) - 1))
+        lvl = data.draw(_level_st)
+        m = replace(m, levels=(*m.levels[:i], lvl, *m.levels[i + 1 :]))
+    elif field in ("limit", "path") and m.levels:
+        i = data.draw(st.integers(0, len(m.levels) - 1))
+        if field == "limit":
+            lvl = replace(m.levels[i], limit=data.draw(_few_sizes))
+        else:
+            lvl = replace(m.levels[i], path=data.draw(st.sampled_from(["/a", "/a/b"])))
+        m = replace(m, levels=(*m.levels[:i], lvl, *m.levels[i + 1 :]))
+    elif field == "own_rss":
+        m = replace(m, own_rss=data.draw(st.sampled_from([40 * MiB, 300 * MiB])))
+    elif field == "own_procs":
+        m = replace(m, own_procs=data.draw(st.sampled_from([(10, 11, 12), (10, 11, 12, 99)])))
+    elif field == "cpu_count":
+        m = replace(m, cpu_count=data.draw(st.sampled_from([2, 4])))
+    elif field == "dask_limit":
+        m = replace(m, dask_memory_limit=data.draw(st.sampled_from([GiB, 24 * GiB])))
+    elif field == "member" and v is not None and v.others:
+        i = data.draw(st.integers(0, len(v.others) - 1))
+        v = PoolView(v.key, (*v.others[:i], data.draw(_member_st), *v.others[i + 1 :]))
+    elif field == "members":
+        v = data.draw(st.one_of(st.none(), _view_st))
+    elif field == "pool_key" and v is not None:
+        v = PoolView(data.draw(st.sampled_from(["k", "other"])), v.others)
+    return m, v
+
+
+_view_st = st.builds(
+    PoolView,
+    key=st.sampled_from(["k", "other"]),
+    others=st.lists(_member_st, max_size=2).map(tuple),
+)
+
+
+def _outcome(s: FollowSpec, m: Measurement, v: PoolView | None) -> object:
+    try:
+        return replan(s, m, v)
+    except PlanError:
+        return "no plan"
+
+
+@settings(max_examples=400)
+@given(
+    data=st.data(),
+    levels=st.lists(_level_st, min_size=0, max_size=2).map(tuple),
+    view=st.one_of(st.none(), _view_st),
+    mem_available=st.sampled_from([GiB, 2 * GiB, 8 * GiB]),
+    reserve=st.sampled_from([Amount(bytes=64 * MiB), Amount(fraction=0.1)]),
+)
+def test_equal_plan_keys_give_equal_plans(
+    data: st.DataObject,
+    levels: tuple[LevelReading, ...],
+    view: PoolView | None,
+    mem_available: int,
+    reserve: Amount,
+) -> None:
+    # The watch skips the decision on a tick whose inputs equal a quiet tick's
+    # (watch.Watch._quiet_key): that is right only if `plan_key` holds everything the
+    # plan reads. Each drawn change of one input either moves the key or not the plan.
+    s = spec(settings=Settings(reserve=reserve, supervised=True))
+    m = measurement(levels, available=mem_available)
+    m2, view2 = _perturbed(data, m, view)
+    if plan_key(m, view) == plan_key(m2, view2):
+        assert _outcome(s, m, view) == _outcome(s, m2, view2)
+
+
+def test_a_ceiling_that_caps_the_plan_is_in_the_key_though_available_stays() -> None:
+    # MemAvailable sets `available` under both limits; only the ceiling caps the budget.
+    view = PoolView("k", tuple(Member(p, 1, None, 0, 256 * MiB, None) for p in (101, 102)))
+    low, high = (
+        replace(measurement((LevelReading("/a", limit, None, None, None),), GiB), own_rss=300 * MiB)
+        for limit in (3 * GiB // 2, 3 * GiB)
+    )  # fmt: skip
+    assert low.available == high.available
+    assert replan(spec(), low, view) != replan(spec(), high, view)
+    assert plan_key(low, view) != plan_key(high, view)

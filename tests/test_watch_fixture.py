@@ -128,12 +128,18 @@ def test_steady_state_changes_nothing(tree: Tree, tmp_path: Path) -> None:
     assert tree.read(f"{SCOPE}/memory.max") == before
     assert read_live_limit(watch.spec.channel) == watch.record
     assert watch.record.generation == 0
+    # Nothing moved: the third found the second's inputs and state (the first learnt the
+    # worker count) and skipped deciding.
+    assert watch.skipped == 1
 
 
 def test_neighbour_grows_kernel_waits_for_dask_then_follows(tree: Tree, tmp_path: Path) -> None:
     watch, log = start(tree, tmp_path)
     first = watch.record
     written = int(tree.read(f"{SCOPE}/memory.max"))
+    for _ in range(3):
+        watch.tick()
+    assert watch.skipped == 1 and log == []  # quiet: the third skipped deciding
     # A neighbour in the slice, outside our scope, takes 512 MiB.
     tree.add(f"{SLICE}/memory.current", 512 * MiB)
     watch.tick()
@@ -170,6 +176,34 @@ def test_neighbour_grows_kernel_waits_for_dask_then_follows(tree: Tree, tmp_path
     write_ack(watch.spec.channel, "worker", WORKER, 2)
     watch.tick()
     assert log[-1][1]["kernel"]["action"] == "raised" and log[-1][1]["action"] == "raise"
+
+
+def test_quiet_ticks_skip_deciding_until_an_input_moves(tree: Tree, tmp_path: Path) -> None:
+    watch, log = start(tree, tmp_path)
+    tree.add(f"{SLICE}/memory.current", 512 * MiB)
+    watch.tick()
+    write_ack(watch.spec.channel, "nanny", NANNY, 1)
+    write_ack(watch.spec.channel, "worker", WORKER, 1)
+    watch.tick()
+    assert names(log)[-1] == "follow.applied" and watch.skipped == 0
+    for _ in range(3):
+        watch.tick()
+    assert watch.skipped == 2  # the first after the change learnt that nothing moved
+    # Our workers grow: an input moved (our working set, the slice's headroom), so the
+    # tick decides again, and finds nothing to change (their memory is the budget's own).
+    tree.add(f"{SCOPE}/memory.current", 64 * MiB)
+    tree.add(f"{SLICE}/memory.current", 64 * MiB)
+    log.clear()
+    watch.tick()
+    assert log == [] and watch.skipped == 2
+    watch.tick()
+    assert watch.skipped == 3
+    # A neighbour grows: deciding again sees it.
+    tree.add(f"{SLICE}/memory.current", 512 * MiB)
+    log.clear()
+    watch.tick()
+    assert names(log) == ["follow.changed", "follow.replanned"]
+    assert watch.record.generation == 2 and watch.skipped == 3
 
 
 def test_follow_changed_names_a_lowered_limit_and_grown_neighbours_apart(

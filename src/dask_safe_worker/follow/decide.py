@@ -198,6 +198,23 @@ def with_original_limit(
     return replace(m, levels=tuple(levels))
 
 
+def plan_key(m: Measurement, pool: PoolView | None = None) -> tuple[object, ...]:
+    """Everything of a measurement and a pool view that `make_plan` reads (through
+    `replan`): two with equal keys have the same plan, or both none
+    (tests/test_follow_core.py). The plan reads the levels only through their ceilings
+    and `available` (which holds MemAvailable and every headroom), the other members
+    whole (their working sets, commitments, weights)."""
+    return (
+        m.own_working_set,
+        m.available,
+        m.limiting,
+        tuple(lvl.ceiling for lvl in m.levels),
+        m.cpu_count,
+        m.dask_memory_limit,
+        None if pool is None else (pool.key, pool.others),
+    )
+
+
 def replan(spec: FollowSpec, m: Measurement, pool: PoolView | None = None) -> Plan:
     """The start's plan for a fresh measurement.
 

@@ -39,6 +39,7 @@ from .decide import (
     ancestor_limit,
     decide,
     kernel_target,
+    plan_key,
     replan,
     seen_ancestors,
     share_ceiling,
@@ -198,6 +199,10 @@ class Watch:
             self.wake = Wake(self.location.version, audit)
         self._wake_key: tuple[int, str] | None = None
         self.last_tick = clock()
+        # The inputs of the last tick that decided to change nothing and changed nothing
+        # (`_quiet_key`), and how many ticks since found the same and skipped the decision.
+        self._quiet: tuple[object, ...] | None = None
+        self.skipped = 0
 
     # -- the supervisor's hook -------------------------------------------------------
 
@@ -311,44 +316,15 @@ class Watch:
         lock = self._lock_pool()
         try:
             view = self._pool_view()
-            try:
-                plan = replan(self.spec, planned_m, view)
-            except PlanError as exc:
-                self._failed("plan", reason=str(exc))
-                return
-            self.n_workers = plan.n_workers
-            self.kernel_floor = self._shared_own_floor(view, plan.pool_budget)
-            # The last change first: if every worker holds it by now, it is reported
-            # before a new one replaces it.
-            self._settle(m)
-            proposed = plan.effective_per_worker
-            ceiling = self.spec.first_per_worker
-            if view is not None and plan.share is not None and plan.share_per_worker:
-                self.share_budget = plan.share
-                ceiling = share_ceiling(ceiling, plan.share_per_worker, self._settling)
+            key = self._quiet_key(m, planned_m, view)
+            if key is not None and key == self._quiet:
+                self.skipped += 1
             else:
-                self._settling = False
-            if proposed is not None and self.spec.fixed is None:
-                d = decide(self.record.per_worker, proposed, ceiling, settling=self._settling)
-                confirmed = d.action != "raise" or self._raise_confirmed()
-                if confirmed and abs(d.target - ceiling) <= SETTLE_STEP:
-                    self._settling = False
-                if confirmed and d.action != "keep":
-                    if d.action == "raise":
-                        # Claimed before any limit rises: the others plan around it.
-                        self._publish(committed=max(self.member.committed, plan.budget))
-                    self._change(
-                        m, plan.budget, d.action, d.target, d.band, seen_at, plan.as_dict(), ceiling
-                    )
-            elif plan.fixed and self.managed is not None:
-                self._follow_commitment(m, plan.budget)
-            if proposed is None or self.spec.fixed is not None or d.action != "raise":
-                self._raise_wanted = False
-            if self.pending is not None:
-                # Settled at once where no worker has started yet.
-                self._settle(m)
-            self._publish(working_set=m.own_working_set)
-            self._arm(m, proposed, ceiling)
+                if not self._decide(m, planned_m, view, seen_at):
+                    return
+                # Ticks with these inputs are quiet while this one changed nothing: its
+                # inputs and our state read again after it are as they were before it.
+                self._quiet = key if key == self._quiet_key(m, planned_m, view) else None
         finally:
             if lock is not None and self.pool is not None:
                 self.pool.release(lock)
@@ -356,6 +332,102 @@ class Watch:
             self.reason = "limit changed"
         self.previous = m
         self._write_metrics(m)
+
+    def _quiet_key(
+        self, m: Measurement, planned_m: Measurement, view: PoolView | None
+    ) -> tuple[object, ...] | None:
+        """What the decision below reads, inputs and state; None where it reads more.
+
+        Why a tick whose key equals that of a quiet tick may skip the decision: the plan
+        is a pure function of `plan_key` (make_plan), and what the decision does with it
+        a pure function of the plan and of the state in this key (the record in force,
+        what the claim says, the limit we manage and its goal, settling, the wake-up
+        key and what it is set on). A quiet tick decided, with these very values,
+        to write nothing (no channel record, no claim, no kernel limit), and left the
+        state as it found it; deciding again would do the same, so nothing is skipped
+        but the computing. The sum rule (the kernel limits of a pool never add up to
+        more than the pool) holds across the skip: it rests on the order of the writes
+        of a tick that changes something, and a skipped tick writes nothing, as its full
+        decision would not have. Anything that can move the decision is in the key: a
+        member that arrives, leaves or claims more (its claim, read under the pool's
+        lock as before), its working set (read from its cgroup every tick), a limit or
+        usage of ours (the measurement), a wake-up, a pending change or kernel goal.
+        Not keyed, so never skipped: a change waiting for acknowledgements or for
+        usage (`_settle` reads files), an instance inside the cgroup we limit whose
+        cgroup is not known (`_shared_own_floor` reads cgroup.procs), a stopped watch,
+        and any failure logged since the last change (a write that failed is tried again
+        on every full tick)."""
+        if self.pending is not None or self.kernel_goal is not None or self.stopped:
+            return None
+        if self._last_failure is not None:
+            return None
+        if (
+            self.managed is not None
+            and view is not None
+            and any(o.cgroup is None for o in view.others)
+        ):
+            return None
+        return (
+            plan_key(planned_m, view),
+            self.record,
+            self.member,
+            self.managed,
+            self.managed_value,
+            self.ancestors,
+            self.kernel_floor,
+            self.share_budget,
+            self.n_workers,
+            self._settling,
+            self._raise_wanted,
+            self.reason,
+            self._wake_key,
+            m.limiting,
+        )
+
+    def _decide(
+        self, m: Measurement, planned_m: Measurement, view: PoolView | None, seen_at: float
+    ) -> bool:
+        """Re-plan, and change what the plan moved (under the pool's lock); False when
+        there is no plan (logged)."""
+        try:
+            plan = replan(self.spec, planned_m, view)
+        except PlanError as exc:
+            self._failed("plan", reason=str(exc))
+            return False
+        self.n_workers = plan.n_workers
+        self.kernel_floor = self._shared_own_floor(view, plan.pool_budget)
+        # The last change first: if every worker holds it by now, it is reported
+        # before a new one replaces it.
+        self._settle(m)
+        proposed = plan.effective_per_worker
+        ceiling = self.spec.first_per_worker
+        if view is not None and plan.share is not None and plan.share_per_worker:
+            self.share_budget = plan.share
+            ceiling = share_ceiling(ceiling, plan.share_per_worker, self._settling)
+        else:
+            self._settling = False
+        if proposed is not None and self.spec.fixed is None:
+            d = decide(self.record.per_worker, proposed, ceiling, settling=self._settling)
+            confirmed = d.action != "raise" or self._raise_confirmed()
+            if confirmed and abs(d.target - ceiling) <= SETTLE_STEP:
+                self._settling = False
+            if confirmed and d.action != "keep":
+                if d.action == "raise":
+                    # Claimed before any limit rises: the others plan around it.
+                    self._publish(committed=max(self.member.committed, plan.budget))
+                self._change(
+                    m, plan.budget, d.action, d.target, d.band, seen_at, plan.as_dict(), ceiling
+                )
+        elif plan.fixed and self.managed is not None:
+            self._follow_commitment(m, plan.budget)
+        if proposed is None or self.spec.fixed is not None or d.action != "raise":
+            self._raise_wanted = False
+        if self.pending is not None:
+            # Settled at once where no worker has started yet.
+            self._settle(m)
+        self._publish(working_set=m.own_working_set)
+        self._arm(m, proposed, ceiling)
+        return True
 
     def _arm(self, m: Measurement, proposed: int | None, ceiling: int) -> None:
         """Set the kernel's wake-ups around this tick's plan: anew only when a wake-up
