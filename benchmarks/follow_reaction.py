@@ -16,6 +16,18 @@ CPU over `--idle` seconds with nothing changing.
     uv run python benchmarks/follow_reaction.py [--rounds 2] [--steps 12] [--json out.json]
 
 Only cgroups below the benchmark's own memory cgroup are created (tests/cgroup_util.py).
+
+`--vm`: the same experiment on cgroup v2, in one boot of the virtme-ng VM of
+tests/vm/vmrun.py (the guest runs this script with `--guest`; results come back through
+`--work`, shared read-write). M (VM_M_LIMIT) is a child of the guest's root, the agent in
+M/agent. v2 has no usage thresholds: the wake-ups are PSI triggers on memory.pressure and
+memory.events, so a growth that neither stalls nor moves memory.events waits for the tick.
+Per step the deltas of M's and W's memory.events and PSI `some` total are recorded, and
+where the time went: until the supervisor saw the change (the record's `changed_at`), and
+from there to the acknowledgements.
+
+    uv run python benchmarks/follow_reaction.py --vm --rounds 1 --steps 22 \
+        --variants events,tick --idle 0 [--vm-timeout 1500] [--json out.json]
 """
 
 from __future__ import annotations
@@ -23,15 +35,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dswbench.common import PY, SAFE, GiB
+from dswbench.common import PY, REPO, SAFE, GiB
 from dswbench.harness import end_process, scheduler
 from dswbench.main import log as say
 from dswbench.support import kernel_cgroups_usable, make_test_cgroup
@@ -42,6 +56,12 @@ MiB = 2**20
 M_LIMIT = 2 * GiB
 STEP = 192 * MiB
 VARIANTS = ("tick", "events")
+# In the VM (`--vm`): 1.5 GiB of RAM, M smaller than what the guest has free once the
+# scheduler and the worker run, so that M is the level that limits the worker.
+VM_MEMORY = "1536M"
+VM_M_LIMIT = 1 * GiB
+# A worker's start in the software-emulated guest takes from 20 s to minutes.
+GUEST_START_S = 900.0
 
 # Reads "+N BAND" (map and touch N bytes, print the time the first `band` bytes were
 # touched) or "-" (free the last allocation); prints one line per command.
@@ -132,8 +152,62 @@ def command(agent: subprocess.Popen[str], line: str) -> str:
     return agent.stdout.readline().strip()
 
 
+def follow_steps(
+    res: dict[str, Any],
+    worker: subprocess.Popen[Any],
+    log_path: Path,
+    agent: subprocess.Popen[str],
+    steps: int,
+    idle: float,
+    start_timeout: float,
+    counters: Callable[[], dict[str, int]] | None = None,
+) -> None:
+    """The experiment once the agent, the scheduler and the worker run (v1 and v2 alike):
+    the idle CPU, then `steps` growths, each measured from the band's crossing to the
+    acknowledgements. Per step also when the supervisor saw the change (the record's
+    `changed_at`) and how much each of `counters` (kernel counters) moved meanwhile."""
+    channel = channel_of(log_path, start_timeout)
+    if wait_generation(channel, -1, start_timeout) is None:
+        raise TimeoutError("the worker and nanny never acknowledged")
+    time.sleep(2.0)
+    if idle > 0:
+        c0, t0 = cpu_s(worker.pid), time.monotonic()
+        time.sleep(idle)
+        res["idle_cpu_pct"] = 100 * (cpu_s(worker.pid) - c0) / (time.monotonic() - t0)
+    for _ in range(steps):
+        now = settled(channel, 60)
+        if now is None:
+            res["missed"] += 1
+            continue
+        gen, limit = now
+        band = max(32 * MiB, limit // 50)
+        before = counters() if counters else {}
+        # Watched from before the growth: the first generation past `gen` each server
+        # took, not a later one of the same step.
+        first: dict[Any, float] = {}
+        watcher = threading.Thread(target=first_holds, args=(channel, gen, first))
+        watcher.start()
+        reply = command(agent, f"+{STEP} {band}")
+        crossed = float(reply.split()[1])
+        watcher.join(30)
+        record = json.loads(Path(channel).read_text())
+        after = counters() if counters else {}
+        step: dict[str, Any] = {"crossed": crossed, "band": band, "limit": limit}
+        step["moved"] = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k)}
+        if len(first) < 2:
+            res["missed"] += 1
+        else:
+            res["reaction_s"].append(max(first.values()) - crossed)
+            if record["generation"] > gen:
+                # crossed -> the tick or wake-up that saw it -> the last acknowledgement.
+                step["seen_s"] = record["changed_at"] - crossed
+                step["acked_s"] = max(first.values()) - record["changed_at"]
+        res["steps"].append(step)
+        command(agent, "-")
+
+
 def run_variant(variant: str, steps: int, idle: float, work: Path) -> dict[str, Any]:
-    res: dict[str, Any] = {"variant": variant, "reaction_s": [], "missed": 0}
+    res = new_result(variant)
     work.mkdir(parents=True)
     started: set[int] = set()
     with make_test_cgroup(started, prefix="dsw-bench") as m:
@@ -148,60 +222,49 @@ def run_variant(variant: str, steps: int, idle: float, work: Path) -> dict[str, 
         started.add(agent.pid)
         try:
             with scheduler(work / "scheduler.log", started) as (address, _):
-                env = {
-                    **os.environ,
-                    "DASK_SAFE_WORKER_FOLLOW_WAKE": "0" if variant == "tick" else "1",
-                }
                 log_path = work / "worker.log"
                 with open(log_path, "wb") as log:
-                    argv = [SAFE, "--log-format", "json", address, "--nworkers", "1",
-                            "--nthreads", "2", "--host", "127.0.0.1", "--no-dashboard",
-                            "--local-directory", str(work / "local")]  # fmt: skip
                     worker = subprocess.Popen(
-                        w.enter_command(argv), stdout=log, stderr=subprocess.STDOUT, env=env
+                        w.enter_command(worker_argv(address, work)),
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=variant_env(variant),
                     )
                 started.add(worker.pid)
                 try:
-                    channel = channel_of(log_path, 120)
-                    if wait_generation(channel, -1, 120) is None:
-                        raise TimeoutError("the worker and nanny never acknowledged")
-                    time.sleep(2.0)
-                    c0, t0 = cpu_s(worker.pid), time.monotonic()
-                    time.sleep(idle)
-                    res["idle_cpu_pct"] = 100 * (cpu_s(worker.pid) - c0) / (time.monotonic() - t0)
-                    for _ in range(steps):
-                        now = settled(channel, 60)
-                        if now is None:
-                            res["missed"] += 1
-                            continue
-                        gen, limit = now
-                        band = max(32 * MiB, limit // 50)
-                        # Watched from before the growth: the first generation past `gen`
-                        # each server took, not a later one of the same step.
-                        first: dict[Any, float] = {}
-                        watcher = threading.Thread(target=first_holds, args=(channel, gen, first))
-                        watcher.start()
-                        reply = command(agent, f"+{STEP} {band}")
-                        crossed = float(reply.split()[1])
-                        watcher.join(30)
-                        if len(first) < 2:
-                            res["missed"] += 1
-                        else:
-                            res["reaction_s"].append(max(first.values()) - crossed)
-                        command(agent, "-")
+                    follow_steps(res, worker, log_path, agent, steps, idle, 120)
                 finally:
                     end_process(worker, 20)
         finally:
             end_process(agent, 5)
-    r = res["reaction_s"]
-    say(
-        f"{variant:6}: {len(r)} steps, reaction median {statistics.median(r) * 1000:.0f} ms, "
-        f"p95 {p95(r) * 1000:.0f} ms, max {max(r) * 1000:.0f} ms; missed {res['missed']}; "
-        f"idle CPU {res['idle_cpu_pct']:.3f} %"
-        if r
-        else f"{variant}: no reaction measured"
-    )
+    say(summary_line(res))
     return res
+
+
+def new_result(variant: str) -> dict[str, Any]:
+    return {"variant": variant, "reaction_s": [], "missed": 0, "steps": []}
+
+
+def variant_env(variant: str) -> dict[str, str]:
+    return {**os.environ, "DASK_SAFE_WORKER_FOLLOW_WAKE": "0" if variant == "tick" else "1"}
+
+
+def worker_argv(address: str, work: Path) -> list[str]:
+    return [SAFE, "--log-format", "json", address, "--nworkers", "1", "--nthreads", "2",
+            "--host", "127.0.0.1", "--no-dashboard",
+            "--local-directory", str(work / "local")]  # fmt: skip
+
+
+def summary_line(res: dict[str, Any]) -> str:
+    r = res["reaction_s"]
+    if not r:
+        return f"{res['variant']}: no reaction measured; missed {res['missed']}"
+    idle = res.get("idle_cpu_pct")
+    return (
+        f"{res['variant']:6}: {len(r)} steps, reaction median {median_ms(r)} ms, "
+        f"p95 {p95(r) * 1000:.0f} ms, max {max(r) * 1000:.0f} ms; missed {res['missed']}"
+        + (f"; idle CPU {idle:.3f} %" if idle is not None else "")
+    )
 
 
 def p95(values: list[float]) -> float:
@@ -209,36 +272,176 @@ def p95(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
+def median_ms(values: list[float]) -> int | None:
+    return round(statistics.median(values) * 1000) if values else None
+
+
+def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per variant over all its runs: the reaction's median, p95 and max, and where the
+    time went (until the change was seen, from there to the acknowledgements)."""
+    summary: dict[str, Any] = {}
+    for v in VARIANTS:
+        mine = [r for r in runs if r["variant"] == v]
+        if not mine:
+            continue
+        lat = [x for r in mine for x in r["reaction_s"]]
+        steps = [s for r in mine for s in r.get("steps", [])]
+        summary[v] = {
+            "steps": len(lat),
+            "missed": sum(r["missed"] for r in mine),
+            "reaction_ms_median": median_ms(lat),
+            "reaction_ms_p95": round(p95(lat) * 1000) if lat else None,
+            "reaction_ms_max": round(max(lat) * 1000) if lat else None,
+            "seen_ms_median": median_ms([s["seen_s"] for s in steps if "seen_s" in s]),
+            "acked_ms_median": median_ms([s["acked_s"] for s in steps if "acked_s" in s]),
+            "idle_cpu_pct": [round(r["idle_cpu_pct"], 3) for r in mine if "idle_cpu_pct" in r],
+        }
+    return summary
+
+
+# ------------------------------------------------------------------ cgroup v2, in the VM
+
+
+def psi_some_total(text: str) -> int:
+    """The `some` line's `total=` (microseconds stalled) of a memory.pressure file."""
+    for line in text.splitlines():
+        kind, _, fields = line.partition(" ")
+        if kind == "some":
+            for field in fields.split():
+                key, _, value = field.partition("=")
+                if key == "total":
+                    return int(value)
+    raise ValueError(f"no some total in {text!r}")
+
+
+def guest_variant(variant: str, steps: int, idle: float, work: Path) -> dict[str, Any]:
+    """The experiment in the VM: M a cgroup2 child of the guest's root with memory.max
+    VM_M_LIMIT, the agent in M/agent (v2 has no processes in inner cgroups), W in M/w."""
+    for path in ("tests", "tests/vm/guest"):
+        sys.path.insert(0, str(REPO / path))
+    from guest_cgroups import (
+        CGROUP2,
+        PYTHON,
+        Cgroup,
+        Processes,
+        enter,
+        make_cgroup_tree,
+        start_scheduler,
+    )
+
+    root = Cgroup(CGROUP2)
+    if "memory" not in root.read("cgroup.subtree_control").split():
+        root.enable_memory()
+    res = new_result(variant)
+    work.mkdir(parents=True)
+    procs = Processes()
+    with make_cgroup_tree(procs, "reaction") as m:
+        m.write("memory.max", VM_M_LIMIT)
+        agent_cg, w = m.child("agent"), m.child("w")
+        agent = procs.popen(
+            enter(agent_cg, [PYTHON, "-c", AGENT]),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        _, address = start_scheduler(procs, work / "scheduler.log")
+        log_path = work / "worker.log"
+        with open(log_path, "wb") as log:
+            worker = procs.popen(
+                enter(w, worker_argv(address, work)),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=variant_env(variant),
+            )
+
+        def counters() -> dict[str, int]:
+            # What v2 wakes on (docs/follow.md): memory.events and the stall in PSI.
+            out: dict[str, int] = {}
+            for name, cg in (("M", m), ("W", w)):
+                out.update({f"{name}.{k}": v for k, v in cg.events().items()})
+                out[f"{name}.psi_some_us"] = psi_some_total(cg.read("memory.pressure"))
+            return out
+
+        try:
+            follow_steps(res, worker, log_path, agent, steps, idle, GUEST_START_S, counters)
+        finally:
+            end_process(worker, 20)
+    say(summary_line(res))
+    return res
+
+
+def guest_main(order: list[str], steps: int, idle: float, results: Path) -> int:
+    """In the VM: the variants in `order`, each with a fresh M, W and worker; each run's
+    result saved as soon as it ends (a VM cut short keeps the finished ones)."""
+    for i, variant in enumerate(order):
+        out = results / f"run-{i}-{variant}.json"
+        try:
+            res = guest_variant(variant, steps, idle, results / f"{i}-{variant}")
+        except Exception as exc:  # one variant's failure must not cost the others
+            res = {**new_result(variant), "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            say(f"{variant}: {res['error']}")
+        out.write_text(json.dumps(res))
+    return 0
+
+
+def run_vm(order: list[str], steps: int, idle: float, results: Path, timeout: float) -> Any:
+    """One boot of the cgroup v2 VM (tests/vm/vmrun.py) running `--guest` with `order`."""
+    sys.path.insert(0, str(REPO / "tests" / "vm"))
+    from vmrun import VMBootError, VMUnavailable, run_in_vm
+
+    results.mkdir(parents=True)
+    env = {"PATH": f"{Path(PY).parent}:/usr/sbin:/usr/bin:/sbin:/bin", "PYTHONUNBUFFERED": "1"}
+    argv = [PY, str(Path(__file__).resolve()), "--guest", ",".join(order), "--steps", str(steps)]
+    command = shlex.join([*argv, "--idle", str(idle), "--work", str(results)])
+    try:
+        # warm_python: bytecode compiled on the host (else ~20 s per process in TCG).
+        done = run_in_vm(command, memory=VM_MEMORY, timeout=timeout, rwdirs=[results],
+                         env=env, warm_python=True)  # fmt: skip
+        say(f"VM exit {done.returncode}; guest output tail:\n{(done.stdout + done.stderr)[-3000:]}")
+    except VMUnavailable as exc:
+        sys.exit(f"cannot run: {exc}")
+    except VMBootError as exc:  # cut short: what the guest saved so far still counts
+        say(f"VM: {str(exc)[-2000:]}")
+    return [json.loads(p.read_text()) for p in sorted(results.glob("run-*.json"))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=12, help="growth steps per round")
     parser.add_argument("--idle", type=float, default=30.0, help="seconds of idle CPU")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated")
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--work", type=Path, default=Path("/var/tmp/dsw-reaction-bench"))
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--vm", action="store_true", help="cgroup v2, in one boot of the VM")
+    parser.add_argument("--vm-timeout", type=float, default=2400.0, help="bound of the boot, s")
+    parser.add_argument("--guest", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    reason = kernel_cgroups_usable()
-    if reason:
-        sys.exit(f"cannot run: {reason}")
-    work = opts.work / time.strftime("%Y%m%d-%H%M%S")
-    runs = [
-        run_variant(v, opts.steps, opts.idle, work / f"{v}-{r}")
-        for r in range(opts.rounds)
-        for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1])
-    ]
-    summary: dict[str, Any] = {}
-    for v in VARIANTS:
-        mine = [r for r in runs if r["variant"] == v]
-        lat = [x for r in mine for x in r["reaction_s"]]
-        summary[v] = {
-            "steps": len(lat),
-            "missed": sum(r["missed"] for r in mine),
-            "reaction_ms_median": round(statistics.median(lat) * 1000) if lat else None,
-            "reaction_ms_p95": round(p95(lat) * 1000) if lat else None,
-            "reaction_ms_max": round(max(lat) * 1000) if lat else None,
-            "idle_cpu_pct": [round(r.get("idle_cpu_pct", float("nan")), 3) for r in mine],
-        }
-    doc = {"benchmark": "follow_reaction", "step": STEP, "m_limit": M_LIMIT, "summary": summary}
+    variants = opts.variants.split(",")
+    if not variants or not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants: choose from {', '.join(VARIANTS)}")
+    if opts.guest:
+        sys.exit(guest_main(opts.guest.split(","), opts.steps, opts.idle, opts.work))
+    # Interleaved: the order turns round every round.
+    order = [v for r in range(opts.rounds) for v in (variants if r % 2 == 0 else variants[::-1])]
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    load_before = os.getloadavg()
+    if opts.vm:
+        work = (opts.work or REPO / ".tmp" / "follow-reaction-vm") / stamp
+        runs = run_vm(order, opts.steps, opts.idle, work.resolve(), opts.vm_timeout)
+        kernel, m_limit = "cgroup v2 (VM, TCG)", VM_M_LIMIT
+    else:
+        reason = kernel_cgroups_usable()
+        if reason:
+            sys.exit(f"cannot run: {reason}")
+        work = (opts.work or Path("/var/tmp/dsw-reaction-bench")) / stamp
+        runs = [
+            run_variant(v, opts.steps, opts.idle, work / f"{v}-{i}") for i, v in enumerate(order)
+        ]
+        kernel, m_limit = "cgroup v1", M_LIMIT
+    doc = {"benchmark": "follow_reaction", "kernel": kernel, "step": STEP, "m_limit": m_limit,
+           "host_load": {"before": load_before, "after": os.getloadavg()},
+           "summary": summarise(runs)}  # fmt: skip
     if opts.json:
         opts.json.write_text(json.dumps({**doc, "runs": runs}))
     print(json.dumps(doc, indent=2))
