@@ -51,6 +51,7 @@ from dswbench.main import log as say
 from dswbench.support import kernel_cgroups_usable, make_test_cgroup
 
 from dask_safe_worker.follow.live_limit import read_acks
+from scheduler_util import audit_events
 
 MiB = 2**20
 M_LIMIT = 2 * GiB
@@ -108,15 +109,18 @@ def held(channel: str) -> tuple[int, float, int]:
     return min(a.generation for a in acks.values()), max(a.at for a in acks.values()), len(acks)
 
 
-def first_holds(channel: str, above: int, first: dict[Any, float], timeout: float = 30) -> None:
+def first_holds(
+    channel: str, above: int, first: dict[Any, float], poll: float, timeout: float = 30
+) -> None:
     """Fill `first` with when each server (worker, nanny) first held a generation past
-    `above` (its acknowledgement's time), until both have."""
+    `above` (its acknowledgement's time), until both have. The time is the ack's own, so
+    `poll` bounds only how soon a second generation could hide the first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and len(first) < 2:
         for key, ack in read_acks(channel).items():
             if ack.generation > above and key not in first:
                 first[key] = ack.at
-        time.sleep(0.002)
+        time.sleep(poll)
 
 
 def wait_generation(channel: str, above: int, timeout: float) -> tuple[int, float] | None:
@@ -161,6 +165,7 @@ def follow_steps(
     idle: float,
     start_timeout: float,
     counters: Callable[[], dict[str, int]] | None = None,
+    poll: float = 0.002,
 ) -> None:
     """The experiment once the agent, the scheduler and the worker run (v1 and v2 alike):
     the idle CPU, then `steps` growths, each measured from the band's crossing to the
@@ -185,7 +190,7 @@ def follow_steps(
         # Watched from before the growth: the first generation past `gen` each server
         # took, not a later one of the same step.
         first: dict[Any, float] = {}
-        watcher = threading.Thread(target=first_holds, args=(channel, gen, first))
+        watcher = threading.Thread(target=first_holds, args=(channel, gen, first, poll))
         watcher.start()
         reply = command(agent, f"+{STEP} {band}")
         crossed = float(reply.split()[1])
@@ -204,6 +209,12 @@ def follow_steps(
                 step["acked_s"] = max(first.values()) - record["changed_at"]
         res["steps"].append(step)
         command(agent, "-")
+    # A wake-up source the kernel refused leaves that variant on the tick: say so.
+    res["wake_unavailable"] = [
+        {k: e.get(k) for k in ("source", "cgroup", "reason")}
+        for e in audit_events(log_path.read_text(errors="replace"))
+        if e.get("event") == "follow.wake.unavailable"
+    ]
 
 
 def run_variant(variant: str, steps: int, idle: float, work: Path) -> dict[str, Any]:
@@ -363,7 +374,11 @@ def guest_variant(variant: str, steps: int, idle: float, work: Path) -> dict[str
             return out
 
         try:
-            follow_steps(res, worker, log_path, agent, steps, idle, GUEST_START_S, counters)
+            # Polled every 20 ms, not 2: in the emulated guest the poll's own CPU would
+            # compete with the supervisor and the worker being measured.
+            follow_steps(
+                res, worker, log_path, agent, steps, idle, GUEST_START_S, counters, poll=0.02
+            )
         finally:
             end_process(worker, 20)
     say(summary_line(res))
