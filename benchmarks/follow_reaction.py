@@ -33,6 +33,7 @@ from there to the acknowledgements.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -42,6 +43,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +52,7 @@ from dswbench.harness import end_process, scheduler
 from dswbench.main import log as say
 from dswbench.support import kernel_cgroups_usable, make_test_cgroup
 
-from dask_safe_worker.follow.live_limit import read_acks
+from dask_safe_worker.follow.live_limit import parse_live_limit, read_acks
 from scheduler_util import audit_events
 
 MiB = 2**20
@@ -110,16 +112,27 @@ def held(channel: str) -> tuple[int, float, int]:
 
 
 def first_holds(
-    channel: str, above: int, first: dict[Any, float], poll: float, timeout: float = 30
+    channel: str, above: int, limit: int, first: dict[Any, float], poll: float, timeout: float = 30
 ) -> None:
-    """Fill `first` with when each server (worker, nanny) first held a generation past
-    `above` (its acknowledgement's time), until both have. The time is the ack's own, so
-    `poll` bounds only how soon a second generation could hide the first."""
+    """Fill `first` with when each server (worker, nanny) first held the first generation
+    past `above` that lowers the limit below `limit` (its acknowledgement's time), until
+    both have; `first["changed_at"]`: when the supervisor saw that change. A raise still
+    on its way from the step before (its confirmation waits a tick) is not the reaction.
+    The time is the ack's own, so `poll` bounds only how soon a later generation could
+    hide the first."""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and len(first) < 2:
-        for key, ack in read_acks(channel).items():
-            if ack.generation > above and key not in first:
-                first[key] = ack.at
+    target: int | None = None
+    while time.monotonic() < deadline and len(first) < 3:
+        if target is None:
+            with contextlib.suppress(OSError, ValueError):
+                record = parse_live_limit(Path(channel).read_text())
+                if record.generation > above and record.per_worker < limit:
+                    target = record.generation
+                    first["changed_at"] = record.changed_at
+        if target is not None:
+            for key, ack in read_acks(channel).items():
+                if ack.generation >= target and key not in first:
+                    first[key] = ack.at
         time.sleep(poll)
 
 
@@ -187,26 +200,25 @@ def follow_steps(
         gen, limit = now
         band = max(32 * MiB, limit // 50)
         before = counters() if counters else {}
-        # Watched from before the growth: the first generation past `gen` each server
-        # took, not a later one of the same step.
+        # Watched from before the growth: the first lower generation past `gen` each
+        # server took, not a later one of the same step.
         first: dict[Any, float] = {}
-        watcher = threading.Thread(target=first_holds, args=(channel, gen, first, poll))
+        watcher = threading.Thread(target=first_holds, args=(channel, gen, limit, first, poll))
         watcher.start()
         reply = command(agent, f"+{STEP} {band}")
         crossed = float(reply.split()[1])
         watcher.join(30)
-        record = json.loads(Path(channel).read_text())
         after = counters() if counters else {}
         step: dict[str, Any] = {"crossed": crossed, "band": band, "limit": limit}
         step["moved"] = {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k)}
-        if len(first) < 2:
+        seen = first.pop("changed_at", None)
+        if len(first) < 2 or seen is None:
             res["missed"] += 1
         else:
             res["reaction_s"].append(max(first.values()) - crossed)
-            if record["generation"] > gen:
-                # crossed -> the tick or wake-up that saw it -> the last acknowledgement.
-                step["seen_s"] = record["changed_at"] - crossed
-                step["acked_s"] = max(first.values()) - record["changed_at"]
+            # crossed -> the tick or wake-up that saw it -> the last acknowledgement.
+            step["seen_s"] = seen - crossed
+            step["acked_s"] = max(first.values()) - seen
         res["steps"].append(step)
         command(agent, "-")
     # A wake-up source the kernel refused leaves that variant on the tick: say so.
@@ -250,6 +262,27 @@ def run_variant(variant: str, steps: int, idle: float, work: Path) -> dict[str, 
             end_process(agent, 5)
     say(summary_line(res))
     return res
+
+
+def _epoch(timestamp: str) -> float:
+    return datetime.fromisoformat(timestamp.replace("Z", "+00:00")).timestamp()
+
+
+def audit_breakdown(events: list[dict[str, Any]], crossed: list[float]) -> list[dict[str, float]]:
+    """Per step, from the supervisor's audit lines alone: the first lowering it saw after
+    the band was crossed (`follow.changed`: the tick or wake-up), and its `follow.applied`
+    `latency_s` (from that tick to the last worker or nanny holding it)."""
+    changed = [(_epoch(e["timestamp"]), e) for e in events if e.get("event") == "follow.changed"]
+    applied = [(_epoch(e["timestamp"]), e) for e in events if e.get("event") == "follow.applied"]
+    out = []
+    for t in crossed:
+        seen = next((at for at, e in changed if at > t and e.get("action") == "lower"), None)
+        if seen is None:
+            continue
+        done = next((e for at, e in applied if at > seen and e.get("action") == "lower"), None)
+        if done is not None:
+            out.append({"seen_s": seen - t, "latency_s": float(done["latency_s"])})
+    return out
 
 
 def new_result(variant: str) -> dict[str, Any]:
@@ -297,6 +330,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             continue
         lat = [x for r in mine for x in r["reaction_s"]]
         steps = [s for r in mine for s in r.get("steps", [])]
+        audit = [s for r in mine for s in r.get("audit_steps", [])]
+        both = [s["seen_s"] + s["latency_s"] for s in audit]
         summary[v] = {
             "steps": len(lat),
             "missed": sum(r["missed"] for r in mine),
@@ -305,6 +340,9 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             "reaction_ms_max": round(max(lat) * 1000) if lat else None,
             "seen_ms_median": median_ms([s["seen_s"] for s in steps if "seen_s" in s]),
             "acked_ms_median": median_ms([s["acked_s"] for s in steps if "acked_s" in s]),
+            "audit_seen_ms_median": median_ms([s["seen_s"] for s in audit]),
+            "audit_latency_ms_median": median_ms([s["latency_s"] for s in audit]),
+            "audit_reaction_ms_p95": round(p95(both) * 1000) if both else None,
             "idle_cpu_pct": [round(r["idle_cpu_pct"], 3) for r in mine if "idle_cpu_pct" in r],
         }
     return summary
@@ -417,7 +455,21 @@ def run_vm(order: list[str], steps: int, idle: float, results: Path, timeout: fl
         sys.exit(f"cannot run: {exc}")
     except VMBootError as exc:  # cut short: what the guest saved so far still counts
         say(f"VM: {str(exc)[-2000:]}")
-    return [json.loads(p.read_text()) for p in sorted(results.glob("run-*.json"))]
+    return collect(results)
+
+
+def collect(results: Path) -> list[dict[str, Any]]:
+    """The guest's runs in `results`, each with its steps' times from the audit lines."""
+    runs = []
+    for path in sorted(results.glob("run-*.json")):
+        res = json.loads(path.read_text())
+        log = path.with_name(path.stem.removeprefix("run-")) / "worker.log"
+        if log.exists():
+            crossed = [s["crossed"] for s in res.get("steps", [])]
+            events = audit_events(log.read_text(errors="replace"))
+            res["audit_steps"] = audit_breakdown(events, crossed)
+        runs.append(res)
+    return runs
 
 
 def main() -> None:
@@ -430,6 +482,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--vm", action="store_true", help="cgroup v2, in one boot of the VM")
     parser.add_argument("--vm-timeout", type=float, default=2400.0, help="bound of the boot, s")
+    parser.add_argument("--collect", type=Path, default=None, help="no run: a --vm run's results")
     parser.add_argument("--guest", default=None, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     variants = opts.variants.split(",")
@@ -441,7 +494,9 @@ def main() -> None:
     order = [v for r in range(opts.rounds) for v in (variants if r % 2 == 0 else variants[::-1])]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     load_before = os.getloadavg()
-    if opts.vm:
+    if opts.collect:
+        runs, kernel, m_limit = collect(opts.collect), "cgroup v2 (VM, TCG)", VM_M_LIMIT
+    elif opts.vm:
         work = (opts.work or REPO / ".tmp" / "follow-reaction-vm") / stamp
         runs = run_vm(order, opts.steps, opts.idle, work.resolve(), opts.vm_timeout)
         kernel, m_limit = "cgroup v2 (VM, TCG)", VM_M_LIMIT
