@@ -19,13 +19,11 @@ from dask_safe_worker.follow.decide import (
     FollowSpec,
     ManagedLimit,
     decide,
-    gross_of,
     hysteresis,
-    keep_margin,
     kernel_target,
+    plan_key,
     replan,
     seen_ancestors,
-    shape_key,
     share_ceiling,
     validate_interval,
     with_original_limit,
@@ -494,11 +492,6 @@ _view_st = st.builds(
 )
 
 
-def plan_key(m: Measurement, v: PoolView | None) -> tuple[object, ...]:
-    others = None if v is None else tuple(o.working_set for o in v.others)
-    return (shape_key(m, v), m.own_working_set, m.available, others)
-
-
 def _outcome(s: FollowSpec, m: Measurement, v: PoolView | None) -> object:
     try:
         return replan(s, m, v)
@@ -521,9 +514,9 @@ def test_equal_plan_keys_give_equal_plans(
     mem_available: int,
     reserve: Amount,
 ) -> None:
-    # The watch skips the decision on a quiet tick (watch.Watch._quiet_key): right only
-    # if `shape_key` and the terms of `gross_of` hold everything the plan reads. Each
-    # drawn change of one input either moves the key or not the plan.
+    # The watch skips the decision on a tick whose inputs equal a quiet tick's
+    # (watch.Watch._quiet_key): that is right only if `plan_key` holds everything the
+    # plan reads. Each drawn change of one input either moves the key or not the plan.
     s = spec(settings=Settings(reserve=reserve, supervised=True))
     m = measurement(levels, available=mem_available)
     m2, view2 = _perturbed(data, m, view)
@@ -541,86 +534,3 @@ def test_a_ceiling_that_caps_the_plan_is_in_the_key_though_available_stays() -> 
     assert low.available == high.available
     assert replan(spec(), low, view) != replan(spec(), high, view)
     assert plan_key(low, view) != plan_key(high, view)
-
-
-def _watch_decision(s: FollowSpec, m: Measurement, v: PoolView | None, current: int) -> str:
-    """What the watch's full decision does with a fresh plan, not settling."""
-    try:
-        plan = replan(s, m, v)
-    except PlanError:
-        return "no plan"
-    assert plan.effective_per_worker is not None and plan.share_per_worker is not None
-    ceiling = s.first_per_worker
-    if v is not None and plan.share_per_worker:
-        ceiling = share_ceiling(ceiling, plan.share_per_worker, False)
-    return decide(current, plan.effective_per_worker, ceiling).action
-
-
-@settings(max_examples=1000)
-@given(
-    data=st.data(),
-    levels=st.lists(_level_st, min_size=0, max_size=2).map(tuple),
-    view=st.one_of(st.none(), _view_st),
-    mem_available=st.sampled_from([GiB, 2 * GiB, 8 * GiB]),
-    reserve=st.sampled_from([Amount(bytes=64 * MiB), Amount(fraction=0.1)]),
-    off_current=st.integers(-48 * MiB, 48 * MiB),
-    off_first=st.integers(-80 * MiB, 80 * MiB),
-    # One worker: the per-worker limit moves by what the gross moves, the bound's worst.
-    args=st.sampled_from([WorkerArgs(nworkers="1", nthreads=2), WorkerArgs(nworkers="2")]),
-)
-def test_within_the_keep_margin_deciding_again_keeps(
-    data: st.DataObject,
-    levels: tuple[LevelReading, ...],
-    view: PoolView | None,
-    mem_available: int,
-    reserve: Amount,
-    off_current: int,
-    off_first: int,
-    args: WorkerArgs,
-) -> None:
-    # The watch skips deciding while the shape of the plan's inputs and our state stay
-    # and the gross moves less than `keep_margin` from a tick that kept the limit: then
-    # deciding again must keep it too, whatever moved (MemAvailable, a level's usage, our
-    # RSS, a member's working set).
-    m = measurement(levels, available=mem_available)
-    try:
-        plan = replan(spec(args=args), m, view)
-    except PlanError:
-        return
-    assert plan.share_per_worker is not None and plan.effective_per_worker is not None
-    s = spec(
-        args=args,
-        settings=Settings(reserve=reserve, supervised=True),
-        first_per_worker=max(1, plan.share_per_worker + off_first),
-    )
-    try:
-        plan = replan(s, m, view)
-    except PlanError:
-        return
-    assert plan.effective_per_worker is not None
-    current = max(1, plan.effective_per_worker + off_current)
-    margin = keep_margin(s, plan, current, view is not None)
-    if margin <= 0:
-        return
-    assert _watch_decision(s, m, view, current) == "keep"
-    edge = margin - 1  # the farthest a skip allows
-    delta = data.draw(st.one_of(st.sampled_from([edge, -edge]), st.integers(-edge, edge)))
-    field = data.draw(st.sampled_from(["mem_available", "usage", "own_rss", "member"]))
-    m2, view2 = m, view
-    if field == "mem_available":
-        m2 = replace(m, host=replace(m.host, available=max(0, m.host.available + delta)))
-    elif field == "usage" and m.levels:
-        i = data.draw(st.integers(0, len(m.levels) - 1))
-        lvl = m.levels[i]
-        lvl = replace(lvl, usage=max(0, (lvl.usage or 0) + delta))
-        m2 = replace(m, levels=(*m.levels[:i], lvl, *m.levels[i + 1 :]))
-    elif field == "own_rss":
-        m2 = replace(m, own_rss=max(0, m.own_rss + delta))
-    elif field == "member" and view is not None and view.others:
-        i = data.draw(st.integers(0, len(view.others) - 1))
-        o = view.others[i]
-        o = replace(o, working_set=max(0, o.working_set + delta))
-        view2 = PoolView(view.key, (*view.others[:i], o, *view.others[i + 1 :]))
-    moved = abs(gross_of(m2, view2) - gross_of(m, view))
-    if shape_key(m2, view2) == shape_key(m, view) and moved < margin:
-        assert _watch_decision(s, m2, view2, current) == "keep"

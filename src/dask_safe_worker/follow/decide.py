@@ -198,67 +198,21 @@ def with_original_limit(
     return replace(m, levels=tuple(levels))
 
 
-def gross_of(m: Measurement, pool: PoolView | None = None) -> int:
-    """What `make_plan` shares out before its caps: our working set, what is available,
-    and what the pool's other members use. With `shape_key`, all the plan reads
-    (tests/test_follow_core.py)."""
-    others = 0 if pool is None else sum(o.working_set for o in pool.others)
-    return m.own_working_set + m.available + others
-
-
-def shape_key(m: Measurement, pool: PoolView | None = None) -> tuple[object, ...]:
-    """All `make_plan` reads of a measurement and a pool view besides the terms of
-    `gross_of`: the levels' ceilings (the caps), what limits, the CPU count and Dask's
-    default limit, and the other members' claims but their working sets."""
+def plan_key(m: Measurement, pool: PoolView | None = None) -> tuple[object, ...]:
+    """Everything of a measurement and a pool view that `make_plan` reads (through
+    `replan`): two with equal keys have the same plan, or both none
+    (tests/test_follow_core.py). The plan reads the levels only through their ceilings
+    and `available` (which holds MemAvailable and every headroom), the other members
+    whole (their working sets, commitments, weights)."""
     return (
+        m.own_working_set,
+        m.available,
         m.limiting,
         tuple(lvl.ceiling for lvl in m.levels),
         m.cpu_count,
         m.dask_memory_limit,
-        None
-        if pool is None
-        else (
-            pool.key,
-            tuple((o.pid, o.weight, o.fixed, o.committed, o.cgroup) for o in pool.others),
-        ),
+        None if pool is None else (pool.key, pool.others),
     )
-
-
-# Bytes that the plan's integer steps may add to a move of its gross: one each for the
-# reserve's fraction, the share by weight and the per-worker split, and float products.
-_ROUNDING = 16
-
-
-def keep_margin(spec: FollowSpec, plan: Plan, current: int, pooled: bool) -> int:
-    """How far `gross_of` may move from this plan's, while its `shape_key` and our state
-    stay, before deciding again (not settling) could do anything but keep `current`;
-    0 when it could at once, or when the bound below does not cover the plan.
-
-    Why: with no --memory-limit of the user's and no fixed commitment, every step from
-    the gross to the per-worker limit, and to our share's per-worker limit, moves by at
-    most what the gross moves (a limit's cap, a reserve in bytes or a fraction below 1,
-    the others' fixed commitments taken off, a share by weight, Dask's nthreads /
-    CPU_COUNT, a split among workers: each factor at most 1), plus `_ROUNDING`. So
-    `decide`'s target (the proposal, capped at the ceiling) moves by no more, as long as
-    the ceiling stays on its side of `share_ceiling`'s switch between our share and the
-    start's plan; within the band around `current` it stays `keep`. The plan stays one
-    (no PlanError) while the per-worker limits stay at least 1 byte."""
-    proposed, share = plan.effective_per_worker, plan.share_per_worker
-    if spec.fixed is not None or spec.args.memory_limit is not None:
-        return 0
-    if proposed is None or share is None:
-        return 0
-    first = spec.first_per_worker
-    ceiling = first
-    bounds = [proposed - 1, share - 1]
-    if pooled and share:
-        ceiling = share_ceiling(first, share, False)
-        bounds.append(abs(abs(share - first) - hysteresis(first)))
-    if decide(current, proposed, ceiling).action != "keep":
-        return 0
-    target = max(1, min(proposed, ceiling))
-    bounds.append(hysteresis(current) - abs(target - current))
-    return max(0, min(bounds) - _ROUNDING)
 
 
 def replan(spec: FollowSpec, m: Measurement, pool: PoolView | None = None) -> Plan:

@@ -28,7 +28,7 @@ from ..measure import (
     locate,
     remeasure,
 )
-from ..plan import Plan, PlanError, PoolView
+from ..plan import PlanError, PoolView
 from ..proc_parse import ParseError
 from ..records import mutable_record, replace
 from .death_watch import DeathWatch, read_limit
@@ -38,12 +38,10 @@ from .decide import (
     ManagedLimit,
     ancestor_limit,
     decide,
-    gross_of,
-    keep_margin,
     kernel_target,
+    plan_key,
     replan,
     seen_ancestors,
-    shape_key,
     share_ceiling,
     wake_points,
     with_original_limit,
@@ -201,10 +199,9 @@ class Watch:
             self.wake = Wake(self.location.version, audit)
         self._wake_key: tuple[int, str] | None = None
         self.last_tick = clock()
-        # The last tick that decided to change nothing and changed nothing: its
-        # `_quiet_key`, its plan's gross and how far that may move (`decide.keep_margin`);
-        # and how many ticks since were as quiet and skipped deciding.
-        self._quiet: tuple[tuple[object, ...], int, int] | None = None
+        # The inputs of the last tick that decided to change nothing and changed nothing
+        # (`_quiet_key`), and how many ticks since found the same and skipped the decision.
+        self._quiet: tuple[object, ...] | None = None
         self.skipped = 0
 
     # -- the supervisor's hook -------------------------------------------------------
@@ -320,25 +317,14 @@ class Watch:
         try:
             view = self._pool_view()
             key = self._quiet_key(m, planned_m, view)
-            quiet = self._quiet
-            gross = gross_of(planned_m, view)
-            if key is not None and quiet is not None and key == quiet[0]:
-                skip = abs(gross - quiet[1]) < quiet[2]
-            else:
-                skip = False
-            if skip:
+            if key is not None and key == self._quiet:
                 self.skipped += 1
             else:
-                plan = self._decide(m, planned_m, view, seen_at)
-                if plan is None:
+                if not self._decide(m, planned_m, view, seen_at):
                     return
-                # Later ticks like this one are quiet while it changed nothing: its inputs
-                # and our state read again after it are as they were before it.
-                self._quiet = None
-                if key is not None and key == self._quiet_key(m, planned_m, view):
-                    current = self.record.per_worker
-                    margin = keep_margin(self.spec, plan, current, view is not None)
-                    self._quiet = (key, gross, margin) if margin > 0 else None
+                # Ticks with these inputs are quiet while this one changed nothing: its
+                # inputs and our state read again after it are as they were before it.
+                self._quiet = key if key == self._quiet_key(m, planned_m, view) else None
         finally:
             if lock is not None and self.pool is not None:
                 self.pool.release(lock)
@@ -350,41 +336,31 @@ class Watch:
     def _quiet_key(
         self, m: Measurement, planned_m: Measurement, view: PoolView | None
     ) -> tuple[object, ...] | None:
-        """What the decision reads besides the plan's gross (`decide.gross_of`), inputs and
-        state; None where it reads more, or where `decide.keep_margin` does not hold.
+        """What the decision below reads, inputs and state; None where it reads more.
 
-        A tick whose key equals that of the last quiet tick (which decided to change
-        nothing, and changed nothing: no channel record, no claim, no kernel limit, our
-        state as it found it), and whose gross lies within that tick's `keep_margin`,
-        skips the decision: deciding again would keep the limit too (keep_margin's bound,
-        tests/test_follow_core.py), and write nothing. The plan's share and pool budget
-        it would store (`share_budget`, `kernel_floor`) are read only by ticks that move
-        a limit or wait for one (a pending change, a kernel goal), and every such tick
-        decides in full and stores them before it reads them.
-
-        The sum rule (the kernel limits of a pool never add up to more than the pool,
-        not for one tick) holds across a skip: it rests on the order of the writes of a
-        tick that changes something (a raise claimed under the pool's lock before any
-        limit rises; a lower told only once Dask's side and the kernel hold it), and a
-        skipped tick writes nothing, as its full decision would not have. What can move
-        the decision is in the key or the gross: a member that arrives, leaves or claims
-        more (its claim, read under the pool's lock as before), the working sets (ours
-        and the members', read every tick), a limit (the measurement's ceilings), a
-        wake-up. Never skipped: a change waiting for acknowledgements or usage
-        (`_settle` reads files), settling onto a share, a raise waiting for its
-        confirmation, a working set due to be told to the pool, an instance inside the
-        cgroup we limit whose cgroup is not known (`_shared_own_floor` reads
-        cgroup.procs), wake-ups due to be set anew, a stopped watch, and any failure
-        logged since the last change (a write that failed is tried again on every full
-        tick)."""
+        Why a tick whose key equals that of a quiet tick may skip the decision: the plan
+        is a pure function of `plan_key` (make_plan), and what the decision does with it
+        a pure function of the plan and of the state in this key (the record in force,
+        what the claim says, the limit we manage and its goal, settling, the wake-up
+        key and what it is set on). A quiet tick decided, with these very values,
+        to write nothing (no channel record, no claim, no kernel limit), and left the
+        state as it found it; deciding again would do the same, so nothing is skipped
+        but the computing. The sum rule (the kernel limits of a pool never add up to
+        more than the pool) holds across the skip: it rests on the order of the writes
+        of a tick that changes something, and a skipped tick writes nothing, as its full
+        decision would not have. Anything that can move the decision is in the key: a
+        member that arrives, leaves or claims more (its claim, read under the pool's
+        lock as before), its working set (read from its cgroup every tick), a limit or
+        usage of ours (the measurement), a wake-up, a pending change or kernel goal.
+        Not keyed, so never skipped: a change waiting for acknowledgements or for
+        usage (`_settle` reads files), an instance inside the cgroup we limit whose
+        cgroup is not known (`_shared_own_floor` reads cgroup.procs), a stopped watch,
+        and any failure logged since the last change (a write that failed is tried again
+        on every full tick)."""
         if self.pending is not None or self.kernel_goal is not None or self.stopped:
             return None
-        if self._last_failure is not None or self._settling or self._raise_wanted:
+        if self._last_failure is not None:
             return None
-        if self.pool is not None and _moved(self.member.working_set, m.own_working_set):
-            return None
-        if self.wake is not None and (self.record.generation, m.limiting) != self._wake_key:
-            return None  # the wake-ups are due to be set anew (`_arm`)
         if (
             self.managed is not None
             and view is not None
@@ -392,27 +368,32 @@ class Watch:
         ):
             return None
         return (
-            shape_key(planned_m, view),
+            plan_key(planned_m, view),
             self.record,
             self.member,
             self.managed,
             self.managed_value,
             self.ancestors,
+            self.kernel_floor,
+            self.share_budget,
             self.n_workers,
+            self._settling,
+            self._raise_wanted,
             self.reason,
             self._wake_key,
+            m.limiting,
         )
 
     def _decide(
         self, m: Measurement, planned_m: Measurement, view: PoolView | None, seen_at: float
-    ) -> Plan | None:
-        """Re-plan, and change what the plan moved (under the pool's lock); the plan, or
-        None when there is none (logged)."""
+    ) -> bool:
+        """Re-plan, and change what the plan moved (under the pool's lock); False when
+        there is no plan (logged)."""
         try:
             plan = replan(self.spec, planned_m, view)
         except PlanError as exc:
             self._failed("plan", reason=str(exc))
-            return None
+            return False
         self.n_workers = plan.n_workers
         self.kernel_floor = self._shared_own_floor(view, plan.pool_budget)
         # The last change first: if every worker holds it by now, it is reported
@@ -446,7 +427,7 @@ class Watch:
             self._settle(m)
         self._publish(working_set=m.own_working_set)
         self._arm(m, proposed, ceiling)
-        return plan
+        return True
 
     def _arm(self, m: Measurement, proposed: int | None, ceiling: int) -> None:
         """Set the kernel's wake-ups around this tick's plan: anew only when a wake-up
