@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from dswbench.common import PY, REPO, SAFE, GiB
-from dswbench.harness import end_process, scheduler
+from dswbench.harness import bench_env, end_process, scheduler
 from dswbench.main import log as say
 from dswbench.support import kernel_cgroups_usable, make_test_cgroup
 
@@ -304,7 +304,9 @@ def new_result(variant: str) -> dict[str, Any]:
 
 
 def variant_env(variant: str) -> dict[str, str]:
-    return {**os.environ, "DASK_SAFE_WORKER_FOLLOW_WAKE": "0" if variant == "tick" else "1"}
+    # bench_env: a runtime directory of the benchmark's own (as root the tool's default,
+    # /run/dask-safe-worker, kept every run's plan file and limit record).
+    return {**bench_env(), "DASK_SAFE_WORKER_FOLLOW_WAKE": "0" if variant == "tick" else "1"}
 
 
 def worker_argv(address: str, work: Path) -> list[str]:
