@@ -124,6 +124,16 @@ def one_start(
     return took, cpu
 
 
+def _start_env(tmp: Path) -> dict[str, str]:
+    """Our environment without the tool's own settings, and a runtime directory below
+    `tmp` (as root the default, /run/dask-safe-worker, would keep every run's plan)."""
+    runtime = tmp / "run"
+    runtime.mkdir(mode=0o700)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
+    env["XDG_RUNTIME_DIR"] = str(runtime)
+    return env
+
+
 def start_path_cpu(contenders: dict[str, list[str]], runs: int) -> dict[str, Any]:
     """CPU seconds (user + system, the whole process tree: our start, and the supervisor
     where one follows) of each contender's start path up to a worker that is `true`,
@@ -131,10 +141,7 @@ def start_path_cpu(contenders: dict[str, list[str]], runs: int) -> dict[str, Any
     time, barely moves with the other sessions' load on a shared machine."""
     cpu: dict[str, list[float]] = {n: [] for n in contenders}
     with tempfile.TemporaryDirectory(prefix="dsw-startpath-") as tmp:
-        runtime = Path(tmp) / "run"
-        runtime.mkdir(mode=0o700)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
-        env["XDG_RUNTIME_DIR"] = str(runtime)
+        env = _start_env(Path(tmp))
         for i in range(runs + 1):
             for name, command in contenders.items():
                 argv = [*command[:1], "--cgroup-write", "never", "--worker-command", "true"]
@@ -168,10 +175,7 @@ def to_worker(
     included, where it comes before the worker)."""
     took: dict[str, list[float]] = {n: [] for n in contenders}
     with tempfile.TemporaryDirectory(prefix="dsw-toworker-") as tmp:
-        runtime = Path(tmp) / "run"
-        runtime.mkdir(mode=0o700)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
-        env["XDG_RUNTIME_DIR"] = str(runtime)
+        env = _start_env(Path(tmp))
         # The clock first thing in the worker; the arguments the start adds are ignored.
         clock = f"sh -c 'exec {sys.executable} -S -c \"import time; print(time.time())\"' sh"
         for i in range(runs + 1):
@@ -209,10 +213,7 @@ def measure(contenders: dict[str, list[str]], rounds: int) -> dict[str, Any]:
     started: set[int] = set()
     with tempfile.TemporaryDirectory(prefix="dsw-startup-vs-") as tmp:
         work = Path(tmp)
-        runtime = work / "run"
-        runtime.mkdir(mode=0o700)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
-        env["XDG_RUNTIME_DIR"] = str(runtime)
+        env = _start_env(work)
         with (
             make_test_cgroup(started, prefix="dsw-bench-startup-vs") as parent,
             scheduler(work / "scheduler.log", started) as (address, _sched),
@@ -272,10 +273,7 @@ def cpu_to_worker(contenders: dict[str, list[str]], runs: int) -> dict[str, Any]
     alternate run by run, after one warm-up round."""
     cpu: dict[str, list[float]] = {n: [] for n in contenders}
     with tempfile.TemporaryDirectory(prefix="dsw-cpu-to-worker-") as tmp:
-        runtime = Path(tmp) / "run"
-        runtime.mkdir(mode=0o700)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_SAFE_WORKER")}
-        env["XDG_RUNTIME_DIR"] = str(runtime)
+        env = _start_env(Path(tmp))
         for i in range(runs + 1):
             for name, command in contenders.items():
                 python = str(Path(command[0]).parent / "python")
