@@ -14,6 +14,18 @@ from pathlib import Path
 
 from . import parse as cp
 
+# A directory's (inode, mtime) stands for its names only once the mtime is older than
+# this: a change within the file system's clock step after a listing could leave it as it was.
+SETTLED_NS = 1_000_000_000
+
+
+def settled_version(st: os.stat_result, now_ns: int) -> tuple[int, int] | None:
+    """The directory's (inode, mtime) to compare later stats with, so that a listing can
+    be reused while it stands (only a rename, create or unlink changes the names, and
+    each moves the mtime); None when the mtime is too recent to stand for them."""
+    return (st.st_ino, st.st_mtime_ns) if now_ns - st.st_mtime_ns > SETTLED_NS else None
+
+
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
 if TYPE_CHECKING:
     from typing import Protocol

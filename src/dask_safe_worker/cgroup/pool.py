@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 
 from ..records import record
+from .files import settled_version
 
 TYPE_CHECKING = False  # typing costs ~2 ms to import on the fast path; mypy knows this name
 if TYPE_CHECKING:
@@ -39,7 +40,6 @@ if TYPE_CHECKING:
 
 LOCK_NAME = "lock"
 HOST_KEY = "host"
-_SETTLED_NS = 1_000_000_000
 
 
 class ClaimError(ValueError):
@@ -247,8 +247,7 @@ class Pool:
         return fd
 
     def _seen_lock_at(self, st: os.stat_result, now_ns: int) -> None:
-        settled = now_ns - st.st_mtime_ns > _SETTLED_NS
-        self._pool_fd_at = (st.st_ino, st.st_mtime_ns) if settled else None
+        self._pool_fd_at = settled_version(st, now_ns)
 
     def release(self, fd: int) -> None:
         """Let a lock from `hold` or `acquire` go (`hold`'s descriptor stays open)."""
@@ -356,6 +355,7 @@ class Pool:
         import time
 
         version: tuple[int, int] | None = None
+        st: os.stat_result | None = None
         if self._remember:
             try:
                 st = os.stat(self.directory)
@@ -373,12 +373,9 @@ class Pool:
             stem, _, ext = name.partition(".")
             if ext == "lock" and stem.isdigit():
                 claims.append((stem, name, self._read(stem)))
-        # A change within the file system's clock step after this listing could leave the
-        # mtime as it is: a directory changed less than a second ago is read again.
-        if version is not None and time.time_ns() - version[1] > _SETTLED_NS:
-            self._seen = (version, claims)
-        else:
-            self._seen = None
+        # A directory changed less than a second ago is read again (settled_version).
+        settled = None if st is None else settled_version(st, time.time_ns())
+        self._seen = None if settled is None else (settled, claims)
         # Listed afresh: the directory changed, so every kept lock descriptor may be stale.
         # (The pool's own lock, held now by `hold`, checks its name itself.)
         self._forget_members()

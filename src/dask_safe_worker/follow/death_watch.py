@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
-from ..cgroup.files import read_kernel_text
+from ..cgroup.files import read_kernel_text, settled_version
 from ..cgroup.parse import V1_UNLIMITED_FLOOR, parse_int, parse_memory_stat, parse_v2_limit
 from ..records import as_dict
 from .death import (
@@ -49,10 +49,6 @@ KERNEL_CAUSES = (KERNEL_OOM_LIMIT, KERNEL_OOM_GLOBAL)
 SAMPLES = 5
 # Records no nanny took (its process died too) are dropped after this long.
 RECORD_TTL_S = 600.0
-# A directory listing is reused while the directory's (inode, mtime) stands, once the
-# mtime is older than this: a change within the file system's clock step after a listing
-# could leave the mtime as it was.
-_SETTLED_NS = 1_000_000_000
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -258,7 +254,7 @@ class DeathWatch:
             names = os.listdir(self.directory)
         except OSError:
             return None
-        settled = time.time_ns() - st.st_mtime_ns > _SETTLED_NS
+        settled = settled_version(st, time.time_ns()) is not None
         self._listed = (version, names) if settled else None
         return names
 
